@@ -6,6 +6,12 @@ find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(nlohmann_json 3.10 REQUIRED)
 find_path(STB_INCLUDE_DIR stb_image.h PATH_SUFFIXES stb REQUIRED)
+# Debian's libstb ships the compiled implementations (stb_image, stb_image_write): link it
+# instead of defining STB_*_IMPLEMENTATION in one of our translation units.
+find_library(STB_LIBRARY stb REQUIRED)
+add_library(dde_stb INTERFACE)
+target_include_directories(dde_stb SYSTEM INTERFACE ${STB_INCLUDE_DIR})
+target_link_libraries(dde_stb INTERFACE ${STB_LIBRARY})
 
 # LibTorch: ask the venv's python where the wheel's CMake files are.
 set(DDE_PYTHON "${CMAKE_CURRENT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH
@@ -38,9 +44,6 @@ if(EXISTS "${_dde_site}/nvidia/cudnn")
   endif()
 endif()
 set(USE_SYSTEM_NVTX ON CACHE BOOL "")
-if(NOT CMAKE_CUDA_ARCHITECTURES)
-  set(CMAKE_CUDA_ARCHITECTURES 80;90 CACHE STRING "")
-endif()
 find_package(Torch REQUIRED)
 
 # One interface target for torch: include dirs as SYSTEM (no warnings from its headers),
@@ -52,6 +55,9 @@ if(TARGET torch_cuda)
   target_link_options(dde_torch INTERFACE "LINKER:--no-as-needed,$<TARGET_FILE:torch_cuda>,--as-needed")
   set(DDE_HAS_CUDA ON)
 endif()
+# libtorch.so exports its own copy of std::filesystem (built with a newer GCC), and some of
+# it (remove_all) crashes when it interposes Debian's: put libstdc++ first in DT_NEEDED.
+target_link_options(dde_torch INTERFACE "LINKER:--push-state,--no-as-needed,-lstdc++,--pop-state")
 # fmt: torch ships fmt 12 headers; use them header-only (see include/dde/util/log.hpp).
 target_compile_definitions(dde_torch INTERFACE DDE_TORCH_DIR="${DDE_TORCH_DIR}" FMT_HEADER_ONLY=1)
 

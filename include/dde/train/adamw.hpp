@@ -1,0 +1,49 @@
+// AdamW over a fixed list of named parameters, one fused kernel call per step
+// (at::_fused_adamw_, the kernel behind torch.optim.AdamW(fused=True)), with its state
+// exposed as named tensors for checkpoints.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dde::train {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+};
+
+class AdamW {
+ public:
+  using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+  AdamW(NamedTensors params, AdamWOptions options);
+
+  // One update at learning rate `lr` from the current .grad() of every parameter.
+  void step(double lr);
+  void zero_grad();
+  // "exp_avg.<name>", "exp_avg_sq.<name>" and "step" (float32 scalar, as torch.optim stores it).
+  NamedTensors state() const;
+  void load_state(const NamedTensors& state, const std::string& where);
+  int64_t steps_taken() const;
+
+ private:
+  NamedTensors params_;
+  AdamWOptions options_;
+  std::vector<torch::Tensor> exp_avg_, exp_avg_sq_, steps_;
+};
+
+// torch.nn.utils.clip_grad_norm_: returns the total 2-norm before clipping (float64);
+// max_norm <= 0 only measures.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+
+// diffusers get_constant_schedule_with_warmup: lr * min(1, step / warmup), step counted
+// from 0 at the first optimizer update (so the first update has lr 0 when warmup > 0).
+double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps);
+
+}  // namespace dde::train

@@ -1,0 +1,25 @@
+// metrics.jsonl: one JSON object per line, appended and flushed as training goes.
+// On resume the records of steps after the checkpoint are dropped first, so a resumed
+// run's file equals an uninterrupted run's (timing fields aside).
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace dde::train {
+
+class MetricsLog {
+ public:
+  // keep_through_step < 0: start a new file; otherwise keep records with step <= it.
+  MetricsLog(std::string path, int64_t keep_through_step);
+  void write(const nlohmann::json& record);
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+};
+
+}  // namespace dde::train

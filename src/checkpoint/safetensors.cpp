@@ -1,0 +1,131 @@
+#include "dde/checkpoint/safetensors.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "dde/util/error.hpp"
+
+namespace dde::checkpoint {
+namespace {
+
+using nlohmann::json;
+
+struct DtypeName {
+  torch::ScalarType type;
+  const char* name;
+};
+
+constexpr DtypeName kDtypes[] = {
+    {torch::kFloat32, "F32"}, {torch::kFloat64, "F64"}, {torch::kFloat16, "F16"}, {torch::kBFloat16, "BF16"},
+    {torch::kInt64, "I64"},   {torch::kInt32, "I32"},   {torch::kInt16, "I16"},   {torch::kInt8, "I8"},
+    {torch::kUInt8, "U8"},    {torch::kBool, "BOOL"},
+};
+
+const char* dtype_name(torch::ScalarType type, const std::string& where) {
+  for (const DtypeName& d : kDtypes) {
+    if (d.type == type) return d.name;
+  }
+  throw Error({"dtype not storable in safetensors", where, "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL",
+               c10::toString(type), ""});
+}
+
+torch::ScalarType dtype_from_name(const std::string& name, const std::string& where) {
+  for (const DtypeName& d : kDtypes) {
+    if (name == d.name) return d.type;
+  }
+  throw Error({"unsupported safetensors dtype", where, "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL", name, ""});
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path, const NamedTensors& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<torch::Tensor> cpu;
+  cpu.reserve(tensors.size());
+  int64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    if (header.contains(name)) {
+      throw Error({"duplicate tensor name", path + ": " + name, "unique names", "a repeat", ""});
+    }
+    torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
+    const int64_t bytes = static_cast<int64_t>(t.nbytes());
+    header[name] = {{"dtype", dtype_name(t.scalar_type(), path + ": " + name)},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    cpu.push_back(std::move(t));
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // align the data to 8 bytes, as the reference writer does
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error({"cannot write", path, "a writable path", "", "check the directory and free space"});
+  uint64_t n = text.size();
+  unsigned char len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xFF);
+  out.write(reinterpret_cast<const char*>(len), 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  for (const torch::Tensor& t : cpu) {
+    out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+  }
+  out.flush();
+  if (!out) throw Error({"write failed", path, "all bytes written", "a short write", "check free disk space"});
+}
+
+SafetensorsFile load_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw Error({"cannot open safetensors file", path, "a readable file", "", ""});
+  const int64_t file_size = static_cast<int64_t>(in.tellg());
+  in.seekg(0);
+  unsigned char len[8];
+  if (file_size < 8 || !in.read(reinterpret_cast<char*>(len), 8)) {
+    throw Error({"truncated safetensors file", path, ">= 8 bytes", std::to_string(file_size) + " bytes", ""});
+  }
+  uint64_t header_len = 0;
+  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
+  if (header_len > static_cast<uint64_t>(file_size - 8)) {
+    throw Error({"bad safetensors header length", path, "<= " + std::to_string(file_size - 8),
+                 std::to_string(header_len), "the file is truncated or not safetensors"});
+  }
+  std::string text(header_len, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(header_len));
+  json header;
+  try {
+    header = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw Error({"safetensors header is not JSON", path, "JSON", e.what(), ""});
+  }
+  const int64_t data_start = 8 + static_cast<int64_t>(header_len);
+  const int64_t data_size = file_size - data_start;
+  SafetensorsFile result;
+  std::vector<std::pair<int64_t, std::pair<std::string, torch::Tensor>>> entries;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") {
+      for (const auto& [k, v] : info.items()) result.metadata[k] = v.get<std::string>();
+      continue;
+    }
+    const std::string where = path + ": " + name;
+    const torch::ScalarType type = dtype_from_name(info.at("dtype").get<std::string>(), where);
+    const std::vector<int64_t> shape = info.at("shape").get<std::vector<int64_t>>();
+    const auto offsets = info.at("data_offsets").get<std::vector<int64_t>>();
+    torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(type));
+    if (offsets.size() != 2 || offsets[0] < 0 || offsets[1] > data_size ||
+        offsets[1] - offsets[0] != static_cast<int64_t>(t.nbytes())) {
+      throw Error({"bad data offsets", where, std::to_string(t.nbytes()) + " bytes inside " + std::to_string(data_size),
+                   info.at("data_offsets").dump(), "the file is truncated or corrupt"});
+    }
+    in.seekg(data_start + offsets[0]);
+    if (!in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()))) {
+      throw Error({"short read", where, std::to_string(t.nbytes()) + " bytes", "fewer", ""});
+    }
+    entries.push_back({offsets[0], {name, std::move(t)}});
+  }
+  std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (auto& e : entries) result.tensors.push_back(std::move(e.second));
+  return result;
+}
+
+}  // namespace dde::checkpoint

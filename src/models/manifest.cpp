@@ -1,0 +1,195 @@
+#include "dde/models/manifest.hpp"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "dde/util/error.hpp"
+
+namespace dde::models {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+class Reader {
+ public:
+  explicit Reader(std::string path) : path_(std::move(path)) {}
+
+  const json& at(const json& node, const std::string& key, const std::string& field) const {
+    if (!node.is_object() || !node.contains(key)) {
+      fail("missing field", field, "present", "absent");
+    }
+    return node.at(key);
+  }
+  std::string string_at(const json& node, const std::string& key, const std::string& field) const {
+    const json& v = at(node, key, field);
+    if (!v.is_string()) fail("wrong type", field, "a string", v.dump());
+    return v.get<std::string>();
+  }
+  int64_t positive_int_at(const json& node, const std::string& key, const std::string& field) const {
+    const json& v = at(node, key, field);
+    if (!v.is_number_integer() || v.get<int64_t>() <= 0) fail("bad value", field, "a positive integer", v.dump());
+    return v.get<int64_t>();
+  }
+  double positive_number_at(const json& node, const std::string& key, const std::string& field) const {
+    const json& v = at(node, key, field);
+    if (!v.is_number() || v.get<double>() <= 0.0) fail("bad value", field, "a positive number", v.dump());
+    return v.get<double>();
+  }
+  std::string file_at(const json& node, const std::string& key, const std::string& field,
+                      const fs::path& dir) const {
+    const fs::path file = dir / string_at(node, key, field);
+    if (!fs::is_regular_file(file)) {
+      fail("component file not found", field, "an existing file", file.string());
+    }
+    return file.string();
+  }
+  [[noreturn]] void fail(const std::string& what, const std::string& field, const std::string& expected,
+                         const std::string& actual) const {
+    throw Error({what, path_ + ": " + field, expected, actual,
+                 "re-export the model with `python -m dde_tools.export_models` (docs/formats.md)"});
+  }
+
+ private:
+  std::string path_;
+};
+
+}  // namespace
+
+const char* family_name(Family family) { return family == Family::kSd15 ? "sd15" : "sdxl"; }
+
+Manifest load_manifest(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    throw Error({"cannot open manifest", path, "a readable manifest.json", "", 
+                 "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR"});
+  }
+  json root;
+  try {
+    root = json::parse(in);
+  } catch (const json::parse_error& e) {
+    throw Error({"manifest is not valid JSON", path, "JSON", e.what(), "re-export the model"});
+  }
+  const Reader r(path);
+  const fs::path dir = fs::absolute(fs::path(path)).parent_path();
+  Manifest m;
+  m.path = path;
+  m.directory = dir.string();
+  if (r.string_at(root, "format", "format") != "dde-manifest") {
+    r.fail("not a dde manifest", "format", "\"dde-manifest\"", root.at("format").dump());
+  }
+  const json& version = r.at(root, "version", "version");
+  if (!version.is_number_integer() || version.get<int64_t>() != Manifest::kVersion) {
+    r.fail("unsupported manifest version", "version", std::to_string(Manifest::kVersion), version.dump());
+  }
+  const std::string family = r.string_at(root, "family", "family");
+  if (family == "sd15") {
+    m.family = Family::kSd15;
+  } else if (family == "sdxl") {
+    m.family = Family::kSdxl;
+  } else {
+    r.fail("unknown model family", "family", "\"sd15\" or \"sdxl\"", family);
+  }
+  m.resolution = r.positive_int_at(root, "resolution", "resolution");
+
+  const json& latent = r.at(root, "latent", "latent");
+  m.latent_channels = r.positive_int_at(latent, "channels", "latent.channels");
+  m.latent_downsample = r.positive_int_at(latent, "downsample", "latent.downsample");
+  m.scaling_factor = r.positive_number_at(latent, "scaling_factor", "latent.scaling_factor");
+  if (m.resolution % m.latent_downsample != 0) {
+    r.fail("resolution not divisible by the VAE downsampling", "resolution",
+           "a multiple of " + std::to_string(m.latent_downsample), std::to_string(m.resolution));
+  }
+
+  const json& schedule = r.at(root, "schedule", "schedule");
+  m.num_train_timesteps = r.positive_int_at(schedule, "num_train_timesteps", "schedule.num_train_timesteps");
+  m.beta_start = r.positive_number_at(schedule, "beta_start", "schedule.beta_start");
+  m.beta_end = r.positive_number_at(schedule, "beta_end", "schedule.beta_end");
+  const std::string beta_schedule = r.string_at(schedule, "beta_schedule", "schedule.beta_schedule");
+  if (beta_schedule != "scaled_linear") {
+    r.fail("unsupported noise schedule", "schedule.beta_schedule", "\"scaled_linear\"", beta_schedule);
+  }
+  const std::string prediction = r.string_at(schedule, "prediction_type", "schedule.prediction_type");
+  if (prediction != "epsilon") {
+    r.fail("unsupported prediction type", "schedule.prediction_type", "\"epsilon\"", prediction);
+  }
+
+  const json& unet = r.at(root, "unet", "unet");
+  m.unet_file = r.file_at(unet, "file", "unet.file", dir);
+  m.unet_param_prefix = r.string_at(unet, "param_prefix", "unet.param_prefix");
+  m.cross_attention_dim = r.positive_int_at(unet, "cross_attention_dim", "unet.cross_attention_dim");
+  m.unet_config_json = r.at(unet, "config", "unet.config").dump(2);
+  const json& added = r.at(unet, "added_cond", "unet.added_cond");
+  if (!added.is_null()) {
+    m.added_cond = AddedConditioning{
+        r.positive_int_at(added, "text_embeds_dim", "unet.added_cond.text_embeds_dim"),
+        r.positive_int_at(added, "time_ids_dim", "unet.added_cond.time_ids_dim")};
+  }
+  if ((m.family == Family::kSdxl) != m.added_cond.has_value()) {
+    r.fail("added conditioning does not fit the family", "unet.added_cond",
+           m.family == Family::kSdxl ? "an object for sdxl" : "null for sd15", added.dump());
+  }
+
+  const json& encoders = r.at(root, "text_encoders", "text_encoders");
+  if (!encoders.is_array() || encoders.empty()) {
+    r.fail("no text encoders", "text_encoders", "a non-empty array", encoders.dump());
+  }
+  for (size_t i = 0; i < encoders.size(); ++i) {
+    const json& e = encoders[i];
+    const std::string f = "text_encoders[" + std::to_string(i) + "]";
+    TextEncoderInfo info;
+    info.name = r.string_at(e, "name", f + ".name");
+    info.file = r.file_at(e, "file", f + ".file", dir);
+    info.hidden_output = r.string_at(e, "hidden_output", f + ".hidden_output");
+    if (info.hidden_output != "last" && info.hidden_output != "penultimate") {
+      r.fail("unknown hidden output", f + ".hidden_output", "\"last\" or \"penultimate\"", info.hidden_output);
+    }
+    info.hidden_size = r.positive_int_at(e, "hidden_size", f + ".hidden_size");
+    info.pooled_size = r.positive_int_at(e, "pooled_size", f + ".pooled_size");
+    info.max_length = r.positive_int_at(e, "max_length", f + ".max_length");
+    info.vocab_sha256 = r.string_at(e, "vocab_sha256", f + ".vocab_sha256");
+    const json& empty = r.at(e, "empty_prompt_ids", f + ".empty_prompt_ids");
+    if (!empty.is_array() || static_cast<int64_t>(empty.size()) != info.max_length) {
+      r.fail("bad empty prompt ids", f + ".empty_prompt_ids",
+             std::to_string(info.max_length) + " token ids", empty.dump());
+    }
+    info.empty_prompt_ids = empty.get<std::vector<int64_t>>();
+    m.text_encoders.push_back(std::move(info));
+  }
+
+  const json& embedding = r.at(root, "text_embedding", "text_embedding");
+  const int64_t dim = r.positive_int_at(embedding, "dim", "text_embedding.dim");
+  int64_t concat_dim = 0;
+  for (const TextEncoderInfo& e : m.text_encoders) concat_dim += e.hidden_size;
+  if (dim != concat_dim || dim != m.cross_attention_dim) {
+    r.fail("text embedding width does not add up", "text_embedding.dim",
+           "sum of encoder hidden sizes = unet.cross_attention_dim = " + std::to_string(m.cross_attention_dim),
+           std::to_string(dim) + " (encoders sum to " + std::to_string(concat_dim) + ")");
+  }
+  const json& pooled = r.at(embedding, "pooled_from", "text_embedding.pooled_from");
+  if (!pooled.is_null()) {
+    m.pooled_from = pooled.get<std::string>();
+    bool found = false;
+    for (const TextEncoderInfo& e : m.text_encoders) {
+      if (e.name == *m.pooled_from) {
+        found = true;
+        if (m.added_cond && e.pooled_size != m.added_cond->text_embeds_dim) {
+          r.fail("pooled width does not match the UNet", "text_embedding.pooled_from",
+                 std::to_string(m.added_cond->text_embeds_dim), std::to_string(e.pooled_size));
+        }
+      }
+    }
+    if (!found) r.fail("pooled_from names no text encoder", "text_embedding.pooled_from", "an encoder name", *m.pooled_from);
+  }
+  if (m.added_cond && !m.pooled_from) {
+    r.fail("sdxl needs a pooled embedding", "text_embedding.pooled_from", "an encoder name", "null");
+  }
+
+  const json& vae = r.at(root, "vae", "vae");
+  m.vae_encoder_file = r.file_at(vae, "encoder", "vae.encoder", dir);
+  m.vae_decoder_file = r.file_at(vae, "decoder", "vae.decoder", dir);
+  return m;
+}
+
+}  // namespace dde::models

@@ -1,0 +1,38 @@
+#include "dde/models/torchscript.hpp"
+
+#include <torch/csrc/jit/runtime/graph_executor.h>
+
+#include <mutex>
+
+#include "dde/util/error.hpp"
+
+namespace dde::models {
+
+void configure_jit_for_training() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    torch::jit::getProfilingMode() = false;
+    torch::jit::setGraphExecutorOptimize(false);
+  });
+}
+
+torch::jit::Module load_component(const std::string& path, const torch::Device& device,
+                                  const std::string& what) {
+  configure_jit_for_training();
+  try {
+    torch::jit::Module module = torch::jit::load(path, device);
+    return module;
+  } catch (const c10::Error& e) {
+    throw Error({"cannot load TorchScript " + what, path, "a TorchScript archive from export_models",
+                 e.what_without_backtrace(), "re-export the model with the pinned torch (requirements.txt)"});
+  }
+}
+
+void set_trainable(torch::jit::Module& module, bool trainable) {
+  for (torch::Tensor p : module.parameters(/*recurse=*/true)) {
+    p.set_requires_grad(trainable);
+  }
+  module.train(trainable);
+}
+
+}  // namespace dde::models

@@ -1,0 +1,107 @@
+#include "dde/train/adamw.hpp"
+
+#include <ATen/ops/_fused_adamw.h>
+
+#include <algorithm>
+#include <map>
+#include <cmath>
+
+#include "dde/util/error.hpp"
+
+namespace dde::train {
+
+AdamW::AdamW(NamedTensors params, AdamWOptions options) : params_(std::move(params)), options_(options) {
+  for (const auto& [name, p] : params_) {
+    exp_avg_.push_back(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+    exp_avg_sq_.push_back(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+    steps_.push_back(torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(p.device())));
+  }
+}
+
+void AdamW::step(double lr) {
+  std::vector<torch::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const torch::Tensor& p = params_[i].second;
+    if (!p.grad().defined()) continue;
+    params.push_back(p);
+    grads.push_back(p.grad());
+    exp_avg.push_back(exp_avg_[i]);
+    exp_avg_sq.push_back(exp_avg_sq_[i]);
+    steps.push_back(steps_[i]);
+  }
+  if (params.empty()) return;
+  torch::NoGradGuard no_grad;
+  // torch.optim's fused path increments the step counters before the kernel.
+  torch::_foreach_add_(steps, 1);
+  at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1,
+                    options_.beta2, options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+}
+
+void AdamW::zero_grad() {
+  for (auto& [name, p] : params_) {
+    if (p.grad().defined()) {
+      p.mutable_grad() = torch::Tensor();
+    }
+  }
+}
+
+AdamW::NamedTensors AdamW::state() const {
+  NamedTensors out;
+  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("exp_avg." + params_[i].first, exp_avg_[i]);
+  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("exp_avg_sq." + params_[i].first, exp_avg_sq_[i]);
+  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("step." + params_[i].first, steps_[i]);
+  return out;
+}
+
+void AdamW::load_state(const NamedTensors& state, const std::string& where) {
+  std::map<std::string, torch::Tensor> by_name(state.begin(), state.end());
+  auto take = [&](const std::string& key, torch::Tensor& into) {
+    auto it = by_name.find(key);
+    if (it == by_name.end()) {
+      throw Error({"optimizer state missing", where + ": " + key, "present", "absent",
+                   "the checkpoint belongs to another model or is damaged"});
+    }
+    if (it->second.sizes() != into.sizes()) {
+      throw Error({"optimizer state shape mismatch", where + ": " + key, c10::str(into.sizes()),
+                   c10::str(it->second.sizes()), ""});
+    }
+    torch::NoGradGuard no_grad;
+    into.copy_(it->second);
+  };
+  for (size_t i = 0; i < params_.size(); ++i) {
+    take("exp_avg." + params_[i].first, exp_avg_[i]);
+    take("exp_avg_sq." + params_[i].first, exp_avg_sq_[i]);
+    take("step." + params_[i].first, steps_[i]);
+  }
+}
+
+int64_t AdamW::steps_taken() const {
+  return steps_.empty() ? 0 : static_cast<int64_t>(steps_.front().item<float>());
+}
+
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::vector<torch::Tensor> grads;
+  for (const torch::Tensor& p : params) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  if (grads.empty()) return 0.0;
+  torch::NoGradGuard no_grad;
+  const std::vector<torch::Tensor> norms = torch::_foreach_norm(grads, 2);
+  const torch::Tensor total = torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64);
+  const double total_norm = total.item<double>();
+  if (max_norm > 0.0 && std::isfinite(total_norm)) {
+    // torch.nn.utils.clip_grad_norm_: coef = max_norm / (total + 1e-6), clamped to 1.
+    const double coef = std::min(1.0, max_norm / (total_norm + 1e-6));
+    if (coef < 1.0) torch::_foreach_mul_(grads, coef);
+  }
+  return total_norm;
+}
+
+double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps) {
+  if (step < warmup_steps) {
+    return base_lr * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup_steps));
+  }
+  return base_lr;
+}
+
+}  // namespace dde::train

@@ -1,0 +1,466 @@
+#include "dde/train/trainer.hpp"
+
+#include <ATen/autocast_mode.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "dde/checkpoint/checkpoint_store.hpp"
+#include "dde/checkpoint/safetensors.hpp"
+#include "dde/data/pair_loader.hpp"
+#include "dde/models/diffusion_models.hpp"
+#include "dde/models/manifest.hpp"
+#include "dde/objective/correction_ema.hpp"
+#include "dde/objective/methods.hpp"
+#include "dde/objective/schedule.hpp"
+#include "dde/objective/timestep_sampler.hpp"
+#include "dde/train/adamw.hpp"
+#include "dde/train/metrics_log.hpp"
+#include "dde/util/error.hpp"
+#include "dde/util/log.hpp"
+
+namespace dde::train {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr int64_t kCheckpointVersion = 1;
+
+torch::Device pick_device(const std::string& requested) {
+  if (requested == "cpu") return torch::kCPU;
+  if (requested == "cuda") {
+    if (!torch::cuda::is_available()) {
+      throw Error({"CUDA requested but not available", "run.device", "a visible GPU", "none",
+                   "set run.device: cpu (or auto), or check CUDA_VISIBLE_DEVICES and the driver"});
+    }
+    return {torch::kCUDA, 0};
+  }
+  return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+}
+
+// Test hook: DDE_DEBUG_NONFINITE_STEPS="3,4" poisons the loss of those (1-based) steps.
+std::set<int64_t> injected_nonfinite_steps() {
+  std::set<int64_t> steps;
+  const char* env = std::getenv("DDE_DEBUG_NONFINITE_STEPS");
+  if (env == nullptr) return steps;
+  std::stringstream ss(env);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) steps.insert(std::stoll(item));
+  }
+  return steps;
+}
+
+// Per-image mean squared error over latent elements: [N, C, h, w] -> [N].
+torch::Tensor per_image_mse(const torch::Tensor& prediction, const torch::Tensor& target) {
+  return (prediction.to(torch::kFloat32) - target).pow(2).flatten(1).mean(1);
+}
+
+// SDXL add_time_ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image.
+torch::Tensor time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl, int64_t resolution) {
+  const torch::Tensor target = torch::full({original_hw.size(0), 2}, resolution, torch::kLong);
+  return torch::cat({original_hw, crop_tl, target}, 1).to(torch::kFloat32);
+}
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
+  const auto s = static_cast<int64_t>(seconds);
+  return fmt::format("{:02d}:{:02d}:{:02d}", s / 3600, (s / 60) % 60, s % 60);
+}
+
+}  // namespace
+
+struct Trainer::Impl {
+  config::TrainConfig cfg;
+  torch::Device device;
+  models::Manifest manifest;
+  models::Manifest reference_manifest;
+  objective::NoiseSchedule schedule;
+  objective::Method method;
+  objective::MethodParams method_params;
+  std::unique_ptr<objective::TimestepSampler> sampler;
+  objective::CorrectionEma ema;
+  std::unique_ptr<models::UNet> policy;
+  std::unique_ptr<models::UNet> reference;
+  std::unique_ptr<models::TextConditioner> text;
+  std::unique_ptr<models::LatentEncoder> vae;
+  std::unique_ptr<data::PairLoader> loader;
+  std::unique_ptr<AdamW> optimizer;
+  checkpoint::CheckpointStore store;
+  std::unique_ptr<MetricsLog> metrics;
+  at::Generator gen;
+  int64_t resolution;
+  int64_t accumulation;
+  int64_t step = 0;  // optimizer steps attempted so far (skipped ones included)
+  int64_t skipped_steps = 0;
+  int64_t nonfinite_in_row = 0;
+  std::set<int64_t> poisoned_steps;
+  std::string last_checkpoint;
+
+  Impl(config::TrainConfig config, bool resume);
+  void restore(const std::string& dir);
+  std::string save_checkpoint();
+  TrainOutcome run();
+
+  struct MicroResult {
+    torch::Tensor loss_sum;  // scalar float64, sum over pairs of the micro-batch
+    torch::Tensor z, t, C_t, per_pair_loss;
+    objective::PairErrors errors;
+    std::vector<std::string> keys;
+  };
+  MicroResult micro_step(const data::PairBatch& batch);
+  torch::Tensor predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
+                        const models::Conditioning& cond);
+};
+
+Trainer::Impl::Impl(config::TrainConfig config, bool resume)
+    : cfg(std::move(config)),
+      device(pick_device(cfg.run.device)),
+      manifest(models::load_manifest(cfg.model.manifest)),
+      reference_manifest(cfg.model.reference_manifest.empty() ? manifest
+                                                              : models::load_manifest(cfg.model.reference_manifest)),
+      schedule(objective::NoiseSchedule::scaled_linear(manifest.num_train_timesteps, manifest.beta_start,
+                                                       manifest.beta_end)),
+      method(objective::parse_method(cfg.method.name)),
+      ema(manifest.num_train_timesteps, cfg.method.ema_momentum),
+      store((fs::path(cfg.run.output_dir) / "checkpoints").string(), cfg.checkpoint.keep),
+      gen(at::make_generator<at::CPUGeneratorImpl>(cfg.run.seed)) {
+  config::validate_against_timesteps(cfg, manifest.num_train_timesteps);
+  method_params.beta = cfg.method.beta;
+  method_params.correction_scale = cfg.method.correction_scale;
+  resolution = cfg.data.resolution > 0 ? cfg.data.resolution : manifest.resolution;
+  if (resolution % manifest.latent_downsample != 0) {
+    throw Error({"resolution not divisible by the VAE downsampling", "data.resolution",
+                 "a multiple of " + std::to_string(manifest.latent_downsample), std::to_string(resolution), ""});
+  }
+  const int64_t world_size = 1;
+  const int64_t per_step = world_size * cfg.train.micro_batch;
+  if (cfg.train.global_batch % per_step != 0) {
+    throw Error({"global batch does not divide into micro-batches", "train.global_batch",
+                 "a multiple of world_size x train.micro_batch = " + std::to_string(per_step),
+                 std::to_string(cfg.train.global_batch), "change train.global_batch or train.micro_batch"});
+  }
+  accumulation = cfg.train.global_batch / per_step;
+
+  objective::TimestepSamplerOptions sampler_options;
+  sampler_options.distribution = objective::method_distribution(method);
+  sampler_options.num_timesteps = manifest.num_train_timesteps;
+  sampler_options.gamma = cfg.method.gamma;
+  sampler_options.sampler_steps = cfg.method.sampler_steps;
+  sampler_options.t_lo = cfg.method.t_lo;
+  sampler_options.t_hi = cfg.method.t_hi < 0 ? manifest.num_train_timesteps : cfg.method.t_hi;
+  sampler = std::make_unique<objective::TimestepSampler>(sampler_options);
+
+  fs::create_directories(cfg.run.output_dir);
+  log::add_file((fs::path(cfg.run.output_dir) / "train.log").string());
+  log::info("dde_train: method {}, family {}, device {}, resolution {}, global batch {} = {} x {} accumulation",
+            objective::method_name(method), models::family_name(manifest.family), device.str(), resolution,
+            cfg.train.global_batch, cfg.train.micro_batch, accumulation);
+  log::info("resolved config:\n{}", config::to_yaml(cfg));
+
+  policy = std::make_unique<models::UNet>(manifest, device, /*trainable=*/true);
+  if (objective::uses_reference(method)) {
+    reference = std::make_unique<models::UNet>(reference_manifest, device, /*trainable=*/false);
+  }
+  text = std::make_unique<models::TextConditioner>(manifest, device);
+  vae = std::make_unique<models::LatentEncoder>(manifest, device);
+
+  AdamWOptions adam;
+  adam.beta1 = cfg.optim.beta1;
+  adam.beta2 = cfg.optim.beta2;
+  adam.eps = cfg.optim.eps;
+  adam.weight_decay = cfg.optim.weight_decay;
+  optimizer = std::make_unique<AdamW>(policy->named_parameters(), adam);
+
+  data::PairLoaderOptions lo;
+  lo.index_path = cfg.data.index;
+  lo.resolution = resolution;
+  lo.random_crop = cfg.data.random_crop;
+  lo.random_flip = cfg.data.random_flip;
+  lo.caption_dropout = cfg.data.caption_dropout;
+  lo.shuffle_buffer = cfg.data.shuffle_buffer;
+  lo.workers = cfg.data.workers;
+  lo.prefetch_batches = cfg.data.prefetch_batches;
+  lo.keep_ties = cfg.data.keep_ties;
+  lo.seed = cfg.run.seed;
+  lo.batch_size = cfg.train.micro_batch;
+  for (const models::TextEncoderInfo& e : manifest.text_encoders) {
+    lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
+    lo.expected_vocab_sha256.push_back(e.vocab_sha256);
+  }
+  loader = std::make_unique<data::PairLoader>(lo);
+
+  poisoned_steps = injected_nonfinite_steps();
+  store.remove_stale_staging();
+  int64_t keep_metrics_through = -1;
+  if (resume) {
+    if (auto latest = store.latest_complete()) {
+      restore(*latest);
+      keep_metrics_through = step;
+    } else {
+      log::info("--resume: no complete checkpoint under {}, starting from step 0", store.root());
+    }
+  }
+  metrics = std::make_unique<MetricsLog>((fs::path(cfg.run.output_dir) / "metrics.jsonl").string(),
+                                         keep_metrics_through);
+}
+
+torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
+                                     const models::Conditioning& cond) {
+  if (cfg.train.precision != "bf16") return unet.predict_noise(x, t, cond);
+  const c10::DeviceType type = device.type();
+  at::autocast::set_autocast_enabled(type, true);
+  at::autocast::set_autocast_dtype(type, at::kBFloat16);
+  torch::Tensor out = unet.predict_noise(x, t, cond);
+  at::autocast::set_autocast_enabled(type, false);
+  // C++ never clears the autocast weight cache for us (libtorch-notes.md).
+  at::autocast::clear_cache();
+  return out;
+}
+
+Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batch) {
+  const int64_t B = batch.winner.size(0);
+  // One VAE call for both sides: [x_w; x_l], [2B, 3, H, W] -> latents [2B, C, h, w].
+  const torch::Tensor latents = vae->encode(torch::cat({batch.winner, batch.loser}, 0), gen);
+  models::Conditioning cond = text->encode(batch.input_ids);
+  torch::Tensor loser_time_ids;
+  if (manifest.added_cond) {
+    cond.time_ids = time_ids(batch.winner_original_hw, batch.winner_crop_tl, resolution).to(device);
+    loser_time_ids = time_ids(batch.loser_original_hw, batch.loser_crop_tl, resolution).to(device);
+  }
+  const models::Conditioning pair_cond = cond.repeat_for_pair(loser_time_ids);
+
+  // One t and one eps per pair, shared by winner and loser (Diffusion-DPO).
+  const torch::Tensor t = sampler->sample(B, gen);
+  const torch::Tensor eps_pair =
+      at::randn({B, latents.size(1), latents.size(2), latents.size(3)}, gen, torch::kFloat32).to(device);
+  const torch::Tensor eps = torch::cat({eps_pair, eps_pair}, 0);
+  const torch::Tensor t2 = torch::cat({t, t}, 0);
+  const torch::Tensor x_t = objective::add_noise(schedule, latents, eps, t2.to(device));
+
+  objective::PairErrors errors;
+  const torch::Tensor e_policy = per_image_mse(predict(*policy, x_t, t2, pair_cond), eps);
+  errors.policy_w = e_policy.slice(0, 0, B);
+  errors.policy_l = e_policy.slice(0, B, 2 * B);
+  if (reference) {
+    torch::NoGradGuard no_grad;
+    const torch::Tensor e_ref = per_image_mse(predict(*reference, x_t, t2, pair_cond), eps);
+    errors.ref_w = e_ref.slice(0, 0, B);
+    errors.ref_l = e_ref.slice(0, B, 2 * B);
+  }
+  const torch::Tensor C_t = ema.correction(t).to(device);
+  const objective::MethodOutput out =
+      objective::compute_method(method, errors, t.to(device), C_t, method_params, schedule);
+
+  MicroResult r;
+  r.loss_sum = out.loss.sum();
+  r.z = out.z.defined() ? out.z.detach().cpu() : torch::Tensor();
+  r.per_pair_loss = out.loss.detach().cpu();
+  r.t = t;
+  r.C_t = C_t.cpu();
+  r.errors = errors;
+  r.keys = batch.keys;
+  if (objective::uses_reference(method)) {
+    ema.accumulate(t, objective::transition_estimate(errors, t.to(device), schedule).cpu());
+  }
+  return r;
+}
+
+TrainOutcome Trainer::Impl::run() {
+  const int64_t max_steps = cfg.train.max_steps;
+  const auto run_start = Clock::now();
+  const int64_t first_step = step;
+  log::info("training steps {} -> {} ({} pairs per step)", step, max_steps, cfg.train.global_batch);
+  while (step < max_steps) {
+    const auto step_start = Clock::now();
+    const double wait_before = loader->wait_seconds();
+    const double lr = constant_with_warmup(step, cfg.optim.lr, cfg.optim.warmup_steps);
+
+    // ---- training section: micro-batches -> backward (accumulate) ----
+    double loss_sum = 0.0;
+    int64_t pairs = 0;
+    int64_t correct = 0;
+    double mse_policy = 0.0;
+    double mse_ref = 0.0;
+    std::vector<json> pair_records;
+    for (int64_t micro = 0; micro < accumulation; ++micro) {
+      const data::PairBatch batch = loader->next();
+      MicroResult r = micro_step(batch);
+      torch::Tensor loss = r.loss_sum / static_cast<double>(cfg.train.global_batch);
+      if (poisoned_steps.count(step + 1) != 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      loss.backward();
+      loss_sum += r.loss_sum.item<double>();
+      const int64_t B = r.t.size(0);
+      pairs += B;
+      mse_policy += r.errors.policy_w.detach().sum().item<double>();
+      if (r.errors.ref_w.defined()) mse_ref += r.errors.ref_w.sum().item<double>();
+      if (r.z.defined()) correct += (r.z > 0).sum().item<int64_t>();
+      if (cfg.logging.per_sample) {
+        for (int64_t i = 0; i < B; ++i) {
+          json rec = {{"kind", "pair"},
+                      {"step", step + 1},
+                      {"rank", 0},
+                      {"key", r.keys[static_cast<size_t>(i)]},
+                      {"t", r.t[i].item<int64_t>()},
+                      {"mse_policy_w", r.errors.policy_w[i].item<double>()},
+                      {"mse_policy_l", r.errors.policy_l[i].item<double>()},
+                      {"correction", r.C_t[i].item<double>()},
+                      {"loss", r.per_pair_loss[i].item<double>()}};
+          rec["mse_ref_w"] = r.errors.ref_w.defined() ? json(r.errors.ref_w[i].item<double>()) : json(nullptr);
+          rec["mse_ref_l"] = r.errors.ref_l.defined() ? json(r.errors.ref_l[i].item<double>()) : json(nullptr);
+          rec["z"] = r.z.defined() ? json(r.z[i].item<double>()) : json(nullptr);
+          pair_records.push_back(std::move(rec));
+        }
+      }
+    }
+
+    // ---- update: guard -> clip -> AdamW -> delayed correction update ----
+    const std::vector<torch::Tensor> params = policy->parameters();
+    const double grad_norm = clip_grad_norm(params, cfg.optim.grad_clip);
+    const double mean_loss = loss_sum / static_cast<double>(pairs);
+    const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && poisoned_steps.count(step + 1) == 0;
+    if (finite) {
+      optimizer->step(lr);
+      ema.apply();
+      nonfinite_in_row = 0;
+    } else {
+      ema.clear_pending();
+      ++skipped_steps;
+      ++nonfinite_in_row;
+      log::warn("step {}: non-finite {} (loss {}, grad norm {}): update skipped ({} in a row, limit {})", step + 1,
+                std::isfinite(mean_loss) ? "gradient" : "loss", mean_loss, grad_norm, nonfinite_in_row,
+                cfg.optim.max_nonfinite_in_row);
+    }
+    optimizer->zero_grad();
+    ++step;
+
+    // ---- metrics, progress, checkpoint ----
+    const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
+    const double waited = loader->wait_seconds() - wait_before;
+    json rec = {{"kind", "step"},
+                {"step", step},
+                {"loss", mean_loss},
+                {"lr", lr},
+                {"grad_norm", grad_norm},
+                {"mse_policy", mse_policy / static_cast<double>(pairs)},
+                {"pairs_per_s", static_cast<double>(pairs) / step_seconds},
+                {"data_wait_frac", step_seconds > 0 ? waited / step_seconds : 0.0},
+                {"skipped_steps", skipped_steps},
+                {"epoch", loader->state().epoch}};
+    rec["implicit_acc"] = objective::uses_reference(method)
+                              ? json(static_cast<double>(correct) / static_cast<double>(pairs))
+                              : json(nullptr);
+    rec["mse_ref"] = reference ? json(mse_ref / static_cast<double>(pairs)) : json(nullptr);
+    for (const json& p : pair_records) metrics->write(p);
+    metrics->write(rec);
+    if (cfg.logging.progress && (step % cfg.logging.every == 0 || step == max_steps)) {
+      const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
+      const double per_step = elapsed / static_cast<double>(step - first_step);
+      log::info("step {}/{} | loss {:.4f} | acc {} | {:.1f} pairs/s | data wait {:.0f}% | ETA {}", step, max_steps,
+                mean_loss,
+                rec["implicit_acc"].is_null() ? std::string("-") : fmt::format("{:.3f}", rec["implicit_acc"].get<double>()),
+                rec["pairs_per_s"].get<double>(), 100.0 * rec["data_wait_frac"].get<double>(),
+                format_duration(per_step * static_cast<double>(max_steps - step)));
+    }
+    if (nonfinite_in_row >= cfg.optim.max_nonfinite_in_row) {
+      const std::string dir = save_checkpoint();
+      throw Error({"too many non-finite steps in a row", "step " + std::to_string(step),
+                   "fewer than optim.max_nonfinite_in_row = " + std::to_string(cfg.optim.max_nonfinite_in_row),
+                   std::to_string(nonfinite_in_row),
+                   "the last good weights are saved in " + dir +
+                       "; lower optim.lr, check the data, or use precision fp32, then --resume"});
+    }
+    if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint();
+  }
+  return {step, skipped_steps, last_checkpoint};
+}
+
+std::string Trainer::Impl::save_checkpoint() {
+  const std::string dir = store.stage(step);
+  const fs::path d(dir);
+  fs::create_directories(d / "unet");
+  checkpoint::write_file_atomic((d / "unet" / "config.json").string(), manifest.unet_config_json);
+  checkpoint::save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(),
+                               policy->named_parameters(), {{"format", "pt"}});
+
+  checkpoint::NamedTensors state = optimizer->state();
+  state.emplace_back("rng.cpu", gen.get_state());
+  state.emplace_back("correction.E", ema.values());
+  checkpoint::save_safetensors((d / "training_state.safetensors").string(), state);
+
+  const data::PairLoaderState position = loader->state();
+  const json trainer_state = {{"format", "dde-checkpoint"},
+                              {"version", kCheckpointVersion},
+                              {"step", step},
+                              {"skipped_steps", skipped_steps},
+                              {"nonfinite_in_row", nonfinite_in_row},
+                              {"world_size", 1},
+                              {"method", objective::method_name(method)},
+                              {"loader", {{"epoch", position.epoch}, {"pairs_consumed", position.pairs_consumed}}},
+                              {"correction", {{"momentum", ema.momentum()}, {"updates", ema.updates()}}}};
+  checkpoint::write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
+  const auto E = ema.values().contiguous();
+  const json correction = {{"step", step},
+                           {"momentum", ema.momentum()},
+                           {"E", std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + E.numel())}};
+  checkpoint::write_file_atomic((d / "correction_ema.json").string(), correction.dump());
+  checkpoint::write_file_atomic((d / "config.yaml").string(), config::to_yaml(cfg));
+  last_checkpoint = store.commit(step);
+  log::info("checkpoint: {}", last_checkpoint);
+  return last_checkpoint;
+}
+
+void Trainer::Impl::restore(const std::string& dir) {
+  const fs::path d(dir);
+  const json st = json::parse(checkpoint::read_text_file((d / "trainer_state.json").string()));
+  if (st.value("format", "") != "dde-checkpoint" || st.value("version", int64_t{0}) != kCheckpointVersion) {
+    throw Error({"not a dde checkpoint of a known version", (d / "trainer_state.json").string(),
+                 "format dde-checkpoint, version " + std::to_string(kCheckpointVersion),
+                 st.value("format", std::string("?")) + " v" + std::to_string(st.value("version", int64_t{0})), ""});
+  }
+  if (st.at("method").get<std::string>() != objective::method_name(method)) {
+    throw Error({"checkpoint was trained with another method", dir, objective::method_name(method),
+                 st.at("method").get<std::string>(), "resume with the same method.name, or start a new run directory"});
+  }
+  const std::string previous_config = checkpoint::read_text_file((d / "config.yaml").string());
+  if (previous_config != config::to_yaml(cfg)) {
+    log::warn("resuming from {} with a config that differs from the checkpoint's config.yaml", dir);
+  }
+  auto weights = checkpoint::load_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string());
+  policy->load_parameters(weights.tensors, dir);
+  auto state = checkpoint::load_safetensors((d / "training_state.safetensors").string());
+  optimizer->load_state(state.tensors, (d / "training_state.safetensors").string());
+  for (const auto& [name, tensor] : state.tensors) {
+    if (name == "rng.cpu") gen.set_state(tensor);
+    if (name == "correction.E") {
+      objective::CorrectionEma::State s;
+      s.E.assign(tensor.data_ptr<double>(), tensor.data_ptr<double>() + tensor.numel());
+      s.momentum = st.at("correction").at("momentum").get<double>();
+      s.updates = st.at("correction").at("updates").get<int64_t>();
+      ema.load_state(s);
+    }
+  }
+  step = st.at("step").get<int64_t>();
+  skipped_steps = st.at("skipped_steps").get<int64_t>();
+  nonfinite_in_row = st.at("nonfinite_in_row").get<int64_t>();
+  data::PairLoaderState position;
+  position.epoch = st.at("loader").at("epoch").get<int64_t>();
+  position.pairs_consumed = st.at("loader").at("pairs_consumed").get<int64_t>();
+  loader->load_state(position);
+  last_checkpoint = dir;
+  log::info("resumed from {} at step {}", dir, step);
+}
+
+Trainer::Trainer(config::TrainConfig config, bool resume)
+    : impl_(std::make_unique<Impl>(std::move(config), resume)) {}
+Trainer::~Trainer() = default;
+TrainOutcome Trainer::run() { return impl_->run(); }
+
+}  // namespace dde::train
