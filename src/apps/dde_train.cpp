@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "dde/config/train_config.hpp"
+#include "dde/config/config.hpp"
 #include "dde/train/trainer.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"

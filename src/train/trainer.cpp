@@ -111,7 +111,7 @@ struct Trainer::Impl {
 
   struct MicroResult {
     torch::Tensor loss_sum;  // scalar float64, sum over pairs of the micro-batch
-    torch::Tensor z, t, C_t, per_pair_loss;
+    torch::Tensor z, t, C_t, per_pair_loss, credit;
     objective::PairErrors errors;
     std::vector<std::string> keys;
   };
@@ -140,14 +140,7 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
     throw Error({"resolution not divisible by the VAE downsampling", "data.resolution",
                  "a multiple of " + std::to_string(manifest.latent_downsample), std::to_string(resolution), ""});
   }
-  const int64_t world_size = 1;
-  const int64_t per_step = world_size * cfg.train.micro_batch;
-  if (cfg.train.global_batch % per_step != 0) {
-    throw Error({"global batch does not divide into micro-batches", "train.global_batch",
-                 "a multiple of world_size x train.micro_batch = " + std::to_string(per_step),
-                 std::to_string(cfg.train.global_batch), "change train.global_batch or train.micro_batch"});
-  }
-  accumulation = cfg.train.global_batch / per_step;
+  accumulation = config::accumulation_steps(cfg, /*world_size=*/1);
 
   objective::TimestepSamplerOptions sampler_options;
   sampler_options.distribution = objective::method_distribution(method);
@@ -155,7 +148,7 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   sampler_options.gamma = cfg.method.gamma;
   sampler_options.sampler_steps = cfg.method.sampler_steps;
   sampler_options.t_lo = cfg.method.t_lo;
-  sampler_options.t_hi = cfg.method.t_hi < 0 ? manifest.num_train_timesteps : cfg.method.t_hi;
+  sampler_options.t_hi = config::effective_t_hi(cfg.method, manifest.num_train_timesteps);
   sampler = std::make_unique<objective::TimestepSampler>(sampler_options);
 
   fs::create_directories(cfg.run.output_dir);
@@ -263,6 +256,7 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   r.loss_sum = out.loss.sum();
   r.z = out.z.defined() ? out.z.detach().cpu() : torch::Tensor();
   r.per_pair_loss = out.loss.detach().cpu();
+  r.credit = objective::credit_weight(method, out, t.to(device), schedule).cpu();
   r.t = t;
   r.C_t = C_t.cpu();
   r.errors = errors;
@@ -312,7 +306,8 @@ TrainOutcome Trainer::Impl::run() {
                       {"mse_policy_w", r.errors.policy_w[i].item<double>()},
                       {"mse_policy_l", r.errors.policy_l[i].item<double>()},
                       {"correction", r.C_t[i].item<double>()},
-                      {"loss", r.per_pair_loss[i].item<double>()}};
+                      {"loss", r.per_pair_loss[i].item<double>()},
+                      {"credit", r.credit[i].item<double>()}};
           rec["mse_ref_w"] = r.errors.ref_w.defined() ? json(r.errors.ref_w[i].item<double>()) : json(nullptr);
           rec["mse_ref_l"] = r.errors.ref_l.defined() ? json(r.errors.ref_l[i].item<double>()) : json(nullptr);
           rec["z"] = r.z.defined() ? json(r.z[i].item<double>()) : json(nullptr);

@@ -9,7 +9,7 @@
 #include <optional>
 #include <string>
 
-#include "dde/config/train_config.hpp"
+#include "dde/config/config.hpp"
 
 namespace dde::train {
 

@@ -1,0 +1,94 @@
+// The streaming batcher of preference pairs used by the trainer.
+//
+// Determinism (what makes exact resume and multi-rank sharding cheap):
+// - The order of the pairs of an epoch is a pure function of (seed, epoch): the shards are
+//   shuffled with a seeded RNG, their pairs (ties dropped first unless keep_ties) streamed
+//   through one seeded shuffle buffer. Pair i of that global sequence goes to rank
+//   i % world_size; the last N % world_size pairs of an epoch are left out (different ones
+//   every epoch) so that every rank holds the same number of pairs and the same state.
+// - The random choices of a pair (caption dropout, winner flip, loser flip, crop offsets) come
+//   from an RNG seeded by hash(seed, epoch, global pair index): independent of thread timing.
+// - The ordering reads only the small KEY.json members (JPEGs are seeked over), so load_state
+//   re-runs it and skips the consumed pairs without decoding any image.
+// Threads: one sequencer runs the ordering; `workers` threads read, decode and preprocess
+// pairs at most prefetch_batches batches ahead; next() returns them in sequence order and
+// rethrows a worker's error (naming the shard and key) when it reaches that pair.
+// A state resumes exactly under the same shards, seed, keep_ties and world_size; it counts
+// pairs, not batches, so batch_size, workers and prefetch may change across a resume.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dde::data {
+
+struct PairLoaderOptions {
+  std::string index_path;
+  int64_t resolution = 512;
+  bool random_crop = false;
+  bool random_flip = true;
+  double caption_dropout = 0.2;
+  int64_t shuffle_buffer = 1000;
+  int64_t workers = 4;
+  int64_t prefetch_batches = 4;
+  bool keep_ties = false;
+  uint64_t seed = 0;
+  int64_t batch_size = 1;            // per-rank micro-batch
+  int64_t rank = 0, world_size = 1;  // disjoint shares of the stream
+  std::vector<std::vector<int64_t>>
+      empty_prompt_ids;  // per tokenizer: ids used when the caption is dropped
+  std::vector<std::string> expected_vocab_sha256;  // per tokenizer, checked against index.json
+};
+
+struct PairBatch {
+  torch::Tensor winner, loser;  // [B, 3, H, W] float32 in [-1, 1]
+  std::vector<torch::Tensor>
+      input_ids;                  // per tokenizer [B, L] int64 (empty prompt ids where dropped)
+  torch::Tensor caption_dropped;  // [B] bool
+  // [B, 2] int64 each. SDXL add_time_ids = (orig_h, orig_w, crop_top, crop_left, res, res):
+  // original size = before the resize, crop offsets in resized coordinates (before the flip).
+  torch::Tensor winner_original_hw, winner_crop_tl, loser_original_hw, loser_crop_tl;
+  std::vector<std::string> keys;      // for per-pair logs
+  std::vector<std::string> captions;  // "" where dropped
+};
+
+struct PairLoaderState {
+  int64_t epoch = 0;
+  int64_t pairs_consumed = 0;  // in this epoch, this rank
+};
+
+class PairLoader {
+ public:
+  explicit PairLoader(PairLoaderOptions options);
+  ~PairLoader();  // joins threads, also mid-epoch
+  PairLoader(const PairLoader&) = delete;
+  PairLoader& operator=(const PairLoader&) = delete;
+
+  // Blocks until the next batch is ready; wraps to the next epoch (reshuffled) at the end of
+  // the data, so a batch may hold the last pairs of one epoch and the first of the next.
+  PairBatch next();
+  // Position after the last batch returned by next().
+  PairLoaderState state() const;
+  // Exact resume: the next batch equals what an uninterrupted run would have returned.
+  void load_state(const PairLoaderState& state);
+  // Total time next() spent blocked waiting for workers.
+  double wait_seconds() const;
+
+  struct Counters {
+    int64_t ties_skipped = 0;   // ties left out of each epoch next() has returned pairs from
+    int64_t pairs_yielded = 0;  // pairs returned by next()
+  };
+  Counters counters() const;
+
+  int64_t pairs_per_epoch() const;  // this rank's share of one epoch
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dde::data

@@ -1,0 +1,75 @@
+// The six training objectives of dde-method.md, section 3: one small pure function per row of the
+// method table. Inputs are per-pair errors e[model, side] ([B] each, any float dtype, any device);
+// everything is computed in float64 and autograd flows back to the inputs. Losses are per pair;
+// the trainer takes the mean.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+#include "dde/objective/schedule.hpp"
+#include "dde/objective/timestep_sampler.hpp"
+
+namespace dde::objective {
+
+enum class Method { kSft, kUniform, kDiscounted, kDdeSingle, kDdeStep, kDde };
+
+// "sft", "uniform", "discounted", "dde_single", "dde_step", "dde"; anything else throws dde::Error.
+Method parse_method(const std::string& name);
+const char* method_name(Method method);
+bool uses_reference(Method method);                       // every method but sft
+bool uses_correction(Method method);                      // dde_step and dde read C_t
+TimestepDistribution method_distribution(Method method);  // discounted: kDiscounted, else kUniform
+
+// e = mean over latent elements of (eps - eps_model)^2, one number per image, each [B].
+// ref_w / ref_l may be undefined for sft.
+struct PairErrors {
+  torch::Tensor policy_w, policy_l, ref_w, ref_l;
+};
+
+struct MethodParams {
+  double beta = 5000.0;           // DPO temperature (Diffusion-DPO default)
+  double correction_scale = 1.0;  // s, multiplies C_t in dde_step and dde
+};
+
+struct MethodOutput {
+  torch::Tensor z;     // [B] float64, the argument of the sigmoid; undefined for sft
+  torch::Tensor loss;  // [B] float64, softplus(-z) = -log sigmoid(z); e[policy,w] for sft
+};
+
+// loss = e[policy,w]: plain denoising loss on winners, no reference model.
+MethodOutput sft(const PairErrors& errors);
+// Diffusion-DPO: z = -0.5 beta Delta. Also the discounted method (only its sampling differs).
+MethodOutput uniform(const PairErrors& errors, const MethodParams& params);
+// z = -0.5 beta c_t Delta. c_t: [B].
+MethodOutput dde_single(const PairErrors& errors, const torch::Tensor& c_t,
+                        const MethodParams& params);
+// z = -0.5 beta lambda_t Delta + beta s C_t. lambda_t, C_t: [B]; C_t is a constant (detached).
+MethodOutput dde_step(const PairErrors& errors, const torch::Tensor& lambda_t,
+                      const torch::Tensor& C_t, const MethodParams& params);
+// z = -0.5 beta c_t Delta + beta s C_t. c_t, C_t: [B]; C_t is a constant (detached).
+MethodOutput dde(const PairErrors& errors, const torch::Tensor& c_t, const torch::Tensor& C_t,
+                 const MethodParams& params);
+
+// Dispatcher: looks c_t / lambda_t up for t ([B] int64) in the schedule. C_t: [B] float64, read
+// only by dde_step and dde (required there, zeros allowed; may be undefined for the others).
+MethodOutput compute_method(Method method, const PairErrors& errors, const torch::Tensor& t,
+                            const torch::Tensor& C_t, const MethodParams& params,
+                            const NoiseSchedule& schedule);
+
+// Delta = (e[policy,w] - e[ref,w]) - (e[policy,l] - e[ref,l]), [B] float64 (keeps autograd).
+torch::Tensor delta(const PairErrors& errors);
+
+// d_t = -0.5 lambda_t Delta, the stepwise per-transition estimate fed to CorrectionEma (section 4).
+// [B] float64, detached, on the errors' device.
+torch::Tensor transition_estimate(const PairErrors& errors, const torch::Tensor& t,
+                                  const NoiseSchedule& schedule);
+
+// Credit weight k_t sigmoid(-z) (section 5): dL/d e[policy,w] = 0.5 beta k_t sigmoid(-z), with k_t
+// = 1 (uniform, discounted), c_t (dde_single, dde), lambda_t (dde_step). For sft, where
+// dL/d e[policy,w] = 1, the weight is 1. [B] float64, detached.
+torch::Tensor credit_weight(Method method, const MethodOutput& output, const torch::Tensor& t,
+                            const NoiseSchedule& schedule);
+
+}  // namespace dde::objective

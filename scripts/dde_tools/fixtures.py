@@ -1,0 +1,417 @@
+"""Deterministic test fixtures: a tiny CLIP tokenizer, tiny SD1.5/SDXL pipelines, a synthetic Pick-a-Pic.
+
+Everything is built from random weights and a seed; nothing is downloaded.
+
+Synthetic Pick-a-Pic v2 parquet schema (the Arrow types of the Hugging Face parquet files,
+as listed in the dataset card of yuvalkirstain/pickapic_v1, which v2 shares):
+
+    are_different: bool            best_image_uid: string        caption: string
+    created_at: timestamp[ns]      has_label: bool               image_0_uid: string
+    image_0_url: string            image_1_uid: string           image_1_url: string
+    jpg_0: binary                  jpg_1: binary                 label_0: double (float64)
+    label_1: double (float64)      model_0: string               model_1: string
+    ranking_id: int64              user_id: int64                num_example_per_prompt: int64
+    __index_level_0__: int64
+
+CLI: python -m dde_tools.fixtures --out DIR [--seed N]
+writes DIR/sd15/, DIR/sdxl/ (diffusers pipelines) and DIR/pickapic/train-00000.parquet,
+skipping any part whose stamp file records the same seed and fixture version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image, ImageDraw
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+FIXTURE_VERSION = 1
+STAMP_FILE = "dde_fixture.json"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIPTokenizer's pre-tokenizer pattern without the special tokens.
+CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+RESOLUTION = 64  # pixels; 8x8 latents
+
+ADJECTIVES = (
+    "red blue green yellow purple orange golden silver ancient futuristic tiny giant glowing "
+    "misty snowy rusty wooden crystal neon cozy dramatic serene stormy vintage cyberpunk "
+    "whimsical majestic dark bright colorful abandoned floating underwater enchanted"
+).split()
+NOUNS = (
+    "cat dog fox owl dragon robot astronaut knight wizard castle village city forest mountain "
+    "river ocean lighthouse spaceship train bicycle garden library kitchen temple bridge tower "
+    "portrait landscape flower mushroom butterfly whale tiger horse samurai princess monster "
+    "skyline desert volcano waterfall cottage cathedral market harbor"
+).split()
+PLACES = (
+    "in the rain|at sunset|under the stars|on the moon|in a dream|at night|in winter|"
+    "by the sea|in the clouds|inside a bottle|on mars|in tokyo|in paris"
+).split("|")
+STYLES = (
+    "oil painting|watercolor|digital art|3d render|pixel art|studio photograph|concept art|"
+    "pencil sketch|anime style|trending on artstation|highly detailed|8k|unreal engine|"
+    "by greg rutkowski|cinematic lighting|octane render|low poly|ukiyo-e woodblock print"
+).split("|")
+MODELS = ("SDXL 0.9", "SDXL Beta", "Stable Diffusion 2.1", "Dreamlike Photoreal 2.0")
+
+
+def make_captions(seed: int, count: int) -> list[str]:
+    """Synthetic prompts in the style of Pick-a-Pic captions."""
+    rng = random.Random(seed)
+    captions = []
+    for _ in range(count):
+        words = [rng.choice(("a", "an", "the", "two", "3")), rng.choice(ADJECTIVES)]
+        if rng.random() < 0.5:
+            words.append(rng.choice(ADJECTIVES))
+        words += [rng.choice(NOUNS), rng.choice(PLACES)]
+        text = " ".join(words)
+        for _ in range(rng.randint(0, 3)):
+            text += ", " + rng.choice(STYLES)
+        captions.append(text.capitalize() if rng.random() < 0.3 else text)
+    return captions
+
+
+def _learn_merges(captions: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """BPE merges learned with the `tokenizers` trainer on CLIP's normalisation and pre-tokenisation."""
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(captions, trainer)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    return pairs[:num_merges]
+
+
+def make_tokenizer(
+    out_dir: Path, captions: list[str], pad_token: str = EOS, num_merges: int = 400
+) -> CLIPTokenizer:
+    """Write a CLIP-format byte-level BPE tokenizer learned on `captions` into `out_dir`.
+
+    Vocabulary order as in CLIP: the 256 byte characters (id 0 is "!"), the same with
+    "</w>", one token per merge, then <|startoftext|> and <|endoftext|>.
+    """
+    merges = _learn_merges(captions, num_merges)
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("learned merges produced a duplicate vocabulary entry")
+    with tempfile.TemporaryDirectory() as raw:
+        vocab_file, merges_file = Path(raw, "vocab.json"), Path(raw, "merges.txt")
+        vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
+    tokenizer.save_pretrained(out_dir)
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        clip_sample=False,
+    )
+
+
+def _vae(scaling_factor: float) -> AutoencoderKL:
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _text_config(tokenizer: CLIPTokenizer, **extra: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _unet(cross_attention_dim: int, **extra: object) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4),
+        **extra,
+    )
+
+
+def make_sd15_pipeline(out_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight StableDiffusionPipeline (64 px, 8x8 latents) into `out_dir`."""
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer(Path(tmp), make_captions(seed, 2000))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    unet = _unet(cross_attention_dim=32)
+    vae = _vae(scaling_factor=0.18215)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def make_sdxl_pipeline(out_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight StableDiffusionXLPipeline (64 px, 8x8 latents) into `out_dir`."""
+    out_dir = Path(out_dir)
+    captions = make_captions(seed, 2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer(Path(tmp, "1"), captions)
+        tokenizer_2 = make_tokenizer(Path(tmp, "2"), captions, pad_token="!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+    time_embed_dim = 8
+    unet = _unet(
+        cross_attention_dim=32 + 32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
+    )
+    vae = _vae(scaling_factor=0.13025)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def draw_jpeg(rng: np.random.Generator) -> bytes:
+    """A procedurally drawn JPEG: a colour gradient with a few shapes, 64-128 px per side."""
+    width, height = (int(v) for v in rng.integers(64, 129, size=2))
+    start, end = rng.integers(0, 256, size=(2, 3))
+    ramp = np.linspace(0.0, 1.0, width)[None, :, None]
+    pixels = start + (end - start) * ramp
+    image = Image.fromarray(np.broadcast_to(pixels, (height, width, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(1, 5))):
+        x0, x1 = sorted(int(v) for v in rng.integers(0, width, size=2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, height, size=2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+PICKAPIC_SCHEMA = pa.schema(
+    [
+        ("are_different", pa.bool_()),
+        ("best_image_uid", pa.string()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("has_label", pa.bool_()),
+        ("image_0_uid", pa.string()),
+        ("image_0_url", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("image_1_url", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("num_example_per_prompt", pa.int64()),
+        ("__index_level_0__", pa.int64()),
+    ]
+)
+REJECTION_KINDS = ("missing_image", "undecodable_image", "empty_caption", "bad_label")
+
+
+def _plant_bad_row(row: dict, kind: str, variant: int) -> None:
+    """Break `row` in the way `kind` names; `variant` picks one of several forms."""
+    side = f"jpg_{variant % 2}"
+    if kind == "missing_image":
+        row[side] = None if variant % 4 < 2 else b""
+    elif kind == "undecodable_image":
+        good = row[side]
+        row[side] = good[: len(good) // 2] if variant % 4 < 2 else b"\xff\xd8\xff\xe0 not a jpeg"
+    elif kind == "empty_caption":
+        row["caption"] = (None, "", "   \t")[variant % 3]
+    elif kind == "bad_label":
+        row["label_0"], row["label_1"] = ((0.3, 0.7), (None, 1.0), (1.0, 1.0), (2.0, -1.0))[variant % 4]
+
+
+def _pickapic_row(index: int, caption: str, rng: np.random.Generator, start: datetime) -> dict:
+    uids = [str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"))) for _ in range(2)]
+    label_0 = float(rng.integers(0, 2))
+    return {
+        "are_different": True,
+        "best_image_uid": uids[0] if label_0 == 1.0 else uids[1],
+        "caption": caption,
+        "created_at": start + timedelta(seconds=int(rng.integers(0, 10_000_000))),
+        "has_label": True,
+        "image_0_uid": uids[0],
+        "image_0_url": f"https://images.example/{uids[0]}.png",
+        "image_1_uid": uids[1],
+        "image_1_url": f"https://images.example/{uids[1]}.png",
+        "jpg_0": draw_jpeg(rng),
+        "jpg_1": draw_jpeg(rng),
+        "label_0": label_0,
+        "label_1": 1.0 - label_0,
+        "model_0": MODELS[int(rng.integers(0, len(MODELS)))],
+        "model_1": MODELS[int(rng.integers(0, len(MODELS)))],
+        "ranking_id": 100_000 + index,
+        "user_id": int(rng.integers(1, 50)),
+        "num_example_per_prompt": int(rng.integers(1, 4)),
+        "__index_level_0__": index,
+    }
+
+
+def make_pickapic_parquet(
+    path: Path,
+    rows: int = 2000,
+    seed: int = 0,
+    tie_fraction: float = 0.1,
+    bad_rows: bool = False,
+    row_group_size: int = 256,
+) -> dict[str, int]:
+    """Write a synthetic Pick-a-Pic v2 parquet file; return what was planted.
+
+    About `tie_fraction` of rows are ties (labels 0.5/0.5); the rest are 0/1 or 1/0. With
+    `bad_rows`, max(1, rows // 200) rows of each kind in REJECTION_KINDS are planted
+    (never on a tie). The result maps "rows", "ties" and each kind to its count.
+    """
+    rng = np.random.default_rng(seed)
+    captions = make_captions(seed + 1, rows)
+    order = rng.permutation(rows)
+    num_ties = round(rows * tie_fraction)
+    ties = set(order[:num_ties].tolist())
+    per_kind = max(1, rows // 200) if bad_rows else 0
+    if num_ties + per_kind * len(REJECTION_KINDS) > rows:
+        raise ValueError(f"{rows} rows cannot hold {num_ties} ties and {per_kind} bad rows of each kind")
+    planted = {}
+    for k, kind in enumerate(REJECTION_KINDS):
+        first = num_ties + k * per_kind
+        planted.update({int(i): (kind, v) for v, i in enumerate(order[first : first + per_kind])})
+
+    start = datetime(2023, 4, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, PICKAPIC_SCHEMA) as writer:
+        for group_start in range(0, rows, row_group_size):
+            batch = []
+            for index in range(group_start, min(rows, group_start + row_group_size)):
+                row = _pickapic_row(index, captions[index], rng, start)
+                if index in ties:
+                    row.update(label_0=0.5, label_1=0.5, best_image_uid="")
+                if index in planted:
+                    _plant_bad_row(row, *planted[index])
+                batch.append(row)
+            writer.write_table(pa.Table.from_pylist(batch, schema=PICKAPIC_SCHEMA))
+    return {"rows": rows, "ties": num_ties, **{kind: per_kind for kind in REJECTION_KINDS}}
+
+
+def _build_once(target: Path, seed: int, build: Callable[[Path], object]) -> bool:
+    """Run `build(target)` unless `target` holds a stamp for this seed; return whether it built."""
+    stamp = {"seed": seed, "fixture_version": FIXTURE_VERSION}
+    stamp_path = target / STAMP_FILE
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return False
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    build(target)
+    stamp_path.write_text(json.dumps(stamp) + "\n")
+    return True
+
+
+def build_all(out: Path, seed: int = 0) -> None:
+    """Write out/sd15, out/sdxl and out/pickapic/train-00000.parquet (64 rows with ties)."""
+    parts = {
+        "sd15": lambda d: make_sd15_pipeline(d, seed),
+        "sdxl": lambda d: make_sdxl_pipeline(d, seed),
+        "pickapic": lambda d: make_pickapic_parquet(d / "train-00000.parquet", rows=64, seed=seed),
+    }
+    for name, build in parts.items():
+        built = _build_once(Path(out) / name, seed, build)
+        print(f"fixtures: {name}: {'built' if built else 'up to date'} ({Path(out) / name})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    args = parser.parse_args(argv)
+    build_all(args.out, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

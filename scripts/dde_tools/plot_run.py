@@ -1,0 +1,120 @@
+"""Turn a dde_train run directory into PNG figures.
+
+    python -m dde_tools.plot_run RUN_DIR [--out RUN_DIR/figures]
+
+Figures:
+- ``training.png``: loss and implicit accuracy over optimizer steps;
+- ``correction.png``: the correction array E over t (newest checkpoint's correction_ema.json);
+- ``credit.png``: the credit weight k_t * sigmoid(-z) binned by t (dde-method.md, section 5),
+  from the per-pair records (config ``logging.per_sample: true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Step records and per-pair records of ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"plot_run: {path} not found: is {run_dir} a dde_train run directory?")
+    steps, pairs = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        (pairs if record.get("kind") == "pair" else steps).append(record)
+    return steps, pairs
+
+
+def latest_correction(run_dir: Path) -> dict | None:
+    """correction_ema.json of the newest complete checkpoint, if any."""
+    complete = sorted(p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    if not complete:
+        return None
+    return json.loads((complete[-1] / "correction_ema.json").read_text())
+
+
+def binned_mean(t: np.ndarray, values: np.ndarray, num_timesteps: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``values`` in ``bins`` equal-width bins of t (NaN where a bin is empty)."""
+    edges = np.linspace(0, num_timesteps, bins + 1)
+    index = np.clip(np.digitize(t, edges) - 1, 0, bins - 1)
+    sums = np.bincount(index, weights=values, minlength=bins)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (edges[:-1] + edges[1:]) / 2, sums / counts
+
+
+def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
+    steps, pairs = read_metrics(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    x = [r["step"] for r in steps]
+    ax_loss.plot(x, [r["loss"] for r in steps])
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    acc = [r.get("implicit_acc") for r in steps]
+    if any(a is not None for a in acc):
+        ax_acc.plot(x, [np.nan if a is None else a for a in acc])
+    ax_acc.set(xlabel="optimizer step", ylabel="implicit accuracy", title="implicit accuracy", ylim=(-0.05, 1.05))
+    fig.tight_layout()
+    written.append(out_dir / "training.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    correction = latest_correction(run_dir)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if correction is not None:
+        E = np.asarray(correction["E"], dtype=np.float64)
+        ax.plot(np.arange(E.size), E)
+        ax.set_title(f"correction E over t (step {correction['step']})")
+    else:
+        ax.set_title("correction E: no checkpoint yet")
+    ax.set(xlabel="t", ylabel="E[t]")
+    fig.tight_layout()
+    written.append(out_dir / "correction.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    usable = [p for p in pairs if p.get("credit") is not None]
+    if usable:
+        num_timesteps = len(correction["E"]) if correction is not None else 1000
+        t = np.asarray([p["t"] for p in usable], dtype=np.float64)
+        credit = np.asarray([p["credit"] for p in usable], dtype=np.float64)
+        centers, means = binned_mean(t, credit, num_timesteps, bins)
+        ax.bar(centers, np.nan_to_num(means), width=num_timesteps / bins * 0.9)
+        ax.set_title("credit weight k_t sigmoid(-z) by t")
+    else:
+        ax.set_title("credit: no per-pair records (logging.per_sample)")
+    ax.set(xlabel="t", ylabel="mean credit weight")
+    fig.tight_layout()
+    written.append(out_dir / "credit.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/figures")
+    parser.add_argument("--bins", type=int, default=20)
+    args = parser.parse_args(argv)
+    for path in plot_run(args.run_dir, args.out or args.run_dir / "figures", args.bins):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Makes the tiny fixtures the quick start and the tests train on, idempotently:
+#   fixtures/source/{sd15,sdxl}          tiny diffusers pipelines (random weights, seed 0)
+#   fixtures/source/pickapic/*.parquet   synthetic Pick-a-Pic v2 rows
+#   fixtures/export/{sd15,sdxl}          TorchScript components + manifest.json
+#   fixtures/shards/{sd15,sdxl}          tar shards + index.json, token ids per text encoder
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py=".venv/bin/python"
+export PYTHONPATH="$root/scripts${PYTHONPATH:+:$PYTHONPATH}"
+out="${DDE_FIXTURES_DIR:-$root/fixtures}"
+
+"$py" -m dde_tools.fixtures --out "$out/source"
+for family in sd15 sdxl; do
+  if [ ! -f "$out/export/$family/manifest.json" ]; then
+    "$py" -m dde_tools.export_models --pipeline "$out/source/$family" --out "$out/export/$family"
+  fi
+  if [ ! -f "$out/shards/$family/index.json" ]; then
+    tokenizers=(--tokenizer "$out/export/$family/tokenizer")
+    [ "$family" = sdxl ] && tokenizers+=(--tokenizer "$out/export/$family/tokenizer_2")
+    "$py" -m dde_tools.export_pickapic --parquet "$out"/source/pickapic/*.parquet \
+      --out "$out/shards/$family" --pairs-per-shard 16 "${tokenizers[@]}"
+  fi
+done
+echo "prepare_tiny: fixtures ready in $out"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job on the tiny embedded default: set-up, build, fixtures, export, train
+# configs/tiny_dde.yaml on the CPU, figures. Leaves runs/tiny_dde/.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+bash scripts/build.sh
+bash scripts/prepare_tiny.sh
+rm -rf runs/tiny_dde
+build/dde_train --config configs/tiny_dde.yaml "$@"
+PYTHONPATH=scripts .venv/bin/python -m dde_tools.plot_run runs/tiny_dde
+echo "quickstart: run directory runs/tiny_dde (metrics.jsonl, checkpoints/, figures/)"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: set-up (idempotent), build, tiny fixtures, C++ unit tests (ctest),
+# Python tool tests and end-to-end runs of the real binary (pytest).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+start=$(date +%s)
+bash scripts/setup.sh
+bash scripts/build.sh
+bash scripts/prepare_tiny.sh
+export DDE_BUILD_DIR="${DDE_BUILD_DIR:-$root/build}"
+export DDE_FIXTURES_DIR="${DDE_FIXTURES_DIR:-$root/fixtures}"
+echo "== C++ unit tests (ctest)"
+ctest --test-dir "$DDE_BUILD_DIR" --output-on-failure -j2
+echo "== Python and end-to-end tests (pytest)"
+.venv/bin/python -m pytest -q tests/python tests/e2e
+echo "== all tests passed in $(( $(date +%s) - start )) s"

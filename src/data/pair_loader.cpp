@@ -1,0 +1,603 @@
+#include "dde/data/pair_loader.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <fstream>
+#include <initializer_list>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <thread>
+#include <utility>
+
+#include "dde/data/image.hpp"
+#include "dde/data/pair_record.hpp"
+#include "dde/data/shard_index.hpp"
+#include "dde/util/error.hpp"
+#include "dde/util/log.hpp"
+
+namespace dde::data {
+namespace {
+
+constexpr const char* kReexportHint =
+    "re-export the shards with python -m dde_tools.export_pickapic";
+
+// splitmix64 (Steele, Lea & Flood 2014): tiny, well mixed, and the same on every platform,
+// unlike the distributions of <random>.
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+uint64_t hash_seed(std::initializer_list<uint64_t> parts) {
+  uint64_t h = 0x243F6A8885A308D3ULL;
+  for (const uint64_t part : parts) {
+    h = splitmix64(h ^ part);
+  }
+  return h;
+}
+
+// Independent random streams derived from (seed, epoch, ...).
+enum Stream : uint64_t { kShardOrder = 1, kShuffleBuffer = 2, kPairChoices = 3 };
+
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+  uint64_t next() {
+    state_ += 0x9E3779B97F4A7C15ULL;
+    uint64_t z = state_;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, n), unbiased (rejection of the short top range).
+  uint64_t below(uint64_t n) {
+    const uint64_t threshold = (0 - n) % n;
+    for (;;) {
+      const uint64_t r = next();
+      if (r >= threshold) {
+        return r % n;
+      }
+    }
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+
+ private:
+  uint64_t state_;
+};
+
+struct PairTask {
+  int64_t position = 0;  // in the output stream since the last (re)start
+  int64_t epoch = 0, local_index = 0, global_index = 0;
+  size_t shard = 0;
+  PairRecord record;  // without image bytes: spans only
+};
+
+struct PreparedImage {
+  torch::Tensor pixels;  // [3, R, R] float32 in [-1, 1]
+  int64_t original_h = 0, original_w = 0, crop_top = 0, crop_left = 0;
+};
+
+struct PairSample {
+  int64_t epoch = 0, local_index = 0;
+  std::exception_ptr error;
+  PreparedImage winner, loser;
+  bool caption_dropped = false;
+  const std::vector<std::vector<int64_t>>* input_ids = nullptr;  // record's or the empty prompt's
+  std::vector<std::vector<int64_t>> record_ids;
+  std::string key, caption;
+};
+
+// One open shard file per worker, reopened when the worker moves to another shard.
+struct ShardFile {
+  std::string path;
+  std::ifstream stream;
+
+  std::ifstream& open(const std::string& shard_path) {
+    if (shard_path != path || !stream.is_open()) {
+      stream.close();
+      stream.clear();
+      stream.open(shard_path, std::ios::binary);
+      if (!stream) {
+        path.clear();
+        throw Error({"cannot open shard", shard_path, "", "open failed",
+                     "was the file removed while training?"});
+      }
+      path = shard_path;
+    }
+    return stream;
+  }
+};
+
+}  // namespace
+
+struct PairLoader::Impl {
+  PairLoaderOptions options;
+  ShardIndex index;
+  int64_t epoch_pairs = 0;  // pairs of one epoch, all ranks (ties dropped unless keep_ties)
+  int64_t epoch_ties = 0;   // ties left out of one epoch
+  int64_t share = 0;        // pairs of one epoch for each rank
+  int64_t window = 0;       // pairs in flight ahead of next()
+
+  // Pipeline, guarded by mutex.
+  mutable std::mutex mutex;
+  std::condition_variable sequencer_cv, worker_cv, consumer_cv;
+  std::deque<PairTask> tasks;
+  std::map<int64_t, PairSample> done;
+  int64_t produced = 0;  // positions handed out by the sequencer
+  int64_t consumed = 0;  // positions taken by next()
+  std::atomic<bool> stopping{false};
+  std::exception_ptr sequencer_error;
+  std::thread sequencer;
+  std::vector<std::thread> workers;
+
+  // Consumer side (also guarded by mutex for the const accessors).
+  PairLoaderState position;
+  double wait_seconds = 0.0;
+  Counters counters;
+  int64_t last_counted_epoch = -1;
+  std::exception_ptr failure;  // sticky: next() keeps rethrowing it
+
+  explicit Impl(PairLoaderOptions opts);
+  void start(PairLoaderState from);
+  void stop();
+  void run_sequencer(PairLoaderState from);
+  bool emit(PairTask task);
+  void run_worker();
+  void check_record(const PairRecord& record, const ShardInfo& shard) const;
+  PairSample prepare(const PairTask& task, ShardFile& file) const;
+  PreparedImage prepare_image(const std::string& bytes, const std::string& where, bool flip,
+                              uint64_t crop_y, uint64_t crop_x) const;
+};
+
+namespace {
+
+void check_options(const PairLoaderOptions& o) {
+  const auto bad = [](const std::string& key, const std::string& expected,
+                      const std::string& actual) {
+    throw Error({"bad data loader option", "PairLoaderOptions." + key, expected, actual, ""});
+  };
+  if (o.resolution <= 0) bad("resolution", "> 0", std::to_string(o.resolution));
+  if (o.caption_dropout < 0.0 || o.caption_dropout > 1.0)
+    bad("caption_dropout", "in [0, 1]", fmt::format("{}", o.caption_dropout));
+  if (o.shuffle_buffer < 1) bad("shuffle_buffer", ">= 1", std::to_string(o.shuffle_buffer));
+  if (o.workers < 1) bad("workers", ">= 1", std::to_string(o.workers));
+  if (o.prefetch_batches < 1) bad("prefetch_batches", ">= 1", std::to_string(o.prefetch_batches));
+  if (o.batch_size < 1) bad("batch_size", ">= 1", std::to_string(o.batch_size));
+  if (o.world_size < 1) bad("world_size", ">= 1", std::to_string(o.world_size));
+  if (o.rank < 0 || o.rank >= o.world_size)
+    bad("rank", fmt::format("in [0, {})", o.world_size), std::to_string(o.rank));
+}
+
+}  // namespace
+
+PairLoader::Impl::Impl(PairLoaderOptions opts) : options(std::move(opts)) {
+  check_options(options);
+  index = ShardIndex::load(options.index_path);
+
+  const size_t tokenizers = index.tokenizers.size();
+  if (options.expected_vocab_sha256.size() != tokenizers) {
+    throw Error({"shards were tokenized with a different number of tokenizers",
+                 options.index_path + ": tokenizers",
+                 fmt::format("{} (from the model manifest)", options.expected_vocab_sha256.size()),
+                 std::to_string(tokenizers),
+                 "re-export the shards with the manifest's tokenizers (--tokenizer DIR ...)"});
+  }
+  for (size_t t = 0; t < tokenizers; ++t) {
+    if (index.tokenizers[t].vocab_sha256 != options.expected_vocab_sha256[t]) {
+      throw Error(
+          {"shards were tokenized with a different vocabulary",
+           fmt::format("{}: tokenizers[{}] ({})", options.index_path, t, index.tokenizers[t].name),
+           "vocab_sha256 " + options.expected_vocab_sha256[t], index.tokenizers[t].vocab_sha256,
+           "re-export the shards with the manifest's tokenizers (--tokenizer DIR ...)"});
+    }
+  }
+  if (options.caption_dropout > 0.0 || !options.empty_prompt_ids.empty()) {
+    if (options.empty_prompt_ids.size() != tokenizers) {
+      throw Error(
+          {"empty-prompt ids do not match the shards' tokenizers",
+           "PairLoaderOptions.empty_prompt_ids",
+           fmt::format("{} lists (one per tokenizer in {})", tokenizers, options.index_path),
+           std::to_string(options.empty_prompt_ids.size()),
+           "pass the manifest's empty_prompt_ids"});
+    }
+    for (size_t t = 0; t < tokenizers; ++t) {
+      if (static_cast<int64_t>(options.empty_prompt_ids[t].size()) !=
+          index.tokenizers[t].max_length) {
+        throw Error({"empty-prompt ids have the wrong length",
+                     fmt::format("PairLoaderOptions.empty_prompt_ids[{}]", t),
+                     fmt::format("{} (max_length of {})", index.tokenizers[t].max_length,
+                                 index.tokenizers[t].name),
+                     std::to_string(options.empty_prompt_ids[t].size()),
+                     "pass the manifest's empty_prompt_ids"});
+      }
+    }
+  }
+
+  epoch_ties = options.keep_ties ? 0 : index.total_ties();
+  epoch_pairs = index.total_pairs() - epoch_ties;
+  share = epoch_pairs / options.world_size;
+  if (share == 0) {
+    throw Error({"not enough pairs for every rank", options.index_path,
+                 fmt::format(">= {} pairs (world size)", options.world_size),
+                 std::to_string(epoch_pairs), "export more data or train on fewer ranks"});
+  }
+  window = options.prefetch_batches * options.batch_size;
+  log::info("data: {} shards, {} pairs per epoch ({} ties {}), rank {}/{} reads {} per epoch",
+            index.shards.size(), epoch_pairs, options.keep_ties ? index.total_ties() : epoch_ties,
+            options.keep_ties ? "kept" : "dropped", options.rank, options.world_size, share);
+}
+
+void PairLoader::Impl::start(PairLoaderState from) {
+  stopping = false;
+  sequencer = std::thread([this, from] { run_sequencer(from); });
+  for (int64_t w = 0; w < options.workers; ++w) {
+    workers.emplace_back([this] { run_worker(); });
+  }
+}
+
+void PairLoader::Impl::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    stopping = true;
+  }
+  sequencer_cv.notify_all();
+  worker_cv.notify_all();
+  consumer_cv.notify_all();
+  if (sequencer.joinable()) {
+    sequencer.join();
+  }
+  for (std::thread& worker : workers) {
+    worker.join();
+  }
+  workers.clear();
+  tasks.clear();
+  done.clear();
+  produced = consumed = 0;
+  sequencer_error = nullptr;
+}
+
+void PairLoader::Impl::check_record(const PairRecord& record, const ShardInfo& shard) const {
+  const std::string where = fmt::format("{}: key {}", shard.path, record.key);
+  if (record.input_ids.size() != index.tokenizers.size()) {
+    throw Error({"pair has the wrong number of input_ids lists", where,
+                 fmt::format("{} (tokenizers in {})", index.tokenizers.size(), index.path),
+                 std::to_string(record.input_ids.size()), kReexportHint});
+  }
+  for (size_t t = 0; t < record.input_ids.size(); ++t) {
+    if (static_cast<int64_t>(record.input_ids[t].size()) != index.tokenizers[t].max_length) {
+      throw Error({"pair has input_ids of the wrong length",
+                   fmt::format("{}: input_ids[{}]", where, t),
+                   fmt::format("{} (max_length of {})", index.tokenizers[t].max_length,
+                               index.tokenizers[t].name),
+                   std::to_string(record.input_ids[t].size()), kReexportHint});
+    }
+  }
+}
+
+// The ordering of docs in pair_loader.hpp; emits this rank's pairs from `from` on, forever.
+void PairLoader::Impl::run_sequencer(PairLoaderState from) {
+  try {
+    const int64_t world = options.world_size;
+    const int64_t limit = share * world;  // global pairs used per epoch
+    const size_t capacity =
+        static_cast<size_t>(std::min<int64_t>(options.shuffle_buffer, epoch_pairs));
+    int64_t skip = from.pairs_consumed;
+    for (int64_t epoch = from.epoch;; ++epoch, skip = 0) {
+      const uint64_t seed = options.seed, e = static_cast<uint64_t>(epoch);
+      std::vector<size_t> order(index.shards.size());
+      std::iota(order.begin(), order.end(), 0);
+      Rng shard_rng(hash_seed({seed, e, kShardOrder}));
+      for (size_t i = order.size(); i > 1; --i) {
+        std::swap(order[i - 1], order[shard_rng.below(i)]);
+      }
+
+      Rng buffer_rng(hash_seed({seed, e, kShuffleBuffer}));
+      std::vector<std::pair<size_t, PairRecord>> buffer;
+      buffer.reserve(capacity);
+      int64_t global = 0;
+      const auto route = [&](std::pair<size_t, PairRecord>&& item) {
+        const int64_t i = global++;
+        if (i >= limit || i % world != options.rank || i / world < skip) {
+          return true;
+        }
+        return emit(PairTask{0, epoch, i / world, i, item.first, std::move(item.second)});
+      };
+
+      for (const size_t s : order) {
+        const ShardInfo& shard = index.shards[s];
+        ShardPairReader reader(shard.path, ShardPairReader::Images::kSkip);
+        int64_t ties = 0;
+        while (std::optional<PairRecord> record = reader.next()) {
+          if (stopping) {
+            return;
+          }
+          check_record(*record, shard);
+          if (record->is_tie()) {
+            ++ties;
+            if (!options.keep_ties) {
+              continue;
+            }
+          }
+          if (buffer.size() < capacity) {
+            buffer.emplace_back(s, std::move(*record));
+            continue;
+          }
+          std::pair<size_t, PairRecord> item(s, std::move(*record));
+          std::swap(item, buffer[buffer_rng.below(capacity)]);
+          if (!route(std::move(item))) {
+            return;
+          }
+        }
+        if (reader.pairs_read() != shard.pairs || ties != shard.ties) {
+          throw Error({"shard does not match index.json", shard.path,
+                       fmt::format("{} pairs, {} ties (index.json)", shard.pairs, shard.ties),
+                       fmt::format("{} pairs, {} ties", reader.pairs_read(), ties), kReexportHint});
+        }
+      }
+      while (!buffer.empty()) {
+        std::swap(buffer[buffer_rng.below(buffer.size())], buffer.back());
+        std::pair<size_t, PairRecord> item = std::move(buffer.back());
+        buffer.pop_back();
+        if (!route(std::move(item))) {
+          return;
+        }
+      }
+    }
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      sequencer_error = std::current_exception();
+    }
+    consumer_cv.notify_all();
+  }
+}
+
+bool PairLoader::Impl::emit(PairTask task) {
+  std::unique_lock<std::mutex> lock(mutex);
+  sequencer_cv.wait(lock, [&] { return stopping || produced < consumed + window; });
+  if (stopping) {
+    return false;
+  }
+  task.position = produced++;
+  tasks.push_back(std::move(task));
+  worker_cv.notify_one();
+  return true;
+}
+
+void PairLoader::Impl::run_worker() {
+  ShardFile file;
+  for (;;) {
+    PairTask task;
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      worker_cv.wait(lock, [&] { return stopping || !tasks.empty(); });
+      if (stopping) {
+        return;
+      }
+      task = std::move(tasks.front());
+      tasks.pop_front();
+    }
+    PairSample sample;
+    try {
+      sample = prepare(task, file);
+    } catch (...) {
+      sample.error = std::current_exception();
+    }
+    sample.epoch = task.epoch;
+    sample.local_index = task.local_index;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      done.emplace(task.position, std::move(sample));
+    }
+    consumer_cv.notify_all();
+  }
+}
+
+PreparedImage PairLoader::Impl::prepare_image(const std::string& bytes, const std::string& where,
+                                              bool flip, uint64_t crop_y, uint64_t crop_x) const {
+  const int res = static_cast<int>(options.resolution);
+  Image image = decode_jpeg(bytes, where);
+  PreparedImage out;
+  out.original_h = image.height;
+  out.original_w = image.width;
+  image = resize_shorter_side(image, res);
+  // RandomCrop draws top in [0, h - res] and left in [0, w - res]; CenterCrop rounds.
+  const int top = options.random_crop
+                      ? static_cast<int>(crop_y % static_cast<uint64_t>(image.height - res + 1))
+                      : center_crop_offset(image.height, res);
+  const int left = options.random_crop
+                       ? static_cast<int>(crop_x % static_cast<uint64_t>(image.width - res + 1))
+                       : center_crop_offset(image.width, res);
+  image = crop(image, top, left, res, res);
+  if (options.random_flip && flip) {
+    image = hflip(image);
+  }
+  out.crop_top = top;
+  out.crop_left = left;
+  out.pixels = to_tensor_pm1(image);
+  return out;
+}
+
+PairSample PairLoader::Impl::prepare(const PairTask& task, ShardFile& file) const {
+  const PairRecord& record = task.record;
+  const ShardInfo& shard = index.shards[task.shard];
+
+  // Fixed draw order, whatever the options, so a pair's choices never shift.
+  Rng rng(hash_seed({options.seed, static_cast<uint64_t>(task.epoch), kPairChoices,
+                     static_cast<uint64_t>(task.global_index)}));
+  const bool dropped = rng.uniform() < options.caption_dropout;
+  const bool flip_winner = rng.uniform() < 0.5;
+  const bool flip_loser = rng.uniform() < 0.5;
+  const uint64_t winner_y = rng.next(), winner_x = rng.next();
+  const uint64_t loser_y = rng.next(), loser_x = rng.next();
+
+  // label_0 == 1: image 0 wins; label_0 == 0: image 1 wins; a kept tie keeps the shard order.
+  const int winner_index = record.label_0 == 0.0 ? 1 : 0;
+  const auto load = [&](int which, bool flip, uint64_t crop_y, uint64_t crop_x) {
+    const MemberSpan& span = which == 0 ? record.jpg_0_span : record.jpg_1_span;
+    const std::string where = fmt::format("{}: key {}, member {}.{}.jpg at offset {}", shard.path,
+                                          record.key, record.key, which, span.offset);
+    return prepare_image(read_file_range(file.open(shard.path), shard.path, span.offset, span.size),
+                         where, flip, crop_y, crop_x);
+  };
+
+  PairSample sample;
+  sample.winner = load(winner_index, flip_winner, winner_y, winner_x);
+  sample.loser = load(1 - winner_index, flip_loser, loser_y, loser_x);
+  sample.caption_dropped = dropped;
+  sample.key = record.key;
+  if (dropped) {
+    sample.input_ids = &options.empty_prompt_ids;
+  } else {
+    sample.record_ids = record.input_ids;
+    sample.caption = record.caption;
+  }
+  return sample;
+}
+
+PairLoader::PairLoader(PairLoaderOptions options)
+    : impl_(std::make_unique<Impl>(std::move(options))) {
+  impl_->start(PairLoaderState{});
+}
+
+PairLoader::~PairLoader() { impl_->stop(); }
+
+PairBatch PairLoader::next() {
+  Impl& d = *impl_;
+  if (d.failure) {
+    std::rethrow_exception(d.failure);
+  }
+  const int64_t batch = d.options.batch_size;
+  std::vector<PairSample> samples;
+  samples.reserve(static_cast<size_t>(batch));
+  try {
+    std::unique_lock<std::mutex> lock(d.mutex);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t pos = d.consumed;
+      const auto ready = [&] {
+        return d.done.count(pos) > 0 || (d.sequencer_error && d.produced <= pos);
+      };
+      if (!ready()) {
+        const auto begin = std::chrono::steady_clock::now();
+        d.consumer_cv.wait(lock, ready);
+        d.wait_seconds +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+      }
+      const auto it = d.done.find(pos);
+      if (it == d.done.end()) {
+        std::rethrow_exception(d.sequencer_error);
+      }
+      PairSample sample = std::move(it->second);
+      d.done.erase(it);
+      ++d.consumed;
+      d.sequencer_cv.notify_one();
+      if (sample.error) {
+        std::rethrow_exception(sample.error);
+      }
+      samples.push_back(std::move(sample));
+    }
+    for (const PairSample& sample : samples) {
+      if (sample.epoch > d.last_counted_epoch) {
+        d.counters.ties_skipped += d.epoch_ties;
+        d.last_counted_epoch = sample.epoch;
+      }
+    }
+    d.counters.pairs_yielded += batch;
+    const PairSample& last = samples.back();
+    d.position = last.local_index + 1 == d.share
+                     ? PairLoaderState{last.epoch + 1, 0}
+                     : PairLoaderState{last.epoch, last.local_index + 1};
+  } catch (...) {
+    d.failure = std::current_exception();
+    throw;
+  }
+
+  PairBatch out;
+  std::vector<torch::Tensor> winners, losers;
+  out.caption_dropped = torch::empty({batch}, torch::kBool);
+  out.winner_original_hw = torch::empty({batch, 2}, torch::kInt64);
+  out.winner_crop_tl = torch::empty({batch, 2}, torch::kInt64);
+  out.loser_original_hw = torch::empty({batch, 2}, torch::kInt64);
+  out.loser_crop_tl = torch::empty({batch, 2}, torch::kInt64);
+  auto dropped = out.caption_dropped.accessor<bool, 1>();
+  auto winner_hw = out.winner_original_hw.accessor<int64_t, 2>();
+  auto winner_tl = out.winner_crop_tl.accessor<int64_t, 2>();
+  auto loser_hw = out.loser_original_hw.accessor<int64_t, 2>();
+  auto loser_tl = out.loser_crop_tl.accessor<int64_t, 2>();
+  for (const TokenizerInfo& tokenizer : d.index.tokenizers) {
+    out.input_ids.push_back(torch::empty({batch, tokenizer.max_length}, torch::kInt64));
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    PairSample& s = samples[static_cast<size_t>(b)];
+    winners.push_back(s.winner.pixels);
+    losers.push_back(s.loser.pixels);
+    dropped[b] = s.caption_dropped;
+    winner_hw[b][0] = s.winner.original_h;
+    winner_hw[b][1] = s.winner.original_w;
+    winner_tl[b][0] = s.winner.crop_top;
+    winner_tl[b][1] = s.winner.crop_left;
+    loser_hw[b][0] = s.loser.original_h;
+    loser_hw[b][1] = s.loser.original_w;
+    loser_tl[b][0] = s.loser.crop_top;
+    loser_tl[b][1] = s.loser.crop_left;
+    const std::vector<std::vector<int64_t>>& ids = s.input_ids ? *s.input_ids : s.record_ids;
+    for (size_t t = 0; t < out.input_ids.size(); ++t) {
+      std::copy(ids[t].begin(), ids[t].end(), out.input_ids[t][b].data_ptr<int64_t>());
+    }
+    out.keys.push_back(std::move(s.key));
+    out.captions.push_back(std::move(s.caption));
+  }
+  out.winner = torch::stack(winners);
+  out.loser = torch::stack(losers);
+  return out;
+}
+
+PairLoaderState PairLoader::state() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->position;
+}
+
+void PairLoader::load_state(const PairLoaderState& state) {
+  Impl& d = *impl_;
+  if (state.epoch < 0 || state.pairs_consumed < 0 || state.pairs_consumed > d.share) {
+    throw Error(
+        {"bad data loader state", "PairLoaderState",
+         fmt::format("epoch >= 0 and pairs_consumed in [0, {}] (pairs per epoch of this rank)",
+                     d.share),
+         fmt::format("epoch={} pairs_consumed={}", state.epoch, state.pairs_consumed),
+         "resume with the shards, seed, keep_ties and world size of the run that saved it"});
+  }
+  const PairLoaderState from =
+      state.pairs_consumed == d.share ? PairLoaderState{state.epoch + 1, 0} : state;
+  d.stop();
+  {
+    std::lock_guard<std::mutex> lock(d.mutex);
+    d.position = from;
+    d.last_counted_epoch = from.epoch - 1;
+    d.failure = nullptr;
+  }
+  d.start(from);
+}
+
+double PairLoader::wait_seconds() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->wait_seconds;
+}
+
+PairLoader::Counters PairLoader::counters() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->counters;
+}
+
+int64_t PairLoader::pairs_per_epoch() const { return impl_->share; }
+
+}  // namespace dde::data

@@ -1,0 +1,158 @@
+#include "dde/data/pair_record.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+#include <nlohmann/json.hpp>
+#include <utility>
+
+#include "dde/util/error.hpp"
+
+namespace dde::data {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kReexportHint =
+    "re-export the shards with python -m dde_tools.export_pickapic";
+constexpr std::array<const char*, 3> kSuffixes = {".json", ".0.jpg", ".1.jpg"};
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() > suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string member_where(const std::string& shard, const TarMember& member) {
+  return fmt::format("{}: member {} '{}' at offset {}", shard, member.index, member.name,
+                     member.header_offset);
+}
+
+void parse_json_member(const std::string& text, const std::string& where, PairRecord& record) {
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw Error({"pair metadata is not valid JSON", where, "JSON", e.what(), kReexportHint});
+  }
+  if (!root.is_object()) {
+    throw Error(
+        {"pair metadata is not a JSON object", where, "object", root.type_name(), kReexportHint});
+  }
+  const auto field = [&](const char* key, bool (json::*check)() const noexcept,
+                         const char* expected) -> const json& {
+    const auto it = root.find(key);
+    if (it == root.end()) {
+      throw Error({"missing field in pair metadata", where + ": " + key, expected, "no such field",
+                   kReexportHint});
+    }
+    if (!((*it).*check)()) {
+      throw Error({"wrong field type in pair metadata", where + ": " + key, expected,
+                   it->type_name(), kReexportHint});
+    }
+    return *it;
+  };
+  record.caption = field("caption", &json::is_string, "a string").get<std::string>();
+  record.source = field("source", &json::is_string, "a string").get<std::string>();
+  record.label_0 = field("label_0", &json::is_number, "a number").get<double>();
+  record.label_1 = field("label_1", &json::is_number, "a number").get<double>();
+  const bool valid_label = record.label_0 == 0.0 || record.label_0 == 0.5 || record.label_0 == 1.0;
+  if (!valid_label || record.label_1 != 1.0 - record.label_0) {
+    throw Error({"bad preference labels", where, "label_0 in {0, 0.5, 1} and label_1 = 1 - label_0",
+                 fmt::format("label_0={}, label_1={}", record.label_0, record.label_1),
+                 kReexportHint});
+  }
+  const auto ids = root.find("input_ids");
+  if (ids == root.end()) {
+    return;  // exported without --tokenizer
+  }
+  if (!ids->is_array()) {
+    throw Error({"wrong field type in pair metadata", where + ": input_ids",
+                 "a list of lists of ints", ids->type_name(), kReexportHint});
+  }
+  for (size_t t = 0; t < ids->size(); ++t) {
+    const json& list = (*ids)[t];
+    if (!list.is_array()) {
+      throw Error({"wrong field type in pair metadata", fmt::format("{}: input_ids[{}]", where, t),
+                   "a list of ints", list.type_name(), kReexportHint});
+    }
+    std::vector<int64_t> tokens;
+    tokens.reserve(list.size());
+    for (const json& token : list) {
+      if (!token.is_number_integer()) {
+        throw Error({"wrong token id type in pair metadata",
+                     fmt::format("{}: input_ids[{}]", where, t), "integers", token.type_name(),
+                     kReexportHint});
+      }
+      tokens.push_back(token.get<int64_t>());
+    }
+    record.input_ids.push_back(std::move(tokens));
+  }
+}
+
+}  // namespace
+
+ShardPairReader::ShardPairReader(std::string shard_path, Images images)
+    : tar_(std::move(shard_path)), images_(images) {}
+
+std::optional<PairRecord> ShardPairReader::next() {
+  PairRecord record;
+  std::array<bool, 3> seen = {false, false, false};
+  const auto missing_members = [&] {
+    std::string missing;
+    for (size_t s = 0; s < kSuffixes.size(); ++s) {
+      if (!seen[s]) {
+        missing += (missing.empty() ? "" : ", ") + record.key + kSuffixes[s];
+      }
+    }
+    return missing;
+  };
+  for (int i = 0; i < 3; ++i) {
+    const std::optional<TarMember> member = tar_.next();
+    if (!member) {
+      if (i == 0) {
+        return std::nullopt;
+      }
+      throw Error({"pair is missing a member", fmt::format("{}: key {}", path(), record.key),
+                   missing_members(), "end of shard", kReexportHint});
+    }
+    size_t suffix = kSuffixes.size();
+    for (size_t s = 0; s < kSuffixes.size(); ++s) {
+      if (ends_with(member->name, kSuffixes[s])) {
+        suffix = s;
+        break;
+      }
+    }
+    if (suffix == kSuffixes.size()) {
+      throw Error({"unexpected shard member", member_where(path(), *member),
+                   "KEY.json, KEY.0.jpg or KEY.1.jpg", member->name, kReexportHint});
+    }
+    const std::string key =
+        member->name.substr(0, member->name.size() - std::string(kSuffixes[suffix]).size());
+    if (i == 0) {
+      record.key = key;
+    } else if (key != record.key || seen[suffix]) {
+      throw Error({"pair is missing a member", fmt::format("{}: key {}", path(), record.key),
+                   missing_members(),
+                   fmt::format("member {} '{}' at offset {}", member->index, member->name,
+                               member->header_offset),
+                   kReexportHint});
+    }
+    seen[suffix] = true;
+
+    if (suffix == 0) {
+      parse_json_member(tar_.read_data(), member_where(path(), *member), record);
+    } else {
+      MemberSpan& span = suffix == 1 ? record.jpg_0_span : record.jpg_1_span;
+      span = {member->data_offset, member->size};
+      if (images_ == Images::kRead) {
+        (suffix == 1 ? record.jpg_0 : record.jpg_1) = tar_.read_data();
+      } else {
+        tar_.skip_data();
+      }
+    }
+  }
+  ++pairs_read_;
+  return record;
+}
+
+}  // namespace dde::data

@@ -1,0 +1,136 @@
+#include "dde/objective/correction_ema.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "dde/util/error.hpp"
+#include "tensor_checks.hpp"
+
+namespace dde::objective {
+
+namespace {
+
+const auto kFloat64Cpu = torch::TensorOptions().dtype(torch::kFloat64);
+
+void check_momentum(double momentum, const std::string& where) {
+  if (!(momentum >= 0.0 && momentum < 1.0)) {
+    throw Error({"bad EMA momentum", where, "in [0, 1)", std::to_string(momentum),
+                 "set method.ema_momentum (default 0.9)"});
+  }
+}
+
+void check_pending(const torch::Tensor& x, int64_t T, const std::string& where) {
+  if (!x.defined() || x.dim() != 1 || x.size(0) != T || x.scalar_type() != torch::kFloat64 ||
+      !x.device().is_cpu()) {
+    throw Error({"pending EMA sums were replaced", where,
+                 "float64 [" + std::to_string(T) + "] on cpu", detail::describe(x),
+                 "all-reduce pending_sum()/pending_count() in place"});
+  }
+}
+
+}  // namespace
+
+CorrectionEma::CorrectionEma(int64_t num_timesteps, double momentum)
+    : num_timesteps_(num_timesteps), momentum_(momentum) {
+  if (num_timesteps < 1) {
+    throw Error({"bad EMA length", "CorrectionEma: num_timesteps", ">= 1",
+                 std::to_string(num_timesteps), ""});
+  }
+  check_momentum(momentum, "CorrectionEma: momentum");
+  E_ = torch::zeros({num_timesteps}, kFloat64Cpu);
+  suffix_ = torch::zeros({num_timesteps}, kFloat64Cpu);
+  pending_sum_ = torch::zeros({num_timesteps}, kFloat64Cpu);
+  pending_count_ = torch::zeros({num_timesteps}, kFloat64Cpu);
+}
+
+torch::Tensor CorrectionEma::correction(const torch::Tensor& t) const {
+  detail::check_timesteps(t, "CorrectionEma::correction: t", -1, num_timesteps_);
+  return suffix_.index_select(0, t.to(torch::kCPU)).to(t.device());
+}
+
+void CorrectionEma::accumulate(const torch::Tensor& t, const torch::Tensor& d) {
+  const std::string where = "CorrectionEma::accumulate";
+  detail::check_vector(d, where + ": d", -1);
+  detail::check_timesteps(t, where + ": t", d.size(0), num_timesteps_);
+  // Non-finite values are accepted here and refused by apply(): the trainer's non-finite guard
+  // sees the step's loss first and calls clear_pending() for a skipped step.
+  const auto values = d.detach().to(torch::kCPU, torch::kFloat64);
+  const auto index = t.to(torch::kCPU);
+  pending_sum_.index_add_(0, index, values);
+  pending_count_.index_add_(0, index, torch::ones_like(values));
+}
+
+void CorrectionEma::apply() {
+  const std::string where = "CorrectionEma::apply";
+  check_pending(pending_sum_, num_timesteps_, where + ": pending_sum");
+  check_pending(pending_count_, num_timesteps_, where + ": pending_count");
+  if (!torch::isfinite(pending_sum_).all().item<bool>() ||
+      !torch::isfinite(pending_count_).all().item<bool>() ||
+      (pending_count_ < 0).any().item<bool>()) {
+    throw Error(
+        {"non-finite or negative pending EMA sums", where, "finite sums and counts >= 0",
+         "NaN, inf or a negative count",
+         "a step with a non-finite loss must be skipped with clear_pending(), not applied"});
+  }
+  const auto seen = pending_count_ > 0;
+  const auto mean = pending_sum_ / pending_count_.clamp_min(1.0);
+  E_ = torch::where(seen, momentum_ * E_ + (1.0 - momentum_) * mean, E_);
+  recompute_suffix();
+  clear_pending();
+  ++updates_;
+}
+
+void CorrectionEma::clear_pending() {
+  pending_sum_.zero_();
+  pending_count_.zero_();
+}
+
+void CorrectionEma::recompute_suffix() {
+  // suffix[t] = sum_{k=t+1}^{T-1} E[k]: one reverse pass in float64, O(T).
+  const auto E = E_.contiguous();
+  const double* e = E.data_ptr<double>();
+  double* out = suffix_.data_ptr<double>();
+  double running = 0.0;
+  for (int64_t t = num_timesteps_ - 1; t >= 0; --t) {
+    out[t] = running;
+    running += e[t];
+  }
+}
+
+CorrectionEma::State CorrectionEma::state() const {
+  const auto E = E_.contiguous();
+  return {std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + num_timesteps_),
+          momentum_, updates_};
+}
+
+void CorrectionEma::load_state(const State& state) {
+  const std::string where = "CorrectionEma::load_state";
+  if (static_cast<int64_t>(state.E.size()) != num_timesteps_) {
+    throw Error({"correction EMA length mismatch", where + ": E",
+                 "length T = " + std::to_string(num_timesteps_), std::to_string(state.E.size()),
+                 "the checkpoint was written with a different noise schedule"});
+  }
+  for (const double v : state.E) {
+    if (!std::isfinite(v)) {
+      throw Error({"corrupt correction EMA", where + ": E", "finite values", "NaN or inf",
+                   "the checkpoint is damaged; resume from an earlier one"});
+    }
+  }
+  if (std::abs(state.momentum - momentum_) > 1e-12 * std::max(1.0, std::abs(momentum_))) {
+    throw Error({"correction EMA momentum mismatch", where + ": momentum",
+                 std::to_string(momentum_) + " (this run's method.ema_momentum)",
+                 std::to_string(state.momentum),
+                 "resume with the method.ema_momentum the checkpoint was trained with"});
+  }
+  if (state.updates < 0) {
+    throw Error(
+        {"corrupt correction EMA", where + ": updates", ">= 0", std::to_string(state.updates), ""});
+  }
+  E_ = torch::tensor(state.E, kFloat64Cpu);
+  updates_ = state.updates;
+  recompute_suffix();
+  clear_pending();
+}
+
+}  // namespace dde::objective

@@ -1,0 +1,216 @@
+#include "dde/objective/methods.hpp"
+
+#include <array>
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "dde/util/error.hpp"
+#include "tensor_checks.hpp"
+
+namespace dde::objective {
+
+namespace {
+
+constexpr std::array<std::pair<Method, const char*>, 6> kMethodNames = {{
+    {Method::kSft, "sft"},
+    {Method::kUniform, "uniform"},
+    {Method::kDiscounted, "discounted"},
+    {Method::kDdeSingle, "dde_single"},
+    {Method::kDdeStep, "dde_step"},
+    {Method::kDde, "dde"},
+}};
+
+// softplus(x) = log(1 + e^x) switches to x above the threshold; at 40 the dropped term e^-40 is
+// below float64 resolution, so the result is exact, finite for any finite z, and its gradient is
+// sigmoid(x) (a hand-written max(x,0) + log1p(e^-|x|) would give gradient 0 at x = 0).
+constexpr double kSoftplusThreshold = 40.0;
+
+torch::Tensor neg_log_sigmoid(const torch::Tensor& z) {
+  return torch::softplus(-z, /*beta=*/1.0, /*threshold=*/kSoftplusThreshold);
+}
+
+// Checks the errors a method needs and returns B.
+int64_t check_errors(const PairErrors& e, bool need_reference, const std::string& where) {
+  detail::check_vector(e.policy_w, where + ": errors.policy_w", -1);
+  const int64_t batch = e.policy_w.size(0);
+  if (!need_reference) {
+    return batch;
+  }
+  const std::pair<const char*, const torch::Tensor*> others[] = {
+      {"errors.policy_l", &e.policy_l}, {"errors.ref_w", &e.ref_w}, {"errors.ref_l", &e.ref_l}};
+  for (const auto& [name, tensor] : others) {
+    detail::check_vector(*tensor, where + ": " + name, batch);
+    if (tensor->device() != e.policy_w.device()) {
+      throw Error({"tensors on different devices", where + ": " + name,
+                   e.policy_w.device().str() + " (as errors.policy_w)", tensor->device().str(),
+                   "compute all four errors on one device"});
+    }
+  }
+  return batch;
+}
+
+// A per-pair coefficient ([B], any float dtype/device) as float64 on `device`.
+torch::Tensor coefficient(const torch::Tensor& x, int64_t batch, const torch::Device& device,
+                          const std::string& where) {
+  detail::check_vector(x, where, batch);
+  return x.to(device, torch::kFloat64);
+}
+
+void check_params(const MethodParams& params, const std::string& where) {
+  if (!(params.beta > 0.0) || !std::isfinite(params.beta)) {
+    throw Error({"bad method parameter", where + ": beta", "finite > 0",
+                 std::to_string(params.beta), "Diffusion-DPO uses 5000"});
+  }
+  if (!std::isfinite(params.correction_scale)) {
+    throw Error({"bad method parameter", where + ": correction_scale", "finite",
+                 std::to_string(params.correction_scale), ""});
+  }
+}
+
+torch::Tensor delta_unchecked(const PairErrors& e) {
+  const auto f64 = [](const torch::Tensor& x) { return x.to(torch::kFloat64); };
+  return (f64(e.policy_w) - f64(e.ref_w)) - (f64(e.policy_l) - f64(e.ref_l));
+}
+
+MethodOutput from_z(torch::Tensor z) {
+  auto loss = neg_log_sigmoid(z);
+  return {std::move(z), std::move(loss)};
+}
+
+// z = -0.5 beta k_t Delta + beta s C_t, the common form of every DPO row of the method table.
+MethodOutput dpo(const PairErrors& e, const torch::Tensor* k_t, const torch::Tensor* C_t,
+                 const MethodParams& params, const std::string& where) {
+  check_params(params, where);
+  const int64_t batch = check_errors(e, /*need_reference=*/true, where);
+  const auto device = e.policy_w.device();
+  auto z = -0.5 * params.beta * delta_unchecked(e);
+  if (k_t != nullptr) {
+    z = z * coefficient(*k_t, batch, device, where + ": coefficient");
+  }
+  if (C_t != nullptr) {
+    const auto correction = coefficient(*C_t, batch, device, where + ": C_t").detach();
+    z = z + params.beta * params.correction_scale * correction;
+  }
+  return from_z(std::move(z));
+}
+
+}  // namespace
+
+Method parse_method(const std::string& name) {
+  std::string allowed;
+  for (const auto& [method, text] : kMethodNames) {
+    if (name == text) {
+      return method;
+    }
+    allowed += (allowed.empty() ? "" : ", ") + std::string(text);
+  }
+  throw Error({"unknown method", "method.name", "one of " + allowed, "'" + name + "'",
+               "see docs/dde-method.md, section 3"});
+}
+
+const char* method_name(Method method) {
+  for (const auto& [m, text] : kMethodNames) {
+    if (m == method) {
+      return text;
+    }
+  }
+  return "unknown";
+}
+
+bool uses_reference(Method method) { return method != Method::kSft; }
+
+bool uses_correction(Method method) { return method == Method::kDdeStep || method == Method::kDde; }
+
+TimestepDistribution method_distribution(Method method) {
+  return method == Method::kDiscounted ? TimestepDistribution::kDiscounted
+                                       : TimestepDistribution::kUniform;
+}
+
+torch::Tensor delta(const PairErrors& errors) {
+  check_errors(errors, /*need_reference=*/true, "objective::delta");
+  return delta_unchecked(errors);
+}
+
+MethodOutput sft(const PairErrors& errors) {
+  check_errors(errors, /*need_reference=*/false, "objective::sft");
+  return {torch::Tensor(), errors.policy_w.to(torch::kFloat64)};
+}
+
+MethodOutput uniform(const PairErrors& errors, const MethodParams& params) {
+  return dpo(errors, nullptr, nullptr, params, "objective::uniform");
+}
+
+MethodOutput dde_single(const PairErrors& errors, const torch::Tensor& c_t,
+                        const MethodParams& params) {
+  return dpo(errors, &c_t, nullptr, params, "objective::dde_single");
+}
+
+MethodOutput dde_step(const PairErrors& errors, const torch::Tensor& lambda_t,
+                      const torch::Tensor& C_t, const MethodParams& params) {
+  return dpo(errors, &lambda_t, &C_t, params, "objective::dde_step");
+}
+
+MethodOutput dde(const PairErrors& errors, const torch::Tensor& c_t, const torch::Tensor& C_t,
+                 const MethodParams& params) {
+  return dpo(errors, &c_t, &C_t, params, "objective::dde");
+}
+
+MethodOutput compute_method(Method method, const PairErrors& errors, const torch::Tensor& t,
+                            const torch::Tensor& C_t, const MethodParams& params,
+                            const NoiseSchedule& schedule) {
+  const std::string where = std::string("objective::compute_method(") + method_name(method) + ")";
+  const int64_t batch = check_errors(errors, uses_reference(method), where);
+  detail::check_timesteps(t, where + ": t", batch, schedule.num_timesteps);
+  if (uses_correction(method) && !C_t.defined()) {
+    throw Error({"missing correction", where + ": C_t", "[B] float64 (zeros allowed)", "undefined",
+                 "pass CorrectionEma::correction(t)"});
+  }
+  const auto device = errors.policy_w.device();
+  switch (method) {
+    case Method::kSft:
+      return sft(errors);
+    case Method::kUniform:
+    case Method::kDiscounted:
+      return uniform(errors, params);
+    case Method::kDdeSingle:
+      return dde_single(errors, gather_table(schedule, schedule.single_shot, t, device), params);
+    case Method::kDdeStep:
+      return dde_step(errors, gather_table(schedule, schedule.stepwise, t, device), C_t, params);
+    case Method::kDde:
+      return dde(errors, gather_table(schedule, schedule.single_shot, t, device), C_t, params);
+  }
+  throw Error({"unknown method", where, "one of the six methods", "an invalid enum value", ""});
+}
+
+torch::Tensor transition_estimate(const PairErrors& errors, const torch::Tensor& t,
+                                  const NoiseSchedule& schedule) {
+  const std::string where = "objective::transition_estimate";
+  const int64_t batch = check_errors(errors, /*need_reference=*/true, where);
+  detail::check_timesteps(t, where + ": t", batch, schedule.num_timesteps);
+  torch::NoGradGuard no_grad;
+  const auto lambda_t = gather_table(schedule, schedule.stepwise, t, errors.policy_w.device());
+  return (-0.5 * lambda_t * delta_unchecked(errors)).detach();
+}
+
+torch::Tensor credit_weight(Method method, const MethodOutput& output, const torch::Tensor& t,
+                            const NoiseSchedule& schedule) {
+  const std::string where = std::string("objective::credit_weight(") + method_name(method) + ")";
+  torch::NoGradGuard no_grad;
+  if (method == Method::kSft) {
+    detail::check_vector(output.loss, where + ": output.loss", -1);
+    return torch::ones_like(output.loss, torch::kFloat64).detach();
+  }
+  detail::check_vector(output.z, where + ": output.z", -1);
+  const auto z = output.z.detach().to(torch::kFloat64);
+  detail::check_timesteps(t, where + ": t", z.size(0), schedule.num_timesteps);
+  auto weight = torch::sigmoid(-z);
+  if (method == Method::kDdeSingle || method == Method::kDde) {
+    weight = weight * gather_table(schedule, schedule.single_shot, t, z.device());
+  } else if (method == Method::kDdeStep) {
+    weight = weight * gather_table(schedule, schedule.stepwise, t, z.device());
+  }
+  return weight;
+}
+
+}  // namespace dde::objective

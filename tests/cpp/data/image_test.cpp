@@ -1,0 +1,182 @@
+#include "dde/data/image.hpp"
+
+#include <gtest/gtest.h>
+
+#include "data/shard_fixture.hpp"
+
+namespace dde::data {
+namespace {
+
+using testing::expect_error;
+
+Image make_image(int height, int width, std::vector<uint8_t> rgb) {
+  Image image;
+  image.height = height;
+  image.width = width;
+  image.rgb = std::move(rgb);
+  return image;
+}
+
+// Pixel (y, x) = (y, x, 7): coordinates readable after crops and flips.
+Image coordinate_image(int height, int width) {
+  std::vector<uint8_t> rgb;
+  for (int y = 0; y < height; ++y) {
+    for (int x = 0; x < width; ++x) {
+      rgb.insert(rgb.end(), {static_cast<uint8_t>(y), static_cast<uint8_t>(x), 7});
+    }
+  }
+  return make_image(height, width, rgb);
+}
+
+// np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8), and what Pillow 13.0.0
+// returns for Image.fromarray(a).resize((w, h), Image.BILINEAR).
+const std::vector<uint8_t> kPillowInput = {
+    95,  130, 194, 217, 207, 235, 15,  163, 33,  215, 217, 130, 248, 189, 16,  69,  184, 232,
+    205, 78,  169, 61,  125, 10,  29,  240, 66,  19,  182, 39,  59,  4,   59,  81,  222, 44,
+    120, 122, 50,  208, 78,  28,  64,  166, 121, 89,  170, 233, 127, 178, 237, 128, 113, 123,
+    76,  155, 69,  154, 130, 248, 95,  73,  192, 186, 191, 127, 220, 161, 231, 1,   43,  139,
+    237, 191, 86,  143, 7,   232, 96,  239, 76,  55,  0,   71,  77,  199, 219, 208, 176, 144,
+    190, 171, 104, 120, 179, 0,   240, 245, 230, 100, 191, 216, 126, 219, 31};
+const std::vector<uint8_t> kPillow3x4 = {
+    101, 170, 132, 77,  169, 79,  152, 172, 73,  155, 118, 124, 96,  171, 143, 98,  144, 156,
+    113, 131, 113, 120, 102, 143, 162, 181, 177, 147, 146, 109, 170, 168, 162, 102, 163, 103};
+const std::vector<uint8_t> kPillow2x7 = {78,  139, 99,  111, 210, 165, 41,  169, 87,  132, 105,
+                                         97,  136, 187, 49,  110, 149, 154, 174, 73,  112, 118,
+                                         185, 150, 178, 171, 196, 91,  121, 146, 167, 161, 66,
+                                         156, 126, 186, 112, 194, 158, 94,  90,  84};
+const std::vector<uint8_t> kPillow5x3 = {130, 170, 177, 167, 195, 93,  156, 147, 163, 38,  186, 40,
+                                         57,  118, 51,  143, 128, 41,  88,  170, 194, 115, 143, 151,
+                                         116, 115, 190, 161, 146, 174, 150, 114, 141, 91,  104, 108,
+                                         157, 183, 162, 169, 193, 100, 139, 213, 153};
+
+TEST(ResizeBilinear, MatchesPillowBitExactly) {
+  const Image input = make_image(5, 7, kPillowInput);
+  EXPECT_EQ(resize_bilinear(input, 3, 4).rgb, kPillow3x4);  // downscale both ways
+  EXPECT_EQ(resize_bilinear(input, 2, 7).rgb, kPillow2x7);  // vertical pass only
+  EXPECT_EQ(resize_bilinear(input, 5, 3).rgb, kPillow5x3);  // horizontal pass only
+  const Image up = resize_bilinear(input, 8, 11);           // upscale
+  EXPECT_EQ(up.height, 8);
+  EXPECT_EQ(up.width, 11);
+  // First row of Pillow's 8x11 result.
+  const std::vector<uint8_t> first_row = {95,  130, 194, 150, 165, 213, 199, 203, 217, 70, 175,
+                                          88,  88,  183, 68,  215, 217, 130, 236, 199, 57, 199,
+                                          188, 75,  85,  184, 212, 143, 126, 198, 205, 78, 169};
+  EXPECT_EQ(std::vector<uint8_t>(up.rgb.begin(), up.rgb.begin() + 33), first_row);
+}
+
+TEST(ResizeBilinear, MatchesPillowsVerticalFirstOrder) {
+  // np.random.default_rng(0).integers(0, 256, (9, 5, 3)) -> (3, 4): the height shrinks by 6 rows,
+  // more than twice the width's 1 column, so Pillow 13 runs the vertical pass first; the
+  // horizontal-first order would differ in some pixels.
+  std::vector<uint8_t> input = kPillowInput;
+  const std::vector<uint8_t> tail = {149, 231, 141, 115, 16,  153, 8,  121, 211, 207,
+                                     195, 7,   179, 202, 186, 166, 39, 185, 216, 73,
+                                     196, 247, 44,  14,  127, 219, 22, 58,  75,  249};
+  input.insert(input.end(), tail.begin(), tail.end());
+  const std::vector<uint8_t> expected = {
+      99,  133, 175, 128, 148, 112, 104, 162, 59,  110, 176, 78,  117, 113, 168, 142, 167, 131,
+      104, 122, 143, 153, 161, 134, 157, 130, 145, 136, 107, 130, 139, 166, 115, 140, 179, 141};
+  EXPECT_EQ(resize_bilinear(make_image(9, 5, input), 3, 4).rgb, expected);
+}
+
+TEST(ResizeBilinear, SameSizeIsIdentityAndConstantsStayConstant) {
+  const Image input = make_image(5, 7, kPillowInput);
+  EXPECT_EQ(resize_bilinear(input, 5, 7).rgb, input.rgb);
+  const Image flat = make_image(6, 9, std::vector<uint8_t>(6 * 9 * 3, 77));
+  for (const auto& [h, w] : std::vector<std::pair<int, int>>{{3, 4}, {13, 20}, {1, 1}, {6, 2}}) {
+    const Image out = resize_bilinear(flat, h, w);
+    EXPECT_EQ(out.rgb, std::vector<uint8_t>(static_cast<size_t>(h) * w * 3, 77)) << h << "x" << w;
+  }
+}
+
+TEST(ResizeShorterSide, TorchvisionSizesTruncate) {
+  // (H, W) -> expected (H, W) for size 4: int(4 * long / short).
+  const std::vector<std::tuple<int, int, int, int>> cases = {
+      {6, 8, 4, 5}, {8, 6, 5, 4}, {3, 7, 4, 9},  {9, 5, 7, 4},
+      {4, 4, 4, 4}, {2, 3, 4, 6}, {4, 11, 4, 11}};
+  for (const auto& [h, w, eh, ew] : cases) {
+    const Image out = resize_shorter_side(coordinate_image(h, w), 4);
+    EXPECT_EQ(out.height, eh) << h << "x" << w;
+    EXPECT_EQ(out.width, ew) << h << "x" << w;
+  }
+  // 600x800 -> 512x682 (682.67 truncated), 333x1000 -> 512x1537.
+  const Image wide =
+      resize_shorter_side(make_image(600, 800, std::vector<uint8_t>(600 * 800 * 3, 1)), 512);
+  EXPECT_EQ(wide.width, 682);
+  const Image tall =
+      resize_shorter_side(make_image(1000, 333, std::vector<uint8_t>(1000 * 333 * 3, 1)), 512);
+  EXPECT_EQ(tall.height, 1537);
+}
+
+TEST(CenterCrop, OffsetsRoundHalfToEvenLikePython) {
+  EXPECT_EQ(center_crop_offset(8, 4), 2);
+  EXPECT_EQ(center_crop_offset(5, 4), 0);   // round(0.5) == 0
+  EXPECT_EQ(center_crop_offset(7, 4), 2);   // round(1.5) == 2
+  EXPECT_EQ(center_crop_offset(9, 4), 2);   // round(2.5) == 2
+  EXPECT_EQ(center_crop_offset(11, 4), 4);  // round(3.5) == 4
+  EXPECT_EQ(center_crop_offset(4, 4), 0);
+  const Image out = center_crop(coordinate_image(7, 9), 4);
+  EXPECT_EQ(out.height, 4);
+  EXPECT_EQ(out.width, 4);
+  EXPECT_EQ(out.rgb[0], 2);  // top-left pixel comes from (2, 2)
+  EXPECT_EQ(out.rgb[1], 2);
+}
+
+TEST(Crop, CopiesTheWindowAndRejectsOutOfBounds) {
+  const Image out = crop(coordinate_image(6, 8), 1, 3, 2, 4);
+  ASSERT_EQ(out.rgb.size(), 2u * 4u * 3u);
+  EXPECT_EQ(out.rgb[0], 1);
+  EXPECT_EQ(out.rgb[1], 3);
+  EXPECT_EQ(out.rgb[(1 * 4 + 3) * 3 + 0], 2);  // bottom-right = (2, 6)
+  EXPECT_EQ(out.rgb[(1 * 4 + 3) * 3 + 1], 6);
+  expect_error([] { crop(coordinate_image(6, 8), 5, 0, 2, 2); },
+               {"crop outside the image", "top=5"});
+  expect_error([] { center_crop(coordinate_image(3, 8), 4); }, {"crop outside the image"});
+}
+
+TEST(HFlip, MirrorsColumns) {
+  const Image out = hflip(coordinate_image(2, 5));
+  EXPECT_EQ(out.rgb[1], 4);
+  EXPECT_EQ(out.rgb[4 * 3 + 1], 0);
+  EXPECT_EQ(out.rgb[(5 + 1) * 3 + 0], 1);  // row 1 stays row 1
+  EXPECT_EQ(out.rgb[(5 + 1) * 3 + 1], 3);
+}
+
+TEST(ToTensorPm1, ChannelsFirstScaledToMinusOneOne) {
+  const Image image = make_image(1, 2, {0, 255, 128, 51, 0, 255});
+  const torch::Tensor t = to_tensor_pm1(image);
+  ASSERT_EQ(t.sizes(), (std::vector<int64_t>{3, 1, 2}));
+  EXPECT_EQ(t.dtype(), torch::kFloat32);
+  EXPECT_FLOAT_EQ(t[0][0][0].item<float>(), -1.0f);
+  EXPECT_FLOAT_EQ(t[1][0][0].item<float>(), 1.0f);
+  EXPECT_FLOAT_EQ(t[2][0][0].item<float>(), 128.0f / 127.5f - 1.0f);
+  EXPECT_FLOAT_EQ(t[0][0][1].item<float>(), 51.0f / 127.5f - 1.0f);
+  // Bit-equal to torchvision's ToTensor + Normalize([0.5], [0.5]) in float32.
+  const torch::Tensor ref = torch::tensor({0, 255, 128, 51, 0, 255}, torch::kUInt8)
+                                .reshape({1, 2, 3})
+                                .permute({2, 0, 1})
+                                .to(torch::kFloat32)
+                                .div(255)
+                                .sub(0.5)
+                                .div(0.5);
+  EXPECT_TRUE(torch::equal(t, ref));
+}
+
+TEST(DecodeJpeg, DecodesStbJpegAndNamesBadInput) {
+  const Image source = testing::ramp_image(12, 20, 90);
+  const Image decoded = decode_jpeg(testing::encode_jpeg(source, 95), "test.jpg");
+  EXPECT_EQ(decoded.height, 12);
+  EXPECT_EQ(decoded.width, 20);
+  int max_diff = 0;
+  for (size_t i = 0; i < source.rgb.size(); ++i) {
+    max_diff = std::max(max_diff, std::abs(static_cast<int>(source.rgb[i]) - decoded.rgb[i]));
+  }
+  EXPECT_LE(max_diff, 12);
+  expect_error([] { decode_jpeg("definitely not an image", "shard-3.tar: key 42"); },
+               {"cannot decode image", "shard-3.tar: key 42"});
+  expect_error([] { decode_jpeg("", "empty.jpg"); },
+               {"cannot decode image", "empty.jpg", "0 bytes"});
+}
+
+}  // namespace
+}  // namespace dde::data

@@ -1,0 +1,474 @@
+#include "dde/data/pair_loader.hpp"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <future>
+#include <set>
+#include <thread>
+
+#include "data/shard_fixture.hpp"
+
+namespace dde::data {
+namespace {
+
+using testing::expect_error;
+using testing::FixturePair;
+using testing::TempDir;
+
+const std::vector<testing::FixtureTokenizer> kTokenizers = {{"tok_a", "sha_a", 4},
+                                                            {"tok_b", "sha_b", 3}};
+const std::vector<std::vector<int64_t>> kEmptyPrompt = {{1, 2, 2, 2}, {5, 6, 6}};
+constexpr int64_t kResolution = 8;
+
+// 3 shards, 12 pairs, 2 ties (keys 000000002 and 000000009): 10 usable pairs per epoch.
+std::vector<std::vector<FixturePair>> default_shards() {
+  return {{{1.0}, {0.0}, {0.5}, {1.0}, {0.0}}, {{0.0}, {1.0}, {1.0}, {0.0}}, {{0.5}, {1.0}, {0.0}}};
+}
+const std::set<std::string> kTieKeys = {"000000002", "000000009"};
+
+class PairLoaderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    index_ = testing::write_fixture(dir_.path(), default_shards(), kTokenizers);
+  }
+
+  PairLoaderOptions options(int64_t batch_size = 2) const {
+    PairLoaderOptions o;
+    o.index_path = index_;
+    o.resolution = kResolution;
+    o.shuffle_buffer = 4;
+    o.workers = 3;
+    o.prefetch_batches = 2;
+    o.seed = 1234;
+    o.batch_size = batch_size;
+    o.empty_prompt_ids = kEmptyPrompt;
+    o.expected_vocab_sha256 = {"sha_a", "sha_b"};
+    return o;
+  }
+
+  TempDir dir_;
+  std::string index_;
+};
+
+std::vector<PairBatch> take(PairLoader& loader, int n) {
+  std::vector<PairBatch> batches;
+  for (int i = 0; i < n; ++i) {
+    batches.push_back(loader.next());
+  }
+  return batches;
+}
+
+std::vector<std::string> keys_of(const std::vector<PairBatch>& batches) {
+  std::vector<std::string> keys;
+  for (const PairBatch& b : batches) {
+    keys.insert(keys.end(), b.keys.begin(), b.keys.end());
+  }
+  return keys;
+}
+
+void expect_same_batch(const PairBatch& a, const PairBatch& b) {
+  EXPECT_EQ(a.keys, b.keys);
+  EXPECT_EQ(a.captions, b.captions);
+  EXPECT_TRUE(torch::equal(a.winner, b.winner));
+  EXPECT_TRUE(torch::equal(a.loser, b.loser));
+  EXPECT_TRUE(torch::equal(a.caption_dropped, b.caption_dropped));
+  ASSERT_EQ(a.input_ids.size(), b.input_ids.size());
+  for (size_t t = 0; t < a.input_ids.size(); ++t) {
+    EXPECT_TRUE(torch::equal(a.input_ids[t], b.input_ids[t]));
+  }
+  EXPECT_TRUE(torch::equal(a.winner_original_hw, b.winner_original_hw));
+  EXPECT_TRUE(torch::equal(a.winner_crop_tl, b.winner_crop_tl));
+  EXPECT_TRUE(torch::equal(a.loser_original_hw, b.loser_original_hw));
+  EXPECT_TRUE(torch::equal(a.loser_crop_tl, b.loser_crop_tl));
+}
+
+int64_t key_number(const std::string& key) { return std::stoll(key); }
+
+// Mean of the green channel of image b, back in [0, 255].
+double green_level(const torch::Tensor& images, int64_t b) {
+  return (images[b][1].mean().item<double>() + 1.0) * 127.5;
+}
+
+// > 0 when the red ramp rises left to right (not flipped).
+double ramp_direction(const torch::Tensor& images, int64_t b) {
+  const torch::Tensor red = images[b][0];
+  return red.select(1, kResolution - 1).mean().item<double>() -
+         red.select(1, 0).mean().item<double>();
+}
+
+TEST_F(PairLoaderTest, BatchShapesTypesAndValues) {
+  PairLoader loader(options(3));
+  EXPECT_EQ(loader.pairs_per_epoch(), 10);
+  const PairBatch b = loader.next();
+  EXPECT_EQ(b.winner.sizes(), (std::vector<int64_t>{3, 3, kResolution, kResolution}));
+  EXPECT_EQ(b.loser.sizes(), b.winner.sizes());
+  EXPECT_EQ(b.winner.dtype(), torch::kFloat32);
+  EXPECT_LE(b.winner.max().item<float>(), 1.0f);
+  EXPECT_GE(b.winner.min().item<float>(), -1.0f);
+  ASSERT_EQ(b.input_ids.size(), 2u);
+  EXPECT_EQ(b.input_ids[0].sizes(), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(b.input_ids[1].sizes(), (std::vector<int64_t>{3, 3}));
+  EXPECT_EQ(b.input_ids[0].dtype(), torch::kInt64);
+  EXPECT_EQ(b.caption_dropped.sizes(), (std::vector<int64_t>{3}));
+  EXPECT_EQ(b.caption_dropped.dtype(), torch::kBool);
+  EXPECT_EQ(b.keys.size(), 3u);
+  for (int64_t i = 0; i < 3; ++i) {
+    const int64_t n = key_number(b.keys[static_cast<size_t>(i)]);
+    const bool dropped = b.caption_dropped[i].item<bool>();
+    for (size_t t = 0; t < 2; ++t) {
+      for (int64_t j = 0; j < kTokenizers[t].max_length; ++j) {
+        const int64_t expected =
+            dropped ? kEmptyPrompt[t][static_cast<size_t>(j)] : testing::fixture_token(t, n, j);
+        EXPECT_EQ(b.input_ids[t][i][j].item<int64_t>(), expected);
+      }
+    }
+    EXPECT_EQ(b.captions[static_cast<size_t>(i)], dropped ? "" : "caption " + std::to_string(n));
+  }
+}
+
+TEST_F(PairLoaderTest, SameSeedGivesIdenticalBatches) {
+  PairLoaderOptions o = options();
+  o.random_crop = true;
+  PairLoader a(o);
+  o.workers = 1;  // thread count must not matter
+  PairLoader b(o);
+  for (int i = 0; i < 12; ++i) {  // more than two epochs
+    expect_same_batch(a.next(), b.next());
+  }
+}
+
+TEST_F(PairLoaderTest, DifferentSeedsGiveDifferentOrders) {
+  PairLoaderOptions o = options();
+  PairLoader a(o);
+  o.seed = 99;
+  PairLoader b(o);
+  EXPECT_NE(keys_of(take(a, 5)), keys_of(take(b, 5)));
+}
+
+TEST_F(PairLoaderTest, EveryPairOncePerEpochTiesSkippedAndCounted) {
+  PairLoader loader(options(2));
+  std::set<std::string> expected;
+  for (int64_t n = 0; n < 12; ++n) {
+    if (!kTieKeys.count(testing::fixture_key(n))) {
+      expected.insert(testing::fixture_key(n));
+    }
+  }
+  const std::vector<std::string> epoch0 = keys_of(take(loader, 5));
+  EXPECT_EQ(epoch0.size(), 10u);
+  EXPECT_EQ(std::set<std::string>(epoch0.begin(), epoch0.end()), expected);
+  EXPECT_EQ(loader.state().epoch, 1);
+  EXPECT_EQ(loader.state().pairs_consumed, 0);
+  EXPECT_EQ(loader.counters().ties_skipped, 2);
+  EXPECT_EQ(loader.counters().pairs_yielded, 10);
+
+  const std::vector<std::string> epoch1 = keys_of(take(loader, 5));
+  EXPECT_EQ(std::set<std::string>(epoch1.begin(), epoch1.end()), expected);
+  EXPECT_NE(epoch0, epoch1);  // reshuffled
+  EXPECT_EQ(loader.counters().ties_skipped, 4);
+  EXPECT_EQ(loader.counters().pairs_yielded, 20);
+}
+
+TEST_F(PairLoaderTest, BatchesSpanEpochBoundaries) {
+  PairLoader loader(options(3));  // 10 pairs per epoch: batch 4 holds 1 + 2
+  take(loader, 3);
+  EXPECT_EQ(loader.state().epoch, 0);
+  EXPECT_EQ(loader.state().pairs_consumed, 9);
+  loader.next();
+  EXPECT_EQ(loader.state().epoch, 1);
+  EXPECT_EQ(loader.state().pairs_consumed, 2);
+}
+
+TEST_F(PairLoaderTest, WinnerComesFirst) {
+  PairLoaderOptions o = options(5);
+  o.random_flip = false;
+  PairLoader loader(o);
+  for (const PairBatch& b : take(loader, 2)) {
+    for (int64_t i = 0; i < 5; ++i) {
+      EXPECT_NEAR(green_level(b.winner, i), testing::kPreferredGreen, 6)
+          << b.keys[static_cast<size_t>(i)];
+      EXPECT_NEAR(green_level(b.loser, i), testing::kOtherGreen, 6)
+          << b.keys[static_cast<size_t>(i)];
+      EXPECT_GT(ramp_direction(b.winner, i), 0.0);
+    }
+  }
+}
+
+TEST_F(PairLoaderTest, KeepTiesKeepsShardOrderForTies) {
+  PairLoaderOptions o = options(4);
+  o.keep_ties = true;
+  PairLoader loader(o);
+  EXPECT_EQ(loader.pairs_per_epoch(), 12);
+  std::set<std::string> keys;
+  for (const PairBatch& b : take(loader, 3)) {
+    for (int64_t i = 0; i < 4; ++i) {
+      const std::string& key = b.keys[static_cast<size_t>(i)];
+      keys.insert(key);
+      if (kTieKeys.count(key)) {
+        EXPECT_NEAR(green_level(b.winner, i), testing::kTie0Green, 6);
+        EXPECT_NEAR(green_level(b.loser, i), testing::kTie1Green, 6);
+      }
+    }
+  }
+  EXPECT_EQ(keys.size(), 12u);
+  EXPECT_EQ(loader.counters().ties_skipped, 0);
+}
+
+TEST_F(PairLoaderTest, RanksGetDisjointInterleavedShares) {
+  PairLoaderOptions o = options(1);
+  PairLoader single(o);
+  const std::vector<std::string> global = keys_of(take(single, 10));
+
+  for (const int64_t world : {2, 3}) {
+    std::set<std::string> all;
+    const int64_t share = 10 / world;
+    for (int64_t rank = 0; rank < world; ++rank) {
+      o.world_size = world;
+      o.rank = rank;
+      PairLoader loader(o);
+      EXPECT_EQ(loader.pairs_per_epoch(), share);
+      const std::vector<std::string> keys = keys_of(take(loader, static_cast<int>(share)));
+      for (int64_t j = 0; j < share; ++j) {
+        EXPECT_EQ(keys[static_cast<size_t>(j)],
+                  global[static_cast<size_t>(j * world + rank)]);  // pair i -> rank i % W
+      }
+      for (const std::string& key : keys) {
+        EXPECT_TRUE(all.insert(key).second) << "key " << key << " on two ranks";
+      }
+      EXPECT_EQ(loader.state().epoch, 1);  // every rank wraps after the same number of pairs
+    }
+    EXPECT_EQ(static_cast<int64_t>(all.size()), share * world);
+    EXPECT_EQ(all, std::set<std::string>(global.begin(), global.begin() + share * world));
+  }
+}
+
+TEST_F(PairLoaderTest, ResumeGivesTheUninterruptedBatches) {
+  PairLoaderOptions o = options(3);
+  o.random_crop = true;
+  o.caption_dropout = 0.5;
+  for (const int k : {2, 3, 5}) {  // mid-epoch, just before and after epoch boundaries
+    PairLoader uninterrupted(o);
+    take(uninterrupted, k);
+    const PairLoaderState saved = uninterrupted.state();
+    PairLoader resumed(o);
+    resumed.load_state(saved);
+    EXPECT_EQ(resumed.state().epoch, saved.epoch);
+    EXPECT_EQ(resumed.state().pairs_consumed, saved.pairs_consumed);
+    for (int i = 0; i < 6; ++i) {
+      expect_same_batch(uninterrupted.next(), resumed.next());
+    }
+    EXPECT_EQ(uninterrupted.state().epoch, resumed.state().epoch);
+    EXPECT_EQ(uninterrupted.state().pairs_consumed, resumed.state().pairs_consumed);
+  }
+}
+
+TEST_F(PairLoaderTest, ResumeOnAnotherRankAndAfterPrefetchedWork) {
+  PairLoaderOptions o = options(2);
+  o.world_size = 2;
+  o.rank = 1;
+  PairLoader uninterrupted(o);
+  take(uninterrupted, 4);  // epoch 0 has 5 pairs for this rank: state (1, 3)
+  EXPECT_EQ(uninterrupted.state().epoch, 1);
+  EXPECT_EQ(uninterrupted.state().pairs_consumed, 3);
+  // The same loader can jump back: load_state discards what the workers prepared.
+  PairLoader resumed(o);
+  take(resumed, 1);
+  resumed.load_state(uninterrupted.state());
+  for (int i = 0; i < 4; ++i) {
+    expect_same_batch(uninterrupted.next(), resumed.next());
+  }
+  expect_error([&] { resumed.load_state({0, 6}); }, {"bad data loader state", "pairs_consumed=6"});
+}
+
+TEST_F(PairLoaderTest, CaptionDropoutUsesEmptyPromptIds) {
+  PairLoaderOptions o = options(5);
+  o.caption_dropout = 1.0;
+  PairLoader all(o);
+  const PairBatch b = all.next();
+  EXPECT_TRUE(b.caption_dropped.all().item<bool>());
+  EXPECT_TRUE(torch::equal(b.input_ids[0][0], torch::tensor(kEmptyPrompt[0], torch::kInt64)));
+  EXPECT_TRUE(torch::equal(b.input_ids[1][4], torch::tensor(kEmptyPrompt[1], torch::kInt64)));
+
+  o.caption_dropout = 0.0;
+  PairLoader none(o);
+  EXPECT_FALSE(none.next().caption_dropped.any().item<bool>());
+
+  o.caption_dropout = 0.5;
+  PairLoader half(o);
+  int64_t dropped = 0;
+  for (int i = 0; i < 20; ++i) {
+    dropped += half.next().caption_dropped.sum().item<int64_t>();
+  }
+  EXPECT_GT(dropped, 20);  // of 100, p = 0.5
+  EXPECT_LT(dropped, 80);
+}
+
+TEST_F(PairLoaderTest, OriginalSizesAndCropOffsets) {
+  PairLoaderOptions o = options(5);
+  o.random_flip = false;
+  PairLoader center(o);
+  for (const PairBatch& b : take(center, 2)) {
+    for (int64_t i = 0; i < 5; ++i) {
+      const int64_t n = key_number(b.keys[static_cast<size_t>(i)]);
+      const std::vector<FixturePair> flat = [] {
+        std::vector<FixturePair> all;
+        for (const auto& shard : default_shards())
+          all.insert(all.end(), shard.begin(), shard.end());
+        return all;
+      }();
+      const int winner_image = flat[static_cast<size_t>(n)].label_0 == 0.0 ? 1 : 0;
+      for (const auto& [hw, tl, which] :
+           {std::tuple(b.winner_original_hw, b.winner_crop_tl, winner_image),
+            std::tuple(b.loser_original_hw, b.loser_crop_tl, 1 - winner_image)}) {
+        const int64_t h = hw[i][0].item<int64_t>(), w = hw[i][1].item<int64_t>();
+        const auto [eh, ew] = testing::fixture_size(n, which);
+        EXPECT_EQ(h, eh) << "key " << n << " image " << which;
+        EXPECT_EQ(w, ew) << "key " << n << " image " << which;
+        // Center crop on the torchvision-resized size.
+        const int64_t short_side = std::min(h, w), long_side = std::max(h, w);
+        const int64_t resized_long = kResolution * long_side / short_side;
+        const int64_t rh = w <= h ? resized_long : kResolution,
+                      rw = w <= h ? kResolution : resized_long;
+        EXPECT_EQ(tl[i][0].item<int64_t>(), center_crop_offset(static_cast<int>(rh), kResolution));
+        EXPECT_EQ(tl[i][1].item<int64_t>(), center_crop_offset(static_cast<int>(rw), kResolution));
+      }
+    }
+  }
+
+  o.random_crop = true;
+  PairLoader random(o);
+  std::set<int64_t> lefts;
+  for (const PairBatch& b : take(random, 4)) {
+    for (int64_t i = 0; i < 5; ++i) {
+      const int64_t h = b.winner_original_hw[i][0].item<int64_t>(),
+                    w = b.winner_original_hw[i][1].item<int64_t>();
+      const int64_t resized_long = kResolution * std::max(h, w) / std::min(h, w);
+      const int64_t top = b.winner_crop_tl[i][0].item<int64_t>(),
+                    left = b.winner_crop_tl[i][1].item<int64_t>();
+      EXPECT_GE(top, 0);
+      EXPECT_GE(left, 0);
+      EXPECT_LE(top, (w <= h ? resized_long : kResolution) - kResolution);
+      EXPECT_LE(left, (w <= h ? kResolution : resized_long) - kResolution);
+      lefts.insert(left);
+    }
+  }
+  EXPECT_GT(lefts.size(), 1u);  // offsets vary
+}
+
+TEST_F(PairLoaderTest, FlipsAreRandomAndIndependentPerImage) {
+  PairLoaderOptions o = options(5);
+  PairLoader loader(o);
+  int flipped_winners = 0, flipped_losers = 0, differing = 0;
+  for (const PairBatch& b : take(loader, 8)) {
+    for (int64_t i = 0; i < 5; ++i) {
+      const bool fw = ramp_direction(b.winner, i) < 0, fl = ramp_direction(b.loser, i) < 0;
+      flipped_winners += fw;
+      flipped_losers += fl;
+      differing += fw != fl;
+    }
+  }
+  EXPECT_GT(flipped_winners, 5);
+  EXPECT_LT(flipped_winners, 35);
+  EXPECT_GT(flipped_losers, 5);
+  EXPECT_LT(flipped_losers, 35);
+  EXPECT_GT(differing, 3);
+}
+
+TEST_F(PairLoaderTest, WaitSecondsIsNonNegative) {
+  PairLoader loader(options());
+  take(loader, 3);
+  EXPECT_GE(loader.wait_seconds(), 0.0);
+  EXPECT_TRUE(std::isfinite(loader.wait_seconds()));
+}
+
+TEST_F(PairLoaderTest, DestructorDoesNotHangMidEpoch) {
+  auto finished = std::async(std::launch::async, [this] {
+    for (const int batches : {0, 1, 3}) {
+      PairLoaderOptions o = options(1);
+      o.prefetch_batches = 1;
+      o.workers = 4;
+      PairLoader loader(o);
+      take(loader, batches);
+      std::this_thread::sleep_for(
+          std::chrono::milliseconds(20));  // let workers block on a full queue
+    }
+  });
+  if (finished.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+    ADD_FAILURE() << "PairLoader destructor hangs";
+    std::_Exit(1);  // the future's destructor would block forever
+  }
+  finished.get();
+}
+
+TEST_F(PairLoaderTest, DecodeErrorIsRethrownWithShardAndKey) {
+  TempDir dir;
+  std::vector<std::vector<FixturePair>> shards = {{{1.0}, {0.0}, {1.0, true}, {1.0}}};
+  PairLoaderOptions o = options(1);
+  o.index_path = testing::write_fixture(dir.path(), shards, kTokenizers);
+  o.shuffle_buffer = 1;  // keep shard order
+  o.random_flip = false;
+  PairLoader loader(o);
+  std::vector<std::string> keys;
+  bool thrown = false;
+  for (int i = 0; i < 8 && !thrown; ++i) {
+    try {
+      keys.push_back(loader.next().keys[0]);
+    } catch (const Error& e) {
+      thrown = true;
+      const std::string message = e.what();
+      EXPECT_NE(message.find("cannot decode image"), std::string::npos) << message;
+      EXPECT_NE(message.find("shard-000000.tar"), std::string::npos) << message;
+      EXPECT_NE(message.find("key 000000002"), std::string::npos) << message;
+    }
+  }
+  EXPECT_TRUE(thrown);
+  EXPECT_EQ(keys.size(), 2u);  // the pairs before the bad one came out first
+  expect_error([&] { loader.next(); }, {"cannot decode image"});  // stays failed
+}
+
+TEST_F(PairLoaderTest, IndexCountsMustMatchTheShards) {
+  nlohmann::json index = nlohmann::json::parse(testing::read_file(index_));
+  index["shards"][1]["pairs"] = 5;
+  testing::write_file(index_, index.dump());
+  PairLoaderOptions o = options(1);
+  o.shuffle_buffer = 1;
+  PairLoader loader(o);
+  expect_error(
+      [&] {
+        for (int i = 0; i < 20; ++i) {
+          loader.next();
+        }
+      },
+      {"shard does not match index.json", "shard-000001.tar", "5 pairs, 0 ties (index.json)",
+       "got 4 pairs"});
+}
+
+TEST_F(PairLoaderTest, TokenizerMismatchAsksForReexport) {
+  PairLoaderOptions o = options();
+  o.expected_vocab_sha256 = {"sha_a", "other"};
+  expect_error([&] { PairLoader loader(o); }, {"different vocabulary", "tokenizers[1] (tok_b)",
+                                               "vocab_sha256 other", "sha_b", "re-export"});
+  o.expected_vocab_sha256 = {"sha_a"};
+  expect_error([&] { PairLoader loader(o); }, {"different number of tokenizers", "re-export"});
+  o = options();
+  o.empty_prompt_ids = {{1, 2, 2, 2}, {5, 6}};
+  expect_error([&] { PairLoader loader(o); }, {"empty_prompt_ids[1]", "expected 3"});
+}
+
+TEST_F(PairLoaderTest, OptionsAreValidated) {
+  PairLoaderOptions o = options();
+  o.rank = 2;
+  o.world_size = 2;
+  expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.rank", "in [0, 2)"});
+  o = options();
+  o.caption_dropout = 1.5;
+  expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.caption_dropout"});
+  o = options();
+  o.world_size = 11;
+  o.rank = 0;
+  expect_error([&] { PairLoader loader(o); }, {"not enough pairs for every rank", "10"});
+}
+
+}  // namespace
+}  // namespace dde::data

@@ -1,0 +1,297 @@
+#include "dde/objective/methods.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "dde/util/error.hpp"
+#include "objective/worked_values.hpp"
+
+namespace dde::objective {
+namespace {
+
+namespace w = worked;
+
+const std::vector<Method> kAllMethods = {Method::kSft,       Method::kUniform, Method::kDiscounted,
+                                         Method::kDdeSingle, Method::kDdeStep, Method::kDde};
+const std::vector<Method> kDpoMethods = {Method::kUniform, Method::kDiscounted, Method::kDdeSingle,
+                                         Method::kDdeStep, Method::kDde};
+
+const NoiseSchedule& schedule() {
+  static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
+  return s;
+}
+
+torch::Tensor f32(double v) { return torch::tensor({v}, torch::kFloat32); }
+torch::Tensor f64(double v) { return torch::tensor({v}, torch::kFloat64); }
+
+// The section 6 pair, in float64 so the worked values are reproduced to their printed digits.
+PairErrors worked_pair() {
+  return {f64(w::kPairPolicyW), f64(w::kPairPolicyL), f64(w::kPairRefW), f64(w::kPairRefL)};
+}
+
+double item(const torch::Tensor& x) { return x.item<double>(); }
+
+void expect_error_mentions(const std::function<void()>& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+    FAIL() << "expected dde::Error";
+  } catch (const dde::Error& e) {
+    for (const auto& part : parts) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
+          << "'" << part << "' not in: " << e.what();
+    }
+  }
+}
+
+TEST(Methods, NamesRoundTrip) {
+  for (const Method m : kAllMethods) {
+    EXPECT_EQ(parse_method(method_name(m)), m);
+  }
+  EXPECT_STREQ(method_name(Method::kDdeSingle), "dde_single");
+  expect_error_mentions([] { parse_method("dpo"); },
+                        {"unknown method", "'dpo'", "sft, uniform, discounted, dde_single"});
+}
+
+TEST(Methods, Properties) {
+  EXPECT_FALSE(uses_reference(Method::kSft));
+  for (const Method m : kDpoMethods) {
+    EXPECT_TRUE(uses_reference(m)) << method_name(m);
+  }
+  EXPECT_TRUE(uses_correction(Method::kDde));
+  EXPECT_TRUE(uses_correction(Method::kDdeStep));
+  EXPECT_FALSE(uses_correction(Method::kDdeSingle));
+  EXPECT_FALSE(uses_correction(Method::kUniform));
+  EXPECT_EQ(method_distribution(Method::kDiscounted), TimestepDistribution::kDiscounted);
+  EXPECT_EQ(method_distribution(Method::kDde), TimestepDistribution::kUniform);
+  EXPECT_EQ(method_distribution(Method::kSft), TimestepDistribution::kUniform);
+}
+
+TEST(Methods, WorkedPairDelta) {
+  const auto d = delta(worked_pair());
+  EXPECT_EQ(d.scalar_type(), torch::kFloat64);
+  EXPECT_NEAR(item(d), -7e-4, 1e-15);
+}
+
+// Section 6 prints z and loss to 8 significant digits.
+constexpr double kWorkedTol = 1e-7;
+
+TEST(Methods, WorkedPairDirectFunctions) {
+  const auto e = worked_pair();
+  const MethodParams params{w::kBeta, 1.0};
+  const auto& s = schedule();
+  const auto c = f64(s.single_shot[100]);
+  const auto lambda = f64(s.stepwise[100]);
+  const auto C = f64(w::kPairCorrection);
+
+  const auto u = uniform(e, params);
+  w::expect_worked_value("uniform z", item(u.z), 1.7500000, kWorkedTol);
+  w::expect_worked_value("uniform loss", item(u.loss), 0.16022415, kWorkedTol);
+  const auto single = dde_single(e, c, params);
+  w::expect_worked_value("dde_single z", item(single.z), 0.20700520, kWorkedTol);
+  w::expect_worked_value("dde_single loss", item(single.loss), 0.59499144, kWorkedTol);
+  const auto step = dde_step(e, lambda, C, params);
+  w::expect_worked_value("dde_step z", item(step.z), 1.0229286, kWorkedTol);
+  w::expect_worked_value("dde_step loss", item(step.loss), 0.30714673, kWorkedTol);
+  const auto full = dde(e, c, C, params);
+  w::expect_worked_value("dde z", item(full.z), 1.2070052, kWorkedTol);
+  w::expect_worked_value("dde loss", item(full.loss), 0.26166530, kWorkedTol);
+}
+
+TEST(Methods, WorkedPairThroughTheDispatcherInFloat32) {
+  // What the trainer does: float32 errors, t and C_t from the EMA, the tables from the schedule.
+  const PairErrors e{f32(w::kPairPolicyW), f32(w::kPairPolicyL), f32(w::kPairRefW),
+                     f32(w::kPairRefL)};
+  const MethodParams params{w::kBeta, 1.0};
+  const auto t = torch::tensor({w::kPairT}, torch::kInt64);
+  const auto C = f64(w::kPairCorrection);
+  struct Row {
+    Method method;
+    double z, loss;
+  };
+  // Rounding 0.0300 etc. to float32 moves Delta by 3.6e-6 relative: hence 1e-5 here.
+  for (const Row& row :
+       {Row{Method::kUniform, 1.7500000, 0.16022415},
+        Row{Method::kDiscounted, 1.7500000, 0.16022415},
+        Row{Method::kDdeSingle, 0.20700520, 0.59499144},
+        Row{Method::kDdeStep, 1.0229286, 0.30714673}, Row{Method::kDde, 1.2070052, 0.26166530}}) {
+    const auto out = compute_method(row.method, e, t, C, params, schedule());
+    EXPECT_EQ(out.z.scalar_type(), torch::kFloat64);
+    EXPECT_EQ(out.loss.scalar_type(), torch::kFloat64);
+    EXPECT_LE(w::relative_error(item(out.z), row.z), 1e-5) << method_name(row.method);
+    EXPECT_LE(w::relative_error(item(out.loss), row.loss), 1e-5) << method_name(row.method);
+  }
+}
+
+TEST(Methods, CorrectionScaleScalesTheCorrection) {
+  const auto e = worked_pair();
+  const auto lambda = f64(schedule().stepwise[100]);
+  const auto C = f64(w::kPairCorrection);
+  const auto base = item(dde_step(e, lambda, C, {w::kBeta, 0.0}).z);
+  const auto doubled = item(dde_step(e, lambda, C, {w::kBeta, 2.0}).z);
+  EXPECT_NEAR(doubled - base, 2.0 * w::kBeta * w::kPairCorrection, 1e-12);
+}
+
+TEST(Methods, SftLossIsThePolicyErrorOnWinners) {
+  const auto pw = torch::tensor({0.1, 0.25, 0.5}, torch::kFloat32).requires_grad_();
+  const PairErrors e{pw, {}, {}, {}};
+  const auto out = sft(e);
+  EXPECT_FALSE(out.z.defined());
+  EXPECT_EQ(out.loss.scalar_type(), torch::kFloat64);
+  EXPECT_TRUE(torch::allclose(out.loss, pw.to(torch::kFloat64)));
+  out.loss.mean().backward();
+  EXPECT_TRUE(torch::allclose(pw.grad(), torch::full({3}, 1.0 / 3.0)));
+  const auto via = compute_method(Method::kSft, e, torch::tensor({1, 2, 3}, torch::kInt64), {},
+                                  MethodParams{}, schedule());
+  EXPECT_TRUE(torch::allclose(via.loss, pw.to(torch::kFloat64)));
+  EXPECT_TRUE(torch::allclose(
+      credit_weight(Method::kSft, via, torch::tensor({1, 2, 3}, torch::kInt64), schedule()),
+      torch::ones({3}, torch::kFloat64)));
+}
+
+TEST(Methods, LossIsLog2WhenPolicyEqualsReference) {
+  torch::manual_seed(0);
+  const int64_t batch = 16;
+  const auto ew = torch::rand({batch}) * 0.1;
+  const auto el = torch::rand({batch}) * 0.1;
+  const PairErrors e{ew, el, ew.clone(), el.clone()};
+  const auto t = torch::randint(0, 1000, {batch}, torch::kInt64);
+  const auto zero_correction = torch::zeros({batch}, torch::kFloat64);
+  for (const Method m : kDpoMethods) {
+    const auto out = compute_method(m, e, t, zero_correction, MethodParams{}, schedule());
+    EXPECT_TRUE(torch::allclose(out.z, torch::zeros({batch}, torch::kFloat64), 0.0, 1e-15))
+        << method_name(m);
+    EXPECT_TRUE(
+        torch::allclose(out.loss, torch::full({batch}, std::log(2.0), torch::kFloat64), 0, 1e-15))
+        << method_name(m);
+  }
+}
+
+// Section 5: dL/d e[policy,w] = 0.5 beta k_t sigmoid(-z), checked by autograd for every method,
+// with float32 errors as the trainer produces them and a nonzero correction.
+TEST(Methods, GradientMatchesTheCreditWeight) {
+  torch::manual_seed(1);
+  const int64_t batch = 32;
+  const auto ref_w = 0.02 + 0.03 * torch::rand({batch});
+  const auto ref_l = 0.02 + 0.03 * torch::rand({batch});
+  const auto pol_w0 = ref_w + 1e-4 * torch::randn({batch});
+  const auto pol_l0 = ref_l + 1e-4 * torch::randn({batch});
+  const auto t = torch::randint(0, 1000, {batch}, torch::kInt64);
+  const auto C = 1e-4 * torch::rand({batch}, torch::kFloat64);
+  const MethodParams params{w::kBeta, 1.0};
+  for (const Method m : kDpoMethods) {
+    const auto pw = pol_w0.clone().requires_grad_();
+    const auto pl = pol_l0.clone().requires_grad_();
+    const auto rw = ref_w.clone().requires_grad_();
+    const auto rl = ref_l.clone().requires_grad_();
+    const auto out = compute_method(m, {pw, pl, rw, rl}, t, C, params, schedule());
+    out.loss.sum().backward();
+    ASSERT_EQ(pw.grad().scalar_type(), torch::kFloat32);
+    const auto expected = 0.5 * params.beta * credit_weight(m, out, t, schedule());
+    const auto got = pw.grad().to(torch::kFloat64);
+    EXPECT_TRUE(torch::allclose(got, expected, 1e-6, 1e-30)) << method_name(m);
+    EXPECT_TRUE(torch::allclose(rw.grad().to(torch::kFloat64), -expected, 1e-6, 1e-30));
+    EXPECT_TRUE(torch::allclose(pl.grad().to(torch::kFloat64), -expected, 1e-6, 1e-30));
+    EXPECT_TRUE(torch::allclose(rl.grad().to(torch::kFloat64), expected, 1e-6, 1e-30));
+    EXPECT_GT(expected.abs().max().item<double>(), 0.0) << method_name(m);
+  }
+}
+
+TEST(Methods, CreditWeightUsesTheMethodsCoefficient) {
+  const auto e = worked_pair();
+  const auto t = torch::tensor({w::kPairT}, torch::kInt64);
+  const auto C = f64(w::kPairCorrection);
+  const auto& s = schedule();
+  const auto weight = [&](Method m) {
+    return item(credit_weight(m, compute_method(m, e, t, C, MethodParams{}, s), t, s));
+  };
+  const auto sig = [](double z) { return 1.0 / (1.0 + std::exp(z)); };  // sigmoid(-z)
+  EXPECT_NEAR(weight(Method::kUniform), sig(1.75), 1e-12);
+  EXPECT_NEAR(weight(Method::kDdeSingle), s.single_shot[100] * sig(0.2070052049216116), 1e-12);
+  EXPECT_NEAR(weight(Method::kDdeStep), s.stepwise[100] * sig(1.022928609183992), 1e-12);
+  EXPECT_NEAR(weight(Method::kDde), s.single_shot[100] * sig(1.2070052049216116), 1e-12);
+}
+
+TEST(Methods, TransitionEstimateIsDetached) {
+  const auto pw = torch::tensor({w::kPairPolicyW, 0.5}, torch::kFloat64).requires_grad_();
+  const PairErrors e{pw, torch::tensor({w::kPairPolicyL, 0.5}, torch::kFloat64),
+                     torch::tensor({w::kPairRefW, 0.6}, torch::kFloat64),
+                     torch::tensor({w::kPairRefL, 0.5}, torch::kFloat64)};
+  const auto t = torch::tensor({100, 7}, torch::kInt64);
+  const auto d = transition_estimate(e, t, schedule());
+  EXPECT_FALSE(d.requires_grad());
+  EXPECT_EQ(d.scalar_type(), torch::kFloat64);
+  EXPECT_NEAR(item(d[0]), -0.5 * schedule().stepwise[100] * -7e-4, 1e-18);
+  EXPECT_NEAR(item(d[1]), -0.5 * schedule().stepwise[7] * -0.1, 1e-15);
+}
+
+TEST(Methods, SaturatedLogitsStayFinite) {
+  // |z| of 1e4 and more: softplus must neither overflow nor lose the linear tail.
+  const auto pw = torch::tensor({0.0, 10.0}, torch::kFloat64).requires_grad_();
+  const auto zero = torch::zeros({2}, torch::kFloat64);
+  const auto big = torch::tensor({10.0, 0.0}, torch::kFloat64);
+  const auto out = uniform({pw, zero, big, zero}, MethodParams{});
+  // Delta = pw - big: z = -2500 * (-10) = +25000 and -2500 * 10 = -25000.
+  EXPECT_DOUBLE_EQ(item(out.z[0]), 25000.0);
+  EXPECT_DOUBLE_EQ(item(out.loss[0]), 0.0);
+  EXPECT_DOUBLE_EQ(item(out.loss[1]), 25000.0);
+  out.loss.sum().backward();
+  EXPECT_TRUE(torch::isfinite(pw.grad()).all().item<bool>());
+  EXPECT_DOUBLE_EQ(item(pw.grad()[1]), 2500.0);
+}
+
+TEST(Methods, RejectsBadArguments) {
+  const auto e = worked_pair();
+  const auto t = torch::tensor({100}, torch::kInt64);
+  const auto C = f64(0.0);
+  const auto& s = schedule();
+  expect_error_mentions(
+      [&] {
+        uniform({e.policy_w, e.policy_l, {}, e.ref_l}, MethodParams{});
+      },
+      {"errors.ref_w", "undefined"});
+  expect_error_mentions(
+      [&] {
+        uniform({e.policy_w, torch::zeros({2}, torch::kFloat64), e.ref_w, e.ref_l}, {});
+      },
+      {"errors.policy_l", "[1]", "[2]"});
+  expect_error_mentions(
+      [&] {
+        uniform({torch::zeros({1}, torch::kInt64), e.policy_l, e.ref_w, e.ref_l}, {});
+      },
+      {"errors.policy_w", "floating-point"});
+  expect_error_mentions([&] { uniform(e, {0.0, 1.0}); }, {"beta", "> 0"});
+  expect_error_mentions([&] { compute_method(Method::kDde, e, t, {}, {}, s); },
+                        {"C_t", "CorrectionEma::correction"});
+  expect_error_mentions(
+      [&] { compute_method(Method::kDde, e, torch::tensor({1000}, torch::kInt64), C, {}, s); },
+      {"timestep out of range", "[0, 1000)"});
+  expect_error_mentions(
+      [&] {
+        compute_method(Method::kDde, e, torch::tensor({1, 2}, torch::kInt64), C, {}, s);
+      },
+      {"objective::compute_method(dde): t"});
+  expect_error_mentions([&] { dde(e, f64(1.0), torch::zeros({3}, torch::kFloat64), {}); },
+                        {"objective::dde: C_t"});
+  expect_error_mentions([&] { credit_weight(Method::kDde, MethodOutput{}, t, s); },
+                        {"output.z", "undefined"});
+}
+
+TEST(Methods, RunsOnCuda) {
+  if (!torch::cuda::is_available()) {
+    GTEST_SKIP() << "no CUDA device";
+  }
+  const auto cuda = [](double v) { return torch::tensor({v}, torch::kFloat32).cuda(); };
+  const PairErrors e{cuda(w::kPairPolicyW), cuda(w::kPairPolicyL), cuda(w::kPairRefW),
+                     cuda(w::kPairRefL)};
+  const auto t = torch::tensor({w::kPairT}, torch::kInt64).cuda();
+  const auto out = compute_method(Method::kDde, e, t, f64(w::kPairCorrection), {}, schedule());
+  EXPECT_TRUE(out.loss.is_cuda());
+  EXPECT_LE(w::relative_error(item(out.loss.cpu()), 0.26166530), 1e-5);
+  EXPECT_TRUE(transition_estimate(e, t, schedule()).is_cuda());
+}
+
+}  // namespace
+}  // namespace dde::objective

@@ -1,0 +1,68 @@
+"""Shared helpers of the end-to-end tests: they drive the real dde_train binary on the tiny
+fixtures made by scripts/prepare_tiny.sh (scripts/test.sh runs it first)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("DDE_BUILD_DIR", ROOT / "build"))
+
+
+def fixtures_dir() -> Path:
+    return Path(os.environ.get("DDE_FIXTURES_DIR", ROOT / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def dde_train() -> Path:
+    binary = build_dir() / "dde_train"
+    if not binary.is_file():
+        pytest.fail(f"{binary} not built: run scripts/build.sh (or set DDE_BUILD_DIR)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    root = fixtures_dir()
+    for family in ("sd15", "sdxl"):
+        for need in (root / "export" / family / "manifest.json", root / "shards" / family / "index.json"):
+            if not need.is_file():
+                pytest.fail(f"{need} missing: run scripts/prepare_tiny.sh (or set DDE_FIXTURES_DIR)")
+    return root
+
+
+def tiny_overrides(fixtures: Path, family: str, out: Path) -> list[str]:
+    """--set values pointing a tiny config at the fixtures and a test's own run directory."""
+    return [
+        f"model.manifest={fixtures / 'export' / family / 'manifest.json'}",
+        f"data.index={fixtures / 'shards' / family / 'index.json'}",
+        f"run.output_dir={out}",
+    ]
+
+
+def run_train(binary: Path, config: str, sets: list[str], *, resume: bool = False, env: dict | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [str(binary), "--config", str(ROOT / "configs" / config)]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd.append("--resume")
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    steps, pairs = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        (pairs if rec.get("kind") == "pair" else steps).append(rec)
+    return steps, pairs
