@@ -61,6 +61,21 @@ target_link_options(dde_torch INTERFACE "LINKER:--push-state,--no-as-needed,-lst
 # fmt: torch ships fmt 12 headers; use them header-only (see include/dde/util/log.hpp).
 target_compile_definitions(dde_torch INTERFACE DDE_TORCH_DIR="${DDE_TORCH_DIR}" FMT_HEADER_ONLY=1)
 
+# c10d: Gloo's headers (Debian libgloo-dev; the implementation is inside libtorch_cpu) and,
+# in CUDA builds, NCCL's header (the nvidia-nccl wheel beside torch, else the CUDA toolkit).
+find_path(GLOO_INCLUDE_DIR gloo/algorithm.h REQUIRED)
+target_include_directories(dde_torch SYSTEM INTERFACE ${GLOO_INCLUDE_DIR})
+target_compile_definitions(dde_torch INTERFACE USE_C10D_GLOO)
+if(DDE_HAS_CUDA)
+  file(GLOB _dde_nccl_dirs "${_dde_site}/nvidia/*/include" "${_dde_site}/nvidia/nccl/include")
+  find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${_dde_nccl_dirs} ${CUDAToolkit_INCLUDE_DIRS})
+  if(NCCL_INCLUDE_DIR)
+    target_include_directories(dde_torch SYSTEM INTERFACE ${NCCL_INCLUDE_DIR})
+    target_compile_definitions(dde_torch INTERFACE USE_C10D_NCCL DDE_WITH_NCCL)
+    message(STATUS "dde: NCCL process groups enabled (nccl.h in ${NCCL_INCLUDE_DIR})")
+  endif()
+endif()
+
 function(dde_set_torch_rpath target)
   set_target_properties(${target} PROPERTIES BUILD_RPATH "${DDE_TORCH_DIR}/lib"
                                              INSTALL_RPATH "${DDE_TORCH_DIR}/lib")

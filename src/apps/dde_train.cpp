@@ -1,12 +1,14 @@
 // dde_train: fine-tunes a Stable Diffusion UNet on preference pairs (DDE and baselines).
 //   dde_train --config FILE [--set key=value ...] [--resume] [--dry-run]
+// Exit status: 0 done, 1 error (message logged), 2 usage, 3 stopped by SIGTERM/SIGUSR1 after
+// writing a checkpoint (requeue and --resume).
 #include <CLI/CLI.hpp>
-
 #include <exception>
 #include <string>
 #include <vector>
 
 #include "dde/config/config.hpp"
+#include "dde/train/stop_signal.hpp"
 #include "dde/train/trainer.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -20,14 +22,17 @@ constexpr int kExitUsage = 2;
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"dde_train: preference fine-tuning of Stable Diffusion by Denoised Distribution Estimation"};
+  CLI::App app{
+      "dde_train: preference fine-tuning of Stable Diffusion by Denoised Distribution Estimation"};
   std::string config_path;
   std::vector<std::string> overrides;
   bool resume = false;
   bool dry_run = false;
   app.add_option("--config", config_path, "YAML training config (see configs/)")->required();
-  app.add_option("--set", overrides, "override a config value, e.g. --set optim.lr=1e-5 (repeatable)");
-  app.add_flag("--resume", resume, "continue from the newest complete checkpoint in run.output_dir");
+  app.add_option("--set", overrides,
+                 "override a config value, e.g. --set optim.lr=1e-5 (repeatable)");
+  app.add_flag("--resume", resume,
+               "continue from the newest complete checkpoint in run.output_dir");
   app.add_flag("--dry-run", dry_run, "validate the config, print it and exit");
   try {
     app.parse(argc, argv);
@@ -41,10 +46,15 @@ int main(int argc, char** argv) {
       dde::log::info("config {} is valid:\n{}", config_path, dde::config::to_yaml(config));
       return kExitOk;
     }
+    dde::train::install_stop_signal_handlers();
     dde::train::Trainer trainer(std::move(config), resume);
     const dde::train::TrainOutcome outcome = trainer.run();
-    dde::log::info("done: {} steps ({} skipped); last checkpoint {}", outcome.steps_done, outcome.skipped_steps,
-                   outcome.last_checkpoint);
+    if (outcome.preempted) {
+      dde::log::flush();
+      return dde::train::kExitRequeue;
+    }
+    dde::log::info("done: {} steps ({} skipped); last checkpoint {}", outcome.steps_done,
+                   outcome.skipped_steps, outcome.last_checkpoint);
     dde::log::flush();
     return kExitOk;
   } catch (const dde::Error& e) {

@@ -39,10 +39,13 @@ std::optional<int64_t> parse_step(const std::string& name) {
 
 }  // namespace
 
-CheckpointStore::CheckpointStore(std::string root, int64_t keep) : root_(std::move(root)), keep_(keep) {
+CheckpointStore::CheckpointStore(std::string root, int64_t keep)
+    : root_(std::move(root)), keep_(keep) {
   std::error_code ec;
   fs::create_directories(root_, ec);
-  if (ec) throw Error({"cannot create checkpoint directory", root_, "a writable directory", ec.message(), ""});
+  if (ec)
+    throw Error(
+        {"cannot create checkpoint directory", root_, "a writable directory", ec.message(), ""});
 }
 
 std::string CheckpointStore::step_dir_name(int64_t step) {
@@ -51,18 +54,23 @@ std::string CheckpointStore::step_dir_name(int64_t step) {
   return buf;
 }
 
+std::string CheckpointStore::staging_dir(int64_t step) const {
+  return (fs::path(root_) / (std::string(kStagingPrefix) + step_dir_name(step))).string();
+}
+
 std::string CheckpointStore::stage(int64_t step) const {
-  const fs::path staging = fs::path(root_) / (std::string(kStagingPrefix) + step_dir_name(step));
+  const fs::path staging = staging_dir(step);
   fs::remove_all(staging);
   fs::create_directories(staging);
   return staging.string();
 }
 
 std::string CheckpointStore::commit(int64_t step) const {
-  const fs::path staging = fs::path(root_) / (std::string(kStagingPrefix) + step_dir_name(step));
+  const fs::path staging = staging_dir(step);
   const fs::path final_dir = fs::path(root_) / step_dir_name(step);
   if (!fs::is_directory(staging)) {
-    throw Error({"nothing staged to commit", staging.string(), "a staged checkpoint", "none", "internal error"});
+    throw Error({"nothing staged to commit", staging.string(), "a staged checkpoint", "none",
+                 "internal error"});
   }
   {
     std::ofstream marker(staging / kCompleteMarker);
@@ -71,7 +79,8 @@ std::string CheckpointStore::commit(int64_t step) const {
   fsync_tree(staging);
   if (fs::exists(final_dir)) {
     // Re-saving a step (after a resume from it): move the old one aside first.
-    const fs::path old = fs::path(root_) / (std::string(kStagingPrefix) + "old-" + step_dir_name(step));
+    const fs::path old =
+        fs::path(root_) / (std::string(kStagingPrefix) + "old-" + step_dir_name(step));
     fs::remove_all(old);
     fs::rename(final_dir, old);
     fs::rename(staging, final_dir);
@@ -109,7 +118,8 @@ std::optional<std::string> CheckpointStore::latest_complete() const {
 void CheckpointStore::remove_stale_staging() const {
   if (!fs::is_directory(root_)) return;
   for (const auto& entry : fs::directory_iterator(root_)) {
-    if (entry.path().filename().string().rfind(kStagingPrefix, 0) == 0) fs::remove_all(entry.path());
+    if (entry.path().filename().string().rfind(kStagingPrefix, 0) == 0)
+      fs::remove_all(entry.path());
   }
 }
 
@@ -117,10 +127,14 @@ void write_file_atomic(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error({"cannot write", tmp, "a writable path", "", "check the directory and free space"});
+    if (!out)
+      throw Error(
+          {"cannot write", tmp, "a writable path", "", "check the directory and free space"});
     out << text;
     out.flush();
-    if (!out) throw Error({"write failed", tmp, "all bytes written", "a short write", "check free disk space"});
+    if (!out)
+      throw Error(
+          {"write failed", tmp, "all bytes written", "a short write", "check free disk space"});
   }
   fsync_path(tmp);
   fs::rename(tmp, path);

@@ -18,24 +18,26 @@ struct DtypeName {
 };
 
 constexpr DtypeName kDtypes[] = {
-    {torch::kFloat32, "F32"}, {torch::kFloat64, "F64"}, {torch::kFloat16, "F16"}, {torch::kBFloat16, "BF16"},
-    {torch::kInt64, "I64"},   {torch::kInt32, "I32"},   {torch::kInt16, "I16"},   {torch::kInt8, "I8"},
-    {torch::kUInt8, "U8"},    {torch::kBool, "BOOL"},
+    {torch::kFloat32, "F32"},   {torch::kFloat64, "F64"}, {torch::kFloat16, "F16"},
+    {torch::kBFloat16, "BF16"}, {torch::kInt64, "I64"},   {torch::kInt32, "I32"},
+    {torch::kInt16, "I16"},     {torch::kInt8, "I8"},     {torch::kUInt8, "U8"},
+    {torch::kBool, "BOOL"},
 };
 
 const char* dtype_name(torch::ScalarType type, const std::string& where) {
   for (const DtypeName& d : kDtypes) {
     if (d.type == type) return d.name;
   }
-  throw Error({"dtype not storable in safetensors", where, "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL",
-               c10::toString(type), ""});
+  throw Error({"dtype not storable in safetensors", where,
+               "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL", c10::toString(type), ""});
 }
 
 torch::ScalarType dtype_from_name(const std::string& name, const std::string& where) {
   for (const DtypeName& d : kDtypes) {
     if (name == d.name) return d.type;
   }
-  throw Error({"unsupported safetensors dtype", where, "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL", name, ""});
+  throw Error({"unsupported safetensors dtype", where,
+               "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL", name, ""});
 }
 
 }  // namespace
@@ -60,9 +62,12 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     cpu.push_back(std::move(t));
   }
   std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');  // align the data to 8 bytes, as the reference writer does
+  text.append((8 - text.size() % 8) % 8,
+              ' ');  // align the data to 8 bytes, as the reference writer does
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw Error({"cannot write", path, "a writable path", "", "check the directory and free space"});
+  if (!out)
+    throw Error(
+        {"cannot write", path, "a writable path", "", "check the directory and free space"});
   uint64_t n = text.size();
   unsigned char len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xFF);
@@ -72,7 +77,9 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
   }
   out.flush();
-  if (!out) throw Error({"write failed", path, "all bytes written", "a short write", "check free disk space"});
+  if (!out)
+    throw Error(
+        {"write failed", path, "all bytes written", "a short write", "check free disk space"});
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {
@@ -82,7 +89,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
   in.seekg(0);
   unsigned char len[8];
   if (file_size < 8 || !in.read(reinterpret_cast<char*>(len), 8)) {
-    throw Error({"truncated safetensors file", path, ">= 8 bytes", std::to_string(file_size) + " bytes", ""});
+    throw Error({"truncated safetensors file", path, ">= 8 bytes",
+                 std::to_string(file_size) + " bytes", ""});
   }
   uint64_t header_len = 0;
   for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
@@ -114,7 +122,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
     torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(type));
     if (offsets.size() != 2 || offsets[0] < 0 || offsets[1] > data_size ||
         offsets[1] - offsets[0] != static_cast<int64_t>(t.nbytes())) {
-      throw Error({"bad data offsets", where, std::to_string(t.nbytes()) + " bytes inside " + std::to_string(data_size),
+      throw Error({"bad data offsets", where,
+                   std::to_string(t.nbytes()) + " bytes inside " + std::to_string(data_size),
                    info.at("data_offsets").dump(), "the file is truncated or corrupt"});
     }
     in.seekg(data_start + offsets[0]);
@@ -123,7 +132,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
     }
     entries.push_back({offsets[0], {name, std::move(t)}});
   }
-  std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::sort(entries.begin(), entries.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& e : entries) result.tensors.push_back(std::move(e.second));
   return result;
 }

@@ -87,7 +87,7 @@ struct PreparedImage {
 };
 
 struct PairSample {
-  int64_t epoch = 0, local_index = 0;
+  int64_t epoch = 0, local_index = 0, global_index = 0;
   std::exception_ptr error;
   PreparedImage winner, loser;
   bool caption_dropped = false;
@@ -394,6 +394,7 @@ void PairLoader::Impl::run_worker() {
     }
     sample.epoch = task.epoch;
     sample.local_index = task.local_index;
+    sample.global_index = task.global_index;
     {
       std::lock_guard<std::mutex> lock(mutex);
       done.emplace(task.position, std::move(sample));
@@ -528,6 +529,8 @@ PairBatch PairLoader::next() {
   out.winner_crop_tl = torch::empty({batch, 2}, torch::kInt64);
   out.loser_original_hw = torch::empty({batch, 2}, torch::kInt64);
   out.loser_crop_tl = torch::empty({batch, 2}, torch::kInt64);
+  out.pair_ids = torch::empty({batch}, torch::kInt64);
+  auto pair_ids = out.pair_ids.accessor<int64_t, 1>();
   auto dropped = out.caption_dropped.accessor<bool, 1>();
   auto winner_hw = out.winner_original_hw.accessor<int64_t, 2>();
   auto winner_tl = out.winner_crop_tl.accessor<int64_t, 2>();
@@ -540,6 +543,7 @@ PairBatch PairLoader::next() {
     PairSample& s = samples[static_cast<size_t>(b)];
     winners.push_back(s.winner.pixels);
     losers.push_back(s.loser.pixels);
+    pair_ids[b] = (s.epoch << 32) | s.global_index;
     dropped[b] = s.caption_dropped;
     winner_hw[b][0] = s.winner.original_h;
     winner_hw[b][1] = s.winner.original_w;

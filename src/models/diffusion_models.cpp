@@ -28,7 +28,8 @@ Conditioning TextConditioner::encode(const std::vector<torch::Tensor>& input_ids
   const auto& infos = manifest_->text_encoders;
   if (input_ids.size() != infos.size()) {
     throw Error({"wrong number of token-id tensors", "text conditioning",
-                 std::to_string(infos.size()) + " (one per text encoder)", std::to_string(input_ids.size()),
+                 std::to_string(infos.size()) + " (one per text encoder)",
+                 std::to_string(input_ids.size()),
                  "export the shards with one --tokenizer per text encoder of the model"});
   }
   torch::NoGradGuard no_grad;
@@ -58,16 +59,20 @@ LatentEncoder::LatentEncoder(const Manifest& manifest, const torch::Device& devi
   set_trainable(encoder_, false);
 }
 
-torch::Tensor LatentEncoder::encode(const torch::Tensor& images, at::Generator& gen) {
+torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Tensor& noise) {
   torch::NoGradGuard no_grad;
   // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
   auto out = encoder_.forward({images.to(device_)}).toTuple();
   const torch::Tensor mean = out->elements()[0].toTensor();
   const torch::Tensor logvar = out->elements()[1].toTensor();
+  if (noise.sizes() != mean.sizes()) {
+    throw Error({"VAE noise has the wrong shape", "LatentEncoder::encode", c10::str(mean.sizes()),
+                 c10::str(noise.sizes()),
+                 "internal error: latent shape differs from the manifest's"});
+  }
   // diffusers DiagonalGaussianDistribution.sample(): mean + std * eps
-  const torch::Tensor eps =
-      at::randn(mean.sizes(), gen, torch::TensorOptions().dtype(torch::kFloat32)).to(mean.device(), mean.dtype());
-  return (mean + torch::exp(0.5 * logvar) * eps) * scaling_factor_;
+  return (mean + torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype())) *
+         scaling_factor_;
 }
 
 UNet::UNet(const Manifest& manifest, const torch::Device& device, bool trainable)
@@ -78,19 +83,21 @@ UNet::UNet(const Manifest& manifest, const torch::Device& device, bool trainable
   const std::string& prefix = manifest.unet_param_prefix;
   for (const auto& item : module_.named_parameters(/*recurse=*/true)) {
     if (item.name.rfind(prefix, 0) != 0) {
-      throw Error({"UNet parameter without the manifest's prefix", manifest.unet_file + ": " + item.name,
-                   "names starting with \"" + prefix + "\"", item.name, "re-export the model"});
+      throw Error({"UNet parameter without the manifest's prefix",
+                   manifest.unet_file + ": " + item.name, "names starting with \"" + prefix + "\"",
+                   item.name, "re-export the model"});
     }
     params_.emplace_back(item.name.substr(prefix.size()), item.value);
   }
 }
 
-torch::Tensor UNet::predict_noise(const torch::Tensor& x, const torch::Tensor& t, const Conditioning& cond) {
+torch::Tensor UNet::predict_noise(const torch::Tensor& x, const torch::Tensor& t,
+                                  const Conditioning& cond) {
   std::vector<torch::jit::IValue> inputs{x, t.to(device_, torch::kLong), cond.text};
   if (sdxl_) {
     if (!cond.pooled.defined() || !cond.time_ids.defined()) {
-      throw Error({"sdxl UNet needs pooled text embeddings and time ids", "UNet::predict_noise", "both defined",
-                   "missing", ""});
+      throw Error({"sdxl UNet needs pooled text embeddings and time ids", "UNet::predict_noise",
+                   "both defined", "missing", ""});
     }
     inputs.emplace_back(cond.pooled);
     inputs.emplace_back(cond.time_ids.to(device_, torch::kFloat32));
@@ -109,14 +116,16 @@ void UNet::load_parameters(const std::vector<std::pair<std::string, torch::Tenso
                            const std::string& where) {
   std::map<std::string, torch::Tensor> by_name(values.begin(), values.end());
   if (by_name.size() != params_.size()) {
-    throw Error({"parameter count mismatch", where, std::to_string(params_.size()) + " UNet tensors",
-                 std::to_string(by_name.size()), "was the checkpoint made from another model?"});
+    throw Error({"parameter count mismatch", where,
+                 std::to_string(params_.size()) + " UNet tensors", std::to_string(by_name.size()),
+                 "was the checkpoint made from another model?"});
   }
   torch::NoGradGuard no_grad;
   for (auto& [name, p] : params_) {
     auto it = by_name.find(name);
     if (it == by_name.end()) {
-      throw Error({"parameter missing", where + ": " + name, "present", "absent", "was the checkpoint made from another model?"});
+      throw Error({"parameter missing", where + ": " + name, "present", "absent",
+                   "was the checkpoint made from another model?"});
     }
     if (it->second.sizes() != p.sizes() || it->second.scalar_type() != p.scalar_type()) {
       throw Error({"parameter shape or dtype mismatch", where + ": " + name,

@@ -27,14 +27,18 @@ class Reader {
     if (!v.is_string()) fail("wrong type", field, "a string", v.dump());
     return v.get<std::string>();
   }
-  int64_t positive_int_at(const json& node, const std::string& key, const std::string& field) const {
+  int64_t positive_int_at(const json& node, const std::string& key,
+                          const std::string& field) const {
     const json& v = at(node, key, field);
-    if (!v.is_number_integer() || v.get<int64_t>() <= 0) fail("bad value", field, "a positive integer", v.dump());
+    if (!v.is_number_integer() || v.get<int64_t>() <= 0)
+      fail("bad value", field, "a positive integer", v.dump());
     return v.get<int64_t>();
   }
-  double positive_number_at(const json& node, const std::string& key, const std::string& field) const {
+  double positive_number_at(const json& node, const std::string& key,
+                            const std::string& field) const {
     const json& v = at(node, key, field);
-    if (!v.is_number() || v.get<double>() <= 0.0) fail("bad value", field, "a positive number", v.dump());
+    if (!v.is_number() || v.get<double>() <= 0.0)
+      fail("bad value", field, "a positive number", v.dump());
     return v.get<double>();
   }
   std::string file_at(const json& node, const std::string& key, const std::string& field,
@@ -45,8 +49,8 @@ class Reader {
     }
     return file.string();
   }
-  [[noreturn]] void fail(const std::string& what, const std::string& field, const std::string& expected,
-                         const std::string& actual) const {
+  [[noreturn]] void fail(const std::string& what, const std::string& field,
+                         const std::string& expected, const std::string& actual) const {
     throw Error({what, path_ + ": " + field, expected, actual,
                  "re-export the model with `python -m dde_tools.export_models` (docs/formats.md)"});
   }
@@ -62,8 +66,9 @@ const char* family_name(Family family) { return family == Family::kSd15 ? "sd15"
 Manifest load_manifest(const std::string& path) {
   std::ifstream in(path);
   if (!in) {
-    throw Error({"cannot open manifest", path, "a readable manifest.json", "", 
-                 "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR"});
+    throw Error(
+        {"cannot open manifest", path, "a readable manifest.json", "",
+         "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR"});
   }
   json root;
   try {
@@ -81,7 +86,8 @@ Manifest load_manifest(const std::string& path) {
   }
   const json& version = r.at(root, "version", "version");
   if (!version.is_number_integer() || version.get<int64_t>() != Manifest::kVersion) {
-    r.fail("unsupported manifest version", "version", std::to_string(Manifest::kVersion), version.dump());
+    r.fail("unsupported manifest version", "version", std::to_string(Manifest::kVersion),
+           version.dump());
   }
   const std::string family = r.string_at(root, "family", "family");
   if (family == "sd15") {
@@ -103,14 +109,18 @@ Manifest load_manifest(const std::string& path) {
   }
 
   const json& schedule = r.at(root, "schedule", "schedule");
-  m.num_train_timesteps = r.positive_int_at(schedule, "num_train_timesteps", "schedule.num_train_timesteps");
+  m.num_train_timesteps =
+      r.positive_int_at(schedule, "num_train_timesteps", "schedule.num_train_timesteps");
   m.beta_start = r.positive_number_at(schedule, "beta_start", "schedule.beta_start");
   m.beta_end = r.positive_number_at(schedule, "beta_end", "schedule.beta_end");
-  const std::string beta_schedule = r.string_at(schedule, "beta_schedule", "schedule.beta_schedule");
+  const std::string beta_schedule =
+      r.string_at(schedule, "beta_schedule", "schedule.beta_schedule");
   if (beta_schedule != "scaled_linear") {
-    r.fail("unsupported noise schedule", "schedule.beta_schedule", "\"scaled_linear\"", beta_schedule);
+    r.fail("unsupported noise schedule", "schedule.beta_schedule", "\"scaled_linear\"",
+           beta_schedule);
   }
-  const std::string prediction = r.string_at(schedule, "prediction_type", "schedule.prediction_type");
+  const std::string prediction =
+      r.string_at(schedule, "prediction_type", "schedule.prediction_type");
   if (prediction != "epsilon") {
     r.fail("unsupported prediction type", "schedule.prediction_type", "\"epsilon\"", prediction);
   }
@@ -118,7 +128,8 @@ Manifest load_manifest(const std::string& path) {
   const json& unet = r.at(root, "unet", "unet");
   m.unet_file = r.file_at(unet, "file", "unet.file", dir);
   m.unet_param_prefix = r.string_at(unet, "param_prefix", "unet.param_prefix");
-  m.cross_attention_dim = r.positive_int_at(unet, "cross_attention_dim", "unet.cross_attention_dim");
+  m.cross_attention_dim =
+      r.positive_int_at(unet, "cross_attention_dim", "unet.cross_attention_dim");
   m.unet_config_json = r.at(unet, "config", "unet.config").dump(2);
   const json& added = r.at(unet, "added_cond", "unet.added_cond");
   if (!added.is_null()) {
@@ -143,7 +154,8 @@ Manifest load_manifest(const std::string& path) {
     info.file = r.file_at(e, "file", f + ".file", dir);
     info.hidden_output = r.string_at(e, "hidden_output", f + ".hidden_output");
     if (info.hidden_output != "last" && info.hidden_output != "penultimate") {
-      r.fail("unknown hidden output", f + ".hidden_output", "\"last\" or \"penultimate\"", info.hidden_output);
+      r.fail("unknown hidden output", f + ".hidden_output", "\"last\" or \"penultimate\"",
+             info.hidden_output);
     }
     info.hidden_size = r.positive_int_at(e, "hidden_size", f + ".hidden_size");
     info.pooled_size = r.positive_int_at(e, "pooled_size", f + ".pooled_size");
@@ -164,7 +176,8 @@ Manifest load_manifest(const std::string& path) {
   for (const TextEncoderInfo& e : m.text_encoders) concat_dim += e.hidden_size;
   if (dim != concat_dim || dim != m.cross_attention_dim) {
     r.fail("text embedding width does not add up", "text_embedding.dim",
-           "sum of encoder hidden sizes = unet.cross_attention_dim = " + std::to_string(m.cross_attention_dim),
+           "sum of encoder hidden sizes = unet.cross_attention_dim = " +
+               std::to_string(m.cross_attention_dim),
            std::to_string(dim) + " (encoders sum to " + std::to_string(concat_dim) + ")");
   }
   const json& pooled = r.at(embedding, "pooled_from", "text_embedding.pooled_from");
@@ -180,10 +193,13 @@ Manifest load_manifest(const std::string& path) {
         }
       }
     }
-    if (!found) r.fail("pooled_from names no text encoder", "text_embedding.pooled_from", "an encoder name", *m.pooled_from);
+    if (!found)
+      r.fail("pooled_from names no text encoder", "text_embedding.pooled_from", "an encoder name",
+             *m.pooled_from);
   }
   if (m.added_cond && !m.pooled_from) {
-    r.fail("sdxl needs a pooled embedding", "text_embedding.pooled_from", "an encoder name", "null");
+    r.fail("sdxl needs a pooled embedding", "text_embedding.pooled_from", "an encoder name",
+           "null");
   }
 
   const json& vae = r.at(root, "vae", "vae");

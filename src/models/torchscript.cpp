@@ -23,8 +23,9 @@ torch::jit::Module load_component(const std::string& path, const torch::Device& 
     torch::jit::Module module = torch::jit::load(path, device);
     return module;
   } catch (const c10::Error& e) {
-    throw Error({"cannot load TorchScript " + what, path, "a TorchScript archive from export_models",
-                 e.what_without_backtrace(), "re-export the model with the pinned torch (requirements.txt)"});
+    throw Error({"cannot load TorchScript " + what, path,
+                 "a TorchScript archive from export_models", e.what_without_backtrace(),
+                 "re-export the model with the pinned torch (requirements.txt)"});
   }
 }
 

@@ -3,18 +3,20 @@
 #include <ATen/ops/_fused_adamw.h>
 
 #include <algorithm>
-#include <map>
 #include <cmath>
+#include <map>
 
 #include "dde/util/error.hpp"
 
 namespace dde::train {
 
-AdamW::AdamW(NamedTensors params, AdamWOptions options) : params_(std::move(params)), options_(options) {
+AdamW::AdamW(NamedTensors params, AdamWOptions options)
+    : params_(std::move(params)), options_(options) {
   for (const auto& [name, p] : params_) {
     exp_avg_.push_back(torch::zeros_like(p, torch::MemoryFormat::Preserve));
     exp_avg_sq_.push_back(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-    steps_.push_back(torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(p.device())));
+    steps_.push_back(
+        torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(p.device())));
   }
 }
 
@@ -33,8 +35,9 @@ void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   // torch.optim's fused path increments the step counters before the kernel.
   torch::_foreach_add_(steps, 1);
-  at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1,
-                    options_.beta2, options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+  at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, /*max_exp_avg_sqs=*/{}, steps, lr,
+                    options_.beta1, options_.beta2, options_.weight_decay, options_.eps,
+                    /*amsgrad=*/false, /*maximize=*/false);
 }
 
 void AdamW::zero_grad() {
@@ -47,9 +50,12 @@ void AdamW::zero_grad() {
 
 AdamW::NamedTensors AdamW::state() const {
   NamedTensors out;
-  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("exp_avg." + params_[i].first, exp_avg_[i]);
-  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("exp_avg_sq." + params_[i].first, exp_avg_sq_[i]);
-  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("step." + params_[i].first, steps_[i]);
+  for (size_t i = 0; i < params_.size(); ++i)
+    out.emplace_back("exp_avg." + params_[i].first, exp_avg_[i]);
+  for (size_t i = 0; i < params_.size(); ++i)
+    out.emplace_back("exp_avg_sq." + params_[i].first, exp_avg_sq_[i]);
+  for (size_t i = 0; i < params_.size(); ++i)
+    out.emplace_back("step." + params_[i].first, steps_[i]);
   return out;
 }
 
@@ -87,7 +93,8 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
   if (grads.empty()) return 0.0;
   torch::NoGradGuard no_grad;
   const std::vector<torch::Tensor> norms = torch::_foreach_norm(grads, 2);
-  const torch::Tensor total = torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64);
+  const torch::Tensor total =
+      torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64);
   const double total_norm = total.item<double>();
   if (max_norm > 0.0 && std::isfinite(total_norm)) {
     // torch.nn.utils.clip_grad_norm_: coef = max_norm / (total + 1e-6), clamped to 1.
@@ -99,7 +106,8 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
 
 double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps) {
   if (step < warmup_steps) {
-    return base_lr * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup_steps));
+    return base_lr * static_cast<double>(step) /
+           static_cast<double>(std::max<int64_t>(1, warmup_steps));
   }
   return base_lr;
 }

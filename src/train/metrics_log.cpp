@@ -24,7 +24,9 @@ MetricsLog::MetricsLog(std::string path, int64_t keep_through_step) : path_(std:
   } else {
     out_.open(path_, std::ios::trunc);
   }
-  if (!out_) throw Error({"cannot open metrics log", path_, "a writable file", "", "check the run directory"});
+  if (!out_)
+    throw Error(
+        {"cannot open metrics log", path_, "a writable file", "", "check the run directory"});
 }
 
 void MetricsLog::write(const nlohmann::json& record) {

@@ -13,6 +13,8 @@
 #include "dde/checkpoint/checkpoint_store.hpp"
 #include "dde/checkpoint/safetensors.hpp"
 #include "dde/data/pair_loader.hpp"
+#include "dde/dist/communicator.hpp"
+#include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/models/manifest.hpp"
 #include "dde/objective/correction_ema.hpp"
@@ -21,6 +23,7 @@
 #include "dde/objective/timestep_sampler.hpp"
 #include "dde/train/adamw.hpp"
 #include "dde/train/metrics_log.hpp"
+#include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 
@@ -32,17 +35,20 @@ using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kCheckpointVersion = 1;
+constexpr int64_t kBucketBytes = 25 << 20;  // gradient all-reduce buckets, as torch DDP
 
-torch::Device pick_device(const std::string& requested) {
+torch::Device pick_device(const std::string& requested, int64_t local_rank) {
   if (requested == "cpu") return torch::kCPU;
+  const auto gpu = static_cast<c10::DeviceIndex>(local_rank);
   if (requested == "cuda") {
     if (!torch::cuda::is_available()) {
       throw Error({"CUDA requested but not available", "run.device", "a visible GPU", "none",
                    "set run.device: cpu (or auto), or check CUDA_VISIBLE_DEVICES and the driver"});
     }
-    return {torch::kCUDA, 0};
+    return {torch::kCUDA, gpu};
   }
-  return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  return torch::cuda::is_available() ? torch::Device(torch::kCUDA, gpu)
+                                     : torch::Device(torch::kCPU);
 }
 
 // Test hook: DDE_DEBUG_NONFINITE_STEPS="3,4" poisons the loss of those (1-based) steps.
@@ -64,10 +70,39 @@ torch::Tensor per_image_mse(const torch::Tensor& prediction, const torch::Tensor
 }
 
 // SDXL add_time_ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image.
-torch::Tensor time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl, int64_t resolution) {
+torch::Tensor time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl,
+                       int64_t resolution) {
   const torch::Tensor target = torch::full({original_hw.size(0), 2}, resolution, torch::kLong);
   return torch::cat({original_hw, crop_tl, target}, 1).to(torch::kFloat32);
 }
+
+// splitmix64: the per-pair noise seed from (run seed, pair id, stream).
+uint64_t mix_seed(uint64_t seed, int64_t pair_id, uint64_t stream) {
+  uint64_t h = seed;
+  for (uint64_t part : {static_cast<uint64_t>(pair_id), stream}) {
+    h ^= part;
+    h += 0x9E3779B97F4A7C15ULL;
+    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    h = (h ^ (h >> 27)) * 0x94D049BB133111EBULL;
+    h ^= h >> 31;
+  }
+  return h;
+}
+
+// Columns of a per-pair record row, gathered from every rank to rank 0.
+enum PairColumn : int64_t {
+  kPairId,
+  kT,
+  kPolicyW,
+  kPolicyL,
+  kRefW,
+  kRefL,
+  kCorrection,
+  kZ,
+  kLoss,
+  kCredit,
+  kPairColumns
+};
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
@@ -79,7 +114,9 @@ std::string format_duration(double seconds) {
 
 struct Trainer::Impl {
   config::TrainConfig cfg;
+  dist::DistEnvironment env;
   torch::Device device;
+  std::unique_ptr<dist::Communicator> comm;
   models::Manifest manifest;
   models::Manifest reference_manifest;
   objective::NoiseSchedule schedule;
@@ -94,8 +131,7 @@ struct Trainer::Impl {
   std::unique_ptr<data::PairLoader> loader;
   std::unique_ptr<AdamW> optimizer;
   checkpoint::CheckpointStore store;
-  std::unique_ptr<MetricsLog> metrics;
-  at::Generator gen;
+  std::unique_ptr<MetricsLog> metrics;  // rank 0 only
   int64_t resolution;
   int64_t accumulation;
   int64_t step = 0;  // optimizer steps attempted so far (skipped ones included)
@@ -108,12 +144,14 @@ struct Trainer::Impl {
   void restore(const std::string& dir);
   std::string save_checkpoint();
   TrainOutcome run();
+  void write_pair_records(const torch::Tensor& all_rows);
+  bool is_main() const { return comm->rank() == 0; }
 
   struct MicroResult {
     torch::Tensor loss_sum;  // scalar float64, sum over pairs of the micro-batch
-    torch::Tensor z, t, C_t, per_pair_loss, credit;
+    torch::Tensor rows;      // [B, kPairColumns] float64, per-pair record values
     objective::PairErrors errors;
-    std::vector<std::string> keys;
+    bool has_z = false;
   };
   MicroResult micro_step(const data::PairBatch& batch);
   torch::Tensor predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
@@ -122,25 +160,30 @@ struct Trainer::Impl {
 
 Trainer::Impl::Impl(config::TrainConfig config, bool resume)
     : cfg(std::move(config)),
-      device(pick_device(cfg.run.device)),
+      env(dist::detect_environment(cfg.dist.init_method)),
+      device(pick_device(cfg.run.device, env.local_rank)),
       manifest(models::load_manifest(cfg.model.manifest)),
-      reference_manifest(cfg.model.reference_manifest.empty() ? manifest
-                                                              : models::load_manifest(cfg.model.reference_manifest)),
-      schedule(objective::NoiseSchedule::scaled_linear(manifest.num_train_timesteps, manifest.beta_start,
-                                                       manifest.beta_end)),
+      reference_manifest(cfg.model.reference_manifest.empty()
+                             ? manifest
+                             : models::load_manifest(cfg.model.reference_manifest)),
+      schedule(objective::NoiseSchedule::scaled_linear(manifest.num_train_timesteps,
+                                                       manifest.beta_start, manifest.beta_end)),
       method(objective::parse_method(cfg.method.name)),
       ema(manifest.num_train_timesteps, cfg.method.ema_momentum),
-      store((fs::path(cfg.run.output_dir) / "checkpoints").string(), cfg.checkpoint.keep),
-      gen(at::make_generator<at::CPUGeneratorImpl>(cfg.run.seed)) {
+      store((fs::path(cfg.run.output_dir) / "checkpoints").string(), cfg.checkpoint.keep) {
+  log::set_rank(static_cast<int>(env.rank));
+  comm = dist::Communicator::create(env, cfg.dist.backend, device,
+                                    std::chrono::seconds(cfg.dist.timeout_s));
   config::validate_against_timesteps(cfg, manifest.num_train_timesteps);
   method_params.beta = cfg.method.beta;
   method_params.correction_scale = cfg.method.correction_scale;
   resolution = cfg.data.resolution > 0 ? cfg.data.resolution : manifest.resolution;
   if (resolution % manifest.latent_downsample != 0) {
     throw Error({"resolution not divisible by the VAE downsampling", "data.resolution",
-                 "a multiple of " + std::to_string(manifest.latent_downsample), std::to_string(resolution), ""});
+                 "a multiple of " + std::to_string(manifest.latent_downsample),
+                 std::to_string(resolution), ""});
   }
-  accumulation = config::accumulation_steps(cfg, /*world_size=*/1);
+  accumulation = config::accumulation_steps(cfg, comm->world_size());
 
   objective::TimestepSamplerOptions sampler_options;
   sampler_options.distribution = objective::method_distribution(method);
@@ -153,9 +196,11 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
 
   fs::create_directories(cfg.run.output_dir);
   log::add_file((fs::path(cfg.run.output_dir) / "train.log").string());
-  log::info("dde_train: method {}, family {}, device {}, resolution {}, global batch {} = {} x {} accumulation",
-            objective::method_name(method), models::family_name(manifest.family), device.str(), resolution,
-            cfg.train.global_batch, cfg.train.micro_batch, accumulation);
+  log::info(
+      "dde_train: method {}, family {}, device {}, resolution {}, global batch {} = {} x {} "
+      "accumulation",
+      objective::method_name(method), models::family_name(manifest.family), device.str(),
+      resolution, cfg.train.global_batch, cfg.train.micro_batch, accumulation);
   log::info("resolved config:\n{}", config::to_yaml(cfg));
 
   policy = std::make_unique<models::UNet>(manifest, device, /*trainable=*/true);
@@ -184,6 +229,8 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   lo.keep_ties = cfg.data.keep_ties;
   lo.seed = cfg.run.seed;
   lo.batch_size = cfg.train.micro_batch;
+  lo.rank = comm->rank();
+  lo.world_size = comm->world_size();
   for (const models::TextEncoderInfo& e : manifest.text_encoders) {
     lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
@@ -191,7 +238,8 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   loader = std::make_unique<data::PairLoader>(lo);
 
   poisoned_steps = injected_nonfinite_steps();
-  store.remove_stale_staging();
+  if (is_main()) store.remove_stale_staging();
+  comm->barrier();
   int64_t keep_metrics_through = -1;
   if (resume) {
     if (auto latest = store.latest_complete()) {
@@ -201,12 +249,20 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
       log::info("--resume: no complete checkpoint under {}, starting from step 0", store.root());
     }
   }
-  metrics = std::make_unique<MetricsLog>((fs::path(cfg.run.output_dir) / "metrics.jsonl").string(),
-                                         keep_metrics_through);
+  // Every rank starts from rank 0's weights (they load the same files; this makes it a fact).
+  std::vector<torch::Tensor> weights = policy->parameters();
+  {
+    torch::NoGradGuard no_grad;
+    comm->broadcast(weights, /*root=*/0);
+  }
+  if (is_main()) {
+    metrics = std::make_unique<MetricsLog>(
+        (fs::path(cfg.run.output_dir) / "metrics.jsonl").string(), keep_metrics_through);
+  }
 }
 
-torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
-                                     const models::Conditioning& cond) {
+torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x,
+                                     const torch::Tensor& t, const models::Conditioning& cond) {
   if (cfg.train.precision != "bf16") return unet.predict_noise(x, t, cond);
   const c10::DeviceType type = device.type();
   at::autocast::set_autocast_enabled(type, true);
@@ -220,8 +276,27 @@ torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x,
 
 Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batch) {
   const int64_t B = batch.winner.size(0);
+  const int64_t h = resolution / manifest.latent_downsample;
+  const std::vector<int64_t> latent_shape{manifest.latent_channels, h, h};
+
+  // Per-pair randomness from (seed, pair id): the same pair gets the same t and noise whatever
+  // the world size, micro-batch or resume point. One t and one eps per pair, shared by winner
+  // and loser (Diffusion-DPO); the VAE posterior is sampled per image.
+  std::vector<torch::Tensor> ts, eps_list, vae_w, vae_l;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t id = batch.pair_ids[i].item<int64_t>();
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(mix_seed(cfg.run.seed, id, 0));
+    ts.push_back(sampler->sample(1, g));
+    eps_list.push_back(at::randn(latent_shape, g, torch::kFloat32));
+    vae_w.push_back(at::randn(latent_shape, g, torch::kFloat32));
+    vae_l.push_back(at::randn(latent_shape, g, torch::kFloat32));
+  }
+  const torch::Tensor t = torch::cat(ts);  // [B] int64, CPU
+  const torch::Tensor eps_pair = torch::stack(eps_list).to(device);
+  const torch::Tensor vae_noise = torch::cat({torch::stack(vae_w), torch::stack(vae_l)}, 0);
+
   // One VAE call for both sides: [x_w; x_l], [2B, 3, H, W] -> latents [2B, C, h, w].
-  const torch::Tensor latents = vae->encode(torch::cat({batch.winner, batch.loser}, 0), gen);
+  const torch::Tensor latents = vae->encode(torch::cat({batch.winner, batch.loser}, 0), vae_noise);
   models::Conditioning cond = text->encode(batch.input_ids);
   torch::Tensor loser_time_ids;
   if (manifest.added_cond) {
@@ -230,10 +305,6 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   }
   const models::Conditioning pair_cond = cond.repeat_for_pair(loser_time_ids);
 
-  // One t and one eps per pair, shared by winner and loser (Diffusion-DPO).
-  const torch::Tensor t = sampler->sample(B, gen);
-  const torch::Tensor eps_pair =
-      at::randn({B, latents.size(1), latents.size(2), latents.size(3)}, gen, torch::kFloat32).to(device);
   const torch::Tensor eps = torch::cat({eps_pair, eps_pair}, 0);
   const torch::Tensor t2 = torch::cat({t, t}, 0);
   const torch::Tensor x_t = objective::add_noise(schedule, latents, eps, t2.to(device));
@@ -249,20 +320,27 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
     errors.ref_l = e_ref.slice(0, B, 2 * B);
   }
   const torch::Tensor C_t = ema.correction(t).to(device);
+  const torch::Tensor t_dev = t.to(device);
   const objective::MethodOutput out =
-      objective::compute_method(method, errors, t.to(device), C_t, method_params, schedule);
+      objective::compute_method(method, errors, t_dev, C_t, method_params, schedule);
 
   MicroResult r;
   r.loss_sum = out.loss.sum();
-  r.z = out.z.defined() ? out.z.detach().cpu() : torch::Tensor();
-  r.per_pair_loss = out.loss.detach().cpu();
-  r.credit = objective::credit_weight(method, out, t.to(device), schedule).cpu();
-  r.t = t;
-  r.C_t = C_t.cpu();
   r.errors = errors;
-  r.keys = batch.keys;
+  r.has_z = out.z.defined();
+  const auto f64 = [](const torch::Tensor& x) {
+    return x.detach().to(torch::kCPU, torch::kFloat64);
+  };
+  const torch::Tensor nan =
+      torch::full({B}, std::numeric_limits<double>::quiet_NaN(), torch::kFloat64);
+  r.rows = torch::stack(
+      {f64(batch.pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
+       errors.ref_w.defined() ? f64(errors.ref_w) : nan,
+       errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(C_t), r.has_z ? f64(out.z) : nan,
+       f64(out.loss), f64(objective::credit_weight(method, out, t_dev, schedule))},
+      1);
   if (objective::uses_reference(method)) {
-    ema.accumulate(t, objective::transition_estimate(errors, t.to(device), schedule).cpu());
+    ema.accumulate(t, objective::transition_estimate(errors, t_dev, schedule).cpu());
   }
   return r;
 }
@@ -276,51 +354,44 @@ TrainOutcome Trainer::Impl::run() {
     const auto step_start = Clock::now();
     const double wait_before = loader->wait_seconds();
     const double lr = constant_with_warmup(step, cfg.optim.lr, cfg.optim.warmup_steps);
+    const bool poisoned = poisoned_steps.count(step + 1) != 0;
 
-    // ---- training section: micro-batches -> backward (accumulate) ----
-    double loss_sum = 0.0;
-    int64_t pairs = 0;
-    int64_t correct = 0;
-    double mse_policy = 0.0;
-    double mse_ref = 0.0;
-    std::vector<json> pair_records;
+    // ---- training section: micro-batches -> backward (gradients accumulate locally) ----
+    // stats: loss sum, pairs, z > 0 count, winner mse (policy, reference) sums.
+    torch::Tensor stats = torch::zeros({5}, torch::kFloat64);
+    std::vector<torch::Tensor> rows;
+    bool has_z = false;
     for (int64_t micro = 0; micro < accumulation; ++micro) {
       const data::PairBatch batch = loader->next();
       MicroResult r = micro_step(batch);
+      // Sum over pairs / global batch: the all-reduced sum of gradients is the batch mean's.
       torch::Tensor loss = r.loss_sum / static_cast<double>(cfg.train.global_batch);
-      if (poisoned_steps.count(step + 1) != 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      if (poisoned) loss = loss * std::numeric_limits<double>::quiet_NaN();
       loss.backward();
-      loss_sum += r.loss_sum.item<double>();
-      const int64_t B = r.t.size(0);
-      pairs += B;
-      mse_policy += r.errors.policy_w.detach().sum().item<double>();
-      if (r.errors.ref_w.defined()) mse_ref += r.errors.ref_w.sum().item<double>();
-      if (r.z.defined()) correct += (r.z > 0).sum().item<int64_t>();
-      if (cfg.logging.per_sample) {
-        for (int64_t i = 0; i < B; ++i) {
-          json rec = {{"kind", "pair"},
-                      {"step", step + 1},
-                      {"rank", 0},
-                      {"key", r.keys[static_cast<size_t>(i)]},
-                      {"t", r.t[i].item<int64_t>()},
-                      {"mse_policy_w", r.errors.policy_w[i].item<double>()},
-                      {"mse_policy_l", r.errors.policy_l[i].item<double>()},
-                      {"correction", r.C_t[i].item<double>()},
-                      {"loss", r.per_pair_loss[i].item<double>()},
-                      {"credit", r.credit[i].item<double>()}};
-          rec["mse_ref_w"] = r.errors.ref_w.defined() ? json(r.errors.ref_w[i].item<double>()) : json(nullptr);
-          rec["mse_ref_l"] = r.errors.ref_l.defined() ? json(r.errors.ref_l[i].item<double>()) : json(nullptr);
-          rec["z"] = r.z.defined() ? json(r.z[i].item<double>()) : json(nullptr);
-          pair_records.push_back(std::move(rec));
-        }
-      }
+      has_z = r.has_z;
+      rows.push_back(r.rows);
+      stats[0] += r.rows.select(1, kLoss).sum();
+      stats[1] += r.rows.size(0);
+      if (has_z) stats[2] += (r.rows.select(1, kZ) > 0).sum();
+      stats[3] += r.rows.select(1, kPolicyW).sum();
+      if (reference) stats[4] += r.rows.select(1, kRefW).sum();
     }
 
+    // ---- reduce: gradients and figures summed over ranks ----
+    std::vector<torch::Tensor> grads;
+    for (const torch::Tensor& p : policy->parameters()) {
+      if (p.grad().defined()) grads.push_back(p.grad());
+    }
+    comm->all_reduce_sum(grads, kBucketBytes);
+    std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count()};
+    comm->all_reduce_sum(reduced, kBucketBytes);
+    const torch::Tensor all_rows = comm->all_gather(torch::cat(rows, 0));
+
     // ---- update: guard -> clip -> AdamW -> delayed correction update ----
-    const std::vector<torch::Tensor> params = policy->parameters();
-    const double grad_norm = clip_grad_norm(params, cfg.optim.grad_clip);
-    const double mean_loss = loss_sum / static_cast<double>(pairs);
-    const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && poisoned_steps.count(step + 1) == 0;
+    const double grad_norm = clip_grad_norm(policy->parameters(), cfg.optim.grad_clip);
+    const double pairs = stats[1].item<double>();
+    const double mean_loss = stats[0].item<double>() / pairs;
+    const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && !poisoned;
     if (finite) {
       optimizer->step(lr);
       ema.apply();
@@ -329,111 +400,172 @@ TrainOutcome Trainer::Impl::run() {
       ema.clear_pending();
       ++skipped_steps;
       ++nonfinite_in_row;
-      log::warn("step {}: non-finite {} (loss {}, grad norm {}): update skipped ({} in a row, limit {})", step + 1,
-                std::isfinite(mean_loss) ? "gradient" : "loss", mean_loss, grad_norm, nonfinite_in_row,
-                cfg.optim.max_nonfinite_in_row);
+      log::warn(
+          "step {}: non-finite {} (loss {}, grad norm {}): update skipped ({} in a row, limit {})",
+          step + 1, std::isfinite(mean_loss) ? "gradient" : "loss", mean_loss, grad_norm,
+          nonfinite_in_row, cfg.optim.max_nonfinite_in_row);
     }
     optimizer->zero_grad();
     ++step;
 
-    // ---- metrics, progress, checkpoint ----
+    // ---- metrics (rank 0, global figures), progress, checkpoint, preemption ----
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     const double waited = loader->wait_seconds() - wait_before;
-    json rec = {{"kind", "step"},
-                {"step", step},
-                {"loss", mean_loss},
-                {"lr", lr},
-                {"grad_norm", grad_norm},
-                {"mse_policy", mse_policy / static_cast<double>(pairs)},
-                {"pairs_per_s", static_cast<double>(pairs) / step_seconds},
-                {"data_wait_frac", step_seconds > 0 ? waited / step_seconds : 0.0},
-                {"skipped_steps", skipped_steps},
-                {"epoch", loader->state().epoch}};
-    rec["implicit_acc"] = objective::uses_reference(method)
-                              ? json(static_cast<double>(correct) / static_cast<double>(pairs))
-                              : json(nullptr);
-    rec["mse_ref"] = reference ? json(mse_ref / static_cast<double>(pairs)) : json(nullptr);
-    for (const json& p : pair_records) metrics->write(p);
-    metrics->write(rec);
-    if (cfg.logging.progress && (step % cfg.logging.every == 0 || step == max_steps)) {
-      const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
-      const double per_step = elapsed / static_cast<double>(step - first_step);
-      log::info("step {}/{} | loss {:.4f} | acc {} | {:.1f} pairs/s | data wait {:.0f}% | ETA {}", step, max_steps,
-                mean_loss,
-                rec["implicit_acc"].is_null() ? std::string("-") : fmt::format("{:.3f}", rec["implicit_acc"].get<double>()),
-                rec["pairs_per_s"].get<double>(), 100.0 * rec["data_wait_frac"].get<double>(),
-                format_duration(per_step * static_cast<double>(max_steps - step)));
+    if (is_main()) {
+      json rec = {{"kind", "step"},
+                  {"step", step},
+                  {"loss", mean_loss},
+                  {"lr", lr},
+                  {"grad_norm", grad_norm},
+                  {"mse_policy", stats[3].item<double>() / pairs},
+                  {"pairs_per_s", pairs / step_seconds},
+                  {"data_wait_frac", step_seconds > 0 ? std::min(1.0, waited / step_seconds) : 0.0},
+                  {"skipped_steps", skipped_steps},
+                  {"epoch", loader->state().epoch}};
+      rec["implicit_acc"] = has_z ? json(stats[2].item<double>() / pairs) : json(nullptr);
+      rec["mse_ref"] = reference ? json(stats[4].item<double>() / pairs) : json(nullptr);
+      if (cfg.logging.per_sample) write_pair_records(all_rows);
+      metrics->write(rec);
+      if (cfg.logging.progress && (step % cfg.logging.every == 0 || step == max_steps)) {
+        const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
+        const double per_step = elapsed / static_cast<double>(step - first_step);
+        log::info(
+            "step {}/{} | loss {:.4f} | acc {} | {:.1f} pairs/s | data wait {:.0f}% | ETA {}", step,
+            max_steps, mean_loss,
+            has_z ? fmt::format("{:.3f}", rec["implicit_acc"].get<double>()) : std::string("-"),
+            rec["pairs_per_s"].get<double>(), 100.0 * rec["data_wait_frac"].get<double>(),
+            format_duration(per_step * static_cast<double>(max_steps - step)));
+      }
     }
     if (nonfinite_in_row >= cfg.optim.max_nonfinite_in_row) {
       const std::string dir = save_checkpoint();
       throw Error({"too many non-finite steps in a row", "step " + std::to_string(step),
-                   "fewer than optim.max_nonfinite_in_row = " + std::to_string(cfg.optim.max_nonfinite_in_row),
+                   "fewer than optim.max_nonfinite_in_row = " +
+                       std::to_string(cfg.optim.max_nonfinite_in_row),
                    std::to_string(nonfinite_in_row),
                    "the last good weights are saved in " + dir +
                        "; lower optim.lr, check the data, or use precision fp32, then --resume"});
     }
+    // Every rank must take the same branch: agree on whether any of them was signalled.
+    if (comm->any(stop_requested())) {
+      const std::string dir = save_checkpoint();
+      log::warn("stop requested (signal {}): checkpoint {} written at step {}; exiting for requeue",
+                stop_signal(), dir, step);
+      return {step, skipped_steps, last_checkpoint, /*preempted=*/true};
+    }
     if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint();
   }
-  return {step, skipped_steps, last_checkpoint};
+  return {step, skipped_steps, last_checkpoint, /*preempted=*/false};
+}
+
+void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
+  // all_rows: [world * n, kPairColumns], rank r's rows at [r * n, (r + 1) * n).
+  const int64_t per_rank = all_rows.size(0) / comm->world_size();
+  const auto a = all_rows.accessor<double, 2>();
+  const auto number_or_null = [](double v) { return std::isnan(v) ? json(nullptr) : json(v); };
+  for (int64_t i = 0; i < all_rows.size(0); ++i) {
+    metrics->write({{"kind", "pair"},
+                    {"step", step},
+                    {"rank", i / per_rank},
+                    {"pair_id", static_cast<int64_t>(a[i][kPairId])},
+                    {"t", static_cast<int64_t>(a[i][kT])},
+                    {"mse_policy_w", a[i][kPolicyW]},
+                    {"mse_policy_l", a[i][kPolicyL]},
+                    {"mse_ref_w", number_or_null(a[i][kRefW])},
+                    {"mse_ref_l", number_or_null(a[i][kRefL])},
+                    {"correction", a[i][kCorrection]},
+                    {"z", number_or_null(a[i][kZ])},
+                    {"loss", number_or_null(a[i][kLoss])},
+                    {"credit", number_or_null(a[i][kCredit])}});
+  }
 }
 
 std::string Trainer::Impl::save_checkpoint() {
-  const std::string dir = store.stage(step);
-  const fs::path d(dir);
-  fs::create_directories(d / "unet");
-  checkpoint::write_file_atomic((d / "unet" / "config.json").string(), manifest.unet_config_json);
-  checkpoint::save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(),
-                               policy->named_parameters(), {{"format", "pt"}});
-
-  checkpoint::NamedTensors state = optimizer->state();
-  state.emplace_back("rng.cpu", gen.get_state());
-  state.emplace_back("correction.E", ema.values());
-  checkpoint::save_safetensors((d / "training_state.safetensors").string(), state);
-
+  // Rank 0 stages and writes the shared state, every rank its own position; the rename that
+  // makes it complete happens only after all of them have written (barrier).
+  const fs::path d = store.staging_dir(step);
+  if (is_main()) store.stage(step);
+  comm->barrier();
   const data::PairLoaderState position = loader->state();
-  const json trainer_state = {{"format", "dde-checkpoint"},
-                              {"version", kCheckpointVersion},
-                              {"step", step},
-                              {"skipped_steps", skipped_steps},
-                              {"nonfinite_in_row", nonfinite_in_row},
-                              {"world_size", 1},
-                              {"method", objective::method_name(method)},
-                              {"loader", {{"epoch", position.epoch}, {"pairs_consumed", position.pairs_consumed}}},
-                              {"correction", {{"momentum", ema.momentum()}, {"updates", ema.updates()}}}};
-  checkpoint::write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
-  const auto E = ema.values().contiguous();
-  const json correction = {{"step", step},
-                           {"momentum", ema.momentum()},
-                           {"E", std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + E.numel())}};
-  checkpoint::write_file_atomic((d / "correction_ema.json").string(), correction.dump());
-  checkpoint::write_file_atomic((d / "config.yaml").string(), config::to_yaml(cfg));
-  last_checkpoint = store.commit(step);
-  log::info("checkpoint: {}", last_checkpoint);
+  const json rank_state = {
+      {"rank", comm->rank()},
+      {"world_size", comm->world_size()},
+      {"loader", {{"epoch", position.epoch}, {"pairs_consumed", position.pairs_consumed}}}};
+  checkpoint::write_file_atomic((d / fmt::format("rank-{:05d}.json", comm->rank())).string(),
+                                rank_state.dump(2));
+  if (is_main()) {
+    fs::create_directories(d / "unet");
+    checkpoint::write_file_atomic((d / "unet" / "config.json").string(), manifest.unet_config_json);
+    checkpoint::save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(),
+                                 policy->named_parameters(), {{"format", "pt"}});
+    checkpoint::NamedTensors state = optimizer->state();
+    state.emplace_back("correction.E", ema.values());
+    checkpoint::save_safetensors((d / "training_state.safetensors").string(), state);
+    const json trainer_state = {
+        {"format", "dde-checkpoint"},
+        {"version", kCheckpointVersion},
+        {"step", step},
+        {"skipped_steps", skipped_steps},
+        {"nonfinite_in_row", nonfinite_in_row},
+        {"world_size", comm->world_size()},
+        {"method", objective::method_name(method)},
+        {"correction", {{"momentum", ema.momentum()}, {"updates", ema.updates()}}}};
+    checkpoint::write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
+    const auto E = ema.values().contiguous();
+    const json correction = {
+        {"step", step},
+        {"momentum", ema.momentum()},
+        {"E", std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + E.numel())}};
+    checkpoint::write_file_atomic((d / "correction_ema.json").string(), correction.dump());
+    checkpoint::write_file_atomic((d / "config.yaml").string(), config::to_yaml(cfg));
+  }
+  comm->barrier();
+  if (is_main()) {
+    last_checkpoint = store.commit(step);
+    log::info("checkpoint: {}", last_checkpoint);
+  } else {
+    last_checkpoint =
+        (fs::path(store.root()) / checkpoint::CheckpointStore::step_dir_name(step)).string();
+  }
+  comm->barrier();
   return last_checkpoint;
 }
 
 void Trainer::Impl::restore(const std::string& dir) {
   const fs::path d(dir);
   const json st = json::parse(checkpoint::read_text_file((d / "trainer_state.json").string()));
-  if (st.value("format", "") != "dde-checkpoint" || st.value("version", int64_t{0}) != kCheckpointVersion) {
+  if (st.value("format", "") != "dde-checkpoint" ||
+      st.value("version", int64_t{0}) != kCheckpointVersion) {
     throw Error({"not a dde checkpoint of a known version", (d / "trainer_state.json").string(),
                  "format dde-checkpoint, version " + std::to_string(kCheckpointVersion),
-                 st.value("format", std::string("?")) + " v" + std::to_string(st.value("version", int64_t{0})), ""});
+                 st.value("format", std::string("?")) + " v" +
+                     std::to_string(st.value("version", int64_t{0})),
+                 ""});
   }
   if (st.at("method").get<std::string>() != objective::method_name(method)) {
     throw Error({"checkpoint was trained with another method", dir, objective::method_name(method),
-                 st.at("method").get<std::string>(), "resume with the same method.name, or start a new run directory"});
+                 st.at("method").get<std::string>(),
+                 "resume with the same method.name, or start a new run directory"});
+  }
+  const int64_t saved_world = st.at("world_size").get<int64_t>();
+  if (saved_world != comm->world_size()) {
+    // Each rank's share of the data stream depends on the world size (docs/formats.md).
+    throw Error({"checkpoint was written by another world size", dir,
+                 std::to_string(saved_world) + " ranks",
+                 std::to_string(comm->world_size()) + " ranks",
+                 "resume with the same number of processes, or start a new run directory from its "
+                 "unet/ weights"});
   }
   const std::string previous_config = checkpoint::read_text_file((d / "config.yaml").string());
   if (previous_config != config::to_yaml(cfg)) {
     log::warn("resuming from {} with a config that differs from the checkpoint's config.yaml", dir);
   }
-  auto weights = checkpoint::load_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string());
+  auto weights =
+      checkpoint::load_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string());
   policy->load_parameters(weights.tensors, dir);
   auto state = checkpoint::load_safetensors((d / "training_state.safetensors").string());
   optimizer->load_state(state.tensors, (d / "training_state.safetensors").string());
   for (const auto& [name, tensor] : state.tensors) {
-    if (name == "rng.cpu") gen.set_state(tensor);
     if (name == "correction.E") {
       objective::CorrectionEma::State s;
       s.E.assign(tensor.data_ptr<double>(), tensor.data_ptr<double>() + tensor.numel());
@@ -445,9 +577,11 @@ void Trainer::Impl::restore(const std::string& dir) {
   step = st.at("step").get<int64_t>();
   skipped_steps = st.at("skipped_steps").get<int64_t>();
   nonfinite_in_row = st.at("nonfinite_in_row").get<int64_t>();
+  const fs::path rank_file = d / fmt::format("rank-{:05d}.json", comm->rank());
+  const json rs = json::parse(checkpoint::read_text_file(rank_file.string()));
   data::PairLoaderState position;
-  position.epoch = st.at("loader").at("epoch").get<int64_t>();
-  position.pairs_consumed = st.at("loader").at("pairs_consumed").get<int64_t>();
+  position.epoch = rs.at("loader").at("epoch").get<int64_t>();
+  position.pairs_consumed = rs.at("loader").at("pairs_consumed").get<int64_t>();
   loader->load_state(position);
   last_checkpoint = dir;
   log::info("resumed from {} at step {}", dir, step);

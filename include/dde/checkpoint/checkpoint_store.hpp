@@ -21,6 +21,7 @@ class CheckpointStore {
   CheckpointStore(std::string root, int64_t keep);
 
   std::string stage(int64_t step) const;
+  std::string staging_dir(int64_t step) const;  // where stage(step) puts it (for other ranks)
   std::string commit(int64_t step) const;
   // Newest complete checkpoint directory, if any.
   std::optional<std::string> latest_complete() const;

@@ -52,6 +52,9 @@ struct PairBatch {
   // [B, 2] int64 each. SDXL add_time_ids = (orig_h, orig_w, crop_top, crop_left, res, res):
   // original size = before the resize, crop offsets in resized coordinates (before the flip).
   torch::Tensor winner_original_hw, winner_crop_tl, loser_original_hw, loser_crop_tl;
+  torch::Tensor pair_ids;             // [B] int64: epoch << 32 | position in the epoch's global
+                                      // order; the same pair has the same id whatever the world
+                                      // size (the trainer seeds its per-pair noise with it)
   std::vector<std::string> keys;      // for per-pair logs
   std::vector<std::string> captions;  // "" where dropped
 };

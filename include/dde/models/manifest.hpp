@@ -12,9 +12,9 @@ namespace dde::models {
 enum class Family { kSd15, kSdxl };
 
 struct TextEncoderInfo {
-  std::string name;            // "text_encoder", "text_encoder_2"
-  std::string file;            // absolute path of the TorchScript file
-  std::string hidden_output;   // "last" | "penultimate"
+  std::string name;           // "text_encoder", "text_encoder_2"
+  std::string file;           // absolute path of the TorchScript file
+  std::string hidden_output;  // "last" | "penultimate"
   int64_t hidden_size = 0;
   int64_t pooled_size = 0;
   int64_t max_length = 0;
@@ -29,8 +29,8 @@ struct AddedConditioning {  // SDXL "text_time"
 
 struct Manifest {
   static constexpr int64_t kVersion = 1;
-  std::string path;            // where it was read from
-  std::string directory;       // component files are resolved against it
+  std::string path;       // where it was read from
+  std::string directory;  // component files are resolved against it
   Family family = Family::kSd15;
   int64_t resolution = 0;
   int64_t latent_channels = 0;

@@ -17,6 +17,7 @@ struct TrainOutcome {
   int64_t steps_done = 0;
   int64_t skipped_steps = 0;
   std::string last_checkpoint;
+  bool preempted = false;  // stopped by SIGTERM/SIGUSR1 after a checkpoint: exit kExitRequeue
 };
 
 class Trainer {

@@ -15,7 +15,7 @@ enum class Level { kDebug, kInfo, kWarn, kError };
 
 // Sink side (src/util/log_sink.cpp).
 void emit(Level level, const std::string& message);
-void set_rank(int rank);            // ranks other than 0 only log warnings and errors
+void set_rank(int rank);  // ranks other than 0 only log warnings and errors
 void set_level(Level level);
 void add_file(const std::string& path);  // also write to a file (append)
 void flush();

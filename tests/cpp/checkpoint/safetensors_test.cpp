@@ -10,7 +10,9 @@
 namespace {
 
 std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() / ("dde_st_" + std::to_string(::getpid()) + "_" + name)).string();
+  return (std::filesystem::temp_directory_path() /
+          ("dde_st_" + std::to_string(::getpid()) + "_" + name))
+      .string();
 }
 
 TEST(Safetensors, RoundTripKeepsValuesDtypesAndOrder) {

@@ -14,7 +14,8 @@ TEST(AdamW, MatchesTorchOptimAdamW) {
   torch::Tensor rw = w0.clone().requires_grad_(true);
   torch::Tensor rb = b0.clone().requires_grad_(true);
   dde::train::AdamW ours({{"w", w}, {"b", b}}, {0.9, 0.999, 1e-8, 1e-2});
-  torch::optim::AdamW ref({rw, rb}, torch::optim::AdamWOptions(1e-2).betas({0.9, 0.999}).eps(1e-8).weight_decay(1e-2));
+  torch::optim::AdamW ref(
+      {rw, rb}, torch::optim::AdamWOptions(1e-2).betas({0.9, 0.999}).eps(1e-8).weight_decay(1e-2));
   for (int i = 0; i < 5; ++i) {
     const torch::Tensor x = torch::randn({4, 5});
     (torch::matmul(x, w) + b).pow(2).sum().backward();

@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 TEST(Error, MessageNamesWhatWhereExpectedActualHint) {
-  const dde::Error e({"value out of range", "cfg.yaml: optim.lr", "> 0", "-1", "set a positive lr"});
-  EXPECT_STREQ(e.what(), "value out of range (cfg.yaml: optim.lr): expected > 0, got -1. set a positive lr");
+  const dde::Error e(
+      {"value out of range", "cfg.yaml: optim.lr", "> 0", "-1", "set a positive lr"});
+  EXPECT_STREQ(e.what(),
+               "value out of range (cfg.yaml: optim.lr): expected > 0, got -1. set a positive lr");
 }
 
 TEST(Error, OptionalPartsAreLeftOut) {
