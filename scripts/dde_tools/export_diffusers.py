@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -39,10 +41,18 @@ def check_checkpoint(checkpoint: Path) -> Path:
 
 
 def load_unet(unet_dir: Path) -> UNet2DConditionModel:
-    """Loads the UNet strictly: every parameter of the config must come from the file, shapes equal."""
-    config = UNet2DConditionModel.load_config(unet_dir)
+    """Loads the UNet strictly: every parameter of the config must come from the file, shapes equal,
+    values finite (a NaN or Inf weight would make every image of the exported pipeline NaN)."""
+    try:
+        config = UNet2DConditionModel.load_config(unet_dir)
+    except OSError as error:
+        raise ExportError(f"{unet_dir / 'config.json'}: not a readable diffusers UNet config ({error})") from error
     model = UNet2DConditionModel.from_config(config)
-    state = load_file(unet_dir / WEIGHTS)
+    try:
+        state = load_file(unet_dir / WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise ExportError(f"{unet_dir / WEIGHTS}: not a readable safetensors file ({error}); "
+                          "the checkpoint is damaged: export another step-* directory") from error
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -55,6 +65,9 @@ def load_unet(unet_dir: Path) -> UNet2DConditionModel:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ExportError(f"{unet_dir / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
                               f"the config expects {tuple(expected[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"{unet_dir / WEIGHTS}: {name} holds non-finite values (NaN or Inf): "
+                              "the checkpoint is damaged: export another step-* directory")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -89,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export(args.checkpoint, args.out, args.pipeline)
     except ExportError as error:
-        print(f"export_diffusers: {error}")
+        print(f"export_diffusers: error: {error}", file=sys.stderr)
         return 2
     print(f"export_diffusers: wrote {out}")
     return 0

@@ -105,6 +105,7 @@ std::vector<std::string> CheckpointStore::complete_checkpoints() const {
   }
   std::sort(found.begin(), found.end());
   std::vector<std::string> out;
+  out.reserve(found.size());
   for (auto& f : found) out.push_back(std::move(f.second));
   return out;
 }

@@ -43,11 +43,12 @@ ResampleCoeffs precompute_coeffs(int in_size, int out_size) {
   for (int xx = 0; xx < out_size; ++xx) {
     const double center = (xx + 0.5) * scale;
     const double ss = 1.0 / filterscale;
-    int xmin = static_cast<int>(center - support + 0.5);
+    // Pillow's truncating (int)(x + 0.5) rounding, kept on purpose for bit parity.
+    int xmin = static_cast<int>(center - support + 0.5);  // NOLINT(bugprone-incorrect-roundings)
     if (xmin < 0) {
       xmin = 0;
     }
-    int xmax = static_cast<int>(center + support + 0.5);
+    int xmax = static_cast<int>(center + support + 0.5);  // NOLINT(bugprone-incorrect-roundings)
     if (xmax > in_size) {
       xmax = in_size;
     }
@@ -61,7 +62,8 @@ ResampleCoeffs precompute_coeffs(int in_size, int out_size) {
       const double w = ww != 0.0 ? k[x] / ww : k[x];
       c.kk[static_cast<size_t>(xx) * c.ksize + x] =
           w < 0 ? static_cast<int32_t>(-0.5 + w * (1 << kPrecisionBits))
-                : static_cast<int32_t>(0.5 + w * (1 << kPrecisionBits));
+                : static_cast<int32_t>(
+                      0.5 + w * (1 << kPrecisionBits));  // NOLINT(bugprone-incorrect-roundings)
     }
     c.bounds[xx * 2] = xmin;
     c.bounds[xx * 2 + 1] = xmax;

@@ -385,7 +385,8 @@ TrainOutcome Trainer::Impl::run() {
     comm->all_reduce_sum(grads, kBucketBytes);
     std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count()};
     comm->all_reduce_sum(reduced, kBucketBytes);
-    const torch::Tensor all_rows = comm->all_gather(torch::cat(rows, 0));
+    const torch::Tensor all_rows =
+        cfg.logging.per_sample ? comm->all_gather(torch::cat(rows, 0)) : torch::Tensor();
 
     // ---- update: guard -> clip -> AdamW -> delayed correction update ----
     const double grad_norm = clip_grad_norm(policy->parameters(), cfg.optim.grad_clip);

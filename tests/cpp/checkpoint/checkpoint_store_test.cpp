@@ -10,8 +10,7 @@ namespace fs = std::filesystem;
 namespace {
 
 fs::path fresh_dir(const std::string& name) {
-  const fs::path p =
-      fs::temp_directory_path() / ("dde_ckpt_" + std::to_string(::getpid()) + "_" + name);
+  fs::path p = fs::temp_directory_path() / ("dde_ckpt_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(p);
   return p;
 }

@@ -37,7 +37,7 @@ class ConfigFile : public ::testing::Test {
   void TearDown() override { fs::remove_all(dir_); }
 
   std::string write(const std::string& text, const std::string& name = "cfg.yaml") {
-    const auto path = (dir_ / name).string();
+    auto path = (dir_ / name).string();
     std::ofstream(path) << text;
     return path;
   }
@@ -50,7 +50,7 @@ std::string error_of(const std::function<void()>& f, const std::vector<std::stri
   try {
     f();
   } catch (const dde::Error& e) {
-    const std::string message = e.what();
+    std::string message = e.what();
     for (const auto& part : parts) {
       EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' not in: " << message;
     }

@@ -54,6 +54,7 @@ class PairLoaderTest : public ::testing::Test {
 
 std::vector<PairBatch> take(PairLoader& loader, int n) {
   std::vector<PairBatch> batches;
+  batches.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
     batches.push_back(loader.next());
   }

@@ -237,7 +237,7 @@ inline std::string write_fixture(const std::filesystem::path& dir,
     index["tokenizers"].push_back(
         {{"name", t.name}, {"vocab_sha256", t.sha}, {"max_length", t.max_length}});
   }
-  const std::string path = (dir / "index.json").string();
+  std::string path = (dir / "index.json").string();
   write_file(path, index.dump(2));
   return path;
 }

@@ -148,7 +148,7 @@ TEST(TimestepSampler, RejectsBadOptions) {
   o.t_hi = 0;
   EXPECT_THROW(TimestepSampler{o}, dde::Error);
   try {
-    TimestepSampler(uniform(700, 200));
+    const TimestepSampler sampler(uniform(700, 200));
     FAIL() << "expected dde::Error";
   } catch (const dde::Error& e) {
     EXPECT_NE(std::string(e.what()).find("[700, 200)"), std::string::npos) << e.what();
