@@ -13,10 +13,14 @@ out="${DDE_FIXTURES_DIR:-$root/fixtures}"
 
 "$py" -m dde_tools.fixtures --out "$out/source"
 for family in sd15 sdxl; do
-  if [ ! -f "$out/export/$family/manifest.json" ]; then
+  # Re-export whenever the source fixtures were rebuilt (their stamp is newer).
+  if [ ! -f "$out/export/$family/manifest.json" ] || \
+     [ "$out/source/$family/dde_fixture.json" -nt "$out/export/$family/manifest.json" ]; then
+    rm -rf "$out/export/$family" "$out/shards/$family"
     "$py" -m dde_tools.export_models --pipeline "$out/source/$family" --out "$out/export/$family"
   fi
-  if [ ! -f "$out/shards/$family/index.json" ]; then
+  if [ ! -f "$out/shards/$family/index.json" ] || \
+     [ "$out/source/pickapic/dde_fixture.json" -nt "$out/shards/$family/index.json" ]; then
     tokenizers=(--tokenizer "$out/export/$family/tokenizer")
     [ "$family" = sdxl ] && tokenizers+=(--tokenizer "$out/export/$family/tokenizer_2")
     "$py" -m dde_tools.export_pickapic --parquet "$out"/source/pickapic/*.parquet \

@@ -14,4 +14,8 @@ echo "== C++ unit tests (ctest)"
 ctest --test-dir "$DDE_BUILD_DIR" --output-on-failure -j2
 echo "== Python and end-to-end tests (pytest)"
 .venv/bin/python -m pytest -q tests/python tests/e2e
+echo "== Slurm: a single-node cluster on this machine, sbatch, preemption, a killed rank"
+.venv/bin/python -m pytest -q tests/slurm
+echo "== style: clang-format and clang-tidy"
+bash scripts/lint.sh
 echo "== all tests passed in $(( $(date +%s) - start )) s"

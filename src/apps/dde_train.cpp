@@ -22,6 +22,8 @@ constexpr int kExitUsage = 2;
 }  // namespace
 
 int main(int argc, char** argv) {
+  // First thing: a preemption signal that arrives while the models load must not kill the rank.
+  dde::train::install_stop_signal_handlers();
   CLI::App app{
       "dde_train: preference fine-tuning of Stable Diffusion by Denoised Distribution Estimation"};
   std::string config_path;
@@ -46,7 +48,6 @@ int main(int argc, char** argv) {
       dde::log::info("config {} is valid:\n{}", config_path, dde::config::to_yaml(config));
       return kExitOk;
     }
-    dde::train::install_stop_signal_handlers();
     dde::train::Trainer trainer(std::move(config), resume);
     const dde::train::TrainOutcome outcome = trainer.run();
     if (outcome.preempted) {

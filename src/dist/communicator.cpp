@@ -93,13 +93,13 @@ class ProcessGroupCommunicator final : public Communicator {
     try {
       work->wait(std::chrono::duration_cast<std::chrono::milliseconds>(timeout_));
     } catch (const std::exception& e) {
-      throw Error(
-          {std::string("collective failed: ") + what,
-           "rank " + std::to_string(rank_) + " of " + std::to_string(world_size_) + " (" +
-               backend_ + ")",
-           "every rank to take part within dist.timeout_s = " + std::to_string(timeout_.count()) +
-               " s",
-           e.what(), "a peer died or hung: check the other ranks' logs; resume with --resume"});
+      throw Error({std::string("collective failed: ") + what,
+                   "rank " + std::to_string(rank_) + " of " + std::to_string(world_size_) + " (" +
+                       backend_ + ")",
+                   "every rank alive and taking part (waiting at most dist.timeout_s = " +
+                       std::to_string(timeout_.count()) + " s)",
+                   e.what(),
+                   "a peer died or hung: check the other ranks' logs; resume with --resume"});
     }
   }
 
