@@ -314,8 +314,9 @@ std::string node_text(const YAML::Node& node) {
   return "nothing";
 }
 
+// The whole text as one number (std::from_chars; a leading '+' allowed, as YAML does).
 template <typename T>
-bool parse_integer(const std::string& text, T& out) {
+bool parse_number(const std::string& text, T& out) {
   const char* begin = text.data();
   const char* end = text.data() + text.size();
   if (begin != end && *begin == '+') {
@@ -329,9 +330,9 @@ bool parse_scalar(const std::string& text, std::string& out) {
   out = text;
   return true;
 }
-bool parse_scalar(const std::string& text, int64_t& out) { return parse_integer(text, out); }
+bool parse_scalar(const std::string& text, int64_t& out) { return parse_number(text, out); }
 bool parse_scalar(const std::string& text, uint64_t& out) {
-  return !text.empty() && text[0] != '-' && parse_integer(text, out);
+  return !text.empty() && text[0] != '-' && parse_number(text, out);
 }
 bool parse_scalar(const std::string& text, double& out) {
   // YAML 1.2 spells the special floats .inf, -.inf, .nan (validation rejects them later).
@@ -351,13 +352,7 @@ bool parse_scalar(const std::string& text, double& out) {
     out = std::numeric_limits<double>::quiet_NaN();
     return true;
   }
-  const char* begin = text.data();
-  const char* end = text.data() + text.size();
-  if (begin != end && *begin == '+') {
-    ++begin;
-  }
-  const auto result = std::from_chars(begin, end, out);
-  return begin != end && result.ec == std::errc() && result.ptr == end;
+  return parse_number(text, out);
 }
 bool parse_scalar(const std::string& text, bool& out) {
   std::string lower = text;

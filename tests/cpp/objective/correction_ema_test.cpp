@@ -8,6 +8,7 @@
 #include "dde/objective/methods.hpp"
 #include "dde/util/error.hpp"
 #include "objective/worked_values.hpp"
+#include "util/expect_error.hpp"
 
 namespace dde::objective {
 namespace {
@@ -178,18 +179,6 @@ TEST(CorrectionEma, NonFiniteStepMustBeSkippedNotApplied) {
   ema.clear_pending();
   ema.apply();
   EXPECT_TRUE(torch::equal(ema.values(), before));
-}
-
-void expect_error_mentions(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    FAIL() << "expected dde::Error";
-  } catch (const dde::Error& e) {
-    for (const auto& part : parts) {
-      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
-          << "'" << part << "' not in: " << e.what();
-    }
-  }
 }
 
 TEST(CorrectionEma, RejectsBadArguments) {

@@ -8,6 +8,7 @@
 
 #include "dde/util/error.hpp"
 #include "objective/worked_values.hpp"
+#include "util/expect_error.hpp"
 
 namespace dde::objective {
 namespace {
@@ -33,18 +34,6 @@ PairErrors worked_pair() {
 }
 
 double item(const torch::Tensor& x) { return x.item<double>(); }
-
-void expect_error_mentions(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    FAIL() << "expected dde::Error";
-  } catch (const dde::Error& e) {
-    for (const auto& part : parts) {
-      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
-          << "'" << part << "' not in: " << e.what();
-    }
-  }
-}
 
 TEST(Methods, NamesRoundTrip) {
   for (const Method m : kAllMethods) {
