@@ -26,8 +26,8 @@ TEST_P(ExportedShards, OneEpochCoversEveryPairOnce) {
   const std::filesystem::path manifest_path =
       fixtures_dir() / "export" / GetParam() / "manifest.json";
   if (!std::filesystem::exists(shards / "index.json") || !std::filesystem::exists(manifest_path)) {
-    GTEST_SKIP() << "no exported fixtures under " << fixtures_dir()
-                 << " (run scripts/prepare_tiny.sh)";
+    FAIL() << "no exported fixtures under " << fixtures_dir()
+           << " (run scripts/prepare_tiny.sh, or set DDE_FIXTURES_DIR)";
   }
   std::ifstream manifest_file(manifest_path);
   const nlohmann::json manifest = nlohmann::json::parse(manifest_file);
