@@ -54,6 +54,13 @@ def binned_mean(t: np.ndarray, values: np.ndarray, num_timesteps: int, bins: int
         return (edges[:-1] + edges[1:]) / 2, sums / counts
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
     steps, pairs = read_metrics(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,10 +74,7 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
     if any(a is not None for a in acc):
         ax_acc.plot(x, [np.nan if a is None else a for a in acc])
     ax_acc.set(xlabel="optimizer step", ylabel="implicit accuracy", title="implicit accuracy", ylim=(-0.05, 1.05))
-    fig.tight_layout()
-    written.append(out_dir / "training.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "training.png"))
 
     correction = latest_correction(run_dir)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -81,10 +85,7 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
     else:
         ax.set_title("correction E: no checkpoint yet")
     ax.set(xlabel="t", ylabel="E[t]")
-    fig.tight_layout()
-    written.append(out_dir / "correction.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "correction.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     usable = [p for p in pairs if p.get("credit") is not None]
@@ -98,10 +99,7 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
     else:
         ax.set_title("credit: no per-pair records (logging.per_sample)")
     ax.set(xlabel="t", ylabel="mean credit weight")
-    fig.tight_layout()
-    written.append(out_dir / "credit.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "credit.png"))
     return written
 
 
