@@ -75,17 +75,13 @@ def load_unet(unet_dir: Path) -> UNet2DConditionModel:
 def export(checkpoint: Path, out: Path, pipeline: Path | None = None) -> Path:
     """Writes OUT/unet (and the rest of the pipeline when ``pipeline`` is given); returns OUT."""
     unet = load_unet(check_checkpoint(checkpoint))
+    if pipeline is not None and not (pipeline / "model_index.json").is_file():
+        raise ExportError(f"{pipeline}: no model_index.json: not a diffusers pipeline folder")
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
     if pipeline is not None:
-        if not (pipeline / "model_index.json").is_file():
-            raise ExportError(f"{pipeline}: no model_index.json: not a diffusers pipeline folder")
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(pipeline, staging, ignore=shutil.ignore_patterns("unet"))
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-    else:
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
+    unet.save_pretrained(staging / "unet", safe_serialization=True)
     (staging / "dde_export.json").write_text(json.dumps({"checkpoint": str(checkpoint.resolve()),
                                                          "torch": torch.__version__}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
