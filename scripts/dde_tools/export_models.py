@@ -3,8 +3,11 @@
 CLI: python -m dde_tools.export_models --pipeline DIR --out OUT [--resolution N] [--max-abs-err E]
 
 Each component is traced (fp32, CPU, eval, dropout p set to 0) at batch 2, saved, reloaded
-with torch.jit.load and compared with diffusers at batch 3 on fresh random inputs. The
-measured max abs errors go to stdout and into the manifest; any error above the limit
+with torch.jit.load and compared with diffusers at batch 3 on fresh random inputs. The UNet
+is traced block by block (unet_blocks.py) so that the trainer can checkpoint each block; its
+reloaded blocks are composed as the trainer composes them and compared with diffusers' whole
+forward (batch 3, and batch 1 at an odd latent size). The measured max abs errors go to stdout
+and into the manifest; any error above the limit
 (default 1e-4) exits 1 without writing manifest.json. Bad input folders exit 2.
 """
 
@@ -28,8 +31,9 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dde_tools.common import vocab_sha256, write_json_atomic
+from dde_tools.unet_blocks import UnsupportedUNet, block_inputs, run_blocks, split_unet
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the UNet as separately traced blocks (unet_blocks.py)
 MAX_ABS_ERR = 1e-4
 TRACE_BATCH, CHECK_BATCH = 2, 3
 FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
@@ -43,27 +47,6 @@ class ExportError(Exception):
 
 class ParityError(Exception):
     """A reloaded component differs from diffusers by more than the limit (exit code 1)."""
-
-
-class UNetSd15(nn.Module):
-    """forward(sample, timestep i64 [B], encoder_hidden_states) -> eps; parameters are `unet.*`."""
-
-    def __init__(self, unet: UNet2DConditionModel) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor) -> Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class UNetSdxl(UNetSd15):
-    """SD1.5's signature plus text_embeds [B, P] and time_ids [B, 6]."""
-
-    def forward(  # type: ignore[override]
-        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, text_embeds: Tensor, time_ids: Tensor
-    ) -> Tensor:
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class TextEncoder(nn.Module):
@@ -149,15 +132,6 @@ def _trace(module: nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptMod
         return torch.jit.trace(module, inputs, check_trace=False)
 
 
-def trace_unet(unet: UNetSd15, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
-    """Trace the whole UNet as one graph.
-
-    Activation checkpointing in C++ needs the UNet's blocks as separately traced modules
-    (libtorch-notes.md): a per-block export belongs here, keeping `unet.` parameter names.
-    """
-    return _trace(unet, inputs)
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{path}: file not found")
@@ -197,25 +171,63 @@ def _token_ids(tokenizer: CLIPTokenizer, batch: int, gen: torch.Generator) -> Te
     return ids
 
 
-def _unet_component(pipeline: Path, family: str, resolution: int, downsample: int) -> Component:
-    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", torch_dtype=torch.float32)
-    cfg = unet.config
+def _unet_inputs(cfg, family: str, resolution: int, size: int, batch: int, gen: torch.Generator) -> tuple[Tensor, ...]:
+    """Random UNet inputs: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids])."""
+    inputs = (
+        _randn(gen, batch, cfg.in_channels, size, size),
+        torch.randint(0, 1000, (batch,), generator=gen, dtype=torch.int64),
+        _randn(gen, batch, 77, cfg.cross_attention_dim),
+    )
+    if family == "sdxl":
+        text_embeds_dim = cfg.projection_class_embeddings_input_dim - TIME_IDS_DIM * cfg.addition_time_embed_dim
+        time_ids = torch.randint(0, resolution + 1, (batch, TIME_IDS_DIM), generator=gen).float()
+        inputs += (_randn(gen, batch, text_embeds_dim), time_ids)
+    return inputs
+
+
+def _diffusers_unet(unet: UNet2DConditionModel, family: str, inputs: tuple[Tensor, ...]) -> Tensor:
+    sample, timestep, text, *added = inputs
+    kwargs = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if family == "sdxl" else {}
+    return unet(sample, timestep, text, return_dict=False, **kwargs)[0]
+
+
+def export_unet(pipeline: Path, family: str, resolution: int, downsample: int, out: Path) -> tuple[list[dict], dict[str, float]]:
+    """Trace the UNet block by block into OUT/unet/<block>.pt; return the manifest entries and parity.
+
+    Parity: the reloaded blocks, composed as the C++ UNet composes them (unet_blocks.run_blocks),
+    against diffusers' forward at CHECK_BATCH on the export size and at batch 1 on a latent half
+    that size rounded up to an odd number of cells (so the explicit upsample sizes are exercised).
+    The diffusers outputs are computed before tracing and the model is freed before the reload,
+    so only one copy of the weights is held at a time (SDXL at full size needs that).
+    """
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", torch_dtype=torch.float32).eval()
+    remove_dropout(unet)
     size = resolution // downsample
-
-    def make_inputs(batch: int, gen: torch.Generator) -> tuple[Tensor, ...]:
-        inputs = (
-            _randn(gen, batch, cfg.in_channels, size, size),
-            torch.randint(0, 1000, (batch,), generator=gen, dtype=torch.int64),
-            _randn(gen, batch, 77, cfg.cross_attention_dim),
-        )
-        if family == "sdxl":
-            text_embeds_dim = cfg.projection_class_embeddings_input_dim - TIME_IDS_DIM * cfg.addition_time_embed_dim
-            time_ids = torch.randint(0, resolution + 1, (batch, TIME_IDS_DIM), generator=gen).float()
-            inputs += (_randn(gen, batch, text_embeds_dim), time_ids)
-        return inputs
-
-    module = UNetSdxl(unet) if family == "sdxl" else UNetSd15(unet)
-    return Component("unet", module, make_inputs, module)
+    checks = {
+        "unet": _unet_inputs(unet.config, family, resolution, size, CHECK_BATCH, torch.Generator().manual_seed(1)),
+        "unet_batch1_odd": _unet_inputs(unet.config, family, resolution, size // 2 + 1, 1, torch.Generator().manual_seed(2)),
+    }
+    with torch.no_grad():
+        want = {name: _diffusers_unet(unet, family, inputs) for name, inputs in checks.items()}
+    blocks = split_unet(unet)
+    trace_inputs = _unet_inputs(unet.config, family, resolution, size, TRACE_BATCH, torch.Generator().manual_seed(0))
+    recorded = block_inputs(blocks, *trace_inputs)
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    with quiet_torchscript():
+        for block in blocks:
+            torch.jit.save(_trace(block.module, recorded[block.name]), str(out / "unet" / f"{block.name}.pt"))
+    entries = [block.entry() for block in blocks]
+    for block in blocks:
+        block.module = None  # type: ignore[assignment]
+    del unet
+    with quiet_torchscript():
+        loaded = [(block, torch.jit.load(str(out / "unet" / f"{block.name}.pt"))) for block in blocks]
+    parity = {}
+    with torch.no_grad():
+        for name, inputs in checks.items():
+            got = run_blocks(loaded, *inputs)
+            parity[name] = (got - want[name]).abs().max().item() if got.shape == want[name].shape else float("inf")
+    return entries, parity
 
 
 def _text_component(pipeline: Path, name: str, tokenizer_name: str, family: str) -> Component:
@@ -270,10 +282,9 @@ def export_component(component: Component, out: Path) -> float:
     component.module.eval()
     remove_dropout(component.module)
     inputs = component.make_inputs(TRACE_BATCH, torch.Generator().manual_seed(0))
-    trace = trace_unet if component.name == "unet" else _trace
     path = out / f"{component.name}.pt"
     with quiet_torchscript():
-        torch.jit.save(trace(component.module, inputs), str(path))
+        torch.jit.save(_trace(component.module, inputs), str(path))
         loaded = torch.jit.load(str(path))
     return max_abs_error(loaded, component)
 
@@ -334,8 +345,7 @@ def build_manifest(pipeline: Path, family: str, resolution: int) -> dict:
             for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
         },
         "unet": {
-            "file": "unet.pt",
-            "param_prefix": "unet.",
+            "blocks": [],  # filled by export_unet, in execution order
             "cross_attention_dim": unet_config["cross_attention_dim"],
             "added_cond": added_cond,
             "config": unet_config,
@@ -371,11 +381,13 @@ def export_pipeline(pipeline: Path, out: Path, resolution: int | None = None, li
 
     encoders = manifest["text_encoders"]
     builders: list[Callable[[], list[Component]]] = [
-        lambda: [_unet_component(pipeline, family, resolution, downsample)],
         *(lambda e=e: [_text_component(pipeline, e["name"], e["tokenizer"], family)] for e in encoders),
         lambda: _vae_components(pipeline, resolution, downsample),
     ]
-    parity = manifest["parity_max_abs_err"]
+    manifest["unet"]["blocks"], parity = export_unet(pipeline, family, resolution, downsample, out)
+    for name, err in parity.items():
+        print(f"parity {name}: max_abs_err={err:.3e} (limit {limit:.0e})")
+    manifest["parity_max_abs_err"] = parity
     for build in builders:  # one diffusers model in memory at a time
         for component in build():
             parity[component.name] = export_component(component, out)
@@ -401,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     try:
         manifest = export_pipeline(args.pipeline, args.out, args.resolution, args.max_abs_err)
-    except ExportError as err:
+    except (ExportError, UnsupportedUNet) as err:
         print(f"export_models: error: {err}", file=sys.stderr)
         return 2
     except ParityError as err:

@@ -127,6 +127,7 @@ void for_each_field(Visitor&& v) {
 
   v("model", &C::model, "manifest", &ModelConfig::manifest, required());
   v("model", &C::model, "reference_manifest", &ModelConfig::reference_manifest, any());
+  v("model", &C::model, "frozen_dtype", &ModelConfig::frozen_dtype, one_of({"fp32", "bf16"}));
 
   v("data", &C::data, "index", &DataConfig::index, required());
   v("data", &C::data, "resolution", &DataConfig::resolution, multiple_of(8));
@@ -161,6 +162,8 @@ void for_each_field(Visitor&& v) {
   v("train", &C::train, "micro_batch", &TrainLoopConfig::micro_batch, at_least(1));
   v("train", &C::train, "max_steps", &TrainLoopConfig::max_steps, at_least(1));
   v("train", &C::train, "precision", &TrainLoopConfig::precision, one_of({"fp32", "bf16"}));
+  v("train", &C::train, "gradient_checkpointing", &TrainLoopConfig::gradient_checkpointing, any());
+  v("train", &C::train, "allow_tf32", &TrainLoopConfig::allow_tf32, any());
 
   v("checkpoint", &C::checkpoint, "every", &CheckpointConfig::every, at_least(1));
   v("checkpoint", &C::checkpoint, "keep", &CheckpointConfig::keep, at_least(1));
@@ -168,6 +171,7 @@ void for_each_field(Visitor&& v) {
   v("logging", &C::logging, "every", &LoggingConfig::every, at_least(1));
   v("logging", &C::logging, "per_sample", &LoggingConfig::per_sample, any());
   v("logging", &C::logging, "progress", &LoggingConfig::progress, any());
+  v("logging", &C::logging, "dump_step", &LoggingConfig::dump_step, at_least(0));
 
   v("dist", &C::dist, "backend", &DistConfig::backend, one_of({"auto", "gloo", "nccl"}));
   v("dist", &C::dist, "timeout_s", &DistConfig::timeout_s, at_least(1));

@@ -1,7 +1,6 @@
 #include "dde/models/diffusion_models.hpp"
 
-#include <map>
-
+#include "dde/models/autocast.hpp"
 #include "dde/models/torchscript.hpp"
 #include "dde/util/error.hpp"
 
@@ -15,10 +14,11 @@ Conditioning Conditioning::repeat_for_pair(const torch::Tensor& loser_time_ids) 
   return out;
 }
 
-TextConditioner::TextConditioner(const Manifest& manifest, const torch::Device& device)
-    : manifest_(&manifest), device_(device) {
+TextConditioner::TextConditioner(const Manifest& manifest, const torch::Device& device,
+                                 torch::ScalarType dtype)
+    : manifest_(&manifest), device_(device), bf16_(dtype == torch::kBFloat16) {
   for (const TextEncoderInfo& info : manifest.text_encoders) {
-    torch::jit::Module m = load_component(info.file, device, info.name);
+    torch::jit::Module m = load_component(info.file, device, info.name, dtype);
     set_trainable(m, false);
     encoders_.push_back(std::move(m));
   }
@@ -33,6 +33,7 @@ Conditioning TextConditioner::encode(const std::vector<torch::Tensor>& input_ids
                  "export the shards with one --tokenizer per text encoder of the model"});
   }
   torch::NoGradGuard no_grad;
+  const AutocastScope autocast(device_.type(), bf16_);
   std::vector<torch::Tensor> hidden;
   Conditioning cond;
   for (size_t i = 0; i < infos.size(); ++i) {
@@ -43,28 +44,35 @@ Conditioning TextConditioner::encode(const std::vector<torch::Tensor>& input_ids
     }
     // forward(input_ids [B, L]) -> (hidden [B, L, D], pooled [B, P])
     auto out = encoders_[i].forward({ids.to(device_, torch::kLong)}).toTuple();
-    hidden.push_back(out->elements()[0].toTensor());
+    hidden.push_back(out->elements()[0].toTensor().to(torch::kFloat32));
     if (manifest_->pooled_from && *manifest_->pooled_from == infos[i].name) {
-      cond.pooled = out->elements()[1].toTensor();
+      cond.pooled = out->elements()[1].toTensor().to(torch::kFloat32);
     }
   }
   cond.text = hidden.size() == 1 ? hidden[0] : torch::cat(hidden, -1);
   return cond;
 }
 
-LatentEncoder::LatentEncoder(const Manifest& manifest, const torch::Device& device)
+LatentEncoder::LatentEncoder(const Manifest& manifest, const torch::Device& device,
+                             torch::ScalarType dtype)
     : scaling_factor_(manifest.scaling_factor),
       device_(device),
-      encoder_(load_component(manifest.vae_encoder_file, device, "VAE encoder")) {
+      bf16_(dtype == torch::kBFloat16),
+      encoder_(load_component(manifest.vae_encoder_file, device, "VAE encoder", dtype)) {
   set_trainable(encoder_, false);
 }
 
 torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Tensor& noise) {
   torch::NoGradGuard no_grad;
-  // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
-  auto out = encoder_.forward({images.to(device_)}).toTuple();
-  const torch::Tensor mean = out->elements()[0].toTensor();
-  const torch::Tensor logvar = out->elements()[1].toTensor();
+  torch::Tensor mean;
+  torch::Tensor logvar;
+  {
+    const AutocastScope autocast(device_.type(), bf16_);
+    // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
+    auto out = encoder_.forward({images.to(device_)}).toTuple();
+    mean = out->elements()[0].toTensor().to(torch::kFloat32);
+    logvar = out->elements()[1].toTensor().to(torch::kFloat32);
+  }
   if (noise.sizes() != mean.sizes()) {
     throw Error({"VAE noise has the wrong shape", "LatentEncoder::encode", c10::str(mean.sizes()),
                  c10::str(noise.sizes()),
@@ -73,67 +81,6 @@ torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Te
   // diffusers DiagonalGaussianDistribution.sample(): mean + std * eps
   return (mean + torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype())) *
          scaling_factor_;
-}
-
-UNet::UNet(const Manifest& manifest, const torch::Device& device, bool trainable)
-    : sdxl_(manifest.added_cond.has_value()),
-      device_(device),
-      module_(load_component(manifest.unet_file, device, "UNet")) {
-  set_trainable(module_, trainable);
-  const std::string& prefix = manifest.unet_param_prefix;
-  for (const auto& item : module_.named_parameters(/*recurse=*/true)) {
-    if (item.name.rfind(prefix, 0) != 0) {
-      throw Error({"UNet parameter without the manifest's prefix",
-                   manifest.unet_file + ": " + item.name, "names starting with \"" + prefix + "\"",
-                   item.name, "re-export the model"});
-    }
-    params_.emplace_back(item.name.substr(prefix.size()), item.value);
-  }
-}
-
-torch::Tensor UNet::predict_noise(const torch::Tensor& x, const torch::Tensor& t,
-                                  const Conditioning& cond) {
-  std::vector<torch::jit::IValue> inputs{x, t.to(device_, torch::kLong), cond.text};
-  if (sdxl_) {
-    if (!cond.pooled.defined() || !cond.time_ids.defined()) {
-      throw Error({"sdxl UNet needs pooled text embeddings and time ids", "UNet::predict_noise",
-                   "both defined", "missing", ""});
-    }
-    inputs.emplace_back(cond.pooled);
-    inputs.emplace_back(cond.time_ids.to(device_, torch::kFloat32));
-  }
-  return module_.forward(inputs).toTensor();
-}
-
-std::vector<torch::Tensor> UNet::parameters() const {
-  std::vector<torch::Tensor> out;
-  out.reserve(params_.size());
-  for (const auto& [name, p] : params_) out.push_back(p);
-  return out;
-}
-
-void UNet::load_parameters(const std::vector<std::pair<std::string, torch::Tensor>>& values,
-                           const std::string& where) {
-  std::map<std::string, torch::Tensor> by_name(values.begin(), values.end());
-  if (by_name.size() != params_.size()) {
-    throw Error({"parameter count mismatch", where,
-                 std::to_string(params_.size()) + " UNet tensors", std::to_string(by_name.size()),
-                 "was the checkpoint made from another model?"});
-  }
-  torch::NoGradGuard no_grad;
-  for (auto& [name, p] : params_) {
-    auto it = by_name.find(name);
-    if (it == by_name.end()) {
-      throw Error({"parameter missing", where + ": " + name, "present", "absent",
-                   "was the checkpoint made from another model?"});
-    }
-    if (it->second.sizes() != p.sizes() || it->second.scalar_type() != p.scalar_type()) {
-      throw Error({"parameter shape or dtype mismatch", where + ": " + name,
-                   c10::str(p.sizes(), " ", p.scalar_type()),
-                   c10::str(it->second.sizes(), " ", it->second.scalar_type()), ""});
-    }
-    p.copy_(it->second);
-  }
 }
 
 }  // namespace dde::models

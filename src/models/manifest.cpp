@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "dde/util/error.hpp"
@@ -59,6 +60,96 @@ class Reader {
   std::string path_;
 };
 
+UNetBlockKind block_kind(const Reader& r, const std::string& kind, const std::string& field) {
+  static const std::map<std::string, UNetBlockKind> kinds = {{"input", UNetBlockKind::kInput},
+                                                             {"down", UNetBlockKind::kDown},
+                                                             {"mid", UNetBlockKind::kMid},
+                                                             {"up", UNetBlockKind::kUp},
+                                                             {"output", UNetBlockKind::kOutput}};
+  const auto it = kinds.find(kind);
+  if (it == kinds.end()) {
+    r.fail("unknown UNet block kind", field, "input, down, mid, up or output", kind);
+  }
+  return it->second;
+}
+
+bool bool_at(const Reader& r, const json& node, const std::string& key, const std::string& field) {
+  const json& v = r.at(node, key, field);
+  if (!v.is_boolean()) r.fail("wrong type", field, "a boolean", v.dump());
+  return v.get<bool>();
+}
+
+std::vector<std::pair<std::string, std::string>> read_param_rules(const Reader& r, const json& b,
+                                                                  const std::string& f) {
+  const json& rules = r.at(b, "params", f + ".params");
+  if (!rules.is_array() || rules.empty()) {
+    r.fail("bad parameter prefix rules", f + ".params", "a non-empty array", rules.dump());
+  }
+  std::vector<std::pair<std::string, std::string>> out;
+  for (size_t k = 0; k < rules.size(); ++k) {
+    const std::string g = f + ".params[" + std::to_string(k) + "]";
+    out.emplace_back(r.string_at(rules[k], "prefix", g + ".prefix"),
+                     r.string_at(rules[k], "diffusers", g + ".diffusers"));
+  }
+  return out;
+}
+
+// The units must run as input, down..., mid, up..., output, and the up units must pop exactly
+// the skips that the input and down units pushed.
+std::vector<UNetBlockInfo> read_unet_blocks(const Reader& r, const json& blocks,
+                                            const fs::path& dir) {
+  if (!blocks.is_array() || blocks.size() < 3) {
+    r.fail("bad UNet block list", "unet.blocks", "an array: input, down..., mid, up..., output",
+           blocks.dump().substr(0, 200));
+  }
+  std::vector<UNetBlockInfo> out;
+  int64_t stack = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const json& b = blocks[i];
+    const std::string f = "unet.blocks[" + std::to_string(i) + "]";
+    UNetBlockInfo info;
+    info.name = r.string_at(b, "name", f + ".name");
+    info.kind = block_kind(r, r.string_at(b, "kind", f + ".kind"), f + ".kind");
+    info.file = r.file_at(b, "file", f + ".file", dir);
+    info.params = read_param_rules(r, b, f);
+    const json& pops = r.at(b, "pops", f + ".pops");
+    if (!pops.is_number_integer() || pops.get<int64_t>() < 0) {
+      r.fail("bad value", f + ".pops", "an integer >= 0", pops.dump());
+    }
+    info.pops = pops.get<int64_t>();
+    info.push_output = bool_at(r, b, "push_output", f + ".push_output");
+    info.takes_size = bool_at(r, b, "takes_size", f + ".takes_size");
+
+    const bool first = i == 0;
+    const bool last = i + 1 == blocks.size();
+    const UNetBlockKind previous = first ? UNetBlockKind::kInput : out.back().kind;
+    bool order_ok = first == (info.kind == UNetBlockKind::kInput) &&
+                    last == (info.kind == UNetBlockKind::kOutput);
+    if (info.kind == UNetBlockKind::kDown) order_ok = order_ok && previous <= UNetBlockKind::kDown;
+    if (info.kind == UNetBlockKind::kMid) order_ok = order_ok && previous == UNetBlockKind::kDown;
+    if (info.kind == UNetBlockKind::kUp) order_ok = order_ok && previous >= UNetBlockKind::kMid;
+    if (info.kind == UNetBlockKind::kOutput) order_ok = order_ok && previous == UNetBlockKind::kUp;
+    if (!order_ok) {
+      r.fail("UNet blocks out of order", f + ".kind", "input, down..., mid, up..., output",
+             b.at("kind").dump());
+    }
+    stack -= info.pops;
+    if (stack < (info.takes_size ? 1 : 0)) {
+      r.fail("UNet unit pops more skips than were pushed", f + ".pops",
+             "at most " + std::to_string(stack + info.pops - (info.takes_size ? 1 : 0)),
+             std::to_string(info.pops));
+    }
+    if (info.push_output) stack += 1;
+    out.push_back(std::move(info));
+  }
+  if (stack != 0) {
+    r.fail("UNet skip connections do not balance", "unet.blocks",
+           "every skip pushed by the down units popped by the up units",
+           std::to_string(stack) + " left over");
+  }
+  return out;
+}
+
 }  // namespace
 
 const char* family_name(Family family) { return family == Family::kSd15 ? "sd15" : "sdxl"; }
@@ -85,6 +176,10 @@ Manifest load_manifest(const std::string& path) {
     r.fail("not a dde manifest", "format", "\"dde-manifest\"", root.at("format").dump());
   }
   const json& version = r.at(root, "version", "version");
+  if (version.is_number_integer() && version.get<int64_t>() == 1) {
+    r.fail("manifest version 1 holds the UNet as one traced graph, which cannot be checkpointed",
+           "version", "2 (the UNet as separately traced blocks)", "1");
+  }
   if (!version.is_number_integer() || version.get<int64_t>() != Manifest::kVersion) {
     r.fail("unsupported manifest version", "version", std::to_string(Manifest::kVersion),
            version.dump());
@@ -126,8 +221,7 @@ Manifest load_manifest(const std::string& path) {
   }
 
   const json& unet = r.at(root, "unet", "unet");
-  m.unet_file = r.file_at(unet, "file", "unet.file", dir);
-  m.unet_param_prefix = r.string_at(unet, "param_prefix", "unet.param_prefix");
+  m.unet_blocks = read_unet_blocks(r, r.at(unet, "blocks", "unet.blocks"), dir);
   m.cross_attention_dim =
       r.positive_int_at(unet, "cross_attention_dim", "unet.cross_attention_dim");
   m.unet_config_json = r.at(unet, "config", "unet.config").dump(2);

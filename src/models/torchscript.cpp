@@ -17,10 +17,13 @@ void configure_jit_for_training() {
 }
 
 torch::jit::Module load_component(const std::string& path, const torch::Device& device,
-                                  const std::string& what) {
+                                  const std::string& what, torch::ScalarType dtype) {
   configure_jit_for_training();
   try {
-    torch::jit::Module module = torch::jit::load(path, device);
+    if (dtype == torch::kFloat32) return torch::jit::load(path, device);
+    torch::jit::Module module = torch::jit::load(path, torch::kCPU);
+    module.to(dtype);
+    module.to(device);
     return module;
   } catch (const c10::Error& e) {
     throw Error({"cannot load TorchScript " + what, path,

@@ -1,7 +1,5 @@
 #include "dde/train/trainer.hpp"
 
-#include <ATen/autocast_mode.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -15,6 +13,7 @@
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
 #include "dde/dist/environment.hpp"
+#include "dde/models/autocast.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/models/manifest.hpp"
 #include "dde/objective/correction_ema.hpp"
@@ -22,6 +21,7 @@
 #include "dde/objective/schedule.hpp"
 #include "dde/objective/timestep_sampler.hpp"
 #include "dde/train/adamw.hpp"
+#include "dde/train/memory_meter.hpp"
 #include "dde/train/metrics_log.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
@@ -49,6 +49,19 @@ torch::Device pick_device(const std::string& requested, int64_t local_rank) {
   }
   return torch::cuda::is_available() ? torch::Device(torch::kCUDA, gpu)
                                      : torch::Device(torch::kCPU);
+}
+
+torch::ScalarType frozen_dtype(const config::ModelConfig& model) {
+  return model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+}
+
+// TF32 tensor cores for fp32 matmuls and convolutions (the fp32 master path under autocast and
+// every fp32 run); no effect on the CPU.
+void configure_float32_precision(const torch::Device& device, bool allow_tf32) {
+  if (!device.is_cuda()) return;
+  const at::Float32Precision p = allow_tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
+  at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, p);
+  at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, p);
 }
 
 // Test hook: DDE_DEBUG_NONFINITE_STEPS="3,4" poisons the loss of those (1-based) steps.
@@ -153,7 +166,8 @@ struct Trainer::Impl {
     objective::PairErrors errors;
     bool has_z = false;
   };
-  MicroResult micro_step(const data::PairBatch& batch);
+  MicroResult micro_step(const data::PairBatch& batch, bool dump);
+  void dump_micro_batch(checkpoint::NamedTensors tensors) const;
   torch::Tensor predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
                         const models::Conditioning& cond);
 };
@@ -203,12 +217,19 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
       resolution, cfg.train.global_batch, cfg.train.micro_batch, accumulation);
   log::info("resolved config:\n{}", config::to_yaml(cfg));
 
-  policy = std::make_unique<models::UNet>(manifest, device, /*trainable=*/true);
+  configure_float32_precision(device, cfg.train.allow_tf32);
+  models::UNetOptions policy_options;
+  policy_options.trainable = true;
+  policy_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
+  policy = std::make_unique<models::UNet>(manifest, device, policy_options);
+  const torch::ScalarType frozen = frozen_dtype(cfg.model);
   if (objective::uses_reference(method)) {
-    reference = std::make_unique<models::UNet>(reference_manifest, device, /*trainable=*/false);
+    models::UNetOptions reference_options;
+    reference_options.dtype = frozen;
+    reference = std::make_unique<models::UNet>(reference_manifest, device, reference_options);
   }
-  text = std::make_unique<models::TextConditioner>(manifest, device);
-  vae = std::make_unique<models::LatentEncoder>(manifest, device);
+  text = std::make_unique<models::TextConditioner>(manifest, device, frozen);
+  vae = std::make_unique<models::LatentEncoder>(manifest, device, frozen);
 
   AdamWOptions adam;
   adam.beta1 = cfg.optim.beta1;
@@ -263,18 +284,11 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
 
 torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x,
                                      const torch::Tensor& t, const models::Conditioning& cond) {
-  if (cfg.train.precision != "bf16") return unet.predict_noise(x, t, cond);
-  const c10::DeviceType type = device.type();
-  at::autocast::set_autocast_enabled(type, true);
-  at::autocast::set_autocast_dtype(type, at::kBFloat16);
-  torch::Tensor out = unet.predict_noise(x, t, cond);
-  at::autocast::set_autocast_enabled(type, false);
-  // C++ never clears the autocast weight cache for us (libtorch-notes.md).
-  at::autocast::clear_cache();
-  return out;
+  const models::AutocastScope autocast(device.type(), cfg.train.precision == "bf16");
+  return unet.predict_noise(x, t, cond);
 }
 
-Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batch) {
+Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batch, bool dump) {
   const int64_t B = batch.winner.size(0);
   const int64_t h = resolution / manifest.latent_downsample;
   const std::vector<int64_t> latent_shape{manifest.latent_channels, h, h};
@@ -324,6 +338,26 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   const objective::MethodOutput out =
       objective::compute_method(method, errors, t_dev, C_t, method_params, schedule);
 
+  if (dump) {
+    // Everything an independent recomputation needs (tests/e2e/test_forward_parity.py).
+    checkpoint::NamedTensors d{{"winner", batch.winner},         {"loser", batch.loser},
+                               {"pair_ids", batch.pair_ids},     {"t", t},
+                               {"eps", eps_pair},                {"vae_noise", vae_noise},
+                               {"e_policy_w", errors.policy_w},  {"e_policy_l", errors.policy_l}};
+    for (size_t i = 0; i < batch.input_ids.size(); ++i) {
+      d.emplace_back("input_ids_" + std::to_string(i), batch.input_ids[i]);
+    }
+    if (reference) {
+      d.emplace_back("e_ref_w", errors.ref_w);
+      d.emplace_back("e_ref_l", errors.ref_l);
+    }
+    if (manifest.added_cond) {
+      d.emplace_back("time_ids_w", cond.time_ids);
+      d.emplace_back("time_ids_l", loser_time_ids);
+    }
+    dump_micro_batch(std::move(d));
+  }
+
   MicroResult r;
   r.loss_sum = out.loss.sum();
   r.errors = errors;
@@ -345,16 +379,27 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   return r;
 }
 
+void Trainer::Impl::dump_micro_batch(checkpoint::NamedTensors tensors) const {
+  const fs::path dir = fs::path(cfg.run.output_dir) / "debug";
+  fs::create_directories(dir);
+  for (auto& [name, tensor] : tensors) tensor = tensor.detach();
+  const fs::path file = dir / fmt::format("step-{:08d}-rank-{:05d}.safetensors", step + 1, comm->rank());
+  checkpoint::save_safetensors(file.string(), tensors, {{"step", std::to_string(step + 1)}});
+  log::info("dumped micro-batch 0 of step {} to {}", step + 1, file.string());
+}
+
 TrainOutcome Trainer::Impl::run() {
   const int64_t max_steps = cfg.train.max_steps;
   const auto run_start = Clock::now();
   const int64_t first_step = step;
+  MemoryMeter memory(device);
   log::info("training steps {} -> {} ({} pairs per step)", step, max_steps, cfg.train.global_batch);
   while (step < max_steps) {
     const auto step_start = Clock::now();
     const double wait_before = loader->wait_seconds();
     const double lr = constant_with_warmup(step, cfg.optim.lr, cfg.optim.warmup_steps);
     const bool poisoned = poisoned_steps.count(step + 1) != 0;
+    memory.begin_step();
 
     // ---- training section: micro-batches -> backward (gradients accumulate locally) ----
     // stats: loss sum, pairs, z > 0 count, winner mse (policy, reference) sums.
@@ -363,7 +408,7 @@ TrainOutcome Trainer::Impl::run() {
     bool has_z = false;
     for (int64_t micro = 0; micro < accumulation; ++micro) {
       const data::PairBatch batch = loader->next();
-      MicroResult r = micro_step(batch);
+      MicroResult r = micro_step(batch, micro == 0 && step + 1 == cfg.logging.dump_step);
       // Sum over pairs / global batch: the all-reduced sum of gradients is the batch mean's.
       torch::Tensor loss = r.loss_sum / static_cast<double>(cfg.train.global_batch);
       if (poisoned) loss = loss * std::numeric_limits<double>::quiet_NaN();
@@ -410,6 +455,7 @@ TrainOutcome Trainer::Impl::run() {
     ++step;
 
     // ---- metrics (rank 0, global figures), progress, checkpoint, preemption ----
+    const StepMemory step_memory = memory.end_step();
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     const double waited = loader->wait_seconds() - wait_before;
     if (is_main()) {
@@ -422,6 +468,8 @@ TrainOutcome Trainer::Impl::run() {
                   {"pairs_per_s", pairs / step_seconds},
                   {"data_wait_frac", step_seconds > 0 ? std::min(1.0, waited / step_seconds) : 0.0},
                   {"skipped_steps", skipped_steps},
+                  {"mem_held_mb", step_memory.held_mb},
+                  {"mem_peak_mb", step_memory.peak_mb},
                   {"epoch", loader->state().epoch}};
       rec["implicit_acc"] = has_z ? json(stats[2].item<double>() / pairs) : json(nullptr);
       rec["mse_ref"] = reference ? json(stats[4].item<double>() / pairs) : json(nullptr);

@@ -1,9 +1,10 @@
 """The round trip back to diffusers: dde_train checkpoint -> python -m dde_tools.export_diffusers ->
 UNet2DConditionModel / DiffusionPipeline, on the tiny SD1.5 and SDXL fixtures.
 
-The C++ policy is the exported TorchScript UNet (fixtures/export/<family>/unet.pt) whose parameters,
-named `unet.<diffusers name>`, hold the checkpoint's tensors: exactly what dde_train trained. The
-exported diffusers UNet must reproduce its output within 1e-4.
+The C++ policy is the exported TorchScript UNet blocks (fixtures/export/<family>/unet/*.pt), composed
+as the trainer composes them (unet_blocks.run_blocks; the C++ composition itself is checked against
+diffusers by tests/python/test_unet_blocks.py), whose parameters hold the checkpoint's tensors:
+exactly what dde_train trained. The exported diffusers UNet must reproduce its output within 1e-4.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run_train, tiny_overrides
 from dde_tools.export_models import quiet_torchscript
+from dde_tools.unet_blocks import Block, run_blocks
 
 STEPS = 3
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -86,15 +88,20 @@ def test_the_exported_pipeline_loads_with_the_trained_unet(trained):
 
 def test_the_exported_unet_reproduces_the_cpp_policy(trained):
     manifest = json.loads((trained["export"] / "manifest.json").read_text())
-    prefix = manifest["unet"]["param_prefix"]
-    with quiet_torchscript():
-        policy = torch.jit.load(str(trained["export"] / "unet.pt")).eval()
     saved = load_file(str(trained["checkpoint"] / "unet" / WEIGHTS))
-    names = {name for name, _ in policy.named_parameters()}
-    assert names == {prefix + name for name in saved}
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            param.copy_(saved[name[len(prefix):]])
+    policy, names = [], set()
+    with quiet_torchscript(), torch.no_grad():
+        for entry in manifest["unet"]["blocks"]:
+            rules = [(r["prefix"], r["diffusers"]) for r in entry["params"]]
+            block = Block(entry["name"], entry["kind"], None, rules, entry["pops"], entry["push_output"],
+                          entry["takes_size"])
+            module = torch.jit.load(str(trained["export"] / entry["file"])).eval()
+            for name, param in module.named_parameters():
+                diffusers_name = block.diffusers_name(name)
+                param.copy_(saved[diffusers_name])
+                names.add(diffusers_name)
+            policy.append((block, module))
+    assert names == set(saved)
     unet = UNet2DConditionModel.from_pretrained(trained["out"] / "unet").eval()
     source = UNet2DConditionModel.from_pretrained(trained["source"] / "unet").eval()
 
@@ -112,7 +119,7 @@ def test_the_exported_unet_reproduces_the_cpp_policy(trained):
         inputs += (text_embeds, time_ids)
         added = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
     with torch.no_grad():
-        cpp_policy = policy(*inputs)
+        cpp_policy = run_blocks(policy, *inputs)
         exported = unet(sample, timestep, text, **added).sample
         untrained = source(sample, timestep, text, **added).sample
     err = (cpp_policy - exported).abs().max().item()

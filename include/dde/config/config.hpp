@@ -28,6 +28,8 @@ struct RunConfig {
 struct ModelConfig {
   std::string manifest;            // required: manifest.json of the exported policy model
   std::string reference_manifest;  // frozen reference model; "" = the same export as `manifest`
+  std::string frozen_dtype = "fp32";  // fp32 | bf16: weights of the reference UNet, VAE, text
+                                      // encoders (bf16 ones run under bf16 autocast)
 };
 
 struct DataConfig {
@@ -70,6 +72,8 @@ struct TrainLoopConfig {
   int64_t micro_batch = 1;         // >= 1 pairs per forward per rank; accumulation is derived
   int64_t max_steps = 2000;        // >= 1 optimizer steps
   std::string precision = "fp32";  // fp32 | bf16 (autocast for the UNets' forward)
+  bool gradient_checkpointing = false;  // recompute each UNet block in backward
+  bool allow_tf32 = true;  // CUDA: TF32 tensor cores for fp32 matmuls and convolutions
 };
 
 struct CheckpointConfig {
@@ -81,6 +85,8 @@ struct LoggingConfig {
   int64_t every = 1;        // >= 1 optimizer steps between metrics lines
   bool per_sample = false;  // also log t, z and loss of every pair
   bool progress = true;     // progress line on the terminal (rank 0)
+  int64_t dump_step = 0;    // >= 0: write the first micro-batch of this step (inputs, noise,
+                            // per-pair errors) to debug/ for parity checks; 0 = never
 };
 
 struct DistConfig {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dde::models {
@@ -22,13 +23,30 @@ struct TextEncoderInfo {
   std::vector<int64_t> empty_prompt_ids;  // ids of "" (caption dropout)
 };
 
+// One separately traced unit of the UNet (scripts/dde_tools/unet_blocks.py), in execution
+// order: the input head, one unit per resnet (+ attention) and per down/upsampler, the mid
+// block, the output head.
+enum class UNetBlockKind { kInput, kDown, kMid, kUp, kOutput };
+
+struct UNetBlockInfo {
+  std::string name;  // "input", "down_blocks.0.1", "down_blocks.0.downsample", "mid_block", ...
+  UNetBlockKind kind = UNetBlockKind::kInput;
+  std::string file;  // absolute path of the TorchScript file
+  // (traced-name prefix, diffusers prefix): a parameter named prefix + rest is the diffusers
+  // state-dict entry diffusers + rest.
+  std::vector<std::pair<std::string, std::string>> params;
+  int64_t pops = 0;          // skips popped from the stack (inputs after encoder_hidden_states)
+  bool push_output = false;  // the unit's output is pushed as a skip
+  bool takes_size = false;   // also takes the next skip on the stack as size_like
+};
+
 struct AddedConditioning {  // SDXL "text_time"
   int64_t text_embeds_dim = 0;
   int64_t time_ids_dim = 0;
 };
 
 struct Manifest {
-  static constexpr int64_t kVersion = 1;
+  static constexpr int64_t kVersion = 2;  // 2: per-block UNet (1 held it as one graph)
   std::string path;       // where it was read from
   std::string directory;  // component files are resolved against it
   Family family = Family::kSd15;
@@ -39,8 +57,7 @@ struct Manifest {
   int64_t num_train_timesteps = 0;
   double beta_start = 0.0;
   double beta_end = 0.0;
-  std::string unet_file;
-  std::string unet_param_prefix;
+  std::vector<UNetBlockInfo> unet_blocks;  // input, down..., mid, up..., output
   std::string unet_config_json;  // the diffusers unet/config.json, verbatim (for checkpoints)
   int64_t cross_attention_dim = 0;
   std::optional<AddedConditioning> added_cond;

@@ -11,9 +11,12 @@ namespace dde::models {
 // Switches the graph executor's optimisation off, once per process.
 void configure_jit_for_training();
 
-// Loads a TorchScript file onto `device`; a bad file is a dde::Error naming it.
+// Loads a TorchScript file onto `device` with its floating-point weights in `dtype` (cast on
+// the CPU first, so a bf16 model never occupies fp32 room on the GPU); a bad file is a
+// dde::Error naming it.
 torch::jit::Module load_component(const std::string& path, const torch::Device& device,
-                                  const std::string& what);
+                                  const std::string& what,
+                                  torch::ScalarType dtype = torch::kFloat32);
 
 // Sets requires_grad on every parameter and switches train/eval mode.
 void set_trainable(torch::jit::Module& module, bool trainable);

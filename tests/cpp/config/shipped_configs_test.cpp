@@ -61,8 +61,15 @@ TEST(ShippedConfigs, Sd15DdeIsThePaperSetup) {
   EXPECT_EQ(c.checkpoint.every, 100);
   EXPECT_EQ(c.checkpoint.keep, 3);
   EXPECT_EQ(accumulation_steps(c, 8), 256);
-  // It lists every key with its default value.
+  // Made for GPUs: bf16 autocast, bf16 frozen models, gradient checkpointing.
+  EXPECT_EQ(c.train.precision, "bf16");
+  EXPECT_EQ(c.model.frozen_dtype, "bf16");
+  EXPECT_TRUE(c.train.gradient_checkpointing);
+  // It lists every key with its default value, those aside.
   TrainConfig defaults;
+  defaults.train.precision = "bf16";
+  defaults.model.frozen_dtype = "bf16";
+  defaults.train.gradient_checkpointing = true;
   defaults.run.output_dir = c.run.output_dir;
   defaults.model.manifest = c.model.manifest;
   defaults.data.index = c.data.index;
@@ -101,7 +108,8 @@ TEST(ShippedConfigs, SdxlDde) {
   EXPECT_EQ(c.optim.warmup_steps, 200);
   EXPECT_EQ(c.data.resolution, 1024);
   EXPECT_EQ(c.train.precision, "bf16");
-  EXPECT_EQ(c.optim.name, "adamw");
+  EXPECT_EQ(c.model.frozen_dtype, "bf16");
+  EXPECT_TRUE(c.train.gradient_checkpointing);
   EXPECT_EQ(c.train.global_batch, 2048);
 }
 

@@ -85,7 +85,7 @@ class ManifestFile : public ::testing::Test {
   static json fixture_manifest(const std::string& family) {
     const fs::path dir = export_dir(family);
     json m = read_json(dir / "manifest.json");
-    m["unet"]["file"] = (dir / m["unet"]["file"].get<std::string>()).string();
+    for (json& b : m["unet"]["blocks"]) b["file"] = (dir / b["file"].get<std::string>()).string();
     for (json& e : m["text_encoders"]) e["file"] = (dir / e["file"].get<std::string>()).string();
     for (const char* key : {"encoder", "decoder"}) {
       m["vae"][key] = (dir / m["vae"][key].get<std::string>()).string();
@@ -115,13 +115,42 @@ TEST_F(ManifestFile, Sd15LoadsWithTheExportedValues) {
   EXPECT_EQ(m.num_train_timesteps, 1000);
   EXPECT_DOUBLE_EQ(m.beta_start, 0.00085);
   EXPECT_DOUBLE_EQ(m.beta_end, 0.012);
-  EXPECT_EQ(m.unet_param_prefix, "unet.");
   EXPECT_EQ(m.cross_attention_dim, 32);
   EXPECT_FALSE(m.added_cond.has_value());
   EXPECT_FALSE(m.pooled_from.has_value());
   EXPECT_TRUE(fs::equivalent(m.directory, dir));
   // Component files are resolved against the manifest's folder.
-  EXPECT_TRUE(fs::equivalent(m.unet_file, dir / "unet.pt"));
+  // The UNet as units in diffusers' order, for the fixture's config (DownBlock2D +
+  // CrossAttnDownBlock2D, layers_per_block 1; the up blocks have 2 resnets each): one unit per
+  // resnet and per sampler; the input and down units push 4 skips, the up resnets pop them.
+  const std::vector<std::string> names = {
+      "input",         "down_blocks.0.0", "down_blocks.0.downsample", "down_blocks.1.0",
+      "mid_block",     "up_blocks.0.0",   "up_blocks.0.1",            "up_blocks.0.upsample",
+      "up_blocks.1.0", "up_blocks.1.1",   "output"};
+  ASSERT_EQ(m.unet_blocks.size(), names.size());
+  std::vector<int64_t> pops;
+  std::vector<bool> pushes, sizes;
+  for (size_t i = 0; i < names.size(); ++i) {
+    EXPECT_EQ(m.unet_blocks[i].name, names[i]);
+    EXPECT_TRUE(fs::equivalent(m.unet_blocks[i].file, dir / "unet" / (names[i] + ".pt")));
+    pops.push_back(m.unet_blocks[i].pops);
+    pushes.push_back(m.unet_blocks[i].push_output);
+    sizes.push_back(m.unet_blocks[i].takes_size);
+  }
+  EXPECT_EQ(pops, (std::vector<int64_t>{0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0}));
+  EXPECT_EQ(pushes, (std::vector<bool>{true, true, true, true, false, false, false, false, false,
+                                       false, false}));
+  EXPECT_EQ(sizes, (std::vector<bool>{false, false, false, false, false, false, false, true, false,
+                                      false, false}));
+  EXPECT_EQ(m.unet_blocks[0].kind, UNetBlockKind::kInput);
+  EXPECT_EQ(m.unet_blocks[3].kind, UNetBlockKind::kDown);
+  EXPECT_EQ(m.unet_blocks[4].kind, UNetBlockKind::kMid);
+  EXPECT_EQ(m.unet_blocks[7].kind, UNetBlockKind::kUp);
+  EXPECT_EQ(m.unet_blocks[10].kind, UNetBlockKind::kOutput);
+  using Rules = std::vector<std::pair<std::string, std::string>>;
+  EXPECT_EQ(m.unet_blocks[3].params, (Rules{{"resnet.", "down_blocks.1.resnets.0."},
+                                            {"attn.", "down_blocks.1.attentions.0."}}));
+  EXPECT_EQ(m.unet_blocks[2].params, (Rules{{"samplers.", "down_blocks.0.downsamplers."}}));
   EXPECT_TRUE(fs::equivalent(m.vae_encoder_file, dir / "vae_encoder.pt"));
   EXPECT_TRUE(fs::equivalent(m.vae_decoder_file, dir / "vae_decoder.pt"));
   // The diffusers unet config travels verbatim (checkpoints write it as unet/config.json).
@@ -207,10 +236,48 @@ TEST_F(ManifestFile, WrongFormatStringNamesTheField) {
 
 TEST_F(ManifestFile, UnknownVersionNamesTheField) {
   json m = fixture_manifest("sd15");
-  m["version"] = 2;
-  const std::string path = write(m);
+  m["version"] = 3;
+  std::string path = write(m);
   expect_error([&] { load_manifest(path); },
-               {"unsupported manifest version", path + ": version", "expected 1", "got 2"});
+               {"unsupported manifest version", path + ": version", "expected 2", "got 3"});
+  // A version-1 manifest (the UNet as one graph) says why it must be re-exported.
+  m["version"] = 1;
+  path = write(m);
+  expect_error([&] { load_manifest(path); },
+               {"one traced graph", "cannot be checkpointed", path + ": version",
+                "export_models"});
+}
+
+TEST_F(ManifestFile, UnetBlocksMustBalanceAndRunInOrder) {
+  json m = fixture_manifest("sd15");
+  m["unet"]["blocks"][4]["push_output"] = true;  // the mid block pushing a skip too many
+  std::string path = write(m);
+  expect_error([&] { load_manifest(path); },
+               {"skip connections do not balance", path + ": unet.blocks", "1 left over"});
+
+  m = fixture_manifest("sd15");
+  m["unet"]["blocks"][5]["pops"] = 9;
+  path = write(m);
+  expect_error([&] { load_manifest(path); },
+               {"pops more skips than were pushed", path + ": unet.blocks[5].pops"});
+
+  m = fixture_manifest("sd15");
+  std::swap(m["unet"]["blocks"][4], m["unet"]["blocks"][5]);  // up before mid
+  path = write(m);
+  expect_error([&] { load_manifest(path); },
+               {"out of order", path + ": unet.blocks[4].kind"});
+
+  m = fixture_manifest("sd15");
+  m["unet"]["blocks"][3]["params"] = json::array();
+  path = write(m);
+  expect_error([&] { load_manifest(path); },
+               {"bad parameter prefix rules", path + ": unet.blocks[3].params"});
+
+  m = fixture_manifest("sd15");
+  m["unet"]["blocks"][2]["kind"] = "sideways";
+  path = write(m);
+  expect_error([&] { load_manifest(path); },
+               {"unknown UNet block kind", path + ": unet.blocks[2].kind", "sideways"});
 }
 
 TEST_F(ManifestFile, MissingFieldsAreNamedByTheirDottedPath) {
@@ -219,7 +286,7 @@ TEST_F(ManifestFile, MissingFieldsAreNamedByTheirDottedPath) {
       {"resolution"},
       {"latent", "scaling_factor"},
       {"schedule", "beta_end"},
-      {"unet", "param_prefix"},
+      {"unet", "blocks"},
       {"unet", "added_cond"},
       {"vae", "decoder"},
       {"text_embedding", "pooled_from"},
@@ -248,10 +315,11 @@ TEST_F(ManifestFile, MissingFieldsAreNamedByTheirDottedPath) {
 
 TEST_F(ManifestFile, MissingComponentFileNamesTheFieldAndTheFile) {
   json m = fixture_manifest("sd15");
-  m["unet"]["file"] = "unet_gone.pt";  // relative: resolved against the manifest's folder
+  m["unet"]["blocks"][3]["file"] = "unet/gone.pt";  // relative: against the manifest's folder
   std::string path = write(m);
-  expect_error([&] { load_manifest(path); }, {"component file not found", path + ": unet.file",
-                                              (dir_ / "unet_gone.pt").string()});
+  expect_error([&] { load_manifest(path); },
+               {"component file not found", path + ": unet.blocks[3].file",
+                (dir_ / "unet" / "gone.pt").string()});
 
   m = fixture_manifest("sdxl");
   m["text_encoders"][1]["file"] = (dir_ / "te2.pt").string();

@@ -1,0 +1,78 @@
+"""The trainer's forward path against an independent recomputation with diffusers.
+
+dde_train dumps one micro-batch of a real run (logging.dump_step): the images after
+augmentation, the token ids after caption dropout, t, the noise, the VAE posterior noise, the
+SDXL time ids and the four per-pair errors it computed. Here diffusers recomputes those errors
+from the checkpoint's weights (the policy of step 1, which step 2 trains from) and the source
+pipeline (reference UNet, VAE, text encoders): VAE encode, DDPMScheduler.add_noise, text
+encoders (penultimate states and pooled embedding for SDXL), UNet. A swapped time_ids order, a
+pooled/hidden mix-up or a wrong scaling factor changes these numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from conftest import run_train, tiny_overrides
+
+torch.set_num_threads(1)
+
+
+def text_conditioning(pipeline, family: str, dump: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if family == "sd15":
+        encoder = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder")
+        return encoder(dump["input_ids_0"]).last_hidden_state, None
+    one = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder")
+    two = CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder_2")
+    h1 = one(dump["input_ids_0"], output_hidden_states=True).hidden_states[-2]
+    out2 = two(dump["input_ids_1"], output_hidden_states=True)
+    return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2.text_embeds
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_trainer_errors_equal_a_diffusers_recomputation(dde_train, fixtures, tmp_path, family):
+    out = tmp_path / family
+    sets = tiny_overrides(fixtures, family, out) + [
+        "train.max_steps=2", "checkpoint.every=1", "logging.dump_step=2", "optim.warmup_steps=0",
+        "method.name=dde", "data.caption_dropout=0.5",
+    ]
+    r = run_train(dde_train, "tiny_dde.yaml", sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dump = load_file(str(out / "debug" / "step-00000002-rank-00000.safetensors"))
+    pipeline = fixtures / "source" / family
+    B = dump["t"].shape[0]
+
+    with torch.no_grad():
+        vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+        posterior = vae.encode(torch.cat([dump["winner"], dump["loser"]])).latent_dist
+        # DiagonalGaussianDistribution.sample() with the trainer's noise, times the scaling factor.
+        latents = (posterior.mean + posterior.std * dump["vae_noise"]) * vae.config.scaling_factor
+        scheduler = DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler")
+        eps = torch.cat([dump["eps"], dump["eps"]])
+        t = torch.cat([dump["t"], dump["t"]])
+        x_t = scheduler.add_noise(latents, eps, t)
+        text, pooled = text_conditioning(pipeline, family, dump)
+        kwargs = {}
+        if family == "sdxl":
+            time_ids = torch.cat([dump["time_ids_w"], dump["time_ids_l"]])
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([pooled, pooled]), "time_ids": time_ids}
+        text = torch.cat([text, text])
+        policy = UNet2DConditionModel.from_pretrained(out / "checkpoints" / "step-00000001" / "unet")
+        reference = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
+        errors = {}
+        for name, unet in (("policy", policy), ("ref", reference)):
+            pred = unet(x_t, t, text, **kwargs).sample
+            e = (eps - pred).pow(2).flatten(1).mean(1)
+            errors[f"e_{name}_w"], errors[f"e_{name}_l"] = e[:B], e[B:]
+
+    # The policy did move in step 1 (else policy = reference would hide a mix-up of the two).
+    assert not torch.equal(errors["e_policy_w"], errors["e_ref_w"])
+    for name, want in errors.items():
+        got = dump[name]
+        rel = ((got - want).abs() / want.abs()).max().item()
+        print(f"[ forward parity ] {family} {name}: max relative difference {rel:.3e}")
+        assert rel <= 1e-5, name

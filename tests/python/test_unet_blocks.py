@@ -1,0 +1,130 @@
+"""The per-block UNet, run by the C++ code (tests/cpp/tools/dde_unet_probe), against diffusers.
+
+Forward parity with UNet2DConditionModel at batch 1 and 3 (limit 1e-5, both tiny families, with
+and without gradient checkpointing), gradients of every parameter against diffusers' autograd,
+and the Python block composition (unet_blocks.run_blocks) the exporter checks itself with.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from dde_tools import unet_blocks
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_DIR = Path(os.environ.get("DDE_BUILD_DIR", REPO / "build"))
+PROBE = BUILD_DIR / "tests" / "cpp" / "dde_unet_probe"
+LIMIT = 1e-5
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")
+
+
+def make_inputs(unet: UNet2DConditionModel, family: str, batch: int, size: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "x": torch.randn(batch, 4, size, size, generator=gen),
+        "t": torch.randint(0, 1000, (batch,), generator=gen),
+        "text": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen),
+    }
+    if family == "sdxl":
+        inputs["pooled"] = torch.randn(batch, 32, generator=gen)
+        # (orig_h, orig_w, crop_top, crop_left, target_h, target_w): distinct values, so an
+        # order mix-up changes the output.
+        inputs["time_ids"] = torch.tensor([[96.0, 80, 12, 4, 64, 64]]).repeat(batch, 1) + torch.arange(batch)[:, None]
+    return inputs
+
+
+def diffusers_forward(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    kwargs = {}
+    if "pooled" in inputs:
+        kwargs["added_cond_kwargs"] = {"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}
+    return unet(inputs["x"], inputs["t"], inputs["text"], **kwargs).sample
+
+
+def run_probe(manifest: Path, inputs: dict[str, torch.Tensor], tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:
+    if not PROBE.is_file():
+        pytest.fail(f"{PROBE} is not built: run `cmake --build {BUILD_DIR} --target dde_unet_probe`")
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(src))
+    proc = subprocess.run(
+        [str(PROBE), "--manifest", str(manifest), "--input", str(src), "--output", str(dst), *flags],
+        capture_output=True, text=True, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return load_file(str(dst))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpp_blocks_match_diffusers(exports, tmp_path: Path, family: str, batch: int, checkpointing: bool) -> None:
+    export = exports[family]
+    unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").eval()
+    inputs = make_inputs(unet, family, batch, size=8, seed=10 + batch)
+    flags = ("--backward", "--checkpointing") if checkpointing else ()
+    got = run_probe(export.out / "manifest.json", inputs, tmp_path, *flags)["eps"]
+    with torch.no_grad():
+        want = diffusers_forward(unet, inputs)
+    err = (got - want).abs().max().item()
+    print(f"[ unet blocks ] {family} batch {batch} checkpointing {checkpointing}: max abs err {err:.3e}")
+    assert err <= LIMIT
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_cpp_block_gradients_match_diffusers(exports, tmp_path: Path, family: str) -> None:
+    """Every diffusers parameter, under its diffusers name, gets diffusers' gradient (checkpointed)."""
+    export = exports[family]
+    unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").train()
+    inputs = make_inputs(unet, family, batch=2, size=8, seed=3)
+    got = run_probe(export.out / "manifest.json", inputs, tmp_path, "--backward", "--checkpointing")
+    (diffusers_forward(unet, inputs) * inputs["x"]).sum().backward()
+    names = {f"grad.{n}" for n, _ in unet.named_parameters()}
+    assert names == {k for k in got if k.startswith("grad.")}
+    for name, param in unet.named_parameters():
+        want = param.grad
+        err = (got[f"grad.{name}"] - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+        assert err <= 1e-5, name
+
+
+def test_odd_latent_size_uses_explicit_upsample_sizes(exports, tmp_path: Path) -> None:
+    """A latent that is not a multiple of 2**num_upsamplers: diffusers forwards the skip sizes."""
+    export = exports["sdxl"]
+    unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").eval()
+    inputs = make_inputs(unet, "sdxl", batch=2, size=7, seed=4)
+    got = run_probe(export.out / "manifest.json", inputs, tmp_path)["eps"]
+    with torch.no_grad():
+        want = diffusers_forward(unet, inputs)
+    assert got.shape == want.shape and (got - want).abs().max().item() <= LIMIT
+
+
+def test_frozen_bf16_blocks_stay_close_to_fp32(exports, tmp_path: Path) -> None:
+    export = exports["sd15"]
+    unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").eval()
+    inputs = make_inputs(unet, "sd15", batch=2, size=8, seed=5)
+    got = run_probe(export.out / "manifest.json", inputs, tmp_path, "--frozen-dtype", "bf16")["eps"]
+    with torch.no_grad():
+        want = diffusers_forward(unet, inputs)
+    rel = (got - want).abs().max().item() / want.abs().max().item()
+    assert 1e-4 < rel < 5e-2  # bf16 rounding: present, and no more than that
+
+
+def test_python_composition_of_reloaded_blocks(exports) -> None:
+    """unet_blocks.run_blocks over the exported files (what export_models' parity check runs)."""
+    export = exports["sd15"]
+    unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").eval()
+    blocks = unet_blocks.split_unet(unet)
+    loaded = [(b, torch.jit.load(str(export.out / "unet" / f"{b.name}.pt"))) for b in blocks]
+    inputs = make_inputs(unet, "sd15", batch=3, size=8, seed=6)
+    with torch.no_grad():
+        got = unet_blocks.run_blocks(loaded, inputs["x"], inputs["t"], inputs["text"])
+        want = diffusers_forward(unet, inputs)
+    assert (got - want).abs().max().item() <= LIMIT
+    traced_names = [block.diffusers_name(name) for block, module in loaded for name, _ in module.named_parameters()]
+    assert sorted(traced_names) == sorted(n for n, _ in unet.named_parameters())  # each exactly once
