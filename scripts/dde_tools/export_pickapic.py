@@ -22,9 +22,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING, Sequence
 
 from dde_tools.common import vocab_sha256
 from dde_tools.pickapic_rows import (
@@ -41,6 +39,9 @@ from dde_tools.pickapic_rows import (
     open_parquet,
 )
 from dde_tools.pickapic_shards import BucketScatter, ShardWriter, StagedExport
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 __all__ = ["DataError", "export", "main", "summary"]
 
@@ -82,9 +83,18 @@ class ExportOptions:
 
 
 def load_tokenizers(dirs: Sequence[Path]) -> list[CLIPTokenizer]:
-    """A CLIPTokenizer per folder, in order."""
+    """A CLIPTokenizer per folder, in order; a JSON file of the folder that does not parse is named."""
+    if not dirs:
+        return []
+    from transformers import CLIPTokenizer  # seconds to import: only when tokenizing
+
     tokenizers = []
     for path in dirs:
+        for file in sorted(Path(path).glob("*.json")):
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as err:
+                raise DataError(f"{file}: not a valid JSON file ({err}); copy the tokenizer folder again") from err
         try:
             tokenizers.append(CLIPTokenizer.from_pretrained(path))
         except (OSError, ValueError, TypeError) as err:

@@ -147,6 +147,11 @@ def _header_problem(image: Image.Image) -> Problem | None:
         return "unsupported_format", f"{image.format} {width}x{height} (accepted: JPEG, PNG)"
     if image.format != "PNG" and image.mode in REJECTED_JPEG_MODES:
         return "unsupported_format", f"{image.format} in mode {image.mode} (accepted: JPEG in L or RGB, PNG)"
+    return shape_problem(width, height)
+
+
+def shape_problem(width: int, height: int) -> Problem | None:
+    """image_too_large over Pillow's pixel budget, bad_aspect_ratio beyond 20:1, else None."""
     if width * height > MAX_PIXELS:
         return "image_too_large", f"{width}x{height} = {width * height} pixels > {MAX_PIXELS}"
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
