@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -239,3 +240,15 @@ def test_cli_runs_as_a_module(fixture_dir: Path, tmp_path: Path, run_cli) -> Non
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("export_pickapic: 64 rows -> ") and proc.stdout.count("\n") == 1
     assert json.loads((tmp_path / "index.json").read_text())["tokenizers"][0]["name"] == "tokenizer"
+
+
+def test_a_broken_tokenizer_json_is_named(fixture_dir: Path, tmp_path: Path, capsys) -> None:
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(fixture_dir / "sd15" / "tokenizer", tokenizer)
+    (tokenizer / "tokenizer_config.json").write_text('{"model_max_length": 77,')
+    source = fixture_dir / "pickapic" / "train-00000.parquet"
+    code = export_pickapic.main(["--parquet", str(source), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"export_pickapic: error: {tokenizer / 'tokenizer_config.json'}: not a valid JSON file (" in err
+    assert not (tmp_path / "out").exists()

@@ -55,10 +55,12 @@ def test_counts_add_up_with_every_reason(hostile_parquet, hostile_export) -> Non
 
 EXPECTED_DETAILS = {
     "unsupported_format": [r"jpg_0: WEBP 64x64 \(accepted: JPEG, PNG\)", r"jpg_1: TIFF 64x64"],
-    "image_too_large": [r"jpg_0: Image size \(4225000000 pixels\) exceeds limit", r"jpg_1: 10000x9000 = 90000000 pixels > 89478485"],
+    "image_too_large": [r"jpg_0: Image size \(4225000000 pixels\) exceeds limit",
+                        r"jpg_1: 10000x9000 = 90000000 pixels > 89478485"],
     "bad_aspect_ratio": [r"jpg_0: 65000x1: longer/shorter side > 20", r"jpg_1: 30x630: longer/shorter side > 20"],
     "bad_caption_encoding": [r"caption is not valid UTF-8 \(byte 0xff at offset 11"] * 2,
-    "bad_field_encoding": [r"image_0_uid is not valid UTF-8 \(byte 0xc3", r"image_1_uid is not valid UTF-8 \(byte 0xc3"],
+    "bad_field_encoding": [r"image_0_uid is not valid UTF-8 \(byte 0xc3",
+                           r"image_1_uid is not valid UTF-8 \(byte 0xc3"],
     "duplicate_pair": [r"same image_0_uid, image_1_uid and caption as train-hostile\.parquet:\d+"] * 2,
 }
 
