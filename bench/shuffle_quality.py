@@ -6,7 +6,7 @@ the export's shuffle, on a synthetic prompt-ordered Pick-a-Pic parquet.
 Pick-a-Pic rows come grouped: a user writes a prompt and ranks several pairs for it, then the next
 prompt. The synthetic file has that shape (pairs per prompt and prompts per user geometric, means
 --pairs-per-prompt and --prompts-per-user), in that order. Each variant is exported by the CLI in a
-subprocess (wall time and peak RSS from wait4); the shards are read back in order, cut into
+subprocess (wall and CPU time, peak RSS as VmHWM); the shards are read back in order, cut into
 --batch consecutive pairs (what a loader that reads shards in order puts in one step), and the
 distinct prompts and users per batch are counted. "ideal" is a numpy permutation of the same rows,
 computed here, independently of the exporter. Writes bench/results/<date>-shuffle.json.
@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import tarfile
@@ -80,10 +81,11 @@ runpy.run_module("dde_tools.export_pickapic", run_name="__main__")
 def export(parquet: Path, out: Path, extra: list[str]) -> dict:
     """Run the CLI; return its wall time, peak RSS and the source row of each pair in shard order."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), OMP_NUM_THREADS="1")
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-c", CHILD, "--parquet", str(parquet), "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu_after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"export failed ({proc.returncode}): {extra}\n{proc.stderr}")
     peak_kib = int(proc.stderr.split("VmHWM_kB")[1].split()[0])
@@ -94,7 +96,7 @@ def export(parquet: Path, out: Path, extra: list[str]) -> dict:
             for member in tar:
                 if member.name.endswith(".json"):
                     rows.append(int(json.loads(tar.extractfile(member).read())["source"].split(":")[1]))
-    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "rows": rows, "shuffle": index["shuffle"],
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_kib / 1024, "rows": rows, "shuffle": index["shuffle"],
             "summary": proc.stdout.strip()}
 
 
@@ -122,12 +124,13 @@ def main() -> int:
     results["ideal (numpy permutation)"] = {"rows": np.random.default_rng(1).permutation(args.rows).tolist()}
     print(f"{args.rows} rows, {len(set(prompts.tolist()))} prompts, {len(set(users.tolist()))} users; "
           f"batches of {args.batch} consecutive pairs")
-    print("| order | buckets | prompts/batch mean (min) | users/batch mean (min) | export s | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| order | buckets | prompts/batch mean (min) | users/batch mean (min) | export wall s | CPU s | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     report = {"args": vars(args), "variants": {}}
     for name, result in results.items():
         p, u = per_batch(result["rows"], prompts, args.batch), per_batch(result["rows"], users, args.batch)
-        timing = f"{result['seconds']:.1f} | {result['peak_rss_mib']:.0f}" if "seconds" in result else "- | -"
+        timing = (f"{result['seconds']:.1f} | {result['cpu_seconds']:.1f} | {result['peak_rss_mib']:.0f}"
+                  if "seconds" in result else "- | - | -")
         buckets = (result.get("shuffle") or {}).get("buckets", "-")
         print(f"| {name} | {buckets} | {np.mean(p):.0f} ({min(p)}) | {np.mean(u):.0f} ({min(u)}) | {timing} |")
         report["variants"][name] = {"prompts_per_batch": p, "users_per_batch": u,

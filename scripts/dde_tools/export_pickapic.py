@@ -6,7 +6,7 @@ CLI: python -m dde_tools.export_pickapic --parquet F [F ...] --out DIR [--tokeni
 
 Reads with ParquetFile.iter_batches; rows the trainer could not use are rejected and counted
 by reason (pickapic_rows). Kept pairs are shuffled over the whole export in bounded memory
-(pickapic_shards.BucketScatter) unless --no-shuffle. Everything is written into
+(pickapic_shuffle.BucketScatter) unless --no-shuffle. Everything is written into
 DIR/.staging-<pid>/ and published at the end: the old index.json is removed first and the new
 one renamed in last, so DIR never holds an index over shards it does not describe.
 Exit codes: 0 done, 1 cannot write (disk full, permissions), 2 bad input (unreadable or
@@ -38,7 +38,8 @@ from dde_tools.pickapic_rows import (
     iter_rows,
     open_parquet,
 )
-from dde_tools.pickapic_shards import BucketScatter, ShardWriter, StagedExport
+from dde_tools.pickapic_shards import ShardWriter, StagedExport
+from dde_tools.pickapic_shuffle import BucketScatter
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -277,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export_pickapic: error: cannot write the export ({err}); {args.out} holds either its previous "
               "export or no index.json; free space or fix permissions and run again", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"export_pickapic: interrupted; {args.out} holds either its previous export or no index.json",
+              file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(summary(index, args.out))

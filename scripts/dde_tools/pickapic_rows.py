@@ -82,10 +82,11 @@ def open_parquet(path: Path) -> pq.ParquetFile:
 
 def image_bytes_estimate(parquet: pq.ParquetFile) -> int:
     """Uncompressed bytes of the image and caption columns, from the footer (no data read)."""
-    names = parquet.schema_arrow.names
-    wanted = [names.index(c) for c in ("jpg_0", "jpg_1", "caption")]
-    meta = parquet.metadata
-    return sum(meta.row_group(g).column(c).total_uncompressed_size for g in range(meta.num_row_groups) for c in wanted)
+    meta, total = parquet.metadata, 0
+    for group in (meta.row_group(g) for g in range(meta.num_row_groups)):
+        for column in (group.column(c) for c in range(group.num_columns)):
+            total += column.total_uncompressed_size if column.path_in_schema in ("jpg_0", "jpg_1", "caption") else 0
+    return total
 
 
 def iter_rows(parquet: pq.ParquetFile, path: Path, batch_size: int) -> Iterator[list[dict]]:
@@ -216,7 +217,7 @@ class DuplicateFilter:
         """The duplicate_pair problem if an earlier kept row had the same key, else remember it."""
         key = json.dumps([row["image_0_uid"], row["image_1_uid"], row["caption"]]).encode("utf-8")
         digest = hashlib.blake2b(key, digest_size=16).digest()
-        first = self._seen.setdefault(digest, source)
-        if first != source:
-            return "duplicate_pair", f"same image_0_uid, image_1_uid and caption as {first}"
+        if digest in self._seen:
+            return "duplicate_pair", f"same image_0_uid, image_1_uid and caption as {self._seen[digest]}"
+        self._seen[digest] = source
         return None

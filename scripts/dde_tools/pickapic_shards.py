@@ -1,6 +1,5 @@
-"""Writing Pick-a-Pic shards for export_pickapic: ustar shards with their sha256, the bounded-memory
-shuffle (bucket scatter), and the staging folder that is published all at once (docs/formats.md §2).
-"""
+"""Writing Pick-a-Pic shards for export_pickapic: ustar shards with their size and sha256, and the
+staging folder that is published all at once (docs/formats.md §2)."""
 
 from __future__ import annotations
 
@@ -9,19 +8,14 @@ import hashlib
 import io
 import os
 import shutil
-import struct
 import tarfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
-
-import numpy as np
+from typing import BinaryIO
 
 from dde_tools.pickapic_rows import DataError
 
 INDEX_FILE = "index.json"
 STAGING_PREFIX = ".staging-"
-# A shuffled pair in a bucket file: meta, jpg_0, jpg_1 lengths and the tie flag, then the bytes.
-_RECORD_HEADER = struct.Struct("<IIIB")
 
 
 def fsync_dir(path: Path) -> None:
@@ -95,70 +89,6 @@ class ShardWriter:
         self.shards[-1]["bytes"] = self._hashing.bytes
         self.shards[-1]["sha256"] = self._hashing.sha256.hexdigest()
         self._tar = self._file = self._hashing = None
-
-
-class BucketScatter:
-    """Pass 1 of the shuffle: each pair goes to one of `buckets` files, picked by a seeded hash of
-    where it came from; pass 2 (`drain`) reads one bucket at a time and yields it permuted.
-
-    A uniform bucket draw followed by a uniform permutation within each bucket is a uniform
-    permutation of the whole export, with memory bounded by `memory_bytes` (write buffers in
-    pass 1, one bucket in pass 2; pick `buckets` so a bucket is about memory_bytes / 2).
-    """
-
-    def __init__(self, folder: Path, buckets: int, seed: int, memory_bytes: int) -> None:
-        self.folder, self.buckets, self.seed = folder, buckets, seed
-        self._flush_at = max(1, memory_bytes // 2)
-        self._buffers: list[list[bytes]] = [[] for _ in range(buckets)]
-        self._buffered = 0
-        folder.mkdir()
-
-    def bucket_of(self, origin: str) -> int:
-        """The bucket of the pair read at `origin` ("file-number:row"); independent of batching."""
-        digest = hashlib.blake2b(f"{self.seed}:{origin}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") % self.buckets
-
-    def add(self, origin: str, meta: bytes, jpg_0: bytes, jpg_1: bytes, tie: bool) -> None:
-        record = _RECORD_HEADER.pack(len(meta), len(jpg_0), len(jpg_1), tie) + meta + jpg_0 + jpg_1
-        self._buffers[self.bucket_of(origin)].append(record)
-        self._buffered += len(record)
-        if self._buffered >= self._flush_at:
-            self.flush()
-
-    def flush(self) -> None:
-        """Append every buffered record to its bucket file (open, write, close: no fd limit)."""
-        for bucket, records in enumerate(self._buffers):
-            if records:
-                with open(self._path(bucket), "ab") as file:
-                    file.writelines(records)
-                records.clear()
-        self._buffered = 0
-
-    def drain(self) -> Iterator[tuple[memoryview, memoryview, memoryview, bool]]:
-        """Pass 2: (meta, jpg_0, jpg_1, tie) of every pair, bucket by bucket, each bucket permuted."""
-        self.flush()
-        for bucket in range(self.buckets):
-            path = self._path(bucket)
-            records = list(_read_records(path.read_bytes())) if path.exists() else []
-            path.unlink(missing_ok=True)
-            for i in np.random.default_rng([self.seed, bucket]).permutation(len(records)):
-                yield records[i]
-        self.folder.rmdir()
-
-    def _path(self, bucket: int) -> Path:
-        return self.folder / f"bucket-{bucket:06d}.bin"
-
-
-def _read_records(data: bytes) -> Iterator[tuple[memoryview, memoryview, memoryview, bool]]:
-    view, offset = memoryview(data), 0
-    while offset < len(data):
-        sizes = _RECORD_HEADER.unpack_from(data, offset)
-        offset += _RECORD_HEADER.size
-        parts = []
-        for size in sizes[:3]:
-            parts.append(view[offset : offset + size])  # no copy: the bucket is in memory once
-            offset += size
-        yield parts[0], parts[1], parts[2], bool(sizes[3])
 
 
 class StagedExport:

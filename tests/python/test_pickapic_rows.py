@@ -99,9 +99,17 @@ def _jpeg(mode: str = "RGB", size: tuple[int, int] = (64, 48)) -> bytes:
     return encode(Image.new(mode, size, (0, 100, 200, 0)[: len(mode)] if mode != "L" else 90), "JPEG")
 
 
+def _progressive_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (0, 100, 200)).save(buffer, format="JPEG", progressive=True)
+    assert b"\xff\xc2" in buffer.getvalue()  # SOF2: progressive
+    return buffer.getvalue()
+
+
 ACCEPTED = {
     "jpeg_rgb": lambda: _jpeg(),
     "jpeg_gray": lambda: _jpeg("L"),
+    "jpeg_progressive": lambda: _progressive_jpeg(),
     "png_rgb": lambda: encode(Image.new("RGB", (70, 90), "red"), "PNG"),
     "png_rgba": lambda: encode(Image.new("RGBA", (70, 90), (1, 2, 3, 4)), "PNG"),
     "png_palette": lambda: encode(Image.new("P", (70, 90), 3), "PNG"),
@@ -176,3 +184,15 @@ def test_text_fields_are_decoded_or_named() -> None:
 def test_non_finite_labels_are_bad_labels(label_0: float, label_1: float) -> None:
     row = {"jpg_0": _jpeg(), "jpg_1": _jpeg(), "caption": "a cat", "label_0": label_0, "label_1": label_1}
     assert pickapic_rows.check_row(row)[0] == "bad_label"
+
+
+def test_rows_repeated_across_files_are_duplicates(fixture_dir: Path, tmp_path: Path) -> None:
+    source = fixture_dir / "pickapic" / "train-00000.parquet"  # 64 rows, 6 ties
+    (tmp_path / "copy").mkdir()
+    copy = tmp_path / "copy" / source.name  # same base name: sources read "train-00000.parquet:N" in both
+    copy.write_bytes(source.read_bytes())
+    index = export_pickapic.export([source, copy], tmp_path / "out")
+    assert (index["rows_read"], index["ties_dropped"], index["pairs_written"]) == (128, 6, 58)
+    assert index["rejected"]["duplicate_pair"] == 64 and sum(index["rejected"].values()) == 64
+    assert index["rejected_rows"][0] == {"source": f"{source.name}:0", "reason": "duplicate_pair",
+                                         "detail": f"same image_0_uid, image_1_uid and caption as {source.name}:0"}

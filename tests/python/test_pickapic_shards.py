@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dde_tools import export_pickapic, pickapic_shards
+from dde_tools import export_pickapic, pickapic_shards, pickapic_shuffle
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -117,9 +117,13 @@ def test_shuffle_depends_on_the_seed_and_buckets_only(orders) -> None:
         assert again.read_bytes() == (orders["seed0_small_buckets"] / shard["file"]).read_bytes()
 
 
-def test_shuffle_memory_is_bounded_by_the_budget(hostile_parquet, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("guessed_buckets", [None, 1])
+def test_shuffle_memory_is_bounded_by_the_budget(orders, hostile_parquet, tmp_path: Path, monkeypatch,
+                                                 guessed_buckets: int | None) -> None:
+    """With the footers' estimate (3 buckets of ~460 KB), and with a guess far too low (1 bucket of
+    1.4 MB, as dictionary-encoded images give): no bucket loaded is over half the 1 MiB budget."""
     buckets_read, flushes = [], []
-    read_records, flush = pickapic_shards._read_records, pickapic_shards.BucketScatter.flush
+    read_records, flush = pickapic_shuffle._read_records, pickapic_shuffle._BucketFiles.flush
 
     def recording_read(data):
         buckets_read.append(len(data))
@@ -129,12 +133,16 @@ def test_shuffle_memory_is_bounded_by_the_budget(hostile_parquet, tmp_path: Path
         flushes.append(self._buffered)
         flush(self)
 
-    monkeypatch.setattr(pickapic_shards, "_read_records", recording_read)
-    monkeypatch.setattr(pickapic_shards.BucketScatter, "flush", recording_flush)
+    monkeypatch.setattr(pickapic_shuffle, "_read_records", recording_read)
+    monkeypatch.setattr(pickapic_shuffle._BucketFiles, "flush", recording_flush)
+    if guessed_buckets:
+        monkeypatch.setattr(export_pickapic, "bucket_count", lambda *args: guessed_buckets)
     assert run(["--parquet", hostile_parquet[0], "--out", tmp_path, "--shuffle-memory-mb", "1"])[0] == 0
     assert sum(buckets_read) > 2**20  # the pairs do not fit in the budget
-    assert len(buckets_read) == 3 and max(buckets_read) < 2**20  # one bucket in memory at a time, each < 1 MiB
+    assert len(buckets_read) >= 3 and max(buckets_read) <= 2**19  # one bucket in memory at a time
     assert len(flushes) >= 3 and max(flushes) < 2**19 + 300_000  # buffers flushed at 512 KiB (+ one pair)
+    reference = pairs_in_order(orders["parquet_order"])
+    assert sorted(p[1:] for p in pairs_in_order(tmp_path)) == sorted(p[1:] for p in reference)
 
 
 def test_shuffle_options_are_checked(tmp_path: Path, fixture_dir: Path) -> None:
@@ -170,7 +178,7 @@ def test_a_crash_at_any_step_leaves_the_old_export_or_no_index(fixture_dir: Path
     export_pickapic.export([source], tmp_path / "new", pairs_per_shard=7, shuffle_seed=0)  # what the crashes retry
     new_index = (tmp_path / "new" / "index.json").read_text()
     steps = [(os, "replace"), (Path, "unlink"), (pickapic_shards, "fsync_dir"),
-             (pickapic_shards.ShardWriter, "close"), (pickapic_shards.BucketScatter, "flush")]
+             (pickapic_shards.ShardWriter, "close"), (pickapic_shuffle._BucketFiles, "flush")]
     states = []
     for crash_at in itertools.count(1):
         counter = itertools.count(1)
