@@ -22,7 +22,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from dde_tools.common import vocab_sha256
 from dde_tools.pickapic_rows import (
@@ -136,8 +136,9 @@ def _kept_rows(path: Path, rows: list[dict], first_row: int, stats: ExportStats,
 
 
 def _scatter(parquet_files: Sequence[Path], options: ExportOptions, tokenizers: list[CLIPTokenizer],
-             sink: ShardWriter | BucketScatter, stats: ExportStats) -> None:
-    """Pass 1: read, check and tokenize every row; each kept pair goes to `sink`."""
+             sink: Callable[[str, bytes, bytes, bytes, bool], None], stats: ExportStats) -> None:
+    """Pass 1: read, check and tokenize every row; each kept pair goes to `sink(origin, meta, jpg_0,
+    jpg_1, tie)`, origin being "file-number:row"."""
     duplicates = DuplicateFilter()
     for file_number, path in enumerate(parquet_files):
         path, row_number = Path(path), 0
@@ -151,10 +152,7 @@ def _scatter(parquet_files: Sequence[Path], options: ExportOptions, tokenizers: 
                     meta["input_ids"] = ids
                 meta_bytes = json.dumps(meta, allow_nan=False).encode("utf-8")
                 tie = row["label_0"] == 0.5
-                if isinstance(sink, BucketScatter):
-                    sink.add(f"{file_number}:{number}", meta_bytes, row["jpg_0"], row["jpg_1"], tie)
-                else:
-                    sink.add(meta_bytes, row["jpg_0"], row["jpg_1"], tie)
+                sink(f"{file_number}:{number}", meta_bytes, row["jpg_0"], row["jpg_1"], tie)
                 stats.pairs_written += 1
                 stats.ties_kept += tie
 
@@ -164,13 +162,13 @@ def _write_shards(parquet_files: Sequence[Path], options: ExportOptions, tokeniz
     """Both passes into the staging folder; returns the shard entries and the shuffle record."""
     writer = ShardWriter(staging.folder, options.pairs_per_shard)
     if options.shuffle_seed is None:
-        _scatter(parquet_files, options, tokenizers, writer, stats)
+        _scatter(parquet_files, options, tokenizers, lambda _origin, *pair: writer.add(*pair), stats)
         writer.close()
         return writer.shards, None
     buckets = bucket_count(parquet_files, options.shuffle_memory_mb)
     memory = options.shuffle_memory_mb * 2**20
     scatter = BucketScatter(staging.folder / "buckets", buckets, options.shuffle_seed, memory)
-    _scatter(parquet_files, options, tokenizers, scatter, stats)
+    _scatter(parquet_files, options, tokenizers, scatter.add, stats)
     for record in scatter.drain():
         writer.add(*record)
     writer.close()
