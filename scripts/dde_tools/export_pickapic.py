@@ -2,145 +2,53 @@
 
 CLI: python -m dde_tools.export_pickapic --parquet F [F ...] --out DIR [--tokenizer DIR ...]
      [--keep-ties] [--pairs-per-shard N] [--batch-size N]
+     [--shuffle-seed S | --no-shuffle] [--shuffle-memory-mb M]
 
-Reads with ParquetFile.iter_batches, so memory holds one record batch plus the shard being
-written (members go straight to `shard-NNNNNN.tar.tmp`, renamed when complete).
-Exit codes: 0 done, 2 bad input (unreadable or non-parquet file, missing column, wrong
-Arrow type, unloadable tokenizer); messages name the file, the column, expected and actual.
-
-Decodability: `Image.verify()` accepts truncated JPEGs, so every image is fully decoded
-with `draft("RGB", (1, 1))` (DCT-domain downscaling, same entropy decoding) + `load()`.
-Measured here on 512 px JPEGs: verify 0.03 ms (misses truncation), load 1.5 ms,
-draft+load 1.2 ms; at 1024 px: load 6.1 ms, draft+load 4.6 ms.
+Reads with ParquetFile.iter_batches; rows the trainer could not use are rejected and counted
+by reason (pickapic_rows). Kept pairs are shuffled over the whole export in bounded memory
+(pickapic_shuffle.BucketScatter) unless --no-shuffle. Everything is written into
+DIR/.staging-<pid>/ and published at the end: the old index.json is removed first and the new
+one renamed in last, so DIR never holds an index over shards it does not describe.
+Exit codes: 0 done, 1 cannot write (disk full, permissions), 2 bad input (unreadable or
+non-parquet file, missing column, wrong Arrow type, unloadable tokenizer, bad option).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
+import math
+import signal
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-from transformers import CLIPTokenizer
+from dde_tools.common import vocab_sha256
+from dde_tools.pickapic_rows import (
+    ACCEPTED_FORMATS,
+    MAX_ASPECT_RATIO,
+    MAX_PIXELS,
+    REASONS,
+    DataError,
+    DuplicateFilter,
+    check_row,
+    decode_text,
+    image_bytes_estimate,
+    iter_rows,
+    open_parquet,
+)
+from dde_tools.pickapic_shards import ShardWriter, StagedExport
+from dde_tools.pickapic_shuffle import BucketScatter
 
-from dde_tools.common import vocab_sha256, write_json_atomic
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
-INDEX_VERSION = 1
+__all__ = ["DataError", "export", "main", "summary"]
+
+INDEX_VERSION = 2
 MAX_REJECTED_ROWS = 10_000
-REASONS = ("missing_image", "undecodable_image", "empty_caption", "bad_label")
-VALID_LABELS = (0.0, 0.5, 1.0)
 PAIR_FIELDS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid", "ranking_id")
-BINARY, STRING = (pa.binary(), pa.large_binary()), (pa.string(), pa.large_string())
-# Columns read and the Arrow types accepted for each (the first is the Pick-a-Pic one).
-COLUMNS: dict[str, tuple[pa.DataType, ...]] = {
-    "jpg_0": BINARY,
-    "jpg_1": BINARY,
-    "label_0": (pa.float64(),),
-    "label_1": (pa.float64(),),
-    "caption": STRING,
-    "image_0_uid": STRING,
-    "image_1_uid": STRING,
-    "ranking_id": (pa.int64(),),
-}
-
-
-class DataError(Exception):
-    """Bad input: the export stops with exit code 2."""
-
-
-def open_parquet(path: Path) -> pq.ParquetFile:
-    """Open `path` and check the columns in COLUMNS exist with an accepted Arrow type."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: file not found") from err
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a Parquet file ({err})") from err
-    schema = parquet.schema_arrow
-    for name, accepted in COLUMNS.items():
-        expected = " or ".join(str(t) for t in accepted)
-        if name not in schema.names:
-            raise DataError(f"{path}: column '{name}' is missing (expected Arrow type {expected})")
-        actual = schema.field(name).type
-        if actual not in accepted:
-            raise DataError(f"{path}: column '{name}' has Arrow type {actual}, expected {expected}")
-    return parquet
-
-
-def decode_error(data: bytes) -> str | None:
-    """None if Pillow decodes `data` completely, else the reason."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (1, 1))
-            image.load()
-    except Exception as err:  # Pillow raises many types for corrupt data
-        return f"{type(err).__name__}: {err}"[:200]
-    return None
-
-
-def check_row(row: dict) -> tuple[str, str] | None:
-    """(reason, detail) if the row must be rejected, else None. Cheap checks run first."""
-    for side in ("jpg_0", "jpg_1"):
-        if not row[side]:
-            return "missing_image", f"{side} is {'null' if row[side] is None else 'empty'}"
-    caption = row["caption"]
-    if caption is None or not caption.strip():
-        return "empty_caption", "caption is null" if caption is None else f"caption is {caption!r}"
-    label_0, label_1 = row["label_0"], row["label_1"]
-    if label_0 not in VALID_LABELS or label_1 is None or label_1 != 1.0 - label_0:
-        return "bad_label", f"label_0={label_0}, label_1={label_1}"
-    for side in ("jpg_0", "jpg_1"):
-        error = decode_error(row[side])
-        if error:
-            return "undecodable_image", f"{side}: {error}"
-    return None
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-class ShardWriter:
-    """Writes pairs into shard-NNNNNN.tar files of at most `pairs_per_shard` pairs each."""
-
-    def __init__(self, out: Path, pairs_per_shard: int) -> None:
-        self.out, self.pairs_per_shard = out, pairs_per_shard
-        self.shards: list[dict] = []
-        self._tar: tarfile.TarFile | None = None
-
-    def add(self, key: str, meta: dict, jpg_0: bytes, jpg_1: bytes) -> None:
-        if self._tar is None:
-            self.shards.append({"file": f"shard-{len(self.shards):06d}.tar", "pairs": 0, "ties": 0})
-            tmp = self.out / (self.shards[-1]["file"] + ".tmp")
-            self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-        _add_member(self._tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
-        _add_member(self._tar, f"{key}.0.jpg", jpg_0)
-        _add_member(self._tar, f"{key}.1.jpg", jpg_1)
-        shard = self.shards[-1]
-        shard["pairs"] += 1
-        shard["ties"] += meta["label_0"] == 0.5
-        if shard["pairs"] == self.pairs_per_shard:
-            self.close()
-
-    def close(self) -> None:
-        """Finish the open shard (if any) and rename it into place."""
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-            final = self.out / self.shards[-1]["file"]
-            os.replace(final.with_name(final.name + ".tmp"), final)
 
 
 @dataclass
@@ -158,16 +66,36 @@ class ExportStats:
             self.rejected_rows.append({"source": source, "reason": reason, "detail": detail})
 
 
-def iter_rows(parquet: pq.ParquetFile, batch_size: int) -> Iterator[list[dict]]:
-    """Yield the COLUMNS of each record batch as a list of row dicts."""
-    for batch in parquet.iter_batches(batch_size=batch_size, columns=list(COLUMNS)):
-        yield batch.to_pylist()
+@dataclass
+class ExportOptions:
+    tokenizer_dirs: list[Path]
+    keep_ties: bool = False
+    pairs_per_shard: int = 1000
+    batch_size: int = 256
+    shuffle_seed: int | None = 0  # None: keep the order of the parquet files
+    shuffle_memory_mb: int = 1024
+
+    def validate(self) -> None:
+        for name in ("pairs_per_shard", "batch_size", "shuffle_memory_mb"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} is {getattr(self, name)}, expected an integer >= 1")
+        if self.shuffle_seed is not None and self.shuffle_seed < 0:
+            raise DataError(f"--shuffle-seed is {self.shuffle_seed}, expected an integer >= 0")
 
 
 def load_tokenizers(dirs: Sequence[Path]) -> list[CLIPTokenizer]:
-    """A CLIPTokenizer per folder, in order."""
+    """A CLIPTokenizer per folder, in order; a JSON file of the folder that does not parse is named."""
+    if not dirs:
+        return []
+    from transformers import CLIPTokenizer  # seconds to import: only when tokenizing
+
     tokenizers = []
     for path in dirs:
+        for file in sorted(Path(path).glob("*.json")):
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as err:
+                raise DataError(f"{file}: not a valid JSON file ({err}); copy the tokenizer folder again") from err
         try:
             tokenizers.append(CLIPTokenizer.from_pretrained(path))
         except (OSError, ValueError, TypeError) as err:
@@ -184,57 +112,76 @@ def tokenize(tokenizers: list[CLIPTokenizer], captions: list[str]) -> list[list[
     return [[ids[i] for ids in per_tokenizer] for i in range(len(captions))]
 
 
-def export(
-    parquet_files: Sequence[Path],
-    out: Path,
-    tokenizer_dirs: Sequence[Path] = (),
-    keep_ties: bool = False,
-    pairs_per_shard: int = 1000,
-    batch_size: int = 256,
-) -> dict:
-    """Export the files into `out`; return the index (also written to out/index.json)."""
-    if pairs_per_shard < 1 or batch_size < 1:
-        raise DataError(f"--pairs-per-shard ({pairs_per_shard}) and --batch-size ({batch_size}) must be >= 1")
-    for path in parquet_files:
-        open_parquet(path)  # validate every file before writing anything
-    tokenizer_dirs = [Path(d) for d in tokenizer_dirs]
-    tokenizers = load_tokenizers(tokenizer_dirs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    writer, stats = ShardWriter(out, pairs_per_shard), ExportStats()
-    for path in parquet_files:
-        row_number = 0
-        for rows in iter_rows(open_parquet(path), batch_size):
-            kept = []
-            for row in rows:
-                source = f"{Path(path).name}:{row_number}"
-                row_number += 1
-                problem = check_row(row)
-                if problem:
-                    stats.reject(source, *problem)
-                elif row["label_0"] == 0.5 and not keep_ties:
-                    stats.ties_dropped += 1
-                else:
-                    kept.append((source, row))
-            stats.rows_read += len(rows)
+def bucket_count(parquet_files: Sequence[Path], memory_mb: int) -> int:
+    """Buckets of about memory_mb / 2 each, from the files' footers (so the same for every run)."""
+    estimate = sum(image_bytes_estimate(open_parquet(path)) for path in parquet_files)
+    return max(1, math.ceil(2 * estimate / (memory_mb * 2**20)))
+
+
+def _kept_rows(path: Path, rows: list[dict], first_row: int, stats: ExportStats, duplicates: DuplicateFilter,
+               keep_ties: bool) -> list[tuple[int, dict]]:
+    """(row number, row) of the rows of one record batch that pass every check; the rest counted."""
+    kept = []
+    for row_number, row in enumerate(rows, start=first_row):
+        source = f"{path.name}:{row_number}"
+        problem = decode_text(row) or check_row(row) or duplicates.check(row, source)
+        if problem:
+            stats.reject(source, *problem)
+        elif row["label_0"] == 0.5 and not keep_ties:
+            stats.ties_dropped += 1
+        else:
+            kept.append((row_number, row))
+    stats.rows_read += len(rows)
+    return kept
+
+
+def _scatter(parquet_files: Sequence[Path], options: ExportOptions, tokenizers: list[CLIPTokenizer],
+             sink: Callable[[str, bytes, bytes, bytes, bool], None], stats: ExportStats) -> None:
+    """Pass 1: read, check and tokenize every row; each kept pair goes to `sink(origin, meta, jpg_0,
+    jpg_1, tie)`, origin being "file-number:row"."""
+    duplicates = DuplicateFilter()
+    for file_number, path in enumerate(parquet_files):
+        path, row_number = Path(path), 0
+        for rows in iter_rows(open_parquet(path), path, options.batch_size):
+            kept = _kept_rows(path, rows, row_number, stats, duplicates, options.keep_ties)
+            row_number += len(rows)
             input_ids = tokenize(tokenizers, [row["caption"] for _, row in kept])
-            for (source, row), ids in zip(kept, input_ids):
-                meta = {key: row[key] for key in PAIR_FIELDS} | {"source": source}
+            for (number, row), ids in zip(kept, input_ids):
+                meta = {key: row[key] for key in PAIR_FIELDS} | {"source": f"{path.name}:{number}"}
                 if tokenizers:
                     meta["input_ids"] = ids
-                writer.add(f"{stats.pairs_written:09d}", meta, row["jpg_0"], row["jpg_1"])
+                meta_bytes = json.dumps(meta, allow_nan=False).encode("utf-8")
+                tie = row["label_0"] == 0.5
+                sink(f"{file_number}:{number}", meta_bytes, row["jpg_0"], row["jpg_1"], tie)
                 stats.pairs_written += 1
-                stats.ties_kept += row["label_0"] == 0.5
+                stats.ties_kept += tie
+
+
+def _write_shards(parquet_files: Sequence[Path], options: ExportOptions, tokenizers: list[CLIPTokenizer],
+                  staging: StagedExport, stats: ExportStats) -> tuple[list[dict], dict | None]:
+    """Both passes into the staging folder; returns the shard entries and the shuffle record."""
+    writer = ShardWriter(staging.folder, options.pairs_per_shard)
+    if options.shuffle_seed is None:
+        _scatter(parquet_files, options, tokenizers, lambda _origin, *pair: writer.add(*pair), stats)
+        writer.close()
+        return writer.shards, None
+    buckets = bucket_count(parquet_files, options.shuffle_memory_mb)
+    memory = options.shuffle_memory_mb * 2**20
+    scatter = BucketScatter(staging.folder / "buckets", buckets, options.shuffle_seed, memory)
+    _scatter(parquet_files, options, tokenizers, scatter.add, stats)
+    for record in scatter.drain():
+        writer.add(*record)
     writer.close()
-    current = {s["file"] for s in writer.shards}
-    for stale in out.glob("shard-*.tar*"):
-        if stale.name not in current:
-            stale.unlink()
-    index = {
+    return writer.shards, {"seed": options.shuffle_seed, "buckets": buckets, "memory_mb": options.shuffle_memory_mb}
+
+
+def _index(parquet_files: Sequence[Path], options: ExportOptions, tokenizers: list[CLIPTokenizer],
+           shards: list[dict], shuffle: dict | None, stats: ExportStats) -> dict:
+    return {
         "format": "dde-pickapic-shards",
         "version": INDEX_VERSION,
         "sources": [str(Path(p).resolve()) for p in parquet_files],
-        "shards": writer.shards,
+        "shards": shards,
         "rows_read": stats.rows_read,
         "pairs_written": stats.pairs_written,
         "ties_dropped": stats.ties_dropped,
@@ -242,27 +189,60 @@ def export(
         "rejected": stats.rejected,
         "rejected_rows": stats.rejected_rows,
         "rejected_rows_truncated": sum(stats.rejected.values()) > len(stats.rejected_rows),
+        "shuffle": shuffle,
+        "image_checks": {"formats": ["JPEG", "PNG"], "pillow_formats": list(ACCEPTED_FORMATS),
+                         "max_pixels": MAX_PIXELS, "max_aspect_ratio": MAX_ASPECT_RATIO},
         "tokenizers": [
             {"name": d.name, "vocab_sha256": vocab_sha256(d), "max_length": t.model_max_length}
-            for d, t in zip(tokenizer_dirs, tokenizers)
+            for d, t in zip(options.tokenizer_dirs, tokenizers)
         ],
     }
-    write_json_atomic(out / "index.json", index)
+
+
+def export(
+    parquet_files: Sequence[Path],
+    out: Path,
+    tokenizer_dirs: Sequence[Path] = (),
+    keep_ties: bool = False,
+    pairs_per_shard: int = 1000,
+    batch_size: int = 256,
+    shuffle_seed: int | None = 0,
+    shuffle_memory_mb: int = 1024,
+) -> dict:
+    """Export the files into `out`; return the index (also written to out/index.json).
+
+    Every input is checked before anything is written; `out` is only changed at the end.
+    """
+    options = ExportOptions([Path(d) for d in tokenizer_dirs], keep_ties, pairs_per_shard, batch_size,
+                            shuffle_seed, shuffle_memory_mb)
+    options.validate()
+    for path in parquet_files:
+        open_parquet(path)
+    tokenizers = load_tokenizers(options.tokenizer_dirs)
+    staging, stats = StagedExport(Path(out)), ExportStats()
+    try:
+        shards, shuffle = _write_shards(parquet_files, options, tokenizers, staging, stats)
+        index = _index(parquet_files, options, tokenizers, shards, shuffle, stats)
+        staging.publish(shards, json.dumps(index, indent=2, allow_nan=False) + "\n")
+    finally:
+        staging.close()
     return index
 
 
 def summary(index: dict, out: Path) -> str:
     """The one-line report printed at the end of an export."""
     rejected = index["rejected"]
-    reasons = ", ".join(f"{k}={v}" for k, v in rejected.items())
+    reasons = ", ".join(f"{k}={v}" for k, v in rejected.items() if v)
+    shuffle = index["shuffle"]
+    order = f"shuffled (seed {shuffle['seed']}, {shuffle['buckets']} buckets)" if shuffle else "in parquet order"
     return (
         f"export_pickapic: {index['rows_read']} rows -> {index['pairs_written']} pairs in "
-        f"{len(index['shards'])} shards; ties dropped {index['ties_dropped']}, kept {index['ties_kept']}; "
-        f"rejected {sum(rejected.values())} ({reasons}) -> {out / 'index.json'}"
+        f"{len(index['shards'])} shards, {order}; ties dropped {index['ties_dropped']}, kept {index['ties_kept']}; "
+        f"rejected {sum(rejected.values())} ({reasons or 'none'}) -> {out / 'index.json'}"
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parquet", type=Path, nargs="+", required=True, help="Pick-a-Pic parquet files")
     parser.add_argument("--out", type=Path, required=True, help="output folder for shards and index.json")
@@ -271,12 +251,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-ties", action="store_true", help="keep pairs labelled 0.5/0.5")
     parser.add_argument("--pairs-per-shard", type=int, default=1000, help="pairs per tar shard (default 1000)")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per parquet record batch (default 256)")
-    args = parser.parse_args(argv)
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle over all pairs (default 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="keep the order of the parquet rows")
+    parser.add_argument("--shuffle-memory-mb", type=int, default=1024,
+                        help="memory for the shuffle's buffers and one bucket (default 1024)")
+    return parser
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds, so the staging folder is removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        index = export(args.parquet, args.out, args.tokenizer, args.keep_ties, args.pairs_per_shard, args.batch_size)
+        index = export(args.parquet, args.out, args.tokenizer, args.keep_ties, args.pairs_per_shard, args.batch_size,
+                       None if args.no_shuffle else args.shuffle_seed, args.shuffle_memory_mb)
     except DataError as err:
         print(f"export_pickapic: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"export_pickapic: error: cannot write the export ({err}); {args.out} holds either its previous "
+              "export or no index.json; free space or fix permissions and run again", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"export_pickapic: interrupted; {args.out} holds either its previous export or no index.json",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary(index, args.out))
     return 0
 

@@ -47,6 +47,8 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, tr
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from dde_tools import hostile_rows as hostile
+
 FIXTURE_VERSION = 2
 STAMP_FILE = "dde_fixture.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -343,6 +345,18 @@ def _pickapic_row(index: int, caption: str, rng: np.random.Generator, start: dat
     }
 
 
+def _table(rows: list[dict]) -> pa.Table:
+    """The rows as a table; a text field holding bytes (a hostile row) is written unvalidated."""
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if not isinstance(v, bytes) or k.startswith("jpg")}
+                                  for r in rows], schema=PICKAPIC_SCHEMA)
+    for name in ("caption", "image_0_uid", "image_1_uid"):
+        if any(isinstance(r.get(name), bytes) for r in rows):
+            raw = [v if isinstance(v, bytes) or v is None else v.encode("utf-8") for v in (r[name] for r in rows)]
+            column = pa.array(raw, pa.binary()).view(pa.string())
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
 def make_pickapic_parquet(
     path: Path,
     rows: int = 2000,
@@ -350,29 +364,34 @@ def make_pickapic_parquet(
     tie_fraction: float = 0.1,
     bad_rows: bool = False,
     row_group_size: int = 256,
+    hostile_rows: bool = False,
 ) -> dict[str, int]:
     """Write a synthetic Pick-a-Pic v2 parquet file; return what was planted.
 
     About `tie_fraction` of rows are ties (labels 0.5/0.5); the rest are 0/1 or 1/0. With
-    `bad_rows`, max(1, rows // 200) rows of each kind in REJECTION_KINDS are planted
-    (never on a tie). The result maps "rows", "ties" and each kind to its count.
+    `bad_rows`, max(1, rows // 200) rows of each kind in REJECTION_KINDS are planted, with
+    `hostile_rows` as many of each kind in hostile_rows.KINDS (never on a tie). The result
+    maps "rows", "ties" and each kind to its count.
     """
     rng = np.random.default_rng(seed)
     captions = make_captions(seed + 1, rows)
     order = rng.permutation(rows)
     num_ties = round(rows * tie_fraction)
     ties = set(order[:num_ties].tolist())
-    per_kind = max(1, rows // 200) if bad_rows else 0
-    if num_ties + per_kind * len(REJECTION_KINDS) > rows:
+    kinds = (REJECTION_KINDS if bad_rows else ()) + (hostile.KINDS if hostile_rows else ())
+    per_kind = max(1, rows // 200) if kinds else 0
+    if num_ties + per_kind * len(kinds) > rows:
         raise ValueError(f"{rows} rows cannot hold {num_ties} ties and {per_kind} bad rows of each kind")
     planted = {}
-    for k, kind in enumerate(REJECTION_KINDS):
+    for k, kind in enumerate(kinds):
         first = num_ties + k * per_kind
         planted.update({int(i): (kind, v) for v, i in enumerate(order[first : first + per_kind])})
+    counts = dict.fromkeys(REJECTION_KINDS + (hostile.KINDS if hostile_rows else ()), 0)
 
     start = datetime(2023, 4, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean = None  # the latest row that is neither a tie nor planted: what a duplicate repeats
     with pq.ParquetWriter(path, PICKAPIC_SCHEMA) as writer:
         for group_start in range(0, rows, row_group_size):
             batch = []
@@ -380,11 +399,17 @@ def make_pickapic_parquet(
                 row = _pickapic_row(index, captions[index], rng, start)
                 if index in ties:
                     row.update(label_0=0.5, label_1=0.5, best_image_uid="")
-                if index in planted:
-                    _plant_bad_row(row, *planted[index])
+                kind, variant = planted.get(index, (None, 0))
+                if kind in REJECTION_KINDS:
+                    _plant_bad_row(row, kind, variant)
+                    counts[kind] += 1
+                elif kind is not None:
+                    counts[kind] += hostile.plant(row, kind, variant, clean)
+                elif index not in ties:
+                    clean = row
                 batch.append(row)
-            writer.write_table(pa.Table.from_pylist(batch, schema=PICKAPIC_SCHEMA))
-    return {"rows": rows, "ties": num_ties, **{kind: per_kind for kind in REJECTION_KINDS}}
+            writer.write_table(_table(batch))
+    return {"rows": rows, "ties": num_ties, **counts}
 
 
 def _build_once(target: Path, seed: int, build: Callable[[Path], object]) -> bool:

@@ -68,3 +68,11 @@ def bad_parquet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     path = tmp_path_factory.mktemp("pickapic") / "train-bad.parquet"
     planted = fixtures.make_pickapic_parquet(path, rows=2000, seed=0, bad_rows=True)
     return path, planted
+
+
+@pytest.fixture(scope="session")
+def hostile_parquet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """400 rows: 40 ties, 2 planted rows of each kind in REJECTION_KINDS and hostile_rows.KINDS."""
+    path = tmp_path_factory.mktemp("pickapic") / "train-hostile.parquet"
+    planted = fixtures.make_pickapic_parquet(path, rows=400, seed=0, bad_rows=True, hostile_rows=True)
+    return path, planted
