@@ -163,11 +163,7 @@ class OpenClipScore:
         import open_clip
 
         self.name = name
-        if arch not in open_clip.list_models():
-            raise ToolError(f"--{name}-arch", f"unknown open_clip architecture {arch!r}", "a built-in name such "
-                            f"as {DEFAULT_OPEN_CLIP_ARCH} or one registered with --open-clip-config FILE.json",
-                            f"{len(open_clip.list_models())} known names", "Fix the name or register its config.")
-        path = _open_clip_weights(name, weights)
+        path = _check_open_clip(name, weights, arch)
         logging.disable(logging.WARNING)  # open_clip warns "no pretrained weights loaded": they come next
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
@@ -194,6 +190,17 @@ class OpenClipScore:
         text_features = self.model.encode_text(text, normalize=True)
         cos = (image_features * text_features).sum(-1).double().cpu().numpy()
         return cos if self.name == "hps" else np.maximum(100.0 * cos, 0.0)
+
+
+def _check_open_clip(name: str, weights: Path, arch: str) -> Path:
+    """The weights file, once the architecture is known to open_clip."""
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ToolError(f"--{name}-arch", f"unknown open_clip architecture {arch!r}", "a built-in name such "
+                        f"as {DEFAULT_OPEN_CLIP_ARCH} or one registered with --open-clip-config FILE.json",
+                        f"{len(open_clip.list_models())} known names", "Fix the name or register its config.")
+    return _open_clip_weights(name, weights)
 
 
 def _unreadable(path: Path, err: Exception) -> ToolError:
@@ -235,6 +242,14 @@ class AnnotatorSpec:
     path: Path
     processor: Path | None = None
     arch: str = DEFAULT_OPEN_CLIP_ARCH
+
+
+def check(spec: AnnotatorSpec) -> None:
+    """The file checks of `load` without loading weights (so a long job can fail early)."""
+    if spec.name == "pickscore":
+        _check_pickscore_dirs(spec.path, spec.processor)
+    else:
+        _check_open_clip(spec.name, spec.path, spec.arch)
 
 
 def load(spec: AnnotatorSpec, device: torch.device) -> Annotator:

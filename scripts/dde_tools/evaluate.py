@@ -94,6 +94,7 @@ def load_pipeline(pipeline: Pipeline, device: torch.device, dtype: torch.dtype):
 
     cls = getattr(diffusers, pipeline.class_name)
     diffusers.utils.logging.set_verbosity_error()  # not "install accelerate" once per component
+    diffusers.utils.logging.disable_progress_bar()
     try:
         pipe = cls.from_pretrained(pipeline.path, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, TypeError, EnvironmentError) as err:
@@ -202,6 +203,8 @@ def evaluate(args: argparse.Namespace) -> str:
     if not specs:
         raise ToolError("annotator flags", "no annotator given", "--pickscore-model/--pickscore-processor, "
                         "--hps-checkpoint or --clip-weights", "none", "Name at least one annotator's files.")
+    for spec in specs:
+        ann.check(spec)  # before hours of sampling
     prompts = read_prompts(args.prompts, args.limit)
     device = ann.resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.float16 if device.type == "cuda" else torch.float32
