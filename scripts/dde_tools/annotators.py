@@ -1,11 +1,10 @@
 """Annotator models that score (image, prompt) pairs, loaded from local folders only.
 
-| name        | model                                              | score                                  |
-| ----------- | -------------------------------------------------- | -------------------------------------- |
-| `pickscore` | transformers CLIPModel (yuvalkirstain/PickScore_v1) | logit_scale.exp() * cos (PickScore README) |
-|             | + CLIPProcessor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K) |                                    |
-| `hps`       | open_clip ViT-H-14 + HPS_v2_compressed.pt           | cos (hpsv2 img_score.py: diag of normalised image @ text features) |
-| `clip`      | open_clip ViT-H-14, laion2b weights                 | max(100 * cos, 0) (the usual CLIP score) |
+- `pickscore`: transformers CLIPModel (yuvalkirstain/PickScore_v1) with the CLIPProcessor of
+  laion/CLIP-ViT-H-14-laion2B-s32B-b79K; score = logit_scale.exp() * cos (PickScore's README).
+- `hps`: open_clip ViT-H-14 with HPS_v2_compressed.pt; score = cos, as hpsv2's img_score.py
+  computes it (diagonal of normalised image features @ text features; no factor 100).
+- `clip`: open_clip ViT-H-14 with the laion2b weights; score = max(100 * cos, 0), the usual CLIP score.
 
 The open_clip architecture is a name (`--hps-arch`, `--clip-arch`, default ViT-H-14); other
 architectures (the tests' tiny one) are registered from a config JSON with
@@ -108,7 +107,8 @@ class PickScore:
             model, info = CLIPModel.from_pretrained(model_dir, local_files_only=True, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise ToolError(model_dir, "cannot load a CLIPModel", "a transformers CLIPModel folder",
-                            f"{type(err).__name__}: {err}"[:300], "Pass --pickscore-model the PickScore_v1 folder.") from err
+                            f"{type(err).__name__}: {err}"[:300],
+                            "Pass --pickscore-model the PickScore_v1 folder.") from err
         if info["missing_keys"]:
             raise ToolError(model_dir, "weights do not cover the CLIPModel", "every CLIPModel weight",
                             f"{len(info['missing_keys'])} missing, e.g. {info['missing_keys'][:3]}",

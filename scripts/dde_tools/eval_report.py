@@ -72,7 +72,8 @@ def markdown(summary: dict, settings: dict) -> str:
     annotators = next(iter(summary["models"].values())).keys()
     for annotator in annotators:
         lines += ["", f"## {annotator} ({UNITS[annotator]})", "",
-                  "| model | images | mean | median | win rate vs base | 95 % CI |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+                  "| model | images | mean | median | win rate vs base | 95 % CI |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
         for model, entry in summary["models"].items():
             row = entry[annotator]
             wins = row.get("vs_base")

@@ -204,9 +204,9 @@ def relabel(args: argparse.Namespace) -> dict:
     if len(specs) != 1:
         raise ToolError("annotator flags", "relabel uses exactly one annotator", "the files of one of "
                         f"{ann.KINDS}", str([s.name for s in specs]), "Name one annotator's files.")
-    args.out.mkdir(parents=True, exist_ok=True)
     pairs = check_inputs(args.parquet, args.out)
     annotator = ann.load(specs[0], ann.resolve_device(args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
     counts, files = Counts(), []
     for source, target in pairs:
         before = counts.rows

@@ -57,7 +57,7 @@ def pickscore_reference(model_dir: Path, processor_dir: Path) -> np.ndarray:
 
 
 def open_clip_cosines(weights_file: Path) -> np.ndarray:
-    """hpsv2's img_score: open_clip's own loader, forward with output_dict, diag(image @ text.T), one image at a time."""
+    """hpsv2's img_score: open_clip's own loader, forward (output_dict), diag(image @ text.T), one image at a time."""
     model, _, preprocess_val = open_clip.create_model_and_transforms(TINY_ARCH, pretrained=str(weights_file),
                                                                      output_dict=True)
     tokenizer = open_clip.get_tokenizer(TINY_ARCH)

@@ -105,7 +105,8 @@ def test_summary_means_medians_and_win_rates(eval_run: EvalRun) -> None:
         for name in ("pickscore", "hps", "clip"):
             scores = [r[name] for r in eval_run.records if r["model"] == model]
             entry = summary["models"][model][name]
-            assert entry["mean"] == pytest.approx(np.mean(scores)) and entry["median"] == pytest.approx(np.median(scores))
+            assert entry["mean"] == pytest.approx(np.mean(scores))
+            assert entry["median"] == pytest.approx(np.median(scores))
             if model == "base":
                 assert "vs_base" not in entry
                 continue
