@@ -14,9 +14,11 @@ Rows that cannot be scored (an image null, empty or undecodable, an empty captio
 labels and get null scores; export_pickapic rejects them as it would have. The margin is in the
 annotator's units (PickScore ~20, HPS ~0.27, CLIP ~30). Agreement = among the scored pairs whose
 human and new labels are both decided (not ties), the fraction where they pick the same image;
-printed and written to OUT/relabel_summary.json. Reads record batches (ParquetFile.iter_batches)
-and decodes --score-batch-size pairs at a time, so memory is bounded; each output is written as
-NAME.tmp and renamed when complete. Exit codes: 0 done, 2 bad input.
+printed and written to OUT/relabel_summary.json. Reads one parquet row group at a time, relabels
+it in record batches of --batch-size rows and decodes --score-batch-size images at a time, so
+memory is bounded by a row group (ParquetFile.iter_batches is not: on pyarrow 26 it kept most of
+a file's image bytes allocated, see bench/README.md); each output is written as NAME.tmp and
+renamed when complete. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -165,15 +168,23 @@ def check_inputs(paths: list[Path], out: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def iter_tables(parquet: pq.ParquetFile, batch_size: int) -> Iterator[pa.Table]:
+    """Tables of at most `batch_size` rows, in file order, reading one row group at a time."""
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group)
+        for start in range(0, table.num_rows, batch_size):
+            yield table.slice(start, batch_size)
+
+
 def relabel_file(source: Path, target: Path, annotator: ann.Annotator, args: argparse.Namespace,
                  counts: Counts) -> None:
     parquet = pq.ParquetFile(source)
     tmp = target.with_name(target.name + ".tmp")
+    pairs_per_forward = max(1, args.score_batch_size // 2)
     writer = None
     try:
-        for batch in parquet.iter_batches(batch_size=args.batch_size):
-            table = relabel_table(pa.Table.from_batches([batch]), annotator, args.margin,
-                                  args.score_batch_size, counts)
+        for batch in iter_tables(parquet, args.batch_size):
+            table = relabel_table(batch, annotator, args.margin, pairs_per_forward, counts)
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
     except BaseException:
