@@ -76,3 +76,26 @@ def hostile_parquet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     path = tmp_path_factory.mktemp("pickapic") / "train-hostile.parquet"
     planted = fixtures.make_pickapic_parquet(path, rows=400, seed=0, bad_rows=True, hostile_rows=True)
     return path, planted
+
+
+@pytest.fixture(scope="session")
+def tiny_annotators(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight PickScore, HPS and CLIP in the real file formats (annotator_fixtures)."""
+    from dde_tools import annotator_fixtures
+
+    return annotator_fixtures.build(tmp_path_factory.mktemp("annotators"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def annotator_flags(tiny_annotators: dict[str, Path]) -> dict[str, list[str]]:
+    """The command-line flags naming each tiny annotator ('clip_bin': CLIP from the .bin file)."""
+    from dde_tools.annotator_fixtures import TINY_ARCH
+
+    register = ["--open-clip-config", str(tiny_annotators["open_clip_config"])]
+    return {
+        "pickscore": ["--pickscore-model", str(tiny_annotators["pickscore_model"]),
+                      "--pickscore-processor", str(tiny_annotators["pickscore_processor"])],
+        "hps": ["--hps-checkpoint", str(tiny_annotators["hps"]), "--hps-arch", TINY_ARCH, *register],
+        "clip": ["--clip-weights", str(tiny_annotators["clip"]), "--clip-arch", TINY_ARCH, *register],
+        "clip_bin": ["--clip-weights", str(tiny_annotators["clip_bin"]), "--clip-arch", TINY_ARCH, *register],
+    }
