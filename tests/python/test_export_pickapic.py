@@ -67,7 +67,11 @@ def default_export(bad_parquet, tokenizer_dirs, tmp_path_factory) -> tuple[Path,
 def test_counts_add_up(bad_parquet, default_export) -> None:
     _, planted = bad_parquet
     _, index, stdout = default_export
-    assert (index["format"], index["version"]) == ("dde-pickapic-shards", 1)
+    assert (index["format"], index["version"]) == ("dde-pickapic-shards", 2)
+    out = default_export[0]
+    for shard in index["shards"]:  # version 2: size and sha256 of every shard
+        data = (out / shard["file"]).read_bytes()
+        assert (shard["bytes"], shard["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     assert index["sources"] == [str(bad_parquet[0].resolve())]
     assert index["rows_read"] == planted["rows"] == 2000
     assert index["ties_dropped"] == planted["ties"] == 200 and index["ties_kept"] == 0
@@ -117,8 +121,9 @@ def test_pairs_equal_the_parquet_rows(bad_parquet, default_export, tokenizer_dir
         assert meta["input_ids"] == [expected_ids[0][n], expected_ids[1][n]]
     assert {pairs[0][1]["input_ids"][0][-1], pairs[0][1]["input_ids"][1][-1]} == {tokenizers[0].eos_token_id, 0}
     assert index["tokenizers"] == [
-        {"name": d.name, "vocab_sha256": hashlib.sha256((d / "vocab.json").read_bytes()).hexdigest(), "max_length": 77}
-        for d in tokenizer_dirs
+        {"name": d.name, "vocab_sha256": hashlib.sha256((d / "vocab.json").read_bytes()).hexdigest(), "max_length": 77,
+         "vocab_size": len(t)}
+        for d, t in zip(tokenizer_dirs, tokenizers)
     ]
 
 
