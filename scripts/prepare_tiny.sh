@@ -19,8 +19,10 @@ for family in sd15 sdxl; do
     rm -rf "$out/export/$family" "$out/shards/$family"
     "$py" -m dde_tools.export_models --pipeline "$out/source/$family" --out "$out/export/$family"
   fi
+  # ... and whenever the index predates index.json version 2 (shard sizes and hashes).
   if [ ! -f "$out/shards/$family/index.json" ] || \
-     [ "$out/source/pickapic/dde_fixture.json" -nt "$out/shards/$family/index.json" ]; then
+     [ "$out/source/pickapic/dde_fixture.json" -nt "$out/shards/$family/index.json" ] || \
+     ! grep -q '"version": 2' "$out/shards/$family/index.json"; then
     tokenizers=(--tokenizer "$out/export/$family/tokenizer")
     [ "$family" = sdxl ] && tokenizers+=(--tokenizer "$out/export/$family/tokenizer_2")
     "$py" -m dde_tools.export_pickapic --parquet "$out"/source/pickapic/*.parquet \
