@@ -298,12 +298,12 @@ void check_data_memory(const TrainConfig& c, const Locate& locate) {
     return;
   }
   if (c.train.micro_batch > data::kMaxBatchPixels / pixels) {
-    throw Error({"micro-batch too large for the resolution", locate("train.micro_batch"),
-                 "train.micro_batch x data.resolution^2 <= " +
-                     std::to_string(data::kMaxBatchPixels) + " pixels (6 GiB of float32 pairs)",
-                 std::to_string(c.train.micro_batch) + " x " + std::to_string(c.data.resolution) +
-                     "^2",
-                 "lower train.micro_batch (gradient accumulation keeps the global batch)"});
+    throw Error(
+        {"micro-batch too large for the resolution", locate("train.micro_batch"),
+         "train.micro_batch x data.resolution^2 <= " + std::to_string(data::kMaxBatchPixels) +
+             " pixels (6 GiB of float32 pairs)",
+         std::to_string(c.train.micro_batch) + " x " + std::to_string(c.data.resolution) + "^2",
+         "lower train.micro_batch (gradient accumulation keeps the global batch)"});
   }
   if ((c.data.prefetch_batches + 1) * c.train.micro_batch > data::kMaxQueuedPixels / pixels) {
     throw Error({"data prefetch queue too large", locate("data.prefetch_batches"),

@@ -92,8 +92,8 @@ struct PreparedImage {
 
 struct PairSample {
   int64_t epoch = 0, local_index = 0, global_index = 0;
-  std::exception_ptr error;         // fatal
-  std::optional<BadPair> bad;       // skipped by next()
+  std::exception_ptr error;    // fatal
+  std::optional<BadPair> bad;  // skipped by next()
   PreparedImage winner, loser;
   bool caption_dropped = false;
   const std::vector<std::vector<int64_t>>* input_ids = nullptr;  // record's or the empty prompt's
@@ -194,8 +194,8 @@ void check_options(const PairLoaderOptions& o) {
     bad("batch_size", fmt::format("batch_size x resolution^2 <= {}", kMaxBatchPixels),
         fmt::format("{} x {}^2", o.batch_size, o.resolution));
   if ((o.prefetch_batches + 1) * o.batch_size > kMaxQueuedPixels / pixels)
-    bad("prefetch_batches", fmt::format("(prefetch_batches + 1) x batch_size x resolution^2 <= {}",
-                                        kMaxQueuedPixels),
+    bad("prefetch_batches",
+        fmt::format("(prefetch_batches + 1) x batch_size x resolution^2 <= {}", kMaxQueuedPixels),
         fmt::format("({} + 1) x {} x {}^2", o.prefetch_batches, o.batch_size, o.resolution));
   if (o.world_size < 1) bad("world_size", ">= 1", std::to_string(o.world_size));
   if (o.rank < 0 || o.rank >= o.world_size)
@@ -345,26 +345,25 @@ void PairLoader::Impl::check_record(const PairRecord& record, const ShardInfo& s
   for (size_t t = 0; t < record.input_ids.size(); ++t) {
     const std::vector<int64_t>& ids = record.input_ids[t];
     if (static_cast<int64_t>(ids.size()) != index.tokenizers[t].max_length) {
-      throw BadPairError("bad_input_ids",
-                         {"pair has input_ids of the wrong length",
-                          fmt::format("{}: input_ids[{}]", where, t),
-                          fmt::format("{} (max_length of {})", index.tokenizers[t].max_length,
-                                      index.tokenizers[t].name),
-                          std::to_string(ids.size()), kReexportHint});
+      throw BadPairError(
+          "bad_input_ids",
+          {"pair has input_ids of the wrong length", fmt::format("{}: input_ids[{}]", where, t),
+           fmt::format("{} (max_length of {})", index.tokenizers[t].max_length,
+                       index.tokenizers[t].name),
+           std::to_string(ids.size()), kReexportHint});
     }
     const int64_t limit = vocab_limit(t);
     for (size_t j = 0; j < ids.size(); ++j) {
       if (ids[j] < 0 || (limit > 0 && ids[j] >= limit)) {
-        throw BadPairError(
-            "token_id_out_of_range",
-            {"token id outside the text encoder's vocabulary",
-             fmt::format("{}: input_ids[{}][{}]", where, t, j),
-             limit > 0 ? fmt::format("an id in [0, {}) (vocabulary of {})", limit,
-                                     index.tokenizers[t].name)
-                       : std::string("an id >= 0"),
-             std::to_string(ids[j]),
-             "the shard was tokenized with another tokenizer or is corrupt: " +
-                 std::string(kReexportHint)});
+        throw BadPairError("token_id_out_of_range",
+                           {"token id outside the text encoder's vocabulary",
+                            fmt::format("{}: input_ids[{}][{}]", where, t, j),
+                            limit > 0 ? fmt::format("an id in [0, {}) (vocabulary of {})", limit,
+                                                    index.tokenizers[t].name)
+                                      : std::string("an id >= 0"),
+                            std::to_string(ids[j]),
+                            "the shard was tokenized with another tokenizer or is corrupt: " +
+                                std::string(kReexportHint)});
       }
     }
   }
@@ -479,8 +478,12 @@ void PairLoader::Impl::run_worker() {
       sample = prepare(task, file);
     } catch (const BadPairError& e) {
       const ShardInfo& shard = index.shards[task.shard];
-      sample.bad = BadPair{e.reason(), shard.file, static_cast<int64_t>(task.shard),
-                           task.record.key, (task.epoch << 32) | task.global_index, e.what()};
+      sample.bad = BadPair{e.reason(),
+                           shard.file,
+                           static_cast<int64_t>(task.shard),
+                           task.record.key,
+                           (task.epoch << 32) | task.global_index,
+                           e.what()};
     } catch (...) {
       sample.error = std::current_exception();
     }
@@ -541,10 +544,9 @@ PairSample PairLoader::Impl::prepare(const PairTask& task, ShardFile& file) cons
   const int winner_index = record.label_0 == 0.0 ? 1 : 0;
   const auto load = [&](int which, bool flip, uint64_t crop_y, uint64_t crop_x) {
     const MemberSpan& span = which == 0 ? record.jpg_0_span : record.jpg_1_span;
-    const std::string where =
-        fmt::format("{}: key {}, member {}.{}.jpg at offset {}", shard.path,
-                    escape_preview(record.key, 100), escape_preview(record.key, 100), which,
-                    span.offset);
+    const std::string where = fmt::format("{}: key {}, member {}.{}.jpg at offset {}", shard.path,
+                                          escape_preview(record.key, 100),
+                                          escape_preview(record.key, 100), which, span.offset);
     return prepare_image(read_file_range(file.open(shard.path), shard.path, span.offset, span.size),
                          where, flip, crop_y, crop_x);
   };

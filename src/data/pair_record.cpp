@@ -29,15 +29,17 @@ std::string member_where(const std::string& shard, const TarMember& member) {
                      escape_preview(member.name, 100), member.header_offset);
 }
 
-[[noreturn]] void bad_metadata(ErrorInfo info) { throw BadPairError("bad_metadata", std::move(info)); }
+[[noreturn]] void bad_metadata(ErrorInfo info) {
+  throw BadPairError("bad_metadata", std::move(info));
+}
 
 void parse_json_member(const std::string& text, const std::string& where, PairRecord& record) {
   json root;
   try {
     root = json::parse(text);
   } catch (const json::exception& e) {
-    bad_metadata({"pair metadata is not valid JSON", where, "JSON",
-                  escape_preview(e.what(), 160), kReexportHint});
+    bad_metadata({"pair metadata is not valid JSON", where, "JSON", escape_preview(e.what(), 160),
+                  kReexportHint});
   }
   if (!root.is_object()) {
     bad_metadata(
@@ -48,11 +50,11 @@ void parse_json_member(const std::string& text, const std::string& where, PairRe
     const auto it = root.find(key);
     if (it == root.end()) {
       bad_metadata({"missing field in pair metadata", where + ": " + key, expected, "no such field",
-                   kReexportHint});
+                    kReexportHint});
     }
     if (!((*it).*check)()) {
       bad_metadata({"wrong field type in pair metadata", where + ": " + key, expected,
-                   it->type_name(), kReexportHint});
+                    it->type_name(), kReexportHint});
     }
     return *it;
   };
@@ -62,9 +64,9 @@ void parse_json_member(const std::string& text, const std::string& where, PairRe
   record.label_1 = field("label_1", &json::is_number, "a number").get<double>();
   const bool valid_label = record.label_0 == 0.0 || record.label_0 == 0.5 || record.label_0 == 1.0;
   if (!valid_label || record.label_1 != 1.0 - record.label_0) {
-    bad_metadata({"bad preference labels", where, "label_0 in {0, 0.5, 1} and label_1 = 1 - label_0",
-                 fmt::format("label_0={}, label_1={}", record.label_0, record.label_1),
-                 kReexportHint});
+    bad_metadata(
+        {"bad preference labels", where, "label_0 in {0, 0.5, 1} and label_1 = 1 - label_0",
+         fmt::format("label_0={}, label_1={}", record.label_0, record.label_1), kReexportHint});
   }
   const auto ids = root.find("input_ids");
   if (ids == root.end()) {
@@ -72,13 +74,13 @@ void parse_json_member(const std::string& text, const std::string& where, PairRe
   }
   if (!ids->is_array()) {
     bad_metadata({"wrong field type in pair metadata", where + ": input_ids",
-                 "a list of lists of ints", ids->type_name(), kReexportHint});
+                  "a list of lists of ints", ids->type_name(), kReexportHint});
   }
   for (size_t t = 0; t < ids->size(); ++t) {
     const json& list = (*ids)[t];
     if (!list.is_array()) {
       bad_metadata({"wrong field type in pair metadata", fmt::format("{}: input_ids[{}]", where, t),
-                   "a list of ints", list.type_name(), kReexportHint});
+                    "a list of ints", list.type_name(), kReexportHint});
     }
     std::vector<int64_t> tokens;
     tokens.reserve(list.size());
@@ -87,8 +89,8 @@ void parse_json_member(const std::string& text, const std::string& where, PairRe
           (token.is_number_unsigned() &&
            token.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
         bad_metadata({"wrong token id type in pair metadata",
-                     fmt::format("{}: input_ids[{}]", where, t), "integers < 2^63", token.dump(),
-                     kReexportHint});
+                      fmt::format("{}: input_ids[{}]", where, t), "integers < 2^63", token.dump(),
+                      kReexportHint});
       }
       tokens.push_back(token.get<int64_t>());
     }
@@ -119,7 +121,8 @@ std::optional<PairRecord> ShardPairReader::next() {
       if (i == 0) {
         return std::nullopt;
       }
-      throw Error({"pair is missing a member", fmt::format("{}: key {}", path(), escape_preview(record.key, 100)),
+      throw Error({"pair is missing a member",
+                   fmt::format("{}: key {}", path(), escape_preview(record.key, 100)),
                    missing_members(), "end of shard", kReexportHint});
     }
     size_t suffix = kSuffixes.size();
@@ -131,14 +134,16 @@ std::optional<PairRecord> ShardPairReader::next() {
     }
     if (suffix == kSuffixes.size()) {
       throw Error({"unexpected shard member", member_where(path(), *member),
-                   "KEY.json, KEY.0.jpg or KEY.1.jpg", escape_preview(member->name, 100), kReexportHint});
+                   "KEY.json, KEY.0.jpg or KEY.1.jpg", escape_preview(member->name, 100),
+                   kReexportHint});
     }
     const std::string key =
         member->name.substr(0, member->name.size() - std::string(kSuffixes[suffix]).size());
     if (i == 0) {
       record.key = key;
     } else if (key != record.key || seen[suffix]) {
-      throw Error({"pair is missing a member", fmt::format("{}: key {}", path(), escape_preview(record.key, 100)),
+      throw Error({"pair is missing a member",
+                   fmt::format("{}: key {}", path(), escape_preview(record.key, 100)),
                    missing_members(),
                    fmt::format("member {} '{}' at offset {}", member->index,
                                escape_preview(member->name, 100), member->header_offset),

@@ -86,8 +86,7 @@ ShardCheckReport check_shards(const ShardIndex& index, bool verify_sha256, int64
     if (reader.pairs_read() != shard.pairs) {
       throw Error({"shard pair count does not match index.json", where + ": pairs",
                    fmt::format("{} pairs (index.json)", shard.pairs),
-                   fmt::format("{} pairs in the tar headers", reader.pairs_read()),
-                   kReexportHint});
+                   fmt::format("{} pairs in the tar headers", reader.pairs_read()), kReexportHint});
     }
     report.pairs += shard.pairs;
     ++report.shards;

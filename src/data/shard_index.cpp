@@ -42,8 +42,7 @@ const json& require(const json& object, const std::string& key, json::value_t ty
 }
 
 int64_t require_count(const json& object, const std::string& key, const std::string& where) {
-  const json& value =
-      require(object, key, json::value_t::number_integer, where, "an integer >= 0");
+  const json& value = require(object, key, json::value_t::number_integer, where, "an integer >= 0");
   if (value.is_number_unsigned() &&
       value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
     throw Error({"count too large in shard index", where + ": " + key, "an integer < 2^63",
@@ -51,8 +50,8 @@ int64_t require_count(const json& object, const std::string& key, const std::str
   }
   const auto count = value.get<int64_t>();
   if (count < 0) {
-    throw Error({"negative count in shard index", where + ": " + key, ">= 0",
-                 std::to_string(count), kReexportHint});
+    throw Error({"negative count in shard index", where + ": " + key, ">= 0", std::to_string(count),
+                 kReexportHint});
   }
   return count;
 }
@@ -157,7 +156,8 @@ TokenizerInfo parse_tokenizer(const json& entry, const std::string& where) {
         {"tokenizer entry is not an object", where, "object", type_name(entry), kReexportHint});
   }
   TokenizerInfo tokenizer;
-  tokenizer.name = require(entry, "name", json::value_t::string, where, "a string").get<std::string>();
+  tokenizer.name =
+      require(entry, "name", json::value_t::string, where, "a string").get<std::string>();
   tokenizer.vocab_sha256 =
       require(entry, "vocab_sha256", json::value_t::string, where, "a string").get<std::string>();
   tokenizer.max_length = require_count(entry, "max_length", where);

@@ -148,8 +148,7 @@ struct Trainer::Impl {
   std::string save_checkpoint();
   TrainOutcome run();
   void write_pair_records(const torch::Tensor& all_rows);
-  void report_bad_pairs(int64_t total, int64_t in_step,
-                        const std::vector<data::BadPair>& local);
+  void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
   bool is_main() const { return comm->rank() == 0; }
 
   struct MicroResult {
@@ -468,13 +467,14 @@ TrainOutcome Trainer::Impl::run() {
       for (const auto& [reason, count] : bad_pairs_by_reason) {
         reasons += fmt::format("{}{} {}", reasons.empty() ? "" : ", ", reason, count);
       }
-      throw Error({"too many bad pairs in the data", "step " + std::to_string(step),
-                   "at most data.max_bad_pairs = " + std::to_string(cfg.data.max_bad_pairs),
-                   fmt::format("{} skipped over all ranks{}", bad_total,
-                               reasons.empty() ? "" : " (seen by rank 0's process: " + reasons + ")"),
-                   "each one is in metrics.jsonl (kind bad_pair) and train.log; re-export those "
-                   "shards, or raise data.max_bad_pairs; the weights are saved in " +
-                       dir + " for --resume"});
+      throw Error(
+          {"too many bad pairs in the data", "step " + std::to_string(step),
+           "at most data.max_bad_pairs = " + std::to_string(cfg.data.max_bad_pairs),
+           fmt::format("{} skipped over all ranks{}", bad_total,
+                       reasons.empty() ? "" : " (seen by rank 0's process: " + reasons + ")"),
+           "each one is in metrics.jsonl (kind bad_pair) and train.log; re-export those "
+           "shards, or raise data.max_bad_pairs; the weights are saved in " +
+               dir + " for --resume"});
     }
     // Every rank must take the same branch: agree on whether any of them was signalled.
     if (comm->any(stop_requested())) {
@@ -538,13 +538,12 @@ std::string Trainer::Impl::save_checkpoint() {
   if (is_main()) store.stage(step);
   comm->barrier();
   const data::PairLoaderState position = loader->state();
-  const json rank_state = {
-      {"rank", comm->rank()},
-      {"world_size", comm->world_size()},
-      {"loader",
-       {{"epoch", position.epoch},
-        {"pairs_consumed", position.pairs_consumed},
-        {"bad_pairs", position.bad_pairs}}}};
+  const json rank_state = {{"rank", comm->rank()},
+                           {"world_size", comm->world_size()},
+                           {"loader",
+                            {{"epoch", position.epoch},
+                             {"pairs_consumed", position.pairs_consumed},
+                             {"bad_pairs", position.bad_pairs}}}};
   checkpoint::write_file_atomic((d / fmt::format("rank-{:05d}.json", comm->rank())).string(),
                                 rank_state.dump(2));
   if (is_main()) {

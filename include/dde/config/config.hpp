@@ -31,10 +31,10 @@ struct ModelConfig {
 };
 
 struct DataConfig {
-  std::string index;              // required: index.json of the preference shards
-  int64_t resolution = 0;  // training size in pixels, a multiple of 8 up to 8192; 0 = manifest's
-  bool random_crop = false;       // random instead of center crop after the resize
-  bool random_flip = true;        // horizontal flip, p = 0.5 per image (Diffusion-DPO)
+  std::string index;         // required: index.json of the preference shards
+  int64_t resolution = 0;    // training size in pixels, a multiple of 8 up to 8192; 0 = manifest's
+  bool random_crop = false;  // random instead of center crop after the resize
+  bool random_flip = true;   // horizontal flip, p = 0.5 per image (Diffusion-DPO)
   double caption_dropout = 0.2;   // in [0, 1]: probability that a caption becomes ""
   int64_t shuffle_buffer = 1000;  // in [1, 2^20] pairs held for shuffling across shards
   int64_t workers = 4;            // in [1, 256] decode threads

@@ -13,7 +13,8 @@ namespace dde::data {
 
 class BadPairError : public Error {
  public:
-  BadPairError(std::string reason, ErrorInfo info) : Error(std::move(info)), reason_(std::move(reason)) {}
+  BadPairError(std::string reason, ErrorInfo info)
+      : Error(std::move(info)), reason_(std::move(reason)) {}
   // A short snake_case category: "undecodable_image", "image_too_large", ...
   const std::string& reason() const { return reason_; }
 

@@ -1,12 +1,11 @@
 #include "dde/data/pair_loader.hpp"
 
 #include <gtest/gtest.h>
-
-#include <chrono>
-#include <cstdlib>
 #include <sys/resource.h>
 
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <future>
 #include <set>
@@ -443,8 +442,7 @@ TEST_F(PairLoaderTest, BadPairsAreSkippedCountedAndNamed) {
   EXPECT_EQ(bad[1].message.find('\xff'), std::string::npos) << "raw bytes in: " << bad[1].message;
   EXPECT_EQ(bad[2].reason, "token_id_out_of_range");
   EXPECT_NE(bad[2].message.find("input_ids[0][0]"), std::string::npos) << bad[2].message;
-  EXPECT_NE(bad[2].message.find("[0, 1000) (vocabulary of tok_a), got 100000"),
-            std::string::npos)
+  EXPECT_NE(bad[2].message.find("[0, 1000) (vocabulary of tok_a), got 100000"), std::string::npos)
       << bad[2].message;
   EXPECT_TRUE(loader.take_bad_pairs().empty());
   EXPECT_EQ(loader.counters().bad_pairs, 3);
@@ -521,8 +519,8 @@ TEST_F(PairLoaderTest, IndexCountsAreCheckedAtStart) {
   index["shards"][1]["pairs"] = 5;
   testing::write_file(index_, index.dump());
   expect_error([&] { PairLoader loader(options(1)); },
-               {"shard pair count does not match index.json", "shards[1]",
-                "shard-000001.tar", "5 pairs (index.json)", "got 4 pairs in the tar headers"});
+               {"shard pair count does not match index.json", "shards[1]", "shard-000001.tar",
+                "5 pairs (index.json)", "got 4 pairs in the tar headers"});
 }
 
 TEST_F(PairLoaderTest, ThreadCreationFailureIsAnError) {

@@ -225,7 +225,6 @@ TEST(ShardIndex, UnreadableOrInvalidJson) {
 namespace dde::data {
 namespace {
 
-
 TEST(CheckShards, CountsFromTarHeadersDuplicateKeysAndSha256) {
   testing::TempDir dir;
   const std::string path = testing::write_fixture(
@@ -241,8 +240,8 @@ TEST(CheckShards, CountsFromTarHeadersDuplicateKeysAndSha256) {
   ShardIndex wrong = index;
   wrong.shards[0].pairs = 2;
   expect_error([&] { check_shards(wrong, false); },
-               {"shard pair count does not match index.json", "shards[0]",
-                "2 pairs (index.json)", "got 3 pairs in the tar headers"});
+               {"shard pair count does not match index.json", "shards[0]", "2 pairs (index.json)",
+                "got 3 pairs in the tar headers"});
   wrong = index;
   wrong.shards[1].sha256[0] = wrong.shards[1].sha256[0] == '0' ? '1' : '0';
   EXPECT_NO_THROW(check_shards(wrong, false));  // data.verify: false
