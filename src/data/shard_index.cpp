@@ -198,7 +198,11 @@ ShardIndex ShardIndex::parse(const std::string& text, const std::string& index_p
   }
   const json& version_field =
       require(root, "version", json::value_t::number_integer, index_path, "an integer");
-  const int64_t version = version_field.is_number_unsigned() ? -1 : version_field.get<int64_t>();
+  // nlohmann reads non-negative literals as unsigned: only values past int64 are mapped to -1.
+  const bool huge =
+      version_field.is_number_unsigned() &&
+      version_field.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  const int64_t version = huge ? -1 : version_field.get<int64_t>();
   if (version != kShardIndexVersion) {
     throw Error({"unsupported shard index version", index_path + ": version",
                  std::to_string(kShardIndexVersion), version_field.dump(),

@@ -528,27 +528,27 @@ TEST_F(PairLoaderTest, ThreadCreationFailureIsAnError) {
   // fit, so pthread_create fails with EAGAIN (RLIMIT_NPROC would not bind root).
   PairLoaderOptions o = options(1);
   o.workers = 200;
-  EXPECT_EXIT(
-      {
-        std::ifstream status("/proc/self/status");
-        std::string line;
-        int64_t vm_kb = 0;
-        while (std::getline(status, line)) {
-          if (line.rfind("VmSize:", 0) == 0) vm_kb = std::stoll(line.substr(7));
-        }
-        const rlim_t limit = static_cast<rlim_t>(vm_kb + 64 * 1024) * 1024;
-        const rlimit rl{limit, limit};
-        setrlimit(RLIMIT_AS, &rl);
-        try {
-          PairLoader loader(o);
-          std::fprintf(stderr, "started");
-          std::_Exit(1);
-        } catch (const Error& e) {
-          std::fprintf(stderr, "%s", e.what());
-          std::_Exit(0);
-        }
-      },
-      ::testing::ExitedWithCode(0), "cannot start data loader threads.*data.workers");
+  const auto start_under_limit = [&] {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    int64_t vm_kb = 0;
+    while (std::getline(status, line)) {
+      if (line.rfind("VmSize:", 0) == 0) vm_kb = std::stoll(line.substr(7));
+    }
+    const rlim_t limit = static_cast<rlim_t>(vm_kb + 64 * 1024) * 1024;
+    const rlimit rl{limit, limit};
+    setrlimit(RLIMIT_AS, &rl);
+    try {
+      PairLoader loader(o);
+      std::fprintf(stderr, "started");
+      std::_Exit(1);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "%s", e.what());
+      std::_Exit(0);
+    }
+  };
+  EXPECT_EXIT(start_under_limit(), ::testing::ExitedWithCode(0),
+              "cannot start data loader threads.*data.workers");
 }
 
 TEST_F(PairLoaderTest, TokenizerMismatchAsksForReexport) {

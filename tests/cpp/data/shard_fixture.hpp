@@ -13,6 +13,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dde/data/image.hpp"
@@ -154,6 +155,8 @@ inline Image ramp_image(int height, int width, uint8_t green) {
 inline constexpr uint8_t kPreferredGreen = 200, kOtherGreen = 40, kTie0Green = 150, kTie1Green = 90;
 
 struct FixturePair {
+  FixturePair(double label = 1.0, bool corrupt = false)  // NOLINT(google-explicit-constructor)
+      : label_0(label), corrupt_jpg_0(corrupt) {}
   double label_0 = 1.0;
   bool corrupt_jpg_0 = false;
   std::string image_0_bytes;           // non-empty: KEY.0.jpg holds these bytes instead
@@ -162,6 +165,12 @@ struct FixturePair {
 };
 
 struct FixtureTokenizer {
+  FixtureTokenizer(std::string name_, std::string sha_, int64_t max_length_,
+                   int64_t vocab_size_ = 0)
+      : name(std::move(name_)),
+        sha(std::move(sha_)),
+        max_length(max_length_),
+        vocab_size(vocab_size_) {}
   std::string name, sha;
   int64_t max_length;
   int64_t vocab_size = 0;  // 0: not written to index.json
