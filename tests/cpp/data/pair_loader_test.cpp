@@ -411,11 +411,11 @@ std::vector<std::vector<FixturePair>> shards_with_bad_pairs() {
   FixturePair bad_json{0.0};
   bad_json.json_text = std::string("{\"caption\": \x01\xff", 14);
   FixturePair bad_token{1.0};
-  bad_token.first_token = 100000;  // tok_a's vocabulary has 1000 ids
+  bad_token.first_token = 100000;  // tok_a's vocabulary has 5000 ids
   return {{{1.0}, {0.0}, corrupt, {1.0}, bad_json, {0.0}, bad_token, {1.0}}};
 }
-const std::vector<testing::FixtureTokenizer> kSizedTokenizers = {{"tok_a", "sha_a", 4, 1000},
-                                                                 {"tok_b", "sha_b", 3, 1000}};
+const std::vector<testing::FixtureTokenizer> kSizedTokenizers = {{"tok_a", "sha_a", 4, 5000},
+                                                                 {"tok_b", "sha_b", 3, 5000}};
 
 TEST_F(PairLoaderTest, BadPairsAreSkippedCountedAndNamed) {
   TempDir dir;
@@ -442,7 +442,7 @@ TEST_F(PairLoaderTest, BadPairsAreSkippedCountedAndNamed) {
   EXPECT_EQ(bad[1].message.find('\xff'), std::string::npos) << "raw bytes in: " << bad[1].message;
   EXPECT_EQ(bad[2].reason, "token_id_out_of_range");
   EXPECT_NE(bad[2].message.find("input_ids[0][0]"), std::string::npos) << bad[2].message;
-  EXPECT_NE(bad[2].message.find("[0, 1000) (vocabulary of tok_a), got 100000"), std::string::npos)
+  EXPECT_NE(bad[2].message.find("[0, 5000) (vocabulary of tok_a), got 100000"), std::string::npos)
       << bad[2].message;
   EXPECT_TRUE(loader.take_bad_pairs().empty());
   EXPECT_EQ(loader.counters().bad_pairs, 3);
@@ -457,7 +457,7 @@ TEST_F(PairLoaderTest, VocabularyLimitFromTheModelSide) {
   PairLoaderOptions o = options(1);
   o.index_path = testing::write_fixture(dir.path(), {{{1.0}, high, {0.0}}}, kSizedTokenizers);
   o.shuffle_buffer = 1;
-  o.vocab_sizes = {500, 0};  // tighter than index.json's 1000
+  o.vocab_sizes = {500, 0};  // tighter than index.json's 5000
   PairLoader loader(o);
   EXPECT_EQ(loader.next().keys[0], "000000000");
   EXPECT_EQ(loader.next().keys[0], "000000002");
