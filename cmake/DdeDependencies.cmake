@@ -12,6 +12,14 @@ find_library(STB_LIBRARY stb REQUIRED)
 add_library(dde_stb INTERFACE)
 target_include_directories(dde_stb SYSTEM INTERFACE ${STB_INCLUDE_DIR})
 target_link_libraries(dde_stb INTERFACE ${STB_LIBRARY})
+# The data side's decoders and hashing: libjpeg-turbo's TurboJPEG API (Debian
+# libturbojpeg0-dev; JPEG), stb_image (PNG), OpenSSL's libcrypto (shard sha256).
+find_package(OpenSSL REQUIRED COMPONENTS Crypto)
+find_path(TURBOJPEG_INCLUDE_DIR turbojpeg.h REQUIRED)
+find_library(TURBOJPEG_LIBRARY turbojpeg REQUIRED)
+add_library(dde_data_codecs INTERFACE)
+target_include_directories(dde_data_codecs SYSTEM INTERFACE ${TURBOJPEG_INCLUDE_DIR})
+target_link_libraries(dde_data_codecs INTERFACE dde_stb ${TURBOJPEG_LIBRARY} OpenSSL::Crypto)
 
 # LibTorch: ask the venv's python where the wheel's CMake files are.
 set(DDE_PYTHON "${CMAKE_CURRENT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH

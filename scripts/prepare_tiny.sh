@@ -15,14 +15,15 @@ out="${DDE_FIXTURES_DIR:-$root/fixtures}"
 for family in sd15 sdxl; do
   # Re-export whenever the source fixtures were rebuilt (their stamp is newer).
   if [ ! -f "$out/export/$family/manifest.json" ] || \
-     [ "$out/source/$family/dde_fixture.json" -nt "$out/export/$family/manifest.json" ]; then
+     [ "$out/source/$family/dde_fixture.json" -nt "$out/export/$family/manifest.json" ] || \
+     ! grep -q '"push_output"' "$out/export/$family/manifest.json"; then
     rm -rf "$out/export/$family" "$out/shards/$family"
     "$py" -m dde_tools.export_models --pipeline "$out/source/$family" --out "$out/export/$family"
   fi
-  # ... and when the index is of an older format version (export_pickapic's INDEX_VERSION).
+  # ... and whenever the index predates index.json version 2 (shard sizes and hashes).
   if [ ! -f "$out/shards/$family/index.json" ] || \
      [ "$out/source/pickapic/dde_fixture.json" -nt "$out/shards/$family/index.json" ] || \
-     ! grep -q '"version": 2,' "$out/shards/$family/index.json"; then
+     ! grep -q '"version": 2' "$out/shards/$family/index.json"; then
     tokenizers=(--tokenizer "$out/export/$family/tokenizer")
     [ "$family" = sdxl ] && tokenizers+=(--tokenizer "$out/export/$family/tokenizer_2")
     "$py" -m dde_tools.export_pickapic --parquet "$out"/source/pickapic/*.parquet \

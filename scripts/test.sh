@@ -12,6 +12,8 @@ export DDE_BUILD_DIR="${DDE_BUILD_DIR:-$root/build}"
 export DDE_FIXTURES_DIR="${DDE_FIXTURES_DIR:-$root/fixtures}"
 echo "== C++ unit tests (ctest)"
 ctest --test-dir "$DDE_BUILD_DIR" --output-on-failure -j2
+echo "== fuzzing: data parsers and image decoder (libFuzzer, ~1 min; regressions replayed)"
+bash scripts/fuzz.sh
 echo "== Python and end-to-end tests (pytest)"
 .venv/bin/python -m pytest -q tests/python tests/e2e
 echo "== Slurm: a single-node cluster on this machine, sbatch, preemption, a killed rank"

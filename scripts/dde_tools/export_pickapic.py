@@ -193,7 +193,7 @@ def _index(parquet_files: Sequence[Path], options: ExportOptions, tokenizers: li
         "image_checks": {"formats": ["JPEG", "PNG"], "pillow_formats": list(ACCEPTED_FORMATS),
                          "max_pixels": MAX_PIXELS, "max_aspect_ratio": MAX_ASPECT_RATIO},
         "tokenizers": [
-            {"name": d.name, "vocab_sha256": vocab_sha256(d), "max_length": t.model_max_length}
+            {"name": d.name, "vocab_sha256": vocab_sha256(d), "max_length": t.model_max_length, "vocab_size": len(t)}
             for d, t in zip(options.tokenizer_dirs, tokenizers)
         ],
     }

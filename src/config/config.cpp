@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "dde/data/limits.hpp"
 #include "dde/util/error.hpp"
 
 namespace dde::config {
@@ -110,6 +111,11 @@ Rule multiple_of(int64_t k) {
   r.multiple_of = k;
   return r;
 }
+Rule at_most(Rule r, double max) {
+  r.has_max = true;
+  r.max = max;
+  return r;
+}
 
 const std::vector<std::string> kMethodNames = {"sft",        "uniform",  "discounted",
                                                "dde_single", "dde_step", "dde"};
@@ -130,14 +136,21 @@ void for_each_field(Visitor&& v) {
   v("model", &C::model, "frozen_dtype", &ModelConfig::frozen_dtype, one_of({"fp32", "bf16"}));
 
   v("data", &C::data, "index", &DataConfig::index, required());
-  v("data", &C::data, "resolution", &DataConfig::resolution, multiple_of(8));
+  v("data", &C::data, "resolution", &DataConfig::resolution,
+    at_most(multiple_of(8), data::kMaxResolution));
   v("data", &C::data, "random_crop", &DataConfig::random_crop, any());
   v("data", &C::data, "random_flip", &DataConfig::random_flip, any());
   v("data", &C::data, "caption_dropout", &DataConfig::caption_dropout, between(0, false, 1, false));
-  v("data", &C::data, "shuffle_buffer", &DataConfig::shuffle_buffer, at_least(1));
-  v("data", &C::data, "workers", &DataConfig::workers, at_least(1));
-  v("data", &C::data, "prefetch_batches", &DataConfig::prefetch_batches, at_least(1));
+  v("data", &C::data, "shuffle_buffer", &DataConfig::shuffle_buffer,
+    at_most(at_least(1), data::kMaxShuffleBuffer));
+  v("data", &C::data, "workers", &DataConfig::workers, at_most(at_least(1), data::kMaxWorkers));
+  v("data", &C::data, "prefetch_batches", &DataConfig::prefetch_batches,
+    at_most(at_least(1), data::kMaxPrefetchBatches));
   v("data", &C::data, "keep_ties", &DataConfig::keep_ties, any());
+  v("data", &C::data, "max_image_pixels", &DataConfig::max_image_pixels,
+    at_most(at_least(1), data::kMaxImagePixels));
+  v("data", &C::data, "max_bad_pairs", &DataConfig::max_bad_pairs, at_least(0));
+  v("data", &C::data, "verify", &DataConfig::verify, any());
 
   v("method", &C::method, "name", &MethodConfig::name, one_of(kMethodNames));
   v("method", &C::method, "beta", &MethodConfig::beta, above(0));
@@ -159,7 +172,8 @@ void for_each_field(Visitor&& v) {
   v("optim", &C::optim, "max_nonfinite_in_row", &OptimConfig::max_nonfinite_in_row, at_least(1));
 
   v("train", &C::train, "global_batch", &TrainLoopConfig::global_batch, at_least(1));
-  v("train", &C::train, "micro_batch", &TrainLoopConfig::micro_batch, at_least(1));
+  v("train", &C::train, "micro_batch", &TrainLoopConfig::micro_batch,
+    at_most(at_least(1), data::kMaxBatchPixels));
   v("train", &C::train, "max_steps", &TrainLoopConfig::max_steps, at_least(1));
   v("train", &C::train, "precision", &TrainLoopConfig::precision, one_of({"fp32", "bf16"}));
   v("train", &C::train, "gradient_checkpointing", &TrainLoopConfig::gradient_checkpointing, any());
@@ -280,6 +294,32 @@ void check_field(const std::string& path, const T& value, const T& default_value
   }
 }
 
+// What the data side would allocate per micro-batch and in its queue (data/limits.hpp);
+// with data.resolution 0 (the manifest's) the loader checks the same bounds later.
+void check_data_memory(const TrainConfig& c, const Locate& locate) {
+  const int64_t pixels = c.data.resolution * c.data.resolution;
+  if (pixels == 0) {
+    return;
+  }
+  if (c.train.micro_batch > data::kMaxBatchPixels / pixels) {
+    throw Error(
+        {"micro-batch too large for the resolution", locate("train.micro_batch"),
+         "train.micro_batch x data.resolution^2 <= " + std::to_string(data::kMaxBatchPixels) +
+             " pixels (6 GiB of float32 pairs)",
+         std::to_string(c.train.micro_batch) + " x " + std::to_string(c.data.resolution) + "^2",
+         "lower train.micro_batch (gradient accumulation keeps the global batch)"});
+  }
+  if ((c.data.prefetch_batches + 1) * c.train.micro_batch > data::kMaxQueuedPixels / pixels) {
+    throw Error({"data prefetch queue too large", locate("data.prefetch_batches"),
+                 "(data.prefetch_batches + 1) x train.micro_batch x data.resolution^2 <= " +
+                     std::to_string(data::kMaxQueuedPixels) + " pixels (12 GiB)",
+                 "(" + std::to_string(c.data.prefetch_batches) + " + 1) x " +
+                     std::to_string(c.train.micro_batch) + " x " +
+                     std::to_string(c.data.resolution) + "^2",
+                 "lower data.prefetch_batches or train.micro_batch"});
+  }
+}
+
 void validate_impl(const TrainConfig& c, const Locate& locate) {
   const TrainConfig defaults;
   for_each_field([&](const char* section, auto sp, const char* key, auto mp, const Rule& rule) {
@@ -291,6 +331,7 @@ void validate_impl(const TrainConfig& c, const Locate& locate) {
                  "-1 (= num_train_timesteps) or t_hi > t_lo = " + std::to_string(c.method.t_lo),
                  std::to_string(c.method.t_hi), "the window is [method.t_lo, method.t_hi)"});
   }
+  check_data_memory(c, locate);
   if (c.train.global_batch % c.train.micro_batch != 0) {
     throw Error({"global batch not divisible by the micro-batch", locate("train.global_batch"),
                  "a multiple of train.micro_batch = " + std::to_string(c.train.micro_batch),

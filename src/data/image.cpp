@@ -1,13 +1,11 @@
 #include "dde/data/image.hpp"
 
 #include <fmt/format.h>
-#include <stb_image.h>
 
+#include <algorithm>
 #include <array>
-#include <climits>
 #include <cmath>
 #include <cstring>
-#include <memory>
 
 #include "dde/util/error.hpp"
 
@@ -128,28 +126,6 @@ Image blank(int height, int width) {
 
 }  // namespace
 
-Image decode_jpeg(const std::string& bytes, const std::string& where) {
-  if (bytes.empty() || bytes.size() > static_cast<size_t>(INT_MAX)) {
-    throw Error({"cannot decode image", where, "JPEG bytes (1 B to 2 GiB)",
-                 fmt::format("{} bytes", bytes.size()), "the shard is corrupt; re-export it"});
-  }
-  int width = 0, height = 0, channels = 0;
-  std::unique_ptr<stbi_uc, void (*)(void*)> pixels(
-      stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),
-                            static_cast<int>(bytes.size()), &width, &height, &channels,
-                            /*req_comp=*/3),
-      stbi_image_free);
-  if (!pixels) {
-    const char* reason = stbi_failure_reason();
-    throw Error({"cannot decode image", where, "a JPEG stb_image can decode",
-                 reason ? reason : "unknown error",
-                 "the exporter checks images with Pillow; re-export the shard or drop the pair"});
-  }
-  Image image = blank(height, width);
-  std::memcpy(image.rgb.data(), pixels.get(), image.rgb.size());
-  return image;
-}
-
 Image resize_bilinear(const Image& image, int out_height, int out_width) {
   if (out_height <= 0 || out_width <= 0 || image.height <= 0 || image.width <= 0) {
     throw Error(
@@ -251,27 +227,6 @@ Image hflip(const Image& image) {
     for (int x = 0; x < image.width; ++x) {
       std::memcpy(dst + x * 3, src + (image.width - 1 - x) * 3, 3);
     }
-  }
-  return out;
-}
-
-torch::Tensor to_tensor_pm1(const Image& image) {
-  static const std::array<float, 256> kLut = [] {
-    std::array<float, 256> lut{};
-    for (int v = 0; v < 256; ++v) {
-      lut[v] =
-          (static_cast<float>(v) / 255.0f - 0.5f) / 0.5f;  // ToTensor then Normalize([0.5], [0.5])
-    }
-    return lut;
-  }();
-  const int64_t plane = static_cast<int64_t>(image.height) * image.width;
-  torch::Tensor out = torch::empty({3, image.height, image.width}, torch::kFloat32);
-  float* dst = out.data_ptr<float>();
-  const uint8_t* src = image.rgb.data();
-  for (int64_t i = 0; i < plane; ++i) {
-    dst[i] = kLut[src[i * 3 + 0]];
-    dst[plane + i] = kLut[src[i * 3 + 1]];
-    dst[2 * plane + i] = kLut[src[i * 3 + 2]];
   }
   return out;
 }

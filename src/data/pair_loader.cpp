@@ -13,10 +13,14 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <system_error>
 #include <thread>
 #include <utility>
 
+#include "dde/data/data_error.hpp"
 #include "dde/data/image.hpp"
+#include "dde/data/image_tensor.hpp"
+#include "dde/data/limits.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
 #include "dde/util/error.hpp"
@@ -88,7 +92,8 @@ struct PreparedImage {
 
 struct PairSample {
   int64_t epoch = 0, local_index = 0, global_index = 0;
-  std::exception_ptr error;
+  std::exception_ptr error;    // fatal
+  std::optional<BadPair> bad;  // skipped by next()
   PreparedImage winner, loser;
   bool caption_dropped = false;
   const std::vector<std::vector<int64_t>>* input_ids = nullptr;  // record's or the empty prompt's
@@ -143,6 +148,7 @@ struct PairLoader::Impl {
   PairLoaderState position;
   double wait_seconds = 0.0;
   Counters counters;
+  std::vector<BadPair> bad_pairs;  // skipped since the last take_bad_pairs()
   int64_t last_counted_epoch = -1;
   std::exception_ptr failure;  // sticky: next() keeps rethrowing it
 
@@ -153,6 +159,7 @@ struct PairLoader::Impl {
   bool emit(PairTask task);
   void run_worker();
   void check_record(const PairRecord& record, const ShardInfo& shard) const;
+  int64_t vocab_limit(size_t tokenizer) const;
   PairSample prepare(const PairTask& task, ShardFile& file) const;
   PreparedImage prepare_image(const std::string& bytes, const std::string& where, bool flip,
                               uint64_t crop_y, uint64_t crop_x) const;
@@ -165,13 +172,31 @@ void check_options(const PairLoaderOptions& o) {
                       const std::string& actual) {
     throw Error({"bad data loader option", "PairLoaderOptions." + key, expected, actual, ""});
   };
-  if (o.resolution <= 0) bad("resolution", "> 0", std::to_string(o.resolution));
+  if (o.resolution <= 0 || o.resolution > kMaxResolution)
+    bad("resolution", fmt::format("in [1, {}]", kMaxResolution), std::to_string(o.resolution));
   if (o.caption_dropout < 0.0 || o.caption_dropout > 1.0)
     bad("caption_dropout", "in [0, 1]", fmt::format("{}", o.caption_dropout));
-  if (o.shuffle_buffer < 1) bad("shuffle_buffer", ">= 1", std::to_string(o.shuffle_buffer));
-  if (o.workers < 1) bad("workers", ">= 1", std::to_string(o.workers));
-  if (o.prefetch_batches < 1) bad("prefetch_batches", ">= 1", std::to_string(o.prefetch_batches));
-  if (o.batch_size < 1) bad("batch_size", ">= 1", std::to_string(o.batch_size));
+  if (o.shuffle_buffer < 1 || o.shuffle_buffer > kMaxShuffleBuffer)
+    bad("shuffle_buffer", fmt::format("in [1, {}]", kMaxShuffleBuffer),
+        std::to_string(o.shuffle_buffer));
+  if (o.workers < 1 || o.workers > kMaxWorkers)
+    bad("workers", fmt::format("in [1, {}]", kMaxWorkers), std::to_string(o.workers));
+  if (o.prefetch_batches < 1 || o.prefetch_batches > kMaxPrefetchBatches)
+    bad("prefetch_batches", fmt::format("in [1, {}]", kMaxPrefetchBatches),
+        std::to_string(o.prefetch_batches));
+  if (o.batch_size < 1 || o.batch_size > kMaxBatchPixels)
+    bad("batch_size", ">= 1", std::to_string(o.batch_size));
+  if (o.max_image_pixels < 1 || o.max_image_pixels > kMaxImagePixels)
+    bad("max_image_pixels", fmt::format("in [1, {}]", kMaxImagePixels),
+        std::to_string(o.max_image_pixels));
+  const int64_t pixels = o.resolution * o.resolution;  // <= 2^26
+  if (o.batch_size > kMaxBatchPixels / pixels)
+    bad("batch_size", fmt::format("batch_size x resolution^2 <= {}", kMaxBatchPixels),
+        fmt::format("{} x {}^2", o.batch_size, o.resolution));
+  if ((o.prefetch_batches + 1) * o.batch_size > kMaxQueuedPixels / pixels)
+    bad("prefetch_batches",
+        fmt::format("(prefetch_batches + 1) x batch_size x resolution^2 <= {}", kMaxQueuedPixels),
+        fmt::format("({} + 1) x {} x {}^2", o.prefetch_batches, o.batch_size, o.resolution));
   if (o.world_size < 1) bad("world_size", ">= 1", std::to_string(o.world_size));
   if (o.rank < 0 || o.rank >= o.world_size)
     bad("rank", fmt::format("in [0, {})", o.world_size), std::to_string(o.rank));
@@ -222,6 +247,29 @@ PairLoader::Impl::Impl(PairLoaderOptions opts) : options(std::move(opts)) {
     }
   }
 
+  if (!options.vocab_sizes.empty() && options.vocab_sizes.size() != tokenizers) {
+    throw Error({"vocabulary sizes do not match the shards' tokenizers",
+                 "PairLoaderOptions.vocab_sizes",
+                 fmt::format("{} (tokenizers in {})", tokenizers, options.index_path),
+                 std::to_string(options.vocab_sizes.size()), "pass one size per text encoder"});
+  }
+  for (size_t t = 0; t < options.empty_prompt_ids.size() && t < tokenizers; ++t) {
+    for (const int64_t id : options.empty_prompt_ids[t]) {
+      if (id < 0 || (vocab_limit(t) > 0 && id >= vocab_limit(t))) {
+        throw Error({"empty-prompt id outside the vocabulary",
+                     fmt::format("PairLoaderOptions.empty_prompt_ids[{}]", t),
+                     fmt::format("ids in [0, {})", vocab_limit(t)), std::to_string(id),
+                     "re-export the model and the shards with the same tokenizers"});
+      }
+    }
+  }
+  const ShardCheckReport checked =
+      check_shards(index, options.verify_sha256, options.rank, options.world_size);
+  log::info("data: checked {} shards against {} ({} pairs in the tar headers{})", checked.shards,
+            options.index_path, checked.pairs,
+            options.verify_sha256 ? fmt::format(", sha256 of {} bytes", checked.bytes_hashed)
+                                  : std::string(", sha256 not verified (data.verify: false)"));
+
   epoch_ties = options.keep_ties ? 0 : index.total_ties();
   epoch_pairs = index.total_pairs() - epoch_ties;
   share = epoch_pairs / options.world_size;
@@ -238,9 +286,19 @@ PairLoader::Impl::Impl(PairLoaderOptions opts) : options(std::move(opts)) {
 
 void PairLoader::Impl::start(PairLoaderState from) {
   stopping = false;
-  sequencer = std::thread([this, from] { run_sequencer(from); });
-  for (int64_t w = 0; w < options.workers; ++w) {
-    workers.emplace_back([this] { run_worker(); });
+  try {
+    sequencer = std::thread([this, from] { run_sequencer(from); });
+    for (int64_t w = 0; w < options.workers; ++w) {
+      workers.emplace_back([this] { run_worker(); });
+    }
+  } catch (const std::system_error& e) {
+    const size_t started = workers.size();
+    stop();
+    throw Error({"cannot start data loader threads", "data.workers",
+                 fmt::format("1 sequencer + {} worker threads", options.workers),
+                 fmt::format("{} workers started, then: {}", started, e.what()),
+                 "lower data.workers, or raise the process/thread limit (ulimit -u, the "
+                 "container's pids limit)"});
   }
 }
 
@@ -265,20 +323,48 @@ void PairLoader::Impl::stop() {
   sequencer_error = nullptr;
 }
 
+int64_t PairLoader::Impl::vocab_limit(size_t tokenizer) const {
+  int64_t limit = index.tokenizers[tokenizer].vocab_size;
+  if (tokenizer < options.vocab_sizes.size() && options.vocab_sizes[tokenizer] > 0) {
+    limit = limit > 0 ? std::min(limit, options.vocab_sizes[tokenizer])
+                      : options.vocab_sizes[tokenizer];
+  }
+  return limit;
+}
+
+// The pair's token ids against the tokenizers of index.json (and the text encoders'
+// vocabularies): a bad list skips the pair instead of failing inside the text encoder.
 void PairLoader::Impl::check_record(const PairRecord& record, const ShardInfo& shard) const {
-  const std::string where = fmt::format("{}: key {}", shard.path, record.key);
+  const std::string where = fmt::format("{}: key {}", shard.path, escape_preview(record.key, 100));
   if (record.input_ids.size() != index.tokenizers.size()) {
-    throw Error({"pair has the wrong number of input_ids lists", where,
-                 fmt::format("{} (tokenizers in {})", index.tokenizers.size(), index.path),
-                 std::to_string(record.input_ids.size()), kReexportHint});
+    throw BadPairError("bad_input_ids",
+                       {"pair has the wrong number of input_ids lists", where,
+                        fmt::format("{} (tokenizers in {})", index.tokenizers.size(), index.path),
+                        std::to_string(record.input_ids.size()), kReexportHint});
   }
   for (size_t t = 0; t < record.input_ids.size(); ++t) {
-    if (static_cast<int64_t>(record.input_ids[t].size()) != index.tokenizers[t].max_length) {
-      throw Error({"pair has input_ids of the wrong length",
-                   fmt::format("{}: input_ids[{}]", where, t),
-                   fmt::format("{} (max_length of {})", index.tokenizers[t].max_length,
-                               index.tokenizers[t].name),
-                   std::to_string(record.input_ids[t].size()), kReexportHint});
+    const std::vector<int64_t>& ids = record.input_ids[t];
+    if (static_cast<int64_t>(ids.size()) != index.tokenizers[t].max_length) {
+      throw BadPairError(
+          "bad_input_ids",
+          {"pair has input_ids of the wrong length", fmt::format("{}: input_ids[{}]", where, t),
+           fmt::format("{} (max_length of {})", index.tokenizers[t].max_length,
+                       index.tokenizers[t].name),
+           std::to_string(ids.size()), kReexportHint});
+    }
+    const int64_t limit = vocab_limit(t);
+    for (size_t j = 0; j < ids.size(); ++j) {
+      if (ids[j] < 0 || (limit > 0 && ids[j] >= limit)) {
+        throw BadPairError("token_id_out_of_range",
+                           {"token id outside the text encoder's vocabulary",
+                            fmt::format("{}: input_ids[{}][{}]", where, t, j),
+                            limit > 0 ? fmt::format("an id in [0, {}) (vocabulary of {})", limit,
+                                                    index.tokenizers[t].name)
+                                      : std::string("an id >= 0"),
+                            std::to_string(ids[j]),
+                            "the shard was tokenized with another tokenizer or is corrupt: " +
+                                std::string(kReexportHint)});
+      }
     }
   }
 }
@@ -315,13 +401,13 @@ void PairLoader::Impl::run_sequencer(PairLoaderState from) {
       for (const size_t s : order) {
         const ShardInfo& shard = index.shards[s];
         ShardPairReader reader(shard.path, ShardPairReader::Images::kSkip);
-        int64_t ties = 0;
+        int64_t ties = 0, unreadable = 0;  // unreadable: bad metadata, tie or not unknown
         while (std::optional<PairRecord> record = reader.next()) {
           if (stopping) {
             return;
           }
-          check_record(*record, shard);
-          if (record->is_tie()) {
+          unreadable += record->problem ? 1 : 0;
+          if (!record->problem && record->is_tie()) {
             ++ties;
             if (!options.keep_ties) {
               continue;
@@ -337,7 +423,8 @@ void PairLoader::Impl::run_sequencer(PairLoaderState from) {
             return;
           }
         }
-        if (reader.pairs_read() != shard.pairs || ties != shard.ties) {
+        if (reader.pairs_read() != shard.pairs || ties > shard.ties ||
+            ties + unreadable < shard.ties) {
           throw Error({"shard does not match index.json", shard.path,
                        fmt::format("{} pairs, {} ties (index.json)", shard.pairs, shard.ties),
                        fmt::format("{} pairs, {} ties", reader.pairs_read(), ties), kReexportHint});
@@ -389,6 +476,14 @@ void PairLoader::Impl::run_worker() {
     PairSample sample;
     try {
       sample = prepare(task, file);
+    } catch (const BadPairError& e) {
+      const ShardInfo& shard = index.shards[task.shard];
+      sample.bad = BadPair{e.reason(),
+                           shard.file,
+                           static_cast<int64_t>(task.shard),
+                           task.record.key,
+                           (task.epoch << 32) | task.global_index,
+                           e.what()};
     } catch (...) {
       sample.error = std::current_exception();
     }
@@ -406,7 +501,7 @@ void PairLoader::Impl::run_worker() {
 PreparedImage PairLoader::Impl::prepare_image(const std::string& bytes, const std::string& where,
                                               bool flip, uint64_t crop_y, uint64_t crop_x) const {
   const int res = static_cast<int>(options.resolution);
-  Image image = decode_jpeg(bytes, where);
+  Image image = decode_image(bytes, where, ImageLimits{options.max_image_pixels, 20});
   PreparedImage out;
   out.original_h = image.height;
   out.original_w = image.width;
@@ -431,6 +526,10 @@ PreparedImage PairLoader::Impl::prepare_image(const std::string& bytes, const st
 PairSample PairLoader::Impl::prepare(const PairTask& task, ShardFile& file) const {
   const PairRecord& record = task.record;
   const ShardInfo& shard = index.shards[task.shard];
+  if (record.problem) {
+    throw *record.problem;
+  }
+  check_record(record, shard);
 
   // Fixed draw order, whatever the options, so a pair's choices never shift.
   Rng rng(hash_seed({options.seed, static_cast<uint64_t>(task.epoch), kPairChoices,
@@ -446,7 +545,8 @@ PairSample PairLoader::Impl::prepare(const PairTask& task, ShardFile& file) cons
   const auto load = [&](int which, bool flip, uint64_t crop_y, uint64_t crop_x) {
     const MemberSpan& span = which == 0 ? record.jpg_0_span : record.jpg_1_span;
     const std::string where = fmt::format("{}: key {}, member {}.{}.jpg at offset {}", shard.path,
-                                          record.key, record.key, which, span.offset);
+                                          escape_preview(record.key, 100),
+                                          escape_preview(record.key, 100), which, span.offset);
     return prepare_image(read_file_range(file.open(shard.path), shard.path, span.offset, span.size),
                          where, flip, crop_y, crop_x);
   };
@@ -482,7 +582,8 @@ PairBatch PairLoader::next() {
   samples.reserve(static_cast<size_t>(batch));
   try {
     std::unique_lock<std::mutex> lock(d.mutex);
-    for (int64_t b = 0; b < batch; ++b) {
+    int64_t skipped_in_row = 0;
+    while (static_cast<int64_t>(samples.size()) < batch) {
       const int64_t pos = d.consumed;
       const auto ready = [&] {
         return d.done.count(pos) > 0 || (d.sequencer_error && d.produced <= pos);
@@ -504,6 +605,24 @@ PairBatch PairLoader::next() {
       if (sample.error) {
         std::rethrow_exception(sample.error);
       }
+      if (sample.bad) {
+        // Skipped: its place in the order is consumed, so a resume skips it again.
+        d.position = sample.local_index + 1 == d.share
+                         ? PairLoaderState{sample.epoch + 1, 0, 0}
+                         : PairLoaderState{sample.epoch, sample.local_index + 1, 0};
+        ++d.counters.bad_pairs;
+        log::warn("data: skipped bad pair ({}): {}", sample.bad->reason, sample.bad->message);
+        d.bad_pairs.push_back(std::move(*sample.bad));
+        if (++skipped_in_row >= d.share) {
+          throw Error({"every pair of an epoch is bad", d.options.index_path,
+                       fmt::format("at most {} bad pairs in a row (this rank's epoch)", d.share),
+                       std::to_string(skipped_in_row),
+                       "the data cannot be trained on: check the export (see the skipped pairs "
+                       "in the log)"});
+        }
+        continue;
+      }
+      skipped_in_row = 0;
       samples.push_back(std::move(sample));
     }
     for (const PairSample& sample : samples) {
@@ -515,8 +634,8 @@ PairBatch PairLoader::next() {
     d.counters.pairs_yielded += batch;
     const PairSample& last = samples.back();
     d.position = last.local_index + 1 == d.share
-                     ? PairLoaderState{last.epoch + 1, 0}
-                     : PairLoaderState{last.epoch, last.local_index + 1};
+                     ? PairLoaderState{last.epoch + 1, 0, 0}
+                     : PairLoaderState{last.epoch, last.local_index + 1, 0};
   } catch (...) {
     d.failure = std::current_exception();
     throw;
@@ -567,27 +686,40 @@ PairBatch PairLoader::next() {
 
 PairLoaderState PairLoader::state() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->position;
+  PairLoaderState state = impl_->position;
+  state.bad_pairs = impl_->counters.bad_pairs;
+  return state;
+}
+
+std::vector<BadPair> PairLoader::take_bad_pairs() {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  std::vector<BadPair> out;
+  out.swap(impl_->bad_pairs);
+  return out;
 }
 
 void PairLoader::load_state(const PairLoaderState& state) {
   Impl& d = *impl_;
-  if (state.epoch < 0 || state.pairs_consumed < 0 || state.pairs_consumed > d.share) {
+  if (state.epoch < 0 || state.pairs_consumed < 0 || state.pairs_consumed > d.share ||
+      state.bad_pairs < 0) {
     throw Error(
         {"bad data loader state", "PairLoaderState",
          fmt::format("epoch >= 0 and pairs_consumed in [0, {}] (pairs per epoch of this rank)",
                      d.share),
-         fmt::format("epoch={} pairs_consumed={}", state.epoch, state.pairs_consumed),
+         fmt::format("epoch={} pairs_consumed={} bad_pairs={}", state.epoch, state.pairs_consumed,
+                     state.bad_pairs),
          "resume with the shards, seed, keep_ties and world size of the run that saved it"});
   }
   const PairLoaderState from =
-      state.pairs_consumed == d.share ? PairLoaderState{state.epoch + 1, 0} : state;
+      state.pairs_consumed == d.share ? PairLoaderState{state.epoch + 1, 0, 0} : state;
   d.stop();
   {
     std::lock_guard<std::mutex> lock(d.mutex);
     d.position = from;
     d.last_counted_epoch = from.epoch - 1;
     d.failure = nullptr;
+    d.counters.bad_pairs = state.bad_pairs;
+    d.bad_pairs.clear();
   }
   d.start(from);
 }

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <array>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -15,6 +16,7 @@ using nlohmann::json;
 
 constexpr const char* kReexportHint =
     "re-export the shards with python -m dde_tools.export_pickapic";
+constexpr int64_t kMaxMetadataBytes = 1 << 20;  // a caption and token ids: a few KB
 constexpr std::array<const char*, 3> kSuffixes = {".json", ".0.jpg", ".1.jpg"};
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -23,31 +25,36 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 std::string member_where(const std::string& shard, const TarMember& member) {
-  return fmt::format("{}: member {} '{}' at offset {}", shard, member.index, member.name,
-                     member.header_offset);
+  return fmt::format("{}: member {} '{}' at offset {}", shard, member.index,
+                     escape_preview(member.name, 100), member.header_offset);
+}
+
+[[noreturn]] void bad_metadata(ErrorInfo info) {
+  throw BadPairError("bad_metadata", std::move(info));
 }
 
 void parse_json_member(const std::string& text, const std::string& where, PairRecord& record) {
   json root;
   try {
     root = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw Error({"pair metadata is not valid JSON", where, "JSON", e.what(), kReexportHint});
+  } catch (const json::exception& e) {
+    bad_metadata({"pair metadata is not valid JSON", where, "JSON", escape_preview(e.what(), 160),
+                  kReexportHint});
   }
   if (!root.is_object()) {
-    throw Error(
+    bad_metadata(
         {"pair metadata is not a JSON object", where, "object", root.type_name(), kReexportHint});
   }
   const auto field = [&](const char* key, bool (json::*check)() const noexcept,
                          const char* expected) -> const json& {
     const auto it = root.find(key);
     if (it == root.end()) {
-      throw Error({"missing field in pair metadata", where + ": " + key, expected, "no such field",
-                   kReexportHint});
+      bad_metadata({"missing field in pair metadata", where + ": " + key, expected, "no such field",
+                    kReexportHint});
     }
     if (!((*it).*check)()) {
-      throw Error({"wrong field type in pair metadata", where + ": " + key, expected,
-                   it->type_name(), kReexportHint});
+      bad_metadata({"wrong field type in pair metadata", where + ": " + key, expected,
+                    it->type_name(), kReexportHint});
     }
     return *it;
   };
@@ -57,31 +64,33 @@ void parse_json_member(const std::string& text, const std::string& where, PairRe
   record.label_1 = field("label_1", &json::is_number, "a number").get<double>();
   const bool valid_label = record.label_0 == 0.0 || record.label_0 == 0.5 || record.label_0 == 1.0;
   if (!valid_label || record.label_1 != 1.0 - record.label_0) {
-    throw Error({"bad preference labels", where, "label_0 in {0, 0.5, 1} and label_1 = 1 - label_0",
-                 fmt::format("label_0={}, label_1={}", record.label_0, record.label_1),
-                 kReexportHint});
+    bad_metadata(
+        {"bad preference labels", where, "label_0 in {0, 0.5, 1} and label_1 = 1 - label_0",
+         fmt::format("label_0={}, label_1={}", record.label_0, record.label_1), kReexportHint});
   }
   const auto ids = root.find("input_ids");
   if (ids == root.end()) {
     return;  // exported without --tokenizer
   }
   if (!ids->is_array()) {
-    throw Error({"wrong field type in pair metadata", where + ": input_ids",
-                 "a list of lists of ints", ids->type_name(), kReexportHint});
+    bad_metadata({"wrong field type in pair metadata", where + ": input_ids",
+                  "a list of lists of ints", ids->type_name(), kReexportHint});
   }
   for (size_t t = 0; t < ids->size(); ++t) {
     const json& list = (*ids)[t];
     if (!list.is_array()) {
-      throw Error({"wrong field type in pair metadata", fmt::format("{}: input_ids[{}]", where, t),
-                   "a list of ints", list.type_name(), kReexportHint});
+      bad_metadata({"wrong field type in pair metadata", fmt::format("{}: input_ids[{}]", where, t),
+                    "a list of ints", list.type_name(), kReexportHint});
     }
     std::vector<int64_t> tokens;
     tokens.reserve(list.size());
     for (const json& token : list) {
-      if (!token.is_number_integer()) {
-        throw Error({"wrong token id type in pair metadata",
-                     fmt::format("{}: input_ids[{}]", where, t), "integers", token.type_name(),
-                     kReexportHint});
+      if (!token.is_number_integer() ||
+          (token.is_number_unsigned() &&
+           token.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
+        bad_metadata({"wrong token id type in pair metadata",
+                      fmt::format("{}: input_ids[{}]", where, t), "integers < 2^63", token.dump(),
+                      kReexportHint});
       }
       tokens.push_back(token.get<int64_t>());
     }
@@ -112,7 +121,8 @@ std::optional<PairRecord> ShardPairReader::next() {
       if (i == 0) {
         return std::nullopt;
       }
-      throw Error({"pair is missing a member", fmt::format("{}: key {}", path(), record.key),
+      throw Error({"pair is missing a member",
+                   fmt::format("{}: key {}", path(), escape_preview(record.key, 100)),
                    missing_members(), "end of shard", kReexportHint});
     }
     size_t suffix = kSuffixes.size();
@@ -124,23 +134,37 @@ std::optional<PairRecord> ShardPairReader::next() {
     }
     if (suffix == kSuffixes.size()) {
       throw Error({"unexpected shard member", member_where(path(), *member),
-                   "KEY.json, KEY.0.jpg or KEY.1.jpg", member->name, kReexportHint});
+                   "KEY.json, KEY.0.jpg or KEY.1.jpg", escape_preview(member->name, 100),
+                   kReexportHint});
     }
     const std::string key =
         member->name.substr(0, member->name.size() - std::string(kSuffixes[suffix]).size());
     if (i == 0) {
       record.key = key;
     } else if (key != record.key || seen[suffix]) {
-      throw Error({"pair is missing a member", fmt::format("{}: key {}", path(), record.key),
+      throw Error({"pair is missing a member",
+                   fmt::format("{}: key {}", path(), escape_preview(record.key, 100)),
                    missing_members(),
-                   fmt::format("member {} '{}' at offset {}", member->index, member->name,
-                               member->header_offset),
+                   fmt::format("member {} '{}' at offset {}", member->index,
+                               escape_preview(member->name, 100), member->header_offset),
                    kReexportHint});
     }
     seen[suffix] = true;
 
-    if (suffix == 0) {
-      parse_json_member(tar_.read_data(), member_where(path(), *member), record);
+    if (suffix == 0 && images_ == Images::kHeadersOnly) {
+      tar_.skip_data();
+    } else if (suffix == 0) {
+      try {
+        if (member->size > kMaxMetadataBytes) {
+          tar_.skip_data();
+          bad_metadata({"pair metadata too large", member_where(path(), *member),
+                        fmt::format("at most {} bytes", kMaxMetadataBytes),
+                        fmt::format("{} bytes", member->size), kReexportHint});
+        }
+        parse_json_member(tar_.read_data(), member_where(path(), *member), record);
+      } catch (const BadPairError& e) {
+        record.problem = e;
+      }
     } else {
       MemberSpan& span = suffix == 1 ? record.jpg_0_span : record.jpg_1_span;
       span = {member->data_offset, member->size};

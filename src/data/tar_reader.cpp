@@ -8,6 +8,7 @@
 #include <cstring>
 #include <utility>
 
+#include "dde/data/data_error.hpp"
 #include "dde/util/error.hpp"
 
 namespace dde::data {
@@ -113,8 +114,8 @@ TarReader::TarReader(std::string path) : path_(std::move(path)) {
 }
 
 std::string TarReader::where(const TarMember& member) const {
-  return fmt::format("{}: member {} '{}' at offset {}", path_, member.index, member.name,
-                     member.header_offset);
+  return fmt::format("{}: member {} '{}' at offset {}", path_, member.index,
+                     escape_preview(member.name, 100), member.header_offset);
 }
 
 std::optional<TarMember> TarReader::next() {

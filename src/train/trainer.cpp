@@ -4,12 +4,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
 #include "dde/checkpoint/safetensors.hpp"
+#include "dde/data/bad_pair_rows.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
 #include "dde/dist/environment.hpp"
@@ -152,12 +154,14 @@ struct Trainer::Impl {
   int64_t nonfinite_in_row = 0;
   std::set<int64_t> poisoned_steps;
   std::string last_checkpoint;
+  std::map<std::string, int64_t> bad_pairs_by_reason;  // rank 0: seen by this process
 
   Impl(config::TrainConfig config, bool resume);
   void restore(const std::string& dir);
   std::string save_checkpoint();
   TrainOutcome run();
   void write_pair_records(const torch::Tensor& all_rows);
+  void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
   bool is_main() const { return comm->rank() == 0; }
 
   struct MicroResult {
@@ -252,6 +256,8 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   lo.batch_size = cfg.train.micro_batch;
   lo.rank = comm->rank();
   lo.world_size = comm->world_size();
+  lo.max_image_pixels = cfg.data.max_image_pixels;
+  lo.verify_sha256 = cfg.data.verify;
   for (const models::TextEncoderInfo& e : manifest.text_encoders) {
     lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
@@ -403,7 +409,8 @@ TrainOutcome Trainer::Impl::run() {
 
     // ---- training section: micro-batches -> backward (gradients accumulate locally) ----
     // stats: loss sum, pairs, z > 0 count, winner mse (policy, reference) sums.
-    torch::Tensor stats = torch::zeros({5}, torch::kFloat64);
+    // [5], [6]: this rank's bad pairs skipped in the step and since the start of the run.
+    torch::Tensor stats = torch::zeros({7}, torch::kFloat64);
     std::vector<torch::Tensor> rows;
     bool has_z = false;
     for (int64_t micro = 0; micro < accumulation; ++micro) {
@@ -422,6 +429,10 @@ TrainOutcome Trainer::Impl::run() {
       if (reference) stats[4] += r.rows.select(1, kRefW).sum();
     }
 
+    const std::vector<data::BadPair> bad_pairs = loader->take_bad_pairs();
+    stats[5] = static_cast<double>(bad_pairs.size());
+    stats[6] = static_cast<double>(loader->counters().bad_pairs);
+
     // ---- reduce: gradients and figures summed over ranks ----
     std::vector<torch::Tensor> grads;
     for (const torch::Tensor& p : policy->parameters()) {
@@ -432,6 +443,8 @@ TrainOutcome Trainer::Impl::run() {
     comm->all_reduce_sum(reduced, kBucketBytes);
     const torch::Tensor all_rows =
         cfg.logging.per_sample ? comm->all_gather(torch::cat(rows, 0)) : torch::Tensor();
+    const auto bad_total = static_cast<int64_t>(stats[6].item<double>());
+    report_bad_pairs(bad_total, static_cast<int64_t>(stats[5].item<double>()), bad_pairs);
 
     // ---- update: guard -> clip -> AdamW -> delayed correction update ----
     const double grad_norm = clip_grad_norm(policy->parameters(), cfg.optim.grad_clip);
@@ -470,6 +483,7 @@ TrainOutcome Trainer::Impl::run() {
                   {"skipped_steps", skipped_steps},
                   {"mem_held_mb", step_memory.held_mb},
                   {"mem_peak_mb", step_memory.peak_mb},
+                  {"bad_pairs", bad_total},
                   {"epoch", loader->state().epoch}};
       rec["implicit_acc"] = has_z ? json(stats[2].item<double>() / pairs) : json(nullptr);
       rec["mse_ref"] = reference ? json(stats[4].item<double>() / pairs) : json(nullptr);
@@ -495,6 +509,21 @@ TrainOutcome Trainer::Impl::run() {
                    "the last good weights are saved in " + dir +
                        "; lower optim.lr, check the data, or use precision fp32, then --resume"});
     }
+    if (bad_total > cfg.data.max_bad_pairs) {  // the same global count on every rank
+      const std::string dir = save_checkpoint();
+      std::string reasons;
+      for (const auto& [reason, count] : bad_pairs_by_reason) {
+        reasons += fmt::format("{}{} {}", reasons.empty() ? "" : ", ", reason, count);
+      }
+      throw Error(
+          {"too many bad pairs in the data", "step " + std::to_string(step),
+           "at most data.max_bad_pairs = " + std::to_string(cfg.data.max_bad_pairs),
+           fmt::format("{} skipped over all ranks{}", bad_total,
+                       reasons.empty() ? "" : " (seen by rank 0's process: " + reasons + ")"),
+           "each one is in metrics.jsonl (kind bad_pair) and train.log; re-export those "
+           "shards, or raise data.max_bad_pairs; the weights are saved in " +
+               dir + " for --resume"});
+    }
     // Every rank must take the same branch: agree on whether any of them was signalled.
     if (comm->any(stop_requested())) {
       const std::string dir = save_checkpoint();
@@ -505,6 +534,27 @@ TrainOutcome Trainer::Impl::run() {
     if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint();
   }
   return {step, skipped_steps, last_checkpoint, /*preempted=*/false};
+}
+
+// Every rank's skipped pairs of this step to rank 0, one metrics record each. `in_step` is
+// the global count (all-reduced), so every rank takes the same branch.
+void Trainer::Impl::report_bad_pairs(int64_t total, int64_t in_step,
+                                     const std::vector<data::BadPair>& local) {
+  if (in_step == 0) return;
+  const torch::Tensor rows = comm->all_gather(data::bad_pair_rows(local, comm->rank(), in_step));
+  if (!is_main()) return;
+  for (const data::RankedBadPair& b : data::bad_pairs_from_rows(rows)) {
+    ++bad_pairs_by_reason[b.pair.reason];
+    metrics->write({{"kind", "bad_pair"},
+                    {"step", step + 1},
+                    {"rank", b.rank},
+                    {"pair_id", b.pair.pair_id},
+                    {"reason", b.pair.reason},
+                    {"shard", b.pair.shard},
+                    {"key", b.pair.key}});
+  }
+  log::warn("step {}: {} bad pairs skipped ({} in the run, limit data.max_bad_pairs = {})",
+            step + 1, in_step, total, cfg.data.max_bad_pairs);
 }
 
 void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
@@ -536,10 +586,12 @@ std::string Trainer::Impl::save_checkpoint() {
   if (is_main()) store.stage(step);
   comm->barrier();
   const data::PairLoaderState position = loader->state();
-  const json rank_state = {
-      {"rank", comm->rank()},
-      {"world_size", comm->world_size()},
-      {"loader", {{"epoch", position.epoch}, {"pairs_consumed", position.pairs_consumed}}}};
+  const json rank_state = {{"rank", comm->rank()},
+                           {"world_size", comm->world_size()},
+                           {"loader",
+                            {{"epoch", position.epoch},
+                             {"pairs_consumed", position.pairs_consumed},
+                             {"bad_pairs", position.bad_pairs}}}};
   checkpoint::write_file_atomic((d / fmt::format("rank-{:05d}.json", comm->rank())).string(),
                                 rank_state.dump(2));
   if (is_main()) {
@@ -631,6 +683,7 @@ void Trainer::Impl::restore(const std::string& dir) {
   data::PairLoaderState position;
   position.epoch = rs.at("loader").at("epoch").get<int64_t>();
   position.pairs_consumed = rs.at("loader").at("pairs_consumed").get<int64_t>();
+  position.bad_pairs = rs.at("loader").value("bad_pairs", int64_t{0});
   loader->load_state(position);
   last_checkpoint = dir;
   log::info("resumed from {} at step {}", dir, step);

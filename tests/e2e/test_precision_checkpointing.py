@@ -1,7 +1,11 @@
 """Gradient checkpointing and precision, through the real binary on both tiny families.
 
 - train.gradient_checkpointing on and off give the same per-pair records (1e-5 relative), in
-  fp32 and under bf16 autocast;
+  fp32 and under bf16 autocast: the four errors at every step, z and the loss at the first
+  step. (After an update z is not comparable at 1e-5: the engine sums the gradient of the time
+  embedding, shared by every unit, in another order with recomputation, which moves the weights
+  by ~1e-7 relative, and beta * c_t * Delta multiplies that into z; tests/cpp/models/unet_test.cpp
+  compares the gradients themselves, 1e-6 relative.)
 - train.precision: bf16 really runs the UNets in bf16 (the per-pair errors move away from the
   fp32 run's by bf16 rounding: a silently-off autocast would give identical numbers);
 - model.frozen_dtype: bf16 holds the reference in bf16: its errors differ from the fp32
@@ -18,7 +22,7 @@ import pytest
 from conftest import read_metrics, run_train, tiny_overrides
 
 STEPS = 3
-FIELDS = ("mse_policy_w", "mse_policy_l", "mse_ref_w", "mse_ref_l", "z", "loss")
+ERRORS = ("mse_policy_w", "mse_policy_l", "mse_ref_w", "mse_ref_l")
 
 
 def _train(dde_train, fixtures, out: Path, family: str, *sets: str) -> list[dict]:
@@ -32,7 +36,7 @@ def _train(dde_train, fixtures, out: Path, family: str, *sets: str) -> list[dict
     return sorted(pairs, key=lambda p: (p["step"], p["pair_id"]))
 
 
-def _max_rel(a: list[dict], b: list[dict], fields=FIELDS) -> float:
+def _max_rel(a: list[dict], b: list[dict], fields=ERRORS) -> float:
     assert [p["pair_id"] for p in a] == [p["pair_id"] for p in b]
     worst = 0.0
     for x, y in zip(a, b):
@@ -49,8 +53,11 @@ def test_checkpointing_on_and_off_agree(dde_train, fixtures, tmp_path, family, p
     on = _train(dde_train, fixtures, tmp_path / "on", family, f"train.precision={precision}",
                 "train.gradient_checkpointing=true")
     err = _max_rel(on, off)
-    print(f"[ checkpointing ] {family} {precision}: per-pair records max relative difference {err:.3e}")
-    assert err <= 1e-5
+    first = lambda pairs: [p for p in pairs if p["step"] == 1]  # noqa: E731
+    z_err = _max_rel(first(on), first(off), fields=("z", "loss"))
+    print(f"[ checkpointing ] {family} {precision}: errors max relative difference {err:.3e}, "
+          f"step-1 z/loss {z_err:.3e}")
+    assert err <= 1e-5 and z_err <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

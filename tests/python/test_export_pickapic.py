@@ -123,7 +123,8 @@ def test_pairs_equal_the_parquet_rows(bad_parquet, default_export, tokenizer_dir
     ties = {i for i, row in enumerate(table) if row["label_0"] == 0.5} - rejected
     assert sorted(rows_seen) == sorted(set(range(len(table))) - rejected - ties)  # each kept row once
     assert index["tokenizers"] == [
-        {"name": d.name, "vocab_sha256": hashlib.sha256((d / "vocab.json").read_bytes()).hexdigest(), "max_length": 77}
+        {"name": d.name, "vocab_sha256": hashlib.sha256((d / "vocab.json").read_bytes()).hexdigest(), "max_length": 77,
+         "vocab_size": len(CLIPTokenizer.from_pretrained(d))}
         for d in tokenizer_dirs
     ]
 

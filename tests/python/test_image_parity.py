@@ -6,8 +6,10 @@ written with the equivalent Pillow calls (torchvision is not a dependency):
 Image.open(...).convert("RGB") -> Resize(size, BILINEAR) = Image.resize(torchvision size,
 Image.BILINEAR) -> CenterCrop(size) = Image.crop at int(round((h - size) / 2.0)).
 
-The JPEG path compares stb_image's decoder with Pillow's libjpeg-turbo, so it is held to a
-mean tolerance; the raw-pixel path feeds identical pixels and must match within one level.
+The JPEG path compares libjpeg-turbo (the system's) with Pillow's bundled libjpeg-turbo,
+so it is held to a mean tolerance (the decoded pixels are checked alone too); the raw-pixel
+path feeds identical pixels and must match within one level; PNG and CMYK JPEG decodes are
+compared with Pillow's convert("RGB") directly.
 """
 
 from __future__ import annotations
@@ -115,6 +117,43 @@ def test_grayscale_jpeg_becomes_rgb(probe, tmp_path):
     mean, worst = diff_stats(actual, expected)
     print(f"jpeg gray 400x600->256: mean {mean:.4f} max {worst} levels")
     assert mean < 1.0
+
+
+@pytest.mark.parametrize("subsampling", [0, 2])
+def test_jpeg_decode_alone_matches_pillow(probe, tmp_path, subsampling):
+    """Both sides decode with libjpeg-turbo's islow IDCT and fancy upsampling."""
+    path = tmp_path / "in.jpg"
+    Image.fromarray(synthetic_photo(333, 517, seed=subsampling)).save(path, "JPEG", quality=90,
+                                                                      subsampling=subsampling)
+    actual = run_probe(probe, tmp_path / "out.raw", "--input", str(path))
+    with Image.open(path) as image:
+        expected = np.asarray(image.convert("RGB"))
+    mean, worst = diff_stats(actual, expected)
+    print(f"jpeg decode sub={subsampling}: mean {mean:.4f} max {worst} levels")
+    assert mean < 0.01 and worst <= 1
+
+
+def test_cmyk_jpeg_matches_pillow(probe, tmp_path):
+    """Adobe-style inverted CMYK, converted with Pillow's cmyk2rgb formula."""
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(synthetic_photo(120, 90, seed=11)).convert("CMYK").save(path, "JPEG", quality=95)
+    actual = run_probe(probe, tmp_path / "out.raw", "--input", str(path))
+    with Image.open(path) as image:
+        assert image.mode == "CMYK"
+        expected = np.asarray(image.convert("RGB"))
+    mean, worst = diff_stats(actual, expected)
+    print(f"jpeg cmyk: mean {mean:.4f} max {worst} levels")
+    assert worst <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_png_decode_matches_pillow(probe, tmp_path, mode):
+    path = tmp_path / "in.png"
+    Image.fromarray(synthetic_photo(70, 50, seed=4)).convert(mode).save(path, "PNG")
+    actual = run_probe(probe, tmp_path / "out.raw", "--input", str(path))
+    with Image.open(path) as image:
+        expected = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(actual, expected)
 
 
 # (input h, w) -> (output h, w) for resize_bilinear on identical pixels.

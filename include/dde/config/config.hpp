@@ -33,15 +33,20 @@ struct ModelConfig {
 };
 
 struct DataConfig {
-  std::string index;              // required: index.json of the preference shards
-  int64_t resolution = 0;         // training size in pixels, a multiple of 8; 0 = the manifest's
-  bool random_crop = false;       // random instead of center crop after the resize
-  bool random_flip = true;        // horizontal flip, p = 0.5 per image (Diffusion-DPO)
+  std::string index;         // required: index.json of the preference shards
+  int64_t resolution = 0;    // training size in pixels, a multiple of 8 up to 8192; 0 = manifest's
+  bool random_crop = false;  // random instead of center crop after the resize
+  bool random_flip = true;   // horizontal flip, p = 0.5 per image (Diffusion-DPO)
   double caption_dropout = 0.2;   // in [0, 1]: probability that a caption becomes ""
-  int64_t shuffle_buffer = 1000;  // >= 1 pairs held for shuffling across shards
-  int64_t workers = 4;            // >= 1 decode threads
-  int64_t prefetch_batches = 4;   // >= 1 decoded micro-batches queued ahead
+  int64_t shuffle_buffer = 1000;  // in [1, 2^20] pairs held for shuffling across shards
+  int64_t workers = 4;            // in [1, 256] decode threads
+  int64_t prefetch_batches = 4;   // in [1, 1024] decoded micro-batches queued ahead
   bool keep_ties = false;         // false: tied pairs in the shards are skipped (and counted)
+  // Images whose header claims more pixels are bad pairs (Pillow's MAX_IMAGE_PIXELS), as are
+  // those with an aspect ratio over 20; both are refused before any pixel is allocated.
+  int64_t max_image_pixels = 89478485;
+  int64_t max_bad_pairs = 100;  // >= 0 skipped bad pairs (all ranks) before the run stops
+  bool verify = false;          // sha256 every shard at start (sizes and counts always checked)
 };
 
 struct MethodConfig {

@@ -1,9 +1,9 @@
 // 8-bit RGB images and the Diffusion-DPO preprocessing steps, matching the Python reference
 // (PIL.Image.open(...).convert("RGB") -> torchvision Resize(size, BILINEAR) ->
 // CenterCrop / RandomCrop -> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5])).
+// Torch-free (the fuzz targets compile it with clang alone); to_tensor_pm1 is in
+// image_tensor.hpp.
 #pragma once
-
-#include <torch/torch.h>
 
 #include <cstdint>
 #include <string>
@@ -16,8 +16,30 @@ struct Image {
   std::vector<uint8_t> rgb;  // [height, width, 3], row-major
 };
 
-// Decodes JPEG (or any format stb_image reads) to RGB; `where` names the image in errors.
-Image decode_jpeg(const std::string& bytes, const std::string& where);
+// The one image contract of the shards: JPEG (libjpeg-turbo) or PNG (stb_image), nothing else.
+enum class ImageFormat { kJpeg, kPng };
+
+struct ImageHeader {
+  ImageFormat format = ImageFormat::kJpeg;
+  int height = 0, width = 0;
+};
+
+// Checked on the header, before any pixel memory is allocated.
+struct ImageLimits {
+  int64_t max_pixels = 89478485;  // Pillow's Image.MAX_IMAGE_PIXELS (data.max_image_pixels)
+  int64_t max_aspect = 20;        // longer side / shorter side
+};
+
+// Format and size from the header alone. Throws BadPairError (data_error.hpp) with reason
+// "unsupported_image_format" or "undecodable_image"; `where` names the image in errors.
+ImageHeader read_image_header(const std::string& bytes, const std::string& where);
+
+// Header, then the limits (reasons "image_too_large", "bad_aspect_ratio"), then the pixels:
+// RGB as Pillow's convert("RGB") gives them (grayscale expanded, alpha dropped, CMYK by
+// Pillow's formula). Truncated or corrupt data is an error ("undecodable_image"), never
+// zero-filled pixels.
+Image decode_image(const std::string& bytes, const std::string& where,
+                   const ImageLimits& limits = {});
 
 // Pillow's Image.resize(size, Image.BILINEAR) with reducing_gap=None: a separable triangle
 // filter whose support grows with the downscale factor, pixel centres at i + 0.5, Pillow's
@@ -36,8 +58,5 @@ int center_crop_offset(int length, int size);
 
 Image crop(const Image& image, int top, int left, int height, int width);
 Image hflip(const Image& image);
-
-// [3, H, W] float32 in [-1, 1], computed as torchvision does: (x / 255 - 0.5) / 0.5 in float32.
-torch::Tensor to_tensor_pm1(const Image& image);
 
 }  // namespace dde::data

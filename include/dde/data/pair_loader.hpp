@@ -15,6 +15,13 @@
 // rethrows a worker's error (naming the shard and key) when it reaches that pair.
 // A state resumes exactly under the same shards, seed, keep_ties and world_size; it counts
 // pairs, not batches, so batch_size, workers and prefetch may change across a resume.
+// Bad pairs: a pair whose own bytes fail (image that does not decode or breaks the limits,
+// metadata that does not parse, token ids outside the vocabulary: BadPairError) is skipped
+// and reported by take_bad_pairs(); next() fills the batch with the following pairs. It
+// keeps its place in the order, so a resumed run skips exactly the same pairs. Any other
+// error (I/O, a shard that changed) is rethrown. The budget (data.max_bad_pairs) is the
+// trainer's, over all ranks.
+// Start-up: the constructor checks the shards against index.json (check_shards).
 #pragma once
 
 #include <torch/torch.h>
@@ -42,6 +49,20 @@ struct PairLoaderOptions {
   std::vector<std::vector<int64_t>>
       empty_prompt_ids;  // per tokenizer: ids used when the caption is dropped
   std::vector<std::string> expected_vocab_sha256;  // per tokenizer, checked against index.json
+  // Per tokenizer: token ids must lie in [0, vocab_sizes[t]) (e.g. the text encoder's
+  // embedding rows); empty or 0 = only index.json's vocab_size, if it records one.
+  std::vector<int64_t> vocab_sizes;
+  int64_t max_image_pixels = 89478485;  // Pillow's MAX_IMAGE_PIXELS
+  bool verify_sha256 = false;           // hash the shards at start (this rank's 1/world_size)
+};
+
+struct BadPair {
+  std::string reason;  // BadPairError::reason(): undecodable_image, image_too_large, ...
+  std::string shard;   // shard file as listed in index.json
+  int64_t shard_index = 0;
+  std::string key;
+  int64_t pair_id = 0;  // as PairBatch::pair_ids
+  std::string message;  // the full error: what, where, expected, actual, what to do
 };
 
 struct PairBatch {
@@ -61,7 +82,8 @@ struct PairBatch {
 
 struct PairLoaderState {
   int64_t epoch = 0;
-  int64_t pairs_consumed = 0;  // in this epoch, this rank
+  int64_t pairs_consumed = 0;  // in this epoch, this rank (skipped bad pairs included)
+  int64_t bad_pairs = 0;       // skipped by this rank since the start of the run
 };
 
 class PairLoader {
@@ -78,12 +100,15 @@ class PairLoader {
   PairLoaderState state() const;
   // Exact resume: the next batch equals what an uninterrupted run would have returned.
   void load_state(const PairLoaderState& state);
+  // The bad pairs next() skipped since the last call, in stream order.
+  std::vector<BadPair> take_bad_pairs();
   // Total time next() spent blocked waiting for workers.
   double wait_seconds() const;
 
   struct Counters {
     int64_t ties_skipped = 0;   // ties left out of each epoch next() has returned pairs from
     int64_t pairs_yielded = 0;  // pairs returned by next()
+    int64_t bad_pairs = 0;      // skipped since the start of the run (restored by load_state)
   };
   Counters counters() const;
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "dde/data/data_error.hpp"
 #include "dde/data/tar_reader.hpp"
 
 namespace dde::data {
@@ -23,16 +24,18 @@ struct PairRecord {
   std::string jpg_0, jpg_1;                     // JPEG bytes; empty when read with Images::kSkip
   std::vector<std::vector<int64_t>> input_ids;  // one [L] list per tokenizer of the export
   MemberSpan jpg_0_span, jpg_1_span;            // where the JPEG bytes lie in the shard
+  // Set when KEY.json does not parse or validate: the pair keeps its place in the order and
+  // the loader skips it as a bad pair (the fields above are then incomplete).
+  std::optional<BadPairError> problem;
 
   bool is_tie() const { return label_0 == 0.5; }
 };
 
 class ShardPairReader {
  public:
-  enum class Images {
-    kRead,
-    kSkip
-  };  // kSkip: only the JSON member is read, images are seeked over
+  // kSkip: only the JSON member is read, images are seeked over; kHeadersOnly: nothing but
+  // the tar headers is read (key and spans only: the start-up count of the pairs).
+  enum class Images { kRead, kSkip, kHeadersOnly };
 
   explicit ShardPairReader(std::string shard_path, Images images = Images::kRead);
 

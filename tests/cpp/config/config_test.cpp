@@ -170,7 +170,7 @@ TEST(ConfigErrors, OutOfRangeNamesKeyValueAndRange) {
   error_of([] { from_text(std::string(kMinimal) + "method:\n  beta: .inf\n"); },
            {"out of range", "method.beta", "got inf"});
   error_of([] { from_text(std::string(kMinimal) + "  workers: 0\n"); },
-           {"out of range", "data.workers", ">= 1", "got 0"});
+           {"out of range", "data.workers", "in [1, 256]", "got 0"});
   error_of([] { from_text(std::string(kMinimal) + "  resolution: 500\n"); },
            {"out of range", "data.resolution", "multiple of 8"});
   error_of([] { from_text(std::string(kMinimal) + "method:\n  name: dpo\n"); },

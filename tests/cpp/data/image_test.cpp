@@ -1,8 +1,11 @@
 #include "dde/data/image.hpp"
 
 #include <gtest/gtest.h>
+#include <stb_image_write.h>
 
 #include "data/shard_fixture.hpp"
+#include "dde/data/data_error.hpp"
+#include "dde/data/image_tensor.hpp"
 
 namespace dde::data {
 namespace {
@@ -162,9 +165,63 @@ TEST(ToTensorPm1, ChannelsFirstScaledToMinusOneOne) {
   EXPECT_TRUE(torch::equal(t, ref));
 }
 
-TEST(DecodeJpeg, DecodesStbJpegAndNamesBadInput) {
+// Runs `body` expecting a BadPairError of `reason` whose message holds every one of `parts`.
+template <typename Body>
+void expect_bad_pair(Body body, const std::string& reason, const std::vector<std::string>& parts) {
+  try {
+    body();
+    ADD_FAILURE() << "expected BadPairError " << reason;
+  } catch (const BadPairError& e) {
+    EXPECT_EQ(e.reason(), reason) << e.what();
+    for (const std::string& part : parts) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
+          << "'" << part << "' not in: " << e.what();
+    }
+  }
+}
+
+std::string encode_png(const Image& image) {
+  std::string out;
+  stbi_write_png_to_func(
+      [](void* context, void* data, int size) {
+        static_cast<std::string*>(context)->append(static_cast<const char*>(data),
+                                                   static_cast<size_t>(size));
+      },
+      &out, image.width, image.height, 3, image.rgb.data(), image.width * 3);
+  return out;
+}
+
+// Noise, so that the entropy-coded data is long and a cut lands inside it.
+Image noise_image(int height, int width) {
+  Image image;
+  image.height = height;
+  image.width = width;
+  uint32_t state = 12345;
+  for (int i = 0; i < height * width * 3; ++i) {
+    state = state * 1664525u + 1013904223u;
+    image.rgb.push_back(static_cast<uint8_t>(state >> 24));
+  }
+  return image;
+}
+
+// The JPEG with its SOF0 frame header rewritten to claim height x width.
+std::string with_jpeg_size(std::string jpeg, int height, int width) {
+  for (size_t i = 2; i + 8 < jpeg.size(); ++i) {
+    if (static_cast<uint8_t>(jpeg[i]) == 0xFF && static_cast<uint8_t>(jpeg[i + 1]) == 0xC0) {
+      jpeg[i + 5] = static_cast<char>(height >> 8);
+      jpeg[i + 6] = static_cast<char>(height & 0xFF);
+      jpeg[i + 7] = static_cast<char>(width >> 8);
+      jpeg[i + 8] = static_cast<char>(width & 0xFF);
+      return jpeg;
+    }
+  }
+  ADD_FAILURE() << "no SOF0 marker";
+  return jpeg;
+}
+
+TEST(DecodeImage, DecodesJpegAndPngAndNamesBadInput) {
   const Image source = testing::ramp_image(12, 20, 90);
-  const Image decoded = decode_jpeg(testing::encode_jpeg(source, 95), "test.jpg");
+  const Image decoded = decode_image(testing::encode_jpeg(source, 95), "test.jpg");
   EXPECT_EQ(decoded.height, 12);
   EXPECT_EQ(decoded.width, 20);
   int max_diff = 0;
@@ -172,10 +229,50 @@ TEST(DecodeJpeg, DecodesStbJpegAndNamesBadInput) {
     max_diff = std::max(max_diff, std::abs(static_cast<int>(source.rgb[i]) - decoded.rgb[i]));
   }
   EXPECT_LE(max_diff, 12);
-  expect_error([] { decode_jpeg("definitely not an image", "shard-3.tar: key 42"); },
-               {"cannot decode image", "shard-3.tar: key 42"});
-  expect_error([] { decode_jpeg("", "empty.jpg"); },
-               {"cannot decode image", "empty.jpg", "0 bytes"});
+  const Image png = decode_image(encode_png(source), "test.png");  // lossless
+  EXPECT_EQ(png.height, 12);
+  EXPECT_EQ(png.rgb, source.rgb);
+  expect_bad_pair([] { decode_image("definitely not an image", "shard-3.tar: key 42"); },
+                  "unsupported_image_format",
+                  {"unsupported image format", "shard-3.tar: key 42", "'definitely not a...'"});
+  expect_bad_pair([] { decode_image(std::string("GIF89a\x01\x00\xff\x00", 10), "g.gif"); },
+                  "unsupported_image_format", {"GIF89a\\x01\\x00\\xff\\x00"});
+  expect_bad_pair([] { decode_image("", "empty.jpg"); }, "undecodable_image",
+                  {"cannot decode image", "empty.jpg", "0 bytes"});
+}
+
+TEST(DecodeImage, HeaderBombsAreRefusedBeforeDecoding) {
+  const std::string small = testing::encode_jpeg(testing::ramp_image(16, 16, 90));
+  // A few hundred bytes claiming 26000 x 26000 (stb_image decoded this to zeros, 4.4 GB).
+  const std::string bomb = with_jpeg_size(small, 26000, 26000);
+  const ImageHeader header = read_image_header(bomb, "bomb.jpg");
+  EXPECT_EQ(header.height, 26000);
+  EXPECT_EQ(header.width, 26000);
+  expect_bad_pair([&] { decode_image(bomb, "bomb.jpg"); }, "image_too_large",
+                  {"bomb.jpg", "at most 89478485 pixels", "26000x26000 = 676000000 pixels"});
+  // 65000 x 1: few pixels, but resizing its short side to 512 would need ~51 GB.
+  expect_bad_pair([&] { decode_image(with_jpeg_size(small, 1, 65000), "thin.jpg"); },
+                  "bad_aspect_ratio", {"thin.jpg", "longer side <= 20 x shorter side", "1x65000"});
+  ImageLimits tight;
+  tight.max_pixels = 255;
+  expect_bad_pair([&] { decode_image(small, "small.jpg", tight); }, "image_too_large",
+                  {"at most 255 pixels", "16x16 = 256"});
+  EXPECT_EQ(decode_image(small, "small.jpg").height, 16);
+}
+
+TEST(DecodeImage, TruncatedOrCorruptDataIsAnErrorNotZeros) {
+  const std::string jpeg = testing::encode_jpeg(noise_image(64, 64), 90);
+  ASSERT_NO_THROW(decode_image(jpeg, "whole.jpg"));
+  expect_bad_pair([&] { decode_image(jpeg.substr(0, jpeg.size() / 2), "half.jpg"); },
+                  "undecodable_image", {"half.jpg", "truncated or corrupt"});
+  expect_bad_pair([&] { decode_image(jpeg.substr(0, jpeg.size() - 2), "no-eoi.jpg"); },
+                  "undecodable_image", {"no-eoi.jpg"});
+  const std::string png = encode_png(noise_image(64, 64));
+  ASSERT_NO_THROW(decode_image(png, "whole.png"));
+  expect_bad_pair([&] { decode_image(png.substr(0, png.size() / 2), "half.png"); },
+                  "undecodable_image", {"half.png"});
+  expect_bad_pair([&] { decode_image(png.substr(0, 20), "header-only.png"); }, "undecodable_image",
+                  {"header-only.png"});
 }
 
 }  // namespace

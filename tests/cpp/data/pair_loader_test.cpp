@@ -1,9 +1,12 @@
 #include "dde/data/pair_loader.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <future>
 #include <set>
 #include <thread>
@@ -402,47 +405,150 @@ TEST_F(PairLoaderTest, DestructorDoesNotHangMidEpoch) {
   finished.get();
 }
 
-TEST_F(PairLoaderTest, DecodeErrorIsRethrownWithShardAndKey) {
+// One shard of 8 pairs, three of them bad in different ways.
+std::vector<std::vector<FixturePair>> shards_with_bad_pairs() {
+  FixturePair corrupt{1.0, true};
+  FixturePair bad_json{0.0};
+  bad_json.json_text = std::string("{\"caption\": \x01\xff", 14);
+  FixturePair bad_token{1.0};
+  bad_token.first_token = 100000;  // tok_a's vocabulary has 5000 ids
+  return {{{1.0}, {0.0}, corrupt, {1.0}, bad_json, {0.0}, bad_token, {1.0}}};
+}
+const std::vector<testing::FixtureTokenizer> kSizedTokenizers = {{"tok_a", "sha_a", 4, 5000},
+                                                                 {"tok_b", "sha_b", 3, 5000}};
+
+TEST_F(PairLoaderTest, BadPairsAreSkippedCountedAndNamed) {
   TempDir dir;
-  std::vector<std::vector<FixturePair>> shards = {{{1.0}, {0.0}, {1.0, true}, {1.0}}};
   PairLoaderOptions o = options(1);
-  o.index_path = testing::write_fixture(dir.path(), shards, kTokenizers);
+  o.index_path = testing::write_fixture(dir.path(), shards_with_bad_pairs(), kSizedTokenizers);
   o.shuffle_buffer = 1;  // keep shard order
-  o.random_flip = false;
   PairLoader loader(o);
   std::vector<std::string> keys;
-  bool thrown = false;
-  for (int i = 0; i < 8 && !thrown; ++i) {
-    try {
-      keys.push_back(loader.next().keys[0]);
-    } catch (const Error& e) {
-      thrown = true;
-      const std::string message = e.what();
-      EXPECT_NE(message.find("cannot decode image"), std::string::npos) << message;
-      EXPECT_NE(message.find("shard-000000.tar"), std::string::npos) << message;
-      EXPECT_NE(message.find("key 000000002"), std::string::npos) << message;
-    }
+  for (int i = 0; i < 5; ++i) {
+    keys.push_back(loader.next().keys[0]);
   }
-  EXPECT_TRUE(thrown);
-  EXPECT_EQ(keys.size(), 2u);  // the pairs before the bad one came out first
-  expect_error([&] { loader.next(); }, {"cannot decode image"});  // stays failed
+  EXPECT_EQ(keys, (std::vector<std::string>{"000000000", "000000001", "000000003", "000000005",
+                                            "000000007"}));
+  const std::vector<BadPair> bad = loader.take_bad_pairs();
+  ASSERT_EQ(bad.size(), 3u);
+  EXPECT_EQ(bad[0].reason, "unsupported_image_format");
+  EXPECT_EQ(bad[0].key, "000000002");
+  EXPECT_EQ(bad[0].shard, "shard-000000.tar");
+  EXPECT_EQ(bad[0].pair_id, 2);
+  EXPECT_NE(bad[0].message.find("key 000000002, member 000000002.0.jpg"), std::string::npos);
+  EXPECT_EQ(bad[1].reason, "bad_metadata");
+  EXPECT_EQ(bad[1].key, "000000004");
+  EXPECT_NE(bad[1].message.find("not valid JSON"), std::string::npos) << bad[1].message;
+  EXPECT_EQ(bad[1].message.find('\xff'), std::string::npos) << "raw bytes in: " << bad[1].message;
+  EXPECT_EQ(bad[2].reason, "token_id_out_of_range");
+  EXPECT_NE(bad[2].message.find("input_ids[0][0]"), std::string::npos) << bad[2].message;
+  EXPECT_NE(bad[2].message.find("[0, 5000) (vocabulary of tok_a), got 100000"), std::string::npos)
+      << bad[2].message;
+  EXPECT_TRUE(loader.take_bad_pairs().empty());
+  EXPECT_EQ(loader.counters().bad_pairs, 3);
+  EXPECT_EQ(loader.state().bad_pairs, 3);
+  EXPECT_EQ(loader.state().epoch, 1);  // the 8 places of epoch 0 are consumed
 }
 
-TEST_F(PairLoaderTest, IndexCountsMustMatchTheShards) {
+TEST_F(PairLoaderTest, VocabularyLimitFromTheModelSide) {
+  TempDir dir;
+  FixturePair high{1.0};
+  high.first_token = 700;
+  PairLoaderOptions o = options(1);
+  o.index_path = testing::write_fixture(dir.path(), {{{1.0}, high, {0.0}}}, kSizedTokenizers);
+  o.shuffle_buffer = 1;
+  o.vocab_sizes = {500, 0};  // tighter than index.json's 5000
+  PairLoader loader(o);
+  EXPECT_EQ(loader.next().keys[0], "000000000");
+  EXPECT_EQ(loader.next().keys[0], "000000002");
+  const std::vector<BadPair> bad = loader.take_bad_pairs();
+  ASSERT_EQ(bad.size(), 1u);
+  EXPECT_NE(bad[0].message.find("[0, 500)"), std::string::npos) << bad[0].message;
+  o.vocab_sizes = {500, 5};  // the empty prompt's id 6 is outside tok_b's 5
+  expect_error([&] { PairLoader bad_loader(o); },
+               {"empty-prompt id outside the vocabulary", "empty_prompt_ids[1]", "[0, 5)"});
+}
+
+TEST_F(PairLoaderTest, SkippedPairsAreSkippedAgainAfterResume) {
+  TempDir dir;
+  std::vector<std::vector<FixturePair>> shards = shards_with_bad_pairs();
+  shards.push_back({{0.0}, {1.0, true}, {1.0}, {0.0}});
+  PairLoaderOptions o = options(2);
+  o.index_path = testing::write_fixture(dir.path(), shards, kSizedTokenizers);
+  o.shuffle_buffer = 3;
+  const auto ids_of = [](const std::vector<PairBatch>& batches) {
+    std::vector<int64_t> ids;
+    for (const PairBatch& b : batches) {
+      for (int64_t i = 0; i < b.pair_ids.size(0); ++i) ids.push_back(b.pair_ids[i].item<int64_t>());
+    }
+    return ids;
+  };
+  const auto bad_ids = [](const std::vector<BadPair>& bad) {
+    std::vector<int64_t> ids;
+    for (const BadPair& b : bad) ids.push_back(b.pair_id);
+    return ids;
+  };
+  PairLoader straight(o);
+  const std::vector<PairBatch> first = take(straight, 3);
+  const PairLoaderState saved = straight.state();
+  const int64_t bad_before = straight.take_bad_pairs().size();
+  const std::vector<PairBatch> rest = take(straight, 8);  // into the third epoch
+  const std::vector<BadPair> bad_after = straight.take_bad_pairs();
+  ASSERT_GT(bad_after.size(), 4u);
+  EXPECT_EQ(saved.bad_pairs, bad_before);
+
+  o.workers = 1;  // thread timing must not matter
+  PairLoader resumed(o);
+  resumed.load_state(saved);
+  EXPECT_EQ(ids_of(take(resumed, 8)), ids_of(rest));
+  EXPECT_EQ(bad_ids(resumed.take_bad_pairs()), bad_ids(bad_after));
+  EXPECT_EQ(resumed.state().bad_pairs, straight.state().bad_pairs);
+}
+
+TEST_F(PairLoaderTest, AnEpochOfBadPairsStops) {
+  TempDir dir;
+  PairLoaderOptions o = options(1);
+  o.index_path =
+      testing::write_fixture(dir.path(), {{{1.0, true}, {0.0, true}, {1.0, true}}}, kTokenizers);
+  PairLoader loader(o);
+  expect_error([&] { loader.next(); }, {"every pair of an epoch is bad", "got 3"});
+}
+
+TEST_F(PairLoaderTest, IndexCountsAreCheckedAtStart) {
   nlohmann::json index = nlohmann::json::parse(testing::read_file(index_));
   index["shards"][1]["pairs"] = 5;
   testing::write_file(index_, index.dump());
+  expect_error([&] { PairLoader loader(options(1)); },
+               {"shard pair count does not match index.json", "shards[1]", "shard-000001.tar",
+                "5 pairs (index.json)", "got 4 pairs in the tar headers"});
+}
+
+TEST_F(PairLoaderTest, ThreadCreationFailureIsAnError) {
+  // Address space for the loaded process plus ~64 MB: 200 worker stacks (8 MB each) do not
+  // fit, so pthread_create fails with EAGAIN (RLIMIT_NPROC would not bind root).
   PairLoaderOptions o = options(1);
-  o.shuffle_buffer = 1;
-  PairLoader loader(o);
-  expect_error(
-      [&] {
-        for (int i = 0; i < 20; ++i) {
-          loader.next();
-        }
-      },
-      {"shard does not match index.json", "shard-000001.tar", "5 pairs, 0 ties (index.json)",
-       "got 4 pairs"});
+  o.workers = 200;
+  const auto start_under_limit = [&] {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    int64_t vm_kb = 0;
+    while (std::getline(status, line)) {
+      if (line.rfind("VmSize:", 0) == 0) vm_kb = std::stoll(line.substr(7));
+    }
+    const rlim_t limit = static_cast<rlim_t>(vm_kb + 64 * 1024) * 1024;
+    const rlimit rl{limit, limit};
+    setrlimit(RLIMIT_AS, &rl);
+    try {
+      PairLoader loader(o);
+      std::fprintf(stderr, "started");
+      std::_Exit(1);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "%s", e.what());
+      std::_Exit(0);
+    }
+  };
+  EXPECT_EXIT(start_under_limit(), ::testing::ExitedWithCode(0),
+              "cannot start data loader threads.*data.workers");
 }
 
 TEST_F(PairLoaderTest, TokenizerMismatchAsksForReexport) {
@@ -469,6 +575,17 @@ TEST_F(PairLoaderTest, OptionsAreValidated) {
   o.world_size = 11;
   o.rank = 0;
   expect_error([&] { PairLoader loader(o); }, {"not enough pairs for every rank", "10"});
+  o = options();
+  o.workers = 100000;
+  expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.workers", "in [1, 256]"});
+  o = options();
+  o.resolution = 4096;
+  o.batch_size = 64;
+  expect_error([&] { PairLoader loader(o); },
+               {"PairLoaderOptions.batch_size", "<= 268435456", "64 x 4096^2"});
+  o = options();
+  o.shuffle_buffer = int64_t{1} << 40;
+  expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.shuffle_buffer"});
 }
 
 }  // namespace

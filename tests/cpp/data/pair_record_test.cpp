@@ -98,29 +98,43 @@ TEST(ShardPairReader, DuplicateOrUnknownMembersAreErrors) {
   expect_error([&] { odd.next(); }, {"unexpected shard member", "k.png"});
 }
 
+// Bad metadata does not stop the reader: the pair comes back with `problem` set (the loader
+// skips it as a bad pair) and the next group is read normally.
+void expect_problem(ShardPairReader& reader, const std::vector<std::string>& parts) {
+  const std::optional<PairRecord> record = reader.next();
+  ASSERT_TRUE(record.has_value());
+  ASSERT_TRUE(record->problem.has_value()) << "no problem recorded";
+  EXPECT_EQ(record->problem->reason(), "bad_metadata");
+  EXPECT_EQ(record->key, "k");
+  for (const std::string& part : parts) {
+    EXPECT_NE(std::string(record->problem->what()).find(part), std::string::npos)
+        << "'" << part << "' not in: " << record->problem->what();
+  }
+  EXPECT_FALSE(reader.next().has_value());
+}
+
 TEST(ShardPairReader, BadMetadataIsNamed) {
   TempDir dir;
   const std::string images = ustar_member("k.0.jpg", "a") + ustar_member("k.1.jpg", "b");
   write_file(dir.file("label.tar"), ustar_member("k.json", meta(0.3)) + images + ustar_end());
   ShardPairReader label(dir.file("label.tar"));
-  expect_error([&] { label.next(); },
-               {"bad preference labels", "label.tar: member 0 'k.json'", "label_0=0.3"});
+  expect_problem(label, {"bad preference labels", "label.tar: member 0 'k.json'", "label_0=0.3"});
 
   write_file(dir.file("json.tar"), ustar_member("k.json", "{not json") + images + ustar_end());
   ShardPairReader json(dir.file("json.tar"));
-  expect_error([&] { json.next(); }, {"not valid JSON", "k.json"});
+  expect_problem(json, {"not valid JSON", "k.json"});
 
   nlohmann::json no_caption = nlohmann::json::parse(meta(1.0));
   no_caption.erase("caption");
   write_file(dir.file("cap.tar"), ustar_member("k.json", no_caption.dump()) + images + ustar_end());
   ShardPairReader cap(dir.file("cap.tar"));
-  expect_error([&] { cap.next(); }, {"missing field", "k.json", "caption"});
+  expect_problem(cap, {"missing field", "k.json", "caption"});
 
   nlohmann::json bad_ids = nlohmann::json::parse(meta(1.0));
   bad_ids["input_ids"] = {{1, "x"}};
   write_file(dir.file("ids.tar"), ustar_member("k.json", bad_ids.dump()) + images + ustar_end());
   ShardPairReader ids(dir.file("ids.tar"));
-  expect_error([&] { ids.next(); }, {"token id", "input_ids[0]"});
+  expect_problem(ids, {"token id", "input_ids[0]"});
 }
 
 TEST(ShardPairReader, InputIdsAreOptional) {

@@ -10,11 +10,14 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dde/data/image.hpp"
+#include "dde/data/shard_index.hpp"
 #include "dde/util/error.hpp"
 
 namespace dde::data::testing {
@@ -152,13 +155,25 @@ inline Image ramp_image(int height, int width, uint8_t green) {
 inline constexpr uint8_t kPreferredGreen = 200, kOtherGreen = 40, kTie0Green = 150, kTie1Green = 90;
 
 struct FixturePair {
+  FixturePair(double label = 1.0, bool corrupt = false)  // NOLINT(google-explicit-constructor)
+      : label_0(label), corrupt_jpg_0(corrupt) {}
   double label_0 = 1.0;
   bool corrupt_jpg_0 = false;
+  std::string image_0_bytes;           // non-empty: KEY.0.jpg holds these bytes instead
+  std::string json_text;               // non-empty: KEY.json holds this text instead
+  std::optional<int64_t> first_token;  // replaces input_ids[0][0]
 };
 
 struct FixtureTokenizer {
+  FixtureTokenizer(std::string name_, std::string sha_, int64_t max_length_,
+                   int64_t vocab_size_ = 0)
+      : name(std::move(name_)),
+        sha(std::move(sha_)),
+        max_length(max_length_),
+        vocab_size(vocab_size_) {}
   std::string name, sha;
   int64_t max_length;
+  int64_t vocab_size = 0;  // 0: not written to index.json
 };
 
 // Image sizes cycle through this table, so resize/crop paths vary (H, W).
@@ -185,7 +200,7 @@ inline std::string write_fixture(const std::filesystem::path& dir,
                                  const std::vector<std::vector<FixturePair>>& shards,
                                  const std::vector<FixtureTokenizer>& tokenizers) {
   nlohmann::json index = {
-      {"format", "dde-pickapic-shards"}, {"version", 1}, {"sources", {"synthetic"}}};
+      {"format", "dde-pickapic-shards"}, {"version", 2}, {"sources", {"synthetic"}}};
   index["shards"] = nlohmann::json::array();
   int64_t number = 0;
   for (size_t s = 0; s < shards.size(); ++s) {
@@ -209,6 +224,9 @@ inline std::string write_fixture(const std::filesystem::path& dir,
           }
           meta["input_ids"].push_back(ids);
         }
+        if (pair.first_token) {
+          meta["input_ids"][0][0] = *pair.first_token;
+        }
       }
       const bool tie = pair.label_0 == 0.5;
       ties += tie ? 1 : 0;
@@ -218,10 +236,14 @@ inline std::string write_fixture(const std::filesystem::path& dir,
           tie ? kTie1Green : (pair.label_0 == 1.0 ? kOtherGreen : kPreferredGreen);
       const auto [h0, w0] = fixture_size(number, 0);
       const auto [h1, w1] = fixture_size(number, 1);
-      tar += ustar_member(key + ".json", meta.dump());
-      tar += ustar_member(key + ".0.jpg", pair.corrupt_jpg_0
-                                              ? std::string("not a jpeg")
-                                              : encode_jpeg(ramp_image(h0, w0, green_0)));
+      tar += ustar_member(key + ".json", pair.json_text.empty() ? meta.dump() : pair.json_text);
+      std::string image_0 = encode_jpeg(ramp_image(h0, w0, green_0));
+      if (pair.corrupt_jpg_0) {
+        image_0 = "not a jpeg";
+      } else if (!pair.image_0_bytes.empty()) {
+        image_0 = pair.image_0_bytes;
+      }
+      tar += ustar_member(key + ".0.jpg", image_0);
       tar += ustar_member(key + ".1.jpg", encode_jpeg(ramp_image(h1, w1, green_1)));
       ++number;
     }
@@ -229,13 +251,19 @@ inline std::string write_fixture(const std::filesystem::path& dir,
     char name[32];
     std::snprintf(name, sizeof name, "shard-%06zu.tar", s);
     write_file((dir / name).string(), tar);
-    index["shards"].push_back(
-        {{"file", name}, {"pairs", static_cast<int64_t>(shards[s].size())}, {"ties", ties}});
+    index["shards"].push_back({{"file", name},
+                               {"bytes", static_cast<int64_t>(tar.size())},
+                               {"sha256", file_sha256((dir / name).string())},
+                               {"pairs", static_cast<int64_t>(shards[s].size())},
+                               {"ties", ties}});
   }
   index["tokenizers"] = nlohmann::json::array();
   for (const FixtureTokenizer& t : tokenizers) {
     index["tokenizers"].push_back(
         {{"name", t.name}, {"vocab_sha256", t.sha}, {"max_length", t.max_length}});
+    if (t.vocab_size > 0) {
+      index["tokenizers"].back()["vocab_size"] = t.vocab_size;
+    }
   }
   std::string path = (dir / "index.json").string();
   write_file(path, index.dump(2));

@@ -1,5 +1,5 @@
 // Runs the data pipeline's image steps on one file, for tests/python/test_image_parity.py:
-// decode (JPEG) or raw RGB input -> resize -> crop -> flip, written as raw uint8 HWC.
+// decode (JPEG or PNG) or raw RGB input -> resize -> crop -> flip, written as raw uint8 HWC.
 // Prints "HEIGHT WIDTH" of the result; with --repeat N also the throughput of the steps
 // (decode included, plus the [-1, 1] tensor conversion).
 #include <CLI/CLI.hpp>
@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "dde/data/image.hpp"
+#include "dde/data/image_tensor.hpp"
 #include "dde/util/error.hpp"
 
 namespace {
@@ -58,7 +59,7 @@ int main(int argc, char** argv) {
         }
         image.rgb.assign(bytes.begin(), bytes.end());
       } else {
-        image = dde::data::decode_jpeg(bytes, input);
+        image = dde::data::decode_image(bytes, input);
       }
       if (!resize_hw.empty()) {
         image = dde::data::resize_bilinear(image, resize_hw[0], resize_hw[1]);

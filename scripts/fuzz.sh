@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# libFuzzer runs of the data side's parsers and decoder (tests/fuzz/fuzz_*.cpp), built with
+# clang (-fsanitize=fuzzer,address,undefined) from the torch-free sources into build/fuzz/.
+#   bash scripts/fuzz.sh            # replay tests/fuzz/regressions, then ~12 s per target
+#   bash scripts/fuzz.sh 600        # the long run of bench/README.md (seconds per target)
+#   bash scripts/fuzz.sh 0          # replay only
+# Starts from tests/fuzz/seeds/<target>; new corpus entries stay in build/fuzz/corpus. A crash
+# leaves crash-* in build/fuzz/; copy it to tests/fuzz/regressions/<target>/ with the fix.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+seconds="${1:-12}"
+out="${DDE_BUILD_DIR:-$root/build}/fuzz"
+mkdir -p "$out"
+fmt_include="$(.venv/bin/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "include"))')"
+flags=(-std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined
+       -Iinclude -Itests/fuzz -isystem /usr/include/stb -DFMT_HEADER_ONLY=1)
+common=(src/util/error.cpp src/data/data_error.cpp)
+declare -A sources=(
+  [fuzz_tar_reader]="src/data/tar_reader.cpp"
+  [fuzz_pair_record]="src/data/tar_reader.cpp src/data/pair_record.cpp"
+  [fuzz_shard_index]="src/data/shard_index.cpp"
+  [fuzz_image_decode]="src/data/image_decode.cpp src/data/image.cpp tests/fuzz/stb_image_impl.cpp"
+)
+declare -A libs=([fuzz_image_decode]="-lturbojpeg")
+targets=(fuzz_tar_reader fuzz_pair_record fuzz_shard_index fuzz_image_decode)
+for t in "${targets[@]}"; do
+  # shellcheck disable=SC2206
+  files=("tests/fuzz/$t.cpp" ${sources[$t]} "${common[@]}")
+  if [ ! -x "$out/$t" ] || [ -n "$(find "${files[@]}" include/dde/data include/dde/util tests/fuzz \
+         -newer "$out/$t" -print -quit)" ]; then
+    echo "fuzz: building $t"
+    # fmt comes from torch's headers (header-only), as in the library build.
+    clang++ "${flags[@]}" -isystem "$fmt_include" "${files[@]}" ${libs[$t]:-} -o "$out/$t.tmp"
+    mv "$out/$t.tmp" "$out/$t"
+  fi
+done
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=0}"
+# Every UBSan report stops the run, but for the third-party quirks in tests/fuzz/ubsan.supp.
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1:suppressions=$root/tests/fuzz/ubsan.supp}"
+for t in "${targets[@]}"; do
+  regressions="tests/fuzz/regressions/$t"
+  if [ -d "$regressions" ] && [ -n "$(ls -A "$regressions")" ]; then
+    echo "fuzz: $t replays $(ls "$regressions" | wc -l) regression inputs"
+    "$out/$t" -rss_limit_mb=2048 -timeout=10 "$regressions"/* 2>"$out/$t.replay.log" \
+      || { cat "$out/$t.replay.log"; echo "fuzz: $t failed on a regression input" >&2; exit 1; }
+  fi
+  if [ "$seconds" -gt 0 ]; then
+    corpus="$out/corpus/$t"
+    mkdir -p "$corpus"
+    echo "fuzz: $t for ${seconds} s"
+    (cd "$out" && "./$t" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
+        -print_final_stats=1 "$corpus" "$root/tests/fuzz/seeds/$t" >"$t.log" 2>&1) \
+      || { tail -50 "$out/$t.log"; echo "fuzz: $t found a failure (input in $out)" >&2; exit 1; }
+    grep -E "stat::number_of_executed_units|stat::new_units_added" "$out/$t.log" | tr '\n' ' '
+    echo
+  fi
+done
+echo "fuzz: ok"
