@@ -127,9 +127,38 @@ def quiet_torchscript() -> Iterator[None]:
         yield
 
 
+def _conv_to_conv2d(graph: torch._C.Graph) -> int:
+    """Rewrite traced `aten::_convolution` (2-D, not transposed) as `aten::conv2d`; return the count.
+
+    The tracer records convolutions below the op that autocast dispatches on: a traced
+    `aten::_convolution` ignores bf16 autocast, so convolutions would stay fp32 under
+    train.precision: bf16 and fail on bf16 weights (model.frozen_dtype: bf16).
+    """
+    changed = 0
+    for node in list(graph.nodes()):
+        for block in node.blocks():
+            changed += _conv_to_conv2d(block)
+        if node.kind() != "aten::_convolution":
+            continue
+        inp, weight, bias, stride, padding, dilation, transposed, _output_padding, groups = list(node.inputs())[:9]
+        if transposed.node().kind() != "prim::Constant" or transposed.toIValue() or len(weight.type().sizes() or []) not in (0, 4):
+            continue
+        conv2d = graph.create("aten::conv2d", [inp, weight, bias, stride, padding, dilation, groups])
+        conv2d.insertBefore(node)
+        conv2d.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(conv2d.output())
+        node.destroy()
+        changed += 1
+    return changed
+
+
 def _trace(module: nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
     with torch.no_grad():
-        return torch.jit.trace(module, inputs, check_trace=False)
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+    for sub in traced.modules():
+        if hasattr(sub, "forward") and "forward" in getattr(sub, "_c")._method_names():
+            _conv_to_conv2d(sub.graph)
+    return traced
 
 
 def _read_json(path: Path) -> dict:
