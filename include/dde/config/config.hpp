@@ -40,6 +40,7 @@ struct DataConfig {
   int64_t workers = 4;            // >= 1 decode threads
   int64_t prefetch_batches = 4;   // >= 1 decoded micro-batches queued ahead
   bool keep_ties = false;         // false: tied pairs in the shards are skipped (and counted)
+  std::string eval_index;         // index.json of held-out shards; "" = no held-out evaluation
 };
 
 struct MethodConfig {
@@ -83,6 +84,14 @@ struct LoggingConfig {
   bool progress = true;     // progress line on the terminal (rank 0)
 };
 
+// Held-out preference accuracy on data.eval_index (src/train/evaluator.cpp): at step 0, every
+// `every` steps and at the last step, each pair at every t of t_bins, noise from (seed, pair, t).
+struct EvalConfig {
+  int64_t every = 100;  // >= 1 optimizer steps between evaluations
+  std::vector<int64_t> t_bins = {100, 300, 500, 700, 900};  // non-empty, each in [0, T)
+  uint64_t seed = 0;  // seeds the evaluation noise; not run.seed, so runs stay comparable
+};
+
 struct DistConfig {
   std::string backend = "auto";  // auto | gloo | nccl; auto = nccl on cuda, else gloo
   int64_t timeout_s = 600;       // > 0 seconds before a collective is declared hung
@@ -99,6 +108,7 @@ struct TrainConfig {
   TrainLoopConfig train;
   CheckpointConfig checkpoint;
   LoggingConfig logging;
+  EvalConfig eval;
   DistConfig dist;
 };
 
