@@ -264,11 +264,8 @@ def make_sdxl_pipeline(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def draw_jpeg(rng: np.random.Generator, brightness: float = 0.0) -> bytes:
-    """A procedurally drawn JPEG: a colour gradient with a few shapes, 64-128 px per side.
-
-    brightness in (-1, 1): > 0 moves every pixel that fraction of the way to white, < 0 to black
-    (the random draws do not depend on it)."""
+def draw_image(rng: np.random.Generator) -> Image.Image:
+    """A procedurally drawn image: a colour gradient with a few shapes, 64-128 px per side."""
     width, height = (int(v) for v in rng.integers(64, 129, size=2))
     start, end = rng.integers(0, 256, size=(2, 3))
     ramp = np.linspace(0.0, 1.0, width)[None, :, None]
@@ -280,6 +277,17 @@ def draw_jpeg(rng: np.random.Generator, brightness: float = 0.0) -> bytes:
         y0, y1 = sorted(int(v) for v in rng.integers(0, height, size=2))
         fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    return image
+
+
+def draw_jpeg(rng: np.random.Generator) -> bytes:
+    """A procedurally drawn JPEG (draw_image)."""
+    return to_jpeg(draw_image(rng))
+
+
+def to_jpeg(image: Image.Image, brightness: float = 0.0) -> bytes:
+    """JPEG bytes of `image`; brightness in (-1, 1): > 0 moves every pixel that fraction of the
+    way to white, < 0 to black."""
     if brightness != 0.0:
         pixels = np.asarray(image, dtype=np.float64)
         target = 255.0 if brightness > 0 else 0.0
@@ -331,22 +339,27 @@ def _plant_bad_row(row: dict, kind: str, variant: int) -> None:
 
 def _pickapic_row(index: int, caption: str, rng: np.random.Generator, start: datetime,
                   planted: float = 0.0) -> dict:
-    """One labelled row; with planted > 0 the winner is brightened and the loser darkened by it."""
+    """One labelled row; with planted > 0 both images are renderings of image 0's drawing, the
+    winner brightened and the loser darkened by `planted` (the random draws stay the same)."""
     uids = [str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"))) for _ in range(2)]
     label_0 = float(rng.integers(0, 2))
+    created_at = start + timedelta(seconds=int(rng.integers(0, 10_000_000)))
+    images = [draw_image(rng), draw_image(rng)]
     shift_0 = planted if label_0 == 1.0 else -planted
+    if planted:
+        images[1] = images[0]
     return {
         "are_different": True,
         "best_image_uid": uids[0] if label_0 == 1.0 else uids[1],
         "caption": caption,
-        "created_at": start + timedelta(seconds=int(rng.integers(0, 10_000_000))),
+        "created_at": created_at,
         "has_label": True,
         "image_0_uid": uids[0],
         "image_0_url": f"https://images.example/{uids[0]}.png",
         "image_1_uid": uids[1],
         "image_1_url": f"https://images.example/{uids[1]}.png",
-        "jpg_0": draw_jpeg(rng, shift_0),
-        "jpg_1": draw_jpeg(rng, -shift_0),
+        "jpg_0": to_jpeg(images[0], shift_0),
+        "jpg_1": to_jpeg(images[1], -shift_0),
         "label_0": label_0,
         "label_1": 1.0 - label_0,
         "model_0": MODELS[int(rng.integers(0, len(MODELS)))],

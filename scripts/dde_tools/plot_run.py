@@ -133,6 +133,21 @@ def plot_eval(evals: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def eval_summary(evals: list[dict]) -> str:
+    """One line: held-out implicit accuracy before (first evaluation) and after (last)."""
+    if not evals:
+        return "no held-out evaluation in this run (set data.eval_index)"
+    first, last = evals[0], evals[-1]
+    line = (f"held-out implicit accuracy ({last['pairs']} pairs x {len(last['t_bins'])} t bins, fraction with "
+            f"Delta < 0; chance 0.5): step {first['step']} {first['implicit_acc']:.3f}")
+    if first["step"] == 0 and first["delta"] == 0.0:
+        line += " (policy = reference, Delta = 0)"
+    if len(evals) > 2:
+        line += f", step {evals[1]['step']} {evals[1]['implicit_acc']:.3f}"
+    by_t = ", ".join(f"t={t} {a:.2f}" for t, a in zip(last["t_bins"], last["implicit_acc_by_t"]))
+    return line + f" -> step {last['step']} {last['implicit_acc']:.3f} ({by_t})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
