@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Makes the tiny fixtures the quick start and the tests train on, idempotently:
 #   fixtures/source/{sd15,sdxl}          tiny diffusers pipelines (random weights, seed 0)
-#   fixtures/source/pickapic/*.parquet   synthetic Pick-a-Pic v2 rows
+#   fixtures/source/pickapic/*.parquet   synthetic Pick-a-Pic v2 rows (a learnable preference)
+#   fixtures/source/pickapic_eval/*.parquet   held-out rows of the same kind
 #   fixtures/export/{sd15,sdxl}          TorchScript components + manifest.json
 #   fixtures/shards/{sd15,sdxl}          tar shards + index.json, token ids per text encoder
+#   fixtures/shards/{sd15,sdxl}_eval     the held-out shards (config data.eval_index)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -17,17 +19,19 @@ for family in sd15 sdxl; do
   if [ ! -f "$out/export/$family/manifest.json" ] || \
      [ "$out/source/$family/dde_fixture.json" -nt "$out/export/$family/manifest.json" ] || \
      ! grep -q '"push_output"' "$out/export/$family/manifest.json"; then
-    rm -rf "$out/export/$family" "$out/shards/$family"
+    rm -rf "$out/export/$family" "$out/shards/$family" "$out/shards/${family}_eval"
     "$py" -m dde_tools.export_models --pipeline "$out/source/$family" --out "$out/export/$family"
   fi
-  # ... and whenever the index predates index.json version 2 (shard sizes and hashes).
-  if [ ! -f "$out/shards/$family/index.json" ] || \
-     [ "$out/source/pickapic/dde_fixture.json" -nt "$out/shards/$family/index.json" ] || \
-     ! grep -q '"version": 2' "$out/shards/$family/index.json"; then
-    tokenizers=(--tokenizer "$out/export/$family/tokenizer")
-    [ "$family" = sdxl ] && tokenizers+=(--tokenizer "$out/export/$family/tokenizer_2")
-    "$py" -m dde_tools.export_pickapic --parquet "$out"/source/pickapic/*.parquet \
-      --out "$out/shards/$family" --pairs-per-shard 16 "${tokenizers[@]}"
-  fi
+  # ... and the shards whenever their source was rebuilt or the index predates version 2.
+  tokenizers=(--tokenizer "$out/export/$family/tokenizer")
+  [ "$family" = sdxl ] && tokenizers+=(--tokenizer "$out/export/$family/tokenizer_2")
+  for split in pickapic:"$family" pickapic_eval:"${family}_eval"; do
+    source="$out/source/${split%%:*}" shards="$out/shards/${split#*:}"
+    if [ ! -f "$shards/index.json" ] || [ "$source/dde_fixture.json" -nt "$shards/index.json" ] || \
+       ! grep -q '"version": 2' "$shards/index.json"; then
+      "$py" -m dde_tools.export_pickapic --parquet "$source"/*.parquet \
+        --out "$shards" --pairs-per-shard 16 "${tokenizers[@]}"
+    fi
+  done
 done
 echo "prepare_tiny: fixtures ready in $out"

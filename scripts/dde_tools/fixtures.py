@@ -13,9 +13,14 @@ as listed in the dataset card of yuvalkirstain/pickapic_v1, which v2 shares):
     ranking_id: int64              user_id: int64                num_example_per_prompt: int64
     __index_level_0__: int64
 
+The tiny default's Pick-a-Pic carries a preference a tiny model can learn (see
+make_pickapic_parquet's `preference`): in most labelled pairs the winner is a brightened and the
+loser a darkened rendering; the other pairs keep random labels between unmodified images.
+
 CLI: python -m dde_tools.fixtures --out DIR [--seed N]
-writes DIR/sd15/, DIR/sdxl/ (diffusers pipelines) and DIR/pickapic/train-00000.parquet,
-skipping any part whose stamp file records the same seed and fixture version.
+writes DIR/sd15/, DIR/sdxl/ (diffusers pipelines), DIR/pickapic/train-00000.parquet and the
+held-out DIR/pickapic_eval/eval-00000.parquet, skipping any part whose stamp file records the
+same seed and fixture version.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from dde_tools import hostile_rows as hostile
 
-FIXTURE_VERSION = 2
+FIXTURE_VERSION = 3
 STAMP_FILE = "dde_fixture.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIPTokenizer's pre-tokenizer pattern without the special tokens.
@@ -261,8 +266,8 @@ def make_sdxl_pipeline(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def draw_jpeg(rng: np.random.Generator) -> bytes:
-    """A procedurally drawn JPEG: a colour gradient with a few shapes, 64-128 px per side."""
+def draw_image(rng: np.random.Generator) -> Image.Image:
+    """A procedurally drawn image: a colour gradient with a few shapes, 64-128 px per side."""
     width, height = (int(v) for v in rng.integers(64, 129, size=2))
     start, end = rng.integers(0, 256, size=(2, 3))
     ramp = np.linspace(0.0, 1.0, width)[None, :, None]
@@ -274,6 +279,21 @@ def draw_jpeg(rng: np.random.Generator) -> bytes:
         y0, y1 = sorted(int(v) for v in rng.integers(0, height, size=2))
         fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    return image
+
+
+def draw_jpeg(rng: np.random.Generator) -> bytes:
+    """A procedurally drawn JPEG (draw_image)."""
+    return to_jpeg(draw_image(rng))
+
+
+def to_jpeg(image: Image.Image, brightness: float = 0.0) -> bytes:
+    """JPEG bytes of `image`; brightness in (-1, 1): > 0 moves every pixel that fraction of the
+    way to white, < 0 to black."""
+    if brightness != 0.0:
+        pixels = np.asarray(image, dtype=np.float64)
+        target = 255.0 if brightness > 0 else 0.0
+        image = Image.fromarray(np.rint(pixels + (target - pixels) * abs(brightness)).astype(np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -319,21 +339,29 @@ def _plant_bad_row(row: dict, kind: str, variant: int) -> None:
         row["label_0"], row["label_1"] = ((0.3, 0.7), (None, 1.0), (1.0, 1.0), (2.0, -1.0))[variant % 4]
 
 
-def _pickapic_row(index: int, caption: str, rng: np.random.Generator, start: datetime) -> dict:
+def _pickapic_row(index: int, caption: str, rng: np.random.Generator, start: datetime,
+                  planted: float = 0.0) -> dict:
+    """One labelled row; with planted > 0 both images are renderings of image 0's drawing, the
+    winner brightened and the loser darkened by `planted` (the random draws stay the same)."""
     uids = [str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"))) for _ in range(2)]
     label_0 = float(rng.integers(0, 2))
+    created_at = start + timedelta(seconds=int(rng.integers(0, 10_000_000)))
+    images = [draw_image(rng), draw_image(rng)]
+    shift_0 = planted if label_0 == 1.0 else -planted
+    if planted:
+        images[1] = images[0]
     return {
         "are_different": True,
         "best_image_uid": uids[0] if label_0 == 1.0 else uids[1],
         "caption": caption,
-        "created_at": start + timedelta(seconds=int(rng.integers(0, 10_000_000))),
+        "created_at": created_at,
         "has_label": True,
         "image_0_uid": uids[0],
         "image_0_url": f"https://images.example/{uids[0]}.png",
         "image_1_uid": uids[1],
         "image_1_url": f"https://images.example/{uids[1]}.png",
-        "jpg_0": draw_jpeg(rng),
-        "jpg_1": draw_jpeg(rng),
+        "jpg_0": to_jpeg(images[0], shift_0),
+        "jpg_1": to_jpeg(images[1], -shift_0),
         "label_0": label_0,
         "label_1": 1.0 - label_0,
         "model_0": MODELS[int(rng.integers(0, len(MODELS)))],
@@ -365,15 +393,22 @@ def make_pickapic_parquet(
     bad_rows: bool = False,
     row_group_size: int = 256,
     hostile_rows: bool = False,
+    preference: float = 0.0,
+    brighten: float = 0.4,
 ) -> dict[str, int]:
     """Write a synthetic Pick-a-Pic v2 parquet file; return what was planted.
 
     About `tie_fraction` of rows are ties (labels 0.5/0.5); the rest are 0/1 or 1/0. With
     `bad_rows`, max(1, rows // 200) rows of each kind in REJECTION_KINDS are planted, with
-    `hostile_rows` as many of each kind in hostile_rows.KINDS (never on a tie). The result
-    maps "rows", "ties" and each kind to its count.
+    `hostile_rows` as many of each kind in hostile_rows.KINDS (never on a tie). A `preference`
+    fraction of the labelled rows carries a learnable preference: their winner is drawn
+    `brighten` of the way to white and their loser as far to black; the other rows keep random
+    labels between unmodified images (with preference 0, the default, every row is such). The
+    result maps "rows", "ties", "preferred" (rows with the planted preference) and each kind to
+    its count.
     """
     rng = np.random.default_rng(seed)
+    preference_rng = np.random.default_rng([seed, 1])  # its own stream: the rows' draws stay put
     captions = make_captions(seed + 1, rows)
     order = rng.permutation(rows)
     num_ties = round(rows * tie_fraction)
@@ -388,6 +423,7 @@ def make_pickapic_parquet(
         planted.update({int(i): (kind, v) for v, i in enumerate(order[first : first + per_kind])})
     counts = dict.fromkeys(REJECTION_KINDS + (hostile.KINDS if hostile_rows else ()), 0)
 
+    preferred = {i for i in range(rows) if i not in ties and preference_rng.random() < preference}
     start = datetime(2023, 4, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +432,8 @@ def make_pickapic_parquet(
         for group_start in range(0, rows, row_group_size):
             batch = []
             for index in range(group_start, min(rows, group_start + row_group_size)):
-                row = _pickapic_row(index, captions[index], rng, start)
+                row = _pickapic_row(index, captions[index], rng, start,
+                                    brighten if index in preferred else 0.0)
                 if index in ties:
                     row.update(label_0=0.5, label_1=0.5, best_image_uid="")
                 kind, variant = planted.get(index, (None, 0))
@@ -409,7 +446,7 @@ def make_pickapic_parquet(
                     clean = row
                 batch.append(row)
             writer.write_table(_table(batch))
-    return {"rows": rows, "ties": num_ties, **counts}
+    return {"rows": rows, "ties": num_ties, "preferred": len(preferred), **counts}
 
 
 def _build_once(target: Path, seed: int, build: Callable[[Path], object]) -> bool:
@@ -426,11 +463,16 @@ def _build_once(target: Path, seed: int, build: Callable[[Path], object]) -> boo
 
 
 def build_all(out: Path, seed: int = 0) -> None:
-    """Write out/sd15, out/sdxl and out/pickapic/train-00000.parquet (64 rows with ties)."""
+    """Write out/sd15, out/sdxl, out/pickapic/train-00000.parquet (128 rows) and the held-out
+    out/pickapic_eval/eval-00000.parquet (48 rows): 10 % ties, 80 % of the rest with the planted
+    brightness preference, the others random labels."""
     parts = {
         "sd15": lambda d: make_sd15_pipeline(d, seed),
         "sdxl": lambda d: make_sdxl_pipeline(d, seed),
-        "pickapic": lambda d: make_pickapic_parquet(d / "train-00000.parquet", rows=64, seed=seed),
+        "pickapic": lambda d: make_pickapic_parquet(d / "train-00000.parquet", rows=128, seed=seed,
+                                                    preference=0.8),
+        "pickapic_eval": lambda d: make_pickapic_parquet(d / "eval-00000.parquet", rows=48,
+                                                         seed=seed + 1000, preference=0.8),
     }
     for name, build in parts.items():
         built = _build_once(Path(out) / name, seed, build)

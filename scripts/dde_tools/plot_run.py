@@ -6,7 +6,9 @@ Figures:
 - ``training.png``: loss and implicit accuracy over optimizer steps;
 - ``correction.png``: the correction array E over t (newest checkpoint's correction_ema.json);
 - ``credit.png``: the credit weight k_t * sigmoid(-z) binned by t (dde-method.md, section 5),
-  from the per-pair records (config ``logging.per_sample: true``).
+  from the per-pair records (config ``logging.per_sample: true``);
+- ``eval.png``: held-out implicit accuracy (fraction of pairs with Delta < 0) and the method's loss
+  over steps, per t bin and overall, from the ``kind: eval`` records (config ``data.eval_index``).
 """
 
 from __future__ import annotations
@@ -22,18 +24,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Step records and per-pair records of ``metrics.jsonl``."""
+def read_records(run_dir: Path) -> dict[str, list[dict]]:
+    """The records of ``metrics.jsonl`` by kind ("step", "pair", "eval")."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"plot_run: {path} not found: is {run_dir} a dde_train run directory?")
-    steps, pairs = [], []
+    by_kind: dict[str, list[dict]] = {"step": [], "pair": [], "eval": []}
     for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        (pairs if record.get("kind") == "pair" else steps).append(record)
-    return steps, pairs
+        if line.strip():
+            record = json.loads(line)
+            by_kind.setdefault(record.get("kind", "step"), []).append(record)
+    return by_kind
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Step records and per-pair records of ``metrics.jsonl``."""
+    records = read_records(run_dir)
+    return records["step"], records["pair"]
 
 
 def latest_correction(run_dir: Path) -> dict | None:
@@ -100,7 +107,45 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
         ax.set_title("credit: no per-pair records (logging.per_sample)")
     ax.set(xlabel="t", ylabel="mean credit weight")
     written.append(_save(fig, out_dir / "credit.png"))
+    written.append(plot_eval(read_records(run_dir)["eval"], out_dir / "eval.png"))
     return written
+
+
+def plot_eval(evals: list[dict], path: Path) -> Path:
+    """Held-out implicit accuracy and loss over steps: one line per t bin, overall in black."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if evals:
+        x = [r["step"] for r in evals]
+        for j, t in enumerate(evals[-1]["t_bins"]):
+            ax_acc.plot(x, [r["implicit_acc_by_t"][j] for r in evals], lw=1, alpha=0.7, label=f"t = {t}")
+            ax_loss.plot(x, [r["loss_by_t"][j] for r in evals], lw=1, alpha=0.7, label=f"t = {t}")
+        ax_acc.plot(x, [r["implicit_acc"] for r in evals], "k-o", lw=2, ms=3, label="all bins")
+        ax_loss.plot(x, [r["loss"] for r in evals], "k-o", lw=2, ms=3, label="all bins")
+        ax_acc.axhline(0.5, color="grey", ls="--", lw=1)
+        ax_acc.legend(fontsize=7, loc="lower right")
+        ax_acc.set_title(f"held-out implicit accuracy ({evals[-1]['pairs']} pairs)")
+        ax_loss.set_title(f"held-out loss ({evals[-1]['method']})")
+    else:
+        ax_acc.set_title("no held-out evaluation (data.eval_index)")
+        ax_loss.set_title("no held-out evaluation")
+    ax_acc.set(xlabel="optimizer step", ylabel="fraction of pairs with Delta < 0", ylim=(-0.05, 1.05))
+    ax_loss.set(xlabel="optimizer step", ylabel="loss")
+    return _save(fig, path)
+
+
+def eval_summary(evals: list[dict]) -> str:
+    """One line: held-out implicit accuracy before (first evaluation) and after (last)."""
+    if not evals:
+        return "no held-out evaluation in this run (set data.eval_index)"
+    first, last = evals[0], evals[-1]
+    line = (f"held-out implicit accuracy ({last['pairs']} pairs x {len(last['t_bins'])} t bins, fraction with "
+            f"Delta < 0; chance 0.5): step {first['step']} {first['implicit_acc']:.3f}")
+    if first["step"] == 0 and first["delta"] == 0.0:
+        line += " (policy = reference, Delta = 0)"
+    if len(evals) > 2:
+        line += f", step {evals[1]['step']} {evals[1]['implicit_acc']:.3f}"
+    by_t = ", ".join(f"t={t} {a:.2f}" for t, a in zip(last["t_bins"], last["implicit_acc_by_t"]))
+    return line + f" -> step {last['step']} {last['implicit_acc']:.3f} ({by_t})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,12 @@ Rule at_most(Rule r, double max) {
   return r;
 }
 
+// Lists: non-empty, every element within `each`.
+Rule non_empty_list(Rule each) {
+  each.required = true;
+  return each;
+}
+
 const std::vector<std::string> kMethodNames = {"sft",        "uniform",  "discounted",
                                                "dde_single", "dde_step", "dde"};
 
@@ -151,6 +157,7 @@ void for_each_field(Visitor&& v) {
     at_most(at_least(1), data::kMaxImagePixels));
   v("data", &C::data, "max_bad_pairs", &DataConfig::max_bad_pairs, at_least(0));
   v("data", &C::data, "verify", &DataConfig::verify, any());
+  v("data", &C::data, "eval_index", &DataConfig::eval_index, any());
 
   v("method", &C::method, "name", &MethodConfig::name, one_of(kMethodNames));
   v("method", &C::method, "beta", &MethodConfig::beta, above(0));
@@ -186,6 +193,10 @@ void for_each_field(Visitor&& v) {
   v("logging", &C::logging, "per_sample", &LoggingConfig::per_sample, any());
   v("logging", &C::logging, "progress", &LoggingConfig::progress, any());
   v("logging", &C::logging, "dump_step", &LoggingConfig::dump_step, at_least(0));
+
+  v("eval", &C::eval, "every", &EvalConfig::every, at_least(1));
+  v("eval", &C::eval, "t_bins", &EvalConfig::t_bins, non_empty_list(at_least(0)));
+  v("eval", &C::eval, "seed", &EvalConfig::seed, any());
 
   v("dist", &C::dist, "backend", &DistConfig::backend, one_of({"auto", "gloo", "nccl"}));
   v("dist", &C::dist, "timeout_s", &DistConfig::timeout_s, at_least(1));
@@ -258,6 +269,12 @@ std::string value_text(const T& v) {
     return v ? "true" : "false";
   } else if constexpr (std::is_same_v<T, double>) {
     return number_text(v);
+  } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    std::vector<std::string> items;
+    for (const int64_t item : v) {
+      items.push_back(std::to_string(item));
+    }
+    return "[" + join(items) + "]";
   } else {
     return std::to_string(v);
   }
@@ -289,6 +306,16 @@ void check_field(const std::string& path, const T& value, const T& default_value
         throw Error({"config value out of range", locate(path),
                      "0 or a multiple of " + std::to_string(rule.multiple_of), value_text(value),
                      hint_default});
+      }
+    }
+  } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    if (rule.required && value.empty()) {
+      throw Error({"empty config list", locate(path), "at least one value", "[]", hint_default});
+    }
+    for (const int64_t item : value) {
+      if (!rule.admits(static_cast<double>(item))) {
+        throw Error({"config value out of range", locate(path), "every element " + range_text(rule),
+                     value_text(value), hint_default});
       }
     }
   }
@@ -424,6 +451,8 @@ const char* type_text() {
     return "a non-negative integer";
   } else if constexpr (std::is_same_v<T, double>) {
     return "a number";
+  } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    return "a list of integers, e.g. [100, 500]";
   } else {
     return "a boolean (true or false)";
   }
@@ -571,6 +600,24 @@ class TreeReader {
     }
   }
 
+  // A YAML sequence of integers ([100, 500] or one "- 100" line per element).
+  void read_value(const std::string& path, const Entry& entry,
+                  const std::vector<int64_t>& default_value, std::vector<int64_t>& out) const {
+    const YAML::Node& node = entry.value;
+    bool ok = node.IsSequence();
+    out.clear();
+    for (size_t i = 0; ok && i < node.size(); ++i) {
+      int64_t item = 0;
+      ok = node[i].IsScalar() && parse_scalar(node[i].Scalar(), item);
+      out.push_back(item);
+    }
+    if (!ok) {
+      throw Error({"wrong type for config key", origin(path, entry.mark),
+                   type_text<std::vector<int64_t>>(), node_text(node),
+                   "write e.g. " + path + ": " + value_text(default_value)});
+    }
+  }
+
   std::string source_;
   std::vector<std::pair<std::string, std::string>> overrides_;  // (dotted path, "--set" text)
 };
@@ -680,6 +727,12 @@ class Emitter {
       out_ << text;
     } else if constexpr (std::is_same_v<T, bool>) {
       out_ << (value ? "true" : "false");
+    } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+      out_ << YAML::Flow << YAML::BeginSeq;
+      for (const int64_t item : value) {
+        out_ << item;
+      }
+      out_ << YAML::EndSeq;
     } else {
       out_ << value;
     }
@@ -767,6 +820,14 @@ void validate_against_timesteps(const TrainConfig& config, int64_t num_timesteps
                  "[" + std::to_string(t_lo) + ", " + std::to_string(t_hi) + ")" +
                      (config.method.t_hi == -1 ? " (t_hi = -1 means T)" : ""),
                  "use t_hi = -1 for the whole schedule"});
+  }
+  for (const int64_t t : config.eval.t_bins) {
+    if (t < 0 || t >= num_timesteps) {
+      throw Error({"evaluation timestep outside the schedule", "config: eval.t_bins",
+                   "every t in [0, " + std::to_string(num_timesteps) +
+                       ") (the model's num_train_timesteps)",
+                   std::to_string(t), "choose t bins inside the schedule"});
+    }
   }
 }
 

@@ -17,7 +17,10 @@ MetricsLog::MetricsLog(std::string path, int64_t keep_through_step) : path_(std:
       if (line.empty()) continue;
       const auto record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (record.is_discarded()) break;  // a line cut by a crash ends the usable log
-      if (record.value("step", int64_t{0}) <= keep_through_step) kept += line + "\n";
+      const int64_t step = record.value("step", int64_t{0});
+      // The resumed run evaluates its first step again (top of the loop): drop that eval record.
+      const bool redone = step == keep_through_step && record.value("kind", "") == "eval";
+      if (step <= keep_through_step && !redone) kept += line + "\n";
     }
     checkpoint::write_file_atomic(path_, kept);
     out_.open(path_, std::ios::app);

@@ -24,10 +24,12 @@
 #include "dde/objective/timestep_sampler.hpp"
 #include "dde/train/adamw.hpp"
 #include "dde/train/memory_meter.hpp"
+#include "dde/train/evaluator.hpp"
 #include "dde/train/metrics_log.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
+#include "dde/util/seed.hpp"
 
 namespace dde::train {
 namespace {
@@ -91,19 +93,6 @@ torch::Tensor time_ids(const torch::Tensor& original_hw, const torch::Tensor& cr
   return torch::cat({original_hw, crop_tl, target}, 1).to(torch::kFloat32);
 }
 
-// splitmix64: the per-pair noise seed from (run seed, pair id, stream).
-uint64_t mix_seed(uint64_t seed, int64_t pair_id, uint64_t stream) {
-  uint64_t h = seed;
-  for (uint64_t part : {static_cast<uint64_t>(pair_id), stream}) {
-    h ^= part;
-    h += 0x9E3779B97F4A7C15ULL;
-    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    h = (h ^ (h >> 27)) * 0x94D049BB133111EBULL;
-    h ^= h >> 31;
-  }
-  return h;
-}
-
 // Columns of a per-pair record row, gathered from every rank to rank 0.
 enum PairColumn : int64_t {
   kPairId,
@@ -144,6 +133,7 @@ struct Trainer::Impl {
   std::unique_ptr<models::TextConditioner> text;
   std::unique_ptr<models::LatentEncoder> vae;
   std::unique_ptr<data::PairLoader> loader;
+  std::unique_ptr<Evaluator> evaluator;  // held-out accuracy; null without data.eval_index
   std::unique_ptr<AdamW> optimizer;
   checkpoint::CheckpointStore store;
   std::unique_ptr<MetricsLog> metrics;  // rank 0 only
@@ -263,6 +253,13 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
   }
   loader = std::make_unique<data::PairLoader>(lo);
+  if (!cfg.data.eval_index.empty()) {
+    evaluator = std::make_unique<Evaluator>(EvaluatorContext{
+        &cfg, &manifest, &reference_manifest, policy.get(), reference.get(), text.get(), vae.get(),
+        [this](models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
+               const models::Conditioning& cond) { return predict(unet, x, t, cond); },
+        &schedule, method, method_params, comm.get(), device, resolution});
+  }
 
   poisoned_steps = injected_nonfinite_steps();
   if (is_main()) store.remove_stale_staging();
@@ -401,6 +398,7 @@ TrainOutcome Trainer::Impl::run() {
   MemoryMeter memory(device);
   log::info("training steps {} -> {} ({} pairs per step)", step, max_steps, cfg.train.global_batch);
   while (step < max_steps) {
+    if (evaluator) evaluator->run_if_due(step, ema, metrics.get());
     const auto step_start = Clock::now();
     const double wait_before = loader->wait_seconds();
     const double lr = constant_with_warmup(step, cfg.optim.lr, cfg.optim.warmup_steps);
@@ -533,6 +531,7 @@ TrainOutcome Trainer::Impl::run() {
     }
     if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint();
   }
+  if (evaluator) evaluator->run_if_due(step, ema, metrics.get());
   return {step, skipped_steps, last_checkpoint, /*preempted=*/false};
 }
 

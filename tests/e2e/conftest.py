@@ -33,17 +33,21 @@ def dde_train() -> Path:
 def fixtures() -> Path:
     root = fixtures_dir()
     for family in ("sd15", "sdxl"):
-        for need in (root / "export" / family / "manifest.json", root / "shards" / family / "index.json"):
+        for need in (root / "export" / family / "manifest.json", root / "shards" / family / "index.json",
+                     root / "shards" / f"{family}_eval" / "index.json"):
             if not need.is_file():
                 pytest.fail(f"{need} missing: run scripts/prepare_tiny.sh (or set DDE_FIXTURES_DIR)")
     return root
 
 
-def tiny_overrides(fixtures: Path, family: str, out: Path) -> list[str]:
-    """--set values pointing a tiny config at the fixtures and a test's own run directory."""
+def tiny_overrides(fixtures: Path, family: str, out: Path, held_out: bool = False) -> list[str]:
+    """--set values pointing a tiny config at the fixtures and a test's own run directory; the
+    held-out evaluation only with held_out (it is off otherwise, to keep the other tests fast)."""
+    eval_index = fixtures / "shards" / f"{family}_eval" / "index.json" if held_out else ""
     return [
         f"model.manifest={fixtures / 'export' / family / 'manifest.json'}",
         f"data.index={fixtures / 'shards' / family / 'index.json'}",
+        f"data.eval_index={eval_index}",
         f"run.output_dir={out}",
     ]
 
@@ -60,9 +64,12 @@ def run_train(binary: Path, config: str, sets: list[str], *, resume: bool = Fals
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def read_records(run_dir: Path, kind: str) -> list[dict]:
+    """The records of one kind ("step", "pair", "eval") of metrics.jsonl, in file order."""
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [rec for rec in records if rec.get("kind") == kind]
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    steps, pairs = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        (pairs if rec.get("kind") == "pair" else steps).append(rec)
-    return steps, pairs
+    """Step records and per-pair records."""
+    return read_records(run_dir, "step"), read_records(run_dir, "pair")

@@ -1,4 +1,4 @@
-"""python -m dde_tools.plot_run on a real run directory: three valid PNG figures, and the credit
+"""python -m dde_tools.plot_run on a real run directory: four valid PNG figures, and the credit
 figure's binned means are those of the per-pair records in metrics.jsonl; binned_mean on its own."""
 
 from __future__ import annotations
@@ -29,18 +29,19 @@ def run_plot_run(*args: str | Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(dde_train, fixtures, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plot_run") / "run"
-    sets = tiny_overrides(fixtures, "sd15", out) + [
+    sets = tiny_overrides(fixtures, "sd15", out, held_out=True) + [
         "method.name=dde", f"train.max_steps={STEPS}", "checkpoint.every=3", "logging.per_sample=true"]
     result = run_train(dde_train, "tiny_dde.yaml", sets)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
 
-def test_cli_writes_three_valid_pngs(run_dir):
+def test_cli_writes_four_valid_pngs(run_dir):
     result = run_plot_run(run_dir)
     assert result.returncode == 0, result.stderr
     figures = run_dir / "figures"
-    want = {"training.png": (1000, 350), "correction.png": (500, 350), "credit.png": (500, 350)}
+    want = {"training.png": (1000, 350), "correction.png": (500, 350), "credit.png": (500, 350),
+            "eval.png": (1000, 350)}
     assert result.stdout.split() == [str(figures / name) for name in want]
     for name, size in want.items():
         path = figures / name
@@ -89,6 +90,7 @@ def test_training_and_correction_come_from_the_run(run_dir):
     steps, pairs = plot_run.read_metrics(run_dir)
     assert (steps, pairs) == read_metrics(run_dir)
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert [e["step"] for e in plot_run.read_records(run_dir)["eval"]] == [0, STEPS]  # first and last
     correction = plot_run.latest_correction(run_dir)
     assert correction is not None and correction["step"] == STEPS  # the newest of step 3 and step 6
     saved = json.loads((run_dir / "checkpoints" / f"step-{STEPS:08d}" / "correction_ema.json").read_text())

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -118,7 +119,7 @@ def test_pickapic_parquet_schema_and_content(bad_parquet: tuple[Path, dict[str, 
     parquet = pq.ParquetFile(path)
     assert parquet.schema_arrow == fixtures.PICKAPIC_SCHEMA
     assert parquet.metadata.num_rows == 2000 and parquet.metadata.num_row_groups == 8  # 256 rows each
-    assert planted == {"rows": 2000, "ties": 200, "missing_image": 10, "undecodable_image": 10,
+    assert planted == {"rows": 2000, "ties": 200, "preferred": 0, "missing_image": 10, "undecodable_image": 10,
                        "empty_caption": 10, "bad_label": 10}
     table = parquet.read(columns=["jpg_0", "label_0", "label_1", "caption"]).to_pylist()
     assert sum(r["label_0"] == 0.5 and r["label_1"] == 0.5 for r in table) == 200
@@ -151,7 +152,33 @@ def test_cli_skips_existing_fixtures(fixture_dir: Path, run_cli) -> None:
     before = {p: p.stat().st_mtime_ns for p in fixture_dir.rglob("*") if p.is_file()}
     proc = run_cli("fixtures", "--out", str(fixture_dir), "--seed", "0")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("up to date") == 3
+    assert proc.stdout.count("up to date") == 4
     assert {p: p.stat().st_mtime_ns for p in fixture_dir.rglob("*") if p.is_file()} == before
-    assert (fixture_dir / "pickapic" / "train-00000.parquet").is_file()
-    assert pq.ParquetFile(fixture_dir / "pickapic" / "train-00000.parquet").metadata.num_rows == 64
+    assert pq.ParquetFile(fixture_dir / "pickapic" / "train-00000.parquet").metadata.num_rows == 128
+    assert pq.ParquetFile(fixture_dir / "pickapic_eval" / "eval-00000.parquet").metadata.num_rows == 48
+
+
+def _mean_brightness(jpeg: bytes) -> float:
+    with Image.open(io.BytesIO(jpeg)) as image:
+        return float(np.asarray(image.convert("L"), dtype=np.float64).mean())
+
+
+def test_planted_preference_makes_winners_brighter(tmp_path: Path) -> None:
+    """The tiny default's learnable preference: preferred rows have a brightened winner and a
+    darkened loser; the other labelled rows are unmodified draws with random labels."""
+    planted = fixtures.make_pickapic_parquet(tmp_path / "p.parquet", rows=200, seed=2, preference=0.8)
+    plain = fixtures.make_pickapic_parquet(tmp_path / "q.parquet", rows=200, seed=2)
+    assert planted["ties"] == 20 and 130 <= planted["preferred"] <= 158  # 0.8 of 180, drawn
+    rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    same = pq.read_table(tmp_path / "q.parquet").to_pylist()
+    gaps, unplanted = [], []
+    for row, twin in zip(rows, same):
+        assert (row["caption"], row["label_0"]) == (twin["caption"], twin["label_0"])  # same draws
+        if row["label_0"] == 0.5:
+            continue
+        winner, loser = ("jpg_0", "jpg_1") if row["label_0"] == 1.0 else ("jpg_1", "jpg_0")
+        gap = _mean_brightness(row[winner]) - _mean_brightness(row[loser])
+        (gaps if row["jpg_0"] != twin["jpg_0"] else unplanted).append(gap)
+    assert len(gaps) == planted["preferred"] and len(unplanted) == 180 - planted["preferred"]
+    assert min(gaps) > 0 and np.mean(gaps) > 60
+    assert abs(np.mean(unplanted)) < 25  # random labels: no systematic gap

@@ -116,7 +116,7 @@ def read_steps(run: Path) -> list[dict]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec.get("kind") != "pair":
+        if rec.get("kind") not in ("pair", "eval"):
             steps.append(rec)
     return steps
 

@@ -19,7 +19,7 @@ from .slurm_helpers import (CPU_SETS, job_info, output_of, rank_pid, read_steps,
 
 def tiny_sets(fixtures: Path, run: Path) -> list[str]:
     return [f"model.manifest={fixtures / 'export' / 'sd15' / 'manifest.json'}",
-            f"data.index={fixtures / 'shards' / 'sd15' / 'index.json'}",
+            f"data.index={fixtures / 'shards' / 'sd15' / 'index.json'}", "data.eval_index=",
             f"run.output_dir={run}", *CPU_SETS]
 
 

@@ -47,6 +47,7 @@ struct DataConfig {
   int64_t max_image_pixels = 89478485;
   int64_t max_bad_pairs = 100;  // >= 0 skipped bad pairs (all ranks) before the run stops
   bool verify = false;          // sha256 every shard at start (sizes and counts always checked)
+  std::string eval_index;         // index.json of held-out shards; "" = no held-out evaluation
 };
 
 struct MethodConfig {
@@ -94,6 +95,14 @@ struct LoggingConfig {
                             // per-pair errors) to debug/ for parity checks; 0 = never
 };
 
+// Held-out preference accuracy on data.eval_index (src/train/evaluator.cpp): at step 0, every
+// `every` steps and at the last step, each pair at every t of t_bins, noise from (seed, pair, t).
+struct EvalConfig {
+  int64_t every = 100;  // >= 1 optimizer steps between evaluations
+  std::vector<int64_t> t_bins = {100, 300, 500, 700, 900};  // non-empty, each in [0, T)
+  uint64_t seed = 0;  // seeds the evaluation noise; not run.seed, so runs stay comparable
+};
+
 struct DistConfig {
   std::string backend = "auto";  // auto | gloo | nccl; auto = nccl on cuda, else gloo
   int64_t timeout_s = 600;       // > 0 seconds before a collective is declared hung
@@ -110,6 +119,7 @@ struct TrainConfig {
   TrainLoopConfig train;
   CheckpointConfig checkpoint;
   LoggingConfig logging;
+  EvalConfig eval;
   DistConfig dist;
 };
 

@@ -12,7 +12,8 @@ namespace dde::train {
 
 class MetricsLog {
  public:
-  // keep_through_step < 0: start a new file; otherwise keep records with step <= it.
+  // keep_through_step < 0: start a new file; otherwise keep records with step <= it, except the
+  // held-out evaluation (kind "eval") of that step, which the resumed run writes again.
   MetricsLog(std::string path, int64_t keep_through_step);
   void write(const nlohmann::json& record);
   const std::string& path() const { return path_; }

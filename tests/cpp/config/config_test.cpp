@@ -107,6 +107,10 @@ TEST(ConfigDefaults, AreTheDocumentedOnes) {
   EXPECT_EQ(c.dist.backend, "auto");
   EXPECT_EQ(c.dist.timeout_s, 600);
   EXPECT_EQ(c.dist.init_method, "auto");
+  EXPECT_EQ(c.data.eval_index, "");
+  EXPECT_EQ(c.eval.every, 100);
+  EXPECT_EQ(c.eval.t_bins, (std::vector<int64_t>{100, 300, 500, 700, 900}));
+  EXPECT_EQ(c.eval.seed, 0u);
 }
 
 TEST(ConfigDefaults, FillEverythingTheFileLeavesOut) {
@@ -336,6 +340,40 @@ TEST(ConfigTimesteps, WindowAgainstTheSchedule) {
   c.method.t_hi = -1;
   error_of([&] { validate_against_timesteps(c, 1000); },
            {"0 <= t_lo < t_hi <= 1000", "[1000, 1000) (t_hi = -1 means T)"});
+}
+
+TEST(ConfigEval, TBinsAreAListOfTimesteps) {
+  const auto flow = from_text(std::string(kMinimal) + "eval:\n  t_bins: [0, 999]\n  every: 7\n");
+  EXPECT_EQ(flow.eval.t_bins, (std::vector<int64_t>{0, 999}));
+  EXPECT_EQ(flow.eval.every, 7);
+  const auto block = from_text(std::string(kMinimal) + "eval:\n  t_bins:\n    - 250\n    - 750\n");
+  EXPECT_EQ(block.eval.t_bins, (std::vector<int64_t>{250, 750}));
+  EXPECT_NO_THROW(validate_against_timesteps(block, 1000));
+  error_of([&] { validate_against_timesteps(flow, 999); },
+           {"evaluation timestep outside the schedule", "eval.t_bins", "[0, 999)", "got 999"});
+  error_of([] { from_text(std::string(kMinimal) + "eval:\n  t_bins: 500\n"); },
+           {"wrong type for config key", "eval.t_bins", "a list of integers", "'500'",
+            "[100, 300, 500, 700, 900]"});
+  error_of([] { from_text(std::string(kMinimal) + "eval:\n  t_bins: [100, x]\n"); },
+           {"wrong type for config key", "<test>:8:11: eval.t_bins", "a list of integers"});
+  error_of([] { from_text(std::string(kMinimal) + "eval:\n  t_bins: []\n"); },
+           {"empty config list", "eval.t_bins", "at least one value"});
+  error_of([] { from_text(std::string(kMinimal) + "eval:\n  t_bins: [100, -1]\n"); },
+           {"config value out of range", "eval.t_bins", "every element >= 0", "[100, -1]"});
+  error_of([] { from_text(std::string(kMinimal) + "eval:\n  every: 0\n"); },
+           {"config value out of range", "eval.every", ">= 1"});
+}
+
+TEST_F(ConfigFile, TBinsOverrideAndRoundTrip) {
+  const std::string path = write(kMinimal);
+  const auto c = load_config(path, {"eval.t_bins=[10, 20, 30]", "data.eval_index=d/eval.json"});
+  EXPECT_EQ(c.eval.t_bins, (std::vector<int64_t>{10, 20, 30}));
+  EXPECT_EQ(c.data.eval_index, "d/eval.json");
+  const std::string text = to_yaml(c);
+  EXPECT_NE(text.find("  t_bins: [10, 20, 30]\n"), std::string::npos) << text;
+  EXPECT_EQ(from_text(text), c);
+  error_of([&] { load_config(path, {"eval.t_bins=[1.5]"}); },
+           {"--set eval.t_bins=[1.5]: eval.t_bins", "a list of integers"});
 }
 
 TEST(ConfigBatch, AccumulationSteps) {

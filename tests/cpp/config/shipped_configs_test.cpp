@@ -121,8 +121,10 @@ TEST(ShippedConfigs, TinyConfigs) {
     EXPECT_EQ(c.data.index, "fixtures/shards/" + family + "/index.json");
     EXPECT_EQ(c.train.global_batch, 4);
     EXPECT_EQ(c.train.micro_batch, 2);
-    EXPECT_EQ(c.train.max_steps, 20);
-    EXPECT_EQ(c.optim.lr, 1e-4);
+    EXPECT_EQ(c.train.max_steps, 400);
+    EXPECT_EQ(c.data.eval_index, "fixtures/shards/" + family + "_eval/index.json");
+    EXPECT_EQ(c.eval.every, 40);
+    EXPECT_EQ(c.optim.lr, 3e-4);
     EXPECT_EQ(c.optim.warmup_steps, 2);
     EXPECT_EQ(c.method.beta, 5000.0);
     EXPECT_EQ(c.checkpoint.every, 10);

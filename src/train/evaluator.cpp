@@ -1,0 +1,258 @@
+#include "dde/train/evaluator.hpp"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+
+#include <chrono>
+#include <string>
+#include <utility>
+
+#include "dde/data/held_out_pairs.hpp"
+#include "dde/util/error.hpp"
+#include "dde/util/log.hpp"
+#include "dde/util/seed.hpp"
+
+namespace dde::train {
+namespace {
+
+constexpr uint64_t kVaeStream = 0;  // per pair; the eps of bin t uses stream 1 + t
+constexpr int64_t kReduceBucketBytes = 1 << 20;
+
+// One micro-batch of held-out pairs, encoded once (CPU tensors).
+struct EncodedPairs {
+  torch::Tensor pair_ids;     // [B] int64
+  torch::Tensor latents;      // [2B, C, h, w]: winners then losers, x scaling factor
+  models::Conditioning cond;  // for [x_w; x_l] (2B rows)
+  torch::Tensor ref_errors;   // [nb, 2, B] float32: reference e[ref, w|l] per bin
+};
+
+// Per-image mean squared error over latent elements: [N, C, h, w] -> [N].
+torch::Tensor per_image_mse(const torch::Tensor& prediction, const torch::Tensor& target) {
+  return (prediction.to(torch::kFloat32) - target).pow(2).flatten(1).mean(1);
+}
+
+at::Generator pair_generator(uint64_t seed, int64_t pair_id, uint64_t stream) {
+  return at::make_generator<at::CPUGeneratorImpl>(mix_seed(seed, pair_id, stream));
+}
+
+torch::Tensor sdxl_time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl,
+                            int64_t resolution) {
+  const torch::Tensor target = torch::full({original_hw.size(0), 2}, resolution, torch::kLong);
+  return torch::cat({original_hw, crop_tl, target}, 1).to(torch::kFloat32);
+}
+
+models::Conditioning conditioning_to(const models::Conditioning& c, const torch::Device& device,
+                                     int64_t repeats) {
+  models::Conditioning out;
+  const auto tile = [&](const torch::Tensor& x) {
+    if (!x.defined()) return x;
+    std::vector<int64_t> reps(static_cast<size_t>(x.dim()), 1);
+    reps[0] = repeats;
+    return x.to(device).repeat(reps);
+  };
+  out.text = tile(c.text);
+  out.pooled = tile(c.pooled);
+  out.time_ids = tile(c.time_ids);
+  return out;
+}
+
+}  // namespace
+
+nlohmann::json EvalResult::to_json(const std::string& method) const {
+  return {{"kind", "eval"},
+          {"step", step},
+          {"method", method},
+          {"pairs", pairs},
+          {"t_bins", t_bins},
+          {"implicit_acc", implicit_acc},
+          {"loss", loss},
+          {"delta", delta},
+          {"implicit_acc_by_t", implicit_acc_by_t},
+          {"loss_by_t", loss_by_t},
+          {"delta_by_t", delta_by_t},
+          {"seconds", seconds}};
+}
+
+struct Evaluator::Impl {
+  EvaluatorContext ctx;
+  std::unique_ptr<data::HeldOutPairs> reader;  // until the pairs are encoded
+  int64_t total_pairs = 0;
+  std::vector<EncodedPairs> encoded;
+  bool encoded_ready = false;
+
+  explicit Impl(EvaluatorContext context);
+  void encode_all();
+  EncodedPairs encode(const data::PairBatch& batch);
+  // Noisy latents, eps and t of every bin: [nb * 2B, ...], bin-major, winners then losers.
+  void noised(const EncodedPairs& pairs, torch::Tensor& x_t, torch::Tensor& eps,
+              torch::Tensor& t) const;
+  torch::Tensor errors_of(models::UNet& unet, const EncodedPairs& pairs) const;  // [nb, 2, B]
+  const std::vector<int64_t>& bins() const { return ctx.cfg->eval.t_bins; }
+};
+
+Evaluator::Impl::Impl(EvaluatorContext context) : ctx(std::move(context)) {
+  data::HeldOutOptions options;
+  options.index_path = ctx.cfg->data.eval_index;
+  options.resolution = ctx.resolution;
+  options.rank = ctx.comm->rank();
+  options.world_size = ctx.comm->world_size();
+  for (const models::TextEncoderInfo& e : ctx.manifest->text_encoders) {
+    options.expected_vocab_sha256.push_back(e.vocab_sha256);
+  }
+  reader = std::make_unique<data::HeldOutPairs>(options);
+  total_pairs = reader->total_pairs();
+  std::string t_list;
+  for (const int64_t t : bins()) t_list += (t_list.empty() ? "" : ",") + std::to_string(t);
+  log::info("eval: {} held-out pairs in {}, t bins {}, every {} steps, seed {}", total_pairs,
+            options.index_path, t_list, ctx.cfg->eval.every, ctx.cfg->eval.seed);
+}
+
+EncodedPairs Evaluator::Impl::encode(const data::PairBatch& batch) {
+  const int64_t B = batch.winner.size(0);
+  const int64_t h = ctx.resolution / ctx.manifest->latent_downsample;
+  const std::vector<int64_t> shape{ctx.manifest->latent_channels, h, h};
+  std::vector<torch::Tensor> noise_w, noise_l;
+  for (int64_t i = 0; i < B; ++i) {
+    at::Generator g =
+        pair_generator(ctx.cfg->eval.seed, batch.pair_ids[i].item<int64_t>(), kVaeStream);
+    noise_w.push_back(at::randn(shape, g, torch::kFloat32));
+    noise_l.push_back(at::randn(shape, g, torch::kFloat32));
+  }
+  const torch::Tensor noise = torch::cat({torch::stack(noise_w), torch::stack(noise_l)}, 0);
+  EncodedPairs out;
+  out.pair_ids = batch.pair_ids;
+  out.latents = ctx.vae->encode(torch::cat({batch.winner, batch.loser}, 0), noise).cpu();
+  models::Conditioning cond = ctx.text->encode(batch.input_ids);
+  torch::Tensor loser_time_ids;
+  if (ctx.manifest->added_cond) {
+    cond.time_ids = sdxl_time_ids(batch.winner_original_hw, batch.winner_crop_tl, ctx.resolution);
+    loser_time_ids = sdxl_time_ids(batch.loser_original_hw, batch.loser_crop_tl, ctx.resolution);
+  }
+  out.cond = conditioning_to(cond.repeat_for_pair(loser_time_ids), torch::kCPU, 1);
+  return out;
+}
+
+void Evaluator::Impl::encode_all() {
+  torch::NoGradGuard no_grad;
+  const int64_t micro = ctx.cfg->train.micro_batch;
+  while (std::optional<data::PairBatch> batch = reader->next(micro)) {
+    encoded.push_back(encode(*batch));
+  }
+  reader.reset();
+  // The reference's errors are fixed: once, with the trainer's reference or, for sft (which has
+  // none), the initial model loaded just for this.
+  std::unique_ptr<models::UNet> initial;
+  models::UNet* reference = ctx.reference;
+  if (reference == nullptr) {
+    initial = std::make_unique<models::UNet>(*ctx.reference_manifest, ctx.device, false);
+    reference = initial.get();
+  }
+  for (EncodedPairs& pairs : encoded) pairs.ref_errors = errors_of(*reference, pairs).cpu();
+  encoded_ready = true;
+}
+
+void Evaluator::Impl::noised(const EncodedPairs& pairs, torch::Tensor& x_t, torch::Tensor& eps,
+                             torch::Tensor& t) const {
+  const int64_t B = pairs.pair_ids.size(0);
+  const auto nb = static_cast<int64_t>(bins().size());
+  std::vector<torch::Tensor> eps_bins, t_bins;
+  for (const int64_t bin_t : bins()) {
+    std::vector<torch::Tensor> eps_pairs;
+    for (int64_t i = 0; i < B; ++i) {
+      at::Generator g = pair_generator(ctx.cfg->eval.seed, pairs.pair_ids[i].item<int64_t>(),
+                                       1 + static_cast<uint64_t>(bin_t));
+      eps_pairs.push_back(at::randn(pairs.latents.sizes().slice(1), g, torch::kFloat32));
+    }
+    const torch::Tensor e = torch::stack(eps_pairs);
+    eps_bins.push_back(torch::cat({e, e}, 0));  // one eps per pair, shared by winner and loser
+    t_bins.push_back(torch::full({2 * B}, bin_t, torch::kLong));
+  }
+  eps = torch::cat(eps_bins, 0).to(ctx.device);
+  t = torch::cat(t_bins, 0);
+  const torch::Tensor x0 = pairs.latents.to(ctx.device).repeat({nb, 1, 1, 1});
+  x_t = objective::add_noise(*ctx.schedule, x0, eps, t.to(ctx.device));
+}
+
+torch::Tensor Evaluator::Impl::errors_of(models::UNet& unet, const EncodedPairs& pairs) const {
+  torch::NoGradGuard no_grad;
+  torch::Tensor x_t, eps, t;
+  noised(pairs, x_t, eps, t);
+  const auto nb = static_cast<int64_t>(bins().size());
+  const models::Conditioning cond = conditioning_to(pairs.cond, ctx.device, nb);
+  return per_image_mse(ctx.predict(unet, x_t, t, cond), eps).view({nb, 2, -1});
+}
+
+Evaluator::Evaluator(EvaluatorContext context)
+    : impl_(std::make_unique<Impl>(std::move(context))) {}
+Evaluator::~Evaluator() = default;
+
+bool Evaluator::due(int64_t step) const {
+  const config::TrainConfig& cfg = *impl_->ctx.cfg;
+  return step % cfg.eval.every == 0 || step == cfg.train.max_steps;
+}
+
+EvalResult Evaluator::run(int64_t step, const objective::CorrectionEma& ema) {
+  Impl& d = *impl_;
+  const auto start = std::chrono::steady_clock::now();
+  if (!d.encoded_ready) d.encode_all();
+  torch::NoGradGuard no_grad;
+  const auto nb = static_cast<int64_t>(d.bins().size());
+  // sums[k][j] over this rank's pairs at bin j: k = 0 Delta < 0, 1 loss, 2 Delta, 3 pairs.
+  torch::Tensor sums = torch::zeros({4, nb}, torch::kFloat64);
+  for (const EncodedPairs& pairs : d.encoded) {
+    const int64_t B = pairs.pair_ids.size(0);
+    const torch::Tensor policy = d.errors_of(*d.ctx.policy, pairs);
+    const torch::Tensor ref = pairs.ref_errors.to(d.ctx.device);
+    for (int64_t j = 0; j < nb; ++j) {
+      objective::PairErrors e;
+      e.policy_w = policy[j][0];
+      e.policy_l = policy[j][1];
+      e.ref_w = ref[j][0];
+      e.ref_l = ref[j][1];
+      const torch::Tensor t = torch::full({B}, d.bins()[static_cast<size_t>(j)], torch::kLong);
+      const torch::Tensor t_dev = t.to(d.ctx.device);
+      const objective::MethodOutput out =
+          objective::compute_method(d.ctx.method, e, t_dev, ema.correction(t).to(d.ctx.device),
+                                    d.ctx.method_params, *d.ctx.schedule);
+      const torch::Tensor delta = objective::delta(e).cpu();
+      sums[0][j] += (delta < 0).sum().to(torch::kFloat64);
+      sums[1][j] += out.loss.sum().cpu();
+      sums[2][j] += delta.sum();
+      sums[3][j] += static_cast<double>(B);
+    }
+  }
+  std::vector<torch::Tensor> reduced{sums};
+  d.ctx.comm->all_reduce_sum(reduced, kReduceBucketBytes);
+
+  EvalResult r;
+  r.step = step;
+  r.pairs = d.total_pairs;
+  r.t_bins = d.bins();
+  const torch::Tensor by_t = sums.slice(0, 0, 3) / sums[3];  // [3, nb]
+  const torch::Tensor overall = sums.slice(0, 0, 3).sum(1) / sums[3].sum();
+  for (int64_t j = 0; j < nb; ++j) {
+    r.implicit_acc_by_t.push_back(by_t[0][j].item<double>());
+    r.loss_by_t.push_back(by_t[1][j].item<double>());
+    r.delta_by_t.push_back(by_t[2][j].item<double>());
+  }
+  r.implicit_acc = overall[0].item<double>();
+  r.loss = overall[1].item<double>();
+  r.delta = overall[2].item<double>();
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+void Evaluator::run_if_due(int64_t step, const objective::CorrectionEma& ema, MetricsLog* metrics) {
+  if (!due(step)) return;
+  const EvalResult r = run(step, ema);
+  if (metrics == nullptr) return;
+  metrics->write(r.to_json(objective::method_name(impl_->ctx.method)));
+  std::string by_t;
+  for (size_t j = 0; j < r.t_bins.size(); ++j) {
+    by_t += fmt::format(" t{} {:.3f}", r.t_bins[j], r.implicit_acc_by_t[j]);
+  }
+  log::info("eval step {}: held-out implicit accuracy {:.3f} ({}), loss {:.4f}, {} pairs, {:.1f} s",
+            step, r.implicit_acc, by_t.substr(1), r.loss, r.pairs, r.seconds);
+}
+
+}  // namespace dde::train
