@@ -42,7 +42,8 @@ Conditioning TextConditioner::encode(const std::vector<torch::Tensor>& input_ids
                    "[B, " + std::to_string(infos[i].max_length) + "]", c10::str(ids.sizes()), ""});
     }
     // forward(input_ids [B, L]) -> (hidden [B, L, D], pooled [B, P])
-    auto out = encoders_[i].forward({ids.to(device_, torch::kLong)}).toTuple();
+    auto out =
+        encoders_[i].forward({ids.to(device_, torch::kLong, /*non_blocking=*/true)}).toTuple();
     hidden.push_back(out->elements()[0].toTensor());
     if (manifest_->pooled_from && *manifest_->pooled_from == infos[i].name) {
       cond.pooled = out->elements()[1].toTensor();
@@ -62,7 +63,7 @@ LatentEncoder::LatentEncoder(const Manifest& manifest, const torch::Device& devi
 torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Tensor& noise) {
   torch::NoGradGuard no_grad;
   // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
-  auto out = encoder_.forward({images.to(device_)}).toTuple();
+  auto out = encoder_.forward({images.to(device_, /*non_blocking=*/true)}).toTuple();
   const torch::Tensor mean = out->elements()[0].toTensor();
   const torch::Tensor logvar = out->elements()[1].toTensor();
   if (noise.sizes() != mean.sizes()) {
@@ -71,7 +72,8 @@ torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Te
                  "internal error: latent shape differs from the manifest's"});
   }
   // diffusers DiagonalGaussianDistribution.sample(): mean + std * eps
-  return (mean + torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype())) *
+  return (mean +
+          torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype(), /*non_blocking=*/true)) *
          scaling_factor_;
 }
 
@@ -93,14 +95,15 @@ UNet::UNet(const Manifest& manifest, const torch::Device& device, bool trainable
 
 torch::Tensor UNet::predict_noise(const torch::Tensor& x, const torch::Tensor& t,
                                   const Conditioning& cond) {
-  std::vector<torch::jit::IValue> inputs{x, t.to(device_, torch::kLong), cond.text};
+  std::vector<torch::jit::IValue> inputs{x, t.to(device_, torch::kLong, /*non_blocking=*/true),
+                                         cond.text};
   if (sdxl_) {
     if (!cond.pooled.defined() || !cond.time_ids.defined()) {
       throw Error({"sdxl UNet needs pooled text embeddings and time ids", "UNet::predict_noise",
                    "both defined", "missing", ""});
     }
     inputs.emplace_back(cond.pooled);
-    inputs.emplace_back(cond.time_ids.to(device_, torch::kFloat32));
+    inputs.emplace_back(cond.time_ids.to(device_, torch::kFloat32, /*non_blocking=*/true));
   }
   return module_.forward(inputs).toTensor();
 }
