@@ -194,8 +194,9 @@ print("losses", [round(s["loss"], 5) for s in steps], "pairs/s", [round(s["pairs
 EOF
 }
 
-log_has() {  # log_has NAME PATTERN: the run's train.log mentions PATTERN
-  grep -q "$2" "$logs/runs/$1/train.log" || { echo "'$2' not in $1/train.log"; return 1; }
+log_has() {  # log_has NAME PATTERN: run NAME's train.log or terminal output (check NAME's log) has PATTERN
+  grep -q "$2" "$logs/runs/$1/train.log" "$logs/$1.log" 2>/dev/null ||
+    { echo "'$2' in neither $1/train.log nor $1.log"; return 1; }
 }
 
 phase_e2e() {
@@ -224,9 +225,9 @@ phase_nccl() {
     --set logging.per_sample=true
   check nccl_world_of_one_backend log_has nccl_world_of_one "backend $backend"
   if ((!dry_run)); then
-    check nccl_one_visible_gpu train_one_visible_gpu one_visible_gpu sd15 \
+    check nccl_one_visible_gpu train_one_visible_gpu nccl_one_visible_gpu sd15 \
       --set dist.force_process_group=true
-    check nccl_one_visible_gpu_device log_has one_visible_gpu "device cuda:0"
+    check nccl_one_visible_gpu_device log_has nccl_one_visible_gpu "device cuda:0"
   fi
 }
 
