@@ -136,6 +136,8 @@ void for_each_field(Visitor&& v) {
   v("run", &C::run, "output_dir", &RunConfig::output_dir, required());
   v("run", &C::run, "seed", &RunConfig::seed, any());
   v("run", &C::run, "device", &RunConfig::device, one_of({"auto", "cpu", "cuda"}));
+  v("run", &C::run, "cuda_sync_debug", &RunConfig::cuda_sync_debug,
+    one_of({"off", "warn", "error"}));
 
   v("model", &C::model, "manifest", &ModelConfig::manifest, required());
   v("model", &C::model, "reference_manifest", &ModelConfig::reference_manifest, any());
@@ -201,6 +203,7 @@ void for_each_field(Visitor&& v) {
   v("dist", &C::dist, "backend", &DistConfig::backend, one_of({"auto", "gloo", "nccl"}));
   v("dist", &C::dist, "timeout_s", &DistConfig::timeout_s, at_least(1));
   v("dist", &C::dist, "init_method", &DistConfig::init_method, one_of({"env", "slurm", "auto"}));
+  v("dist", &C::dist, "force_process_group", &DistConfig::force_process_group, any());
 }
 
 // Sections and their keys, in file order.

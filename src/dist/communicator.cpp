@@ -13,23 +13,29 @@
 namespace dde::dist {
 namespace {
 
-// A world of one process.
+// A world of one process without a process group.
 class SingleProcess final : public Communicator {
  public:
+  explicit SingleProcess(const torch::Device& device) : Communicator(device) {}
   int64_t rank() const override { return 0; }
   int64_t world_size() const override { return 1; }
   std::string backend() const override { return "none"; }
-  void broadcast(std::vector<torch::Tensor>& /*tensors*/, int64_t /*root*/) override {}
-  void all_reduce_sum(std::vector<torch::Tensor>& /*tensors*/, int64_t /*bucket_bytes*/) override {}
-  torch::Tensor all_gather(const torch::Tensor& tensor) override { return tensor; }
   void barrier() override {}
+
+ private:
+  void do_broadcast(std::vector<torch::Tensor>& /*tensors*/, int64_t /*root*/) override {}
+  void do_all_reduce_sum(std::vector<torch::Tensor>& /*tensors*/,
+                         int64_t /*bucket_bytes*/) override {}
+  torch::Tensor do_all_gather(const torch::Tensor& tensor) override { return tensor; }
 };
 
 class ProcessGroupCommunicator final : public Communicator {
  public:
   ProcessGroupCommunicator(c10::intrusive_ptr<c10d::Backend> group, std::string backend,
-                           int64_t rank, int64_t world_size, std::chrono::seconds timeout)
-      : group_(std::move(group)),
+                           const torch::Device& device, int64_t rank, int64_t world_size,
+                           std::chrono::seconds timeout)
+      : Communicator(device),
+        group_(std::move(group)),
         backend_(std::move(backend)),
         rank_(rank),
         world_size_(world_size),
@@ -39,16 +45,25 @@ class ProcessGroupCommunicator final : public Communicator {
   int64_t world_size() const override { return world_size_; }
   std::string backend() const override { return backend_; }
 
-  void broadcast(std::vector<torch::Tensor>& tensors, int64_t root) override {
+  void barrier() override {
+    c10d::BarrierOptions options;
+    options.timeout = timeout_;
+    // NCCL's barrier is an all-reduce on a device it would otherwise guess from the rank.
+    if (device().is_cuda()) options.device_ids = {device().index()};
+    run("barrier", [&] { return group_->barrier(options); });
+  }
+
+ private:
+  void do_broadcast(std::vector<torch::Tensor>& tensors, int64_t root) override {
     for (torch::Tensor& t : tensors) {
       std::vector<torch::Tensor> one{t};
       c10d::BroadcastOptions options;
       options.rootRank = root;
-      wait(group_->broadcast(one, options), "broadcast");
+      run("broadcast", [&] { return group_->broadcast(one, options); });
     }
   }
 
-  void all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) override {
+  void do_all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) override {
     // Pack same-dtype tensors into flat buckets: few large collectives instead of many small.
     size_t begin = 0;
     while (begin < tensors.size()) {
@@ -63,7 +78,7 @@ class ProcessGroupCommunicator final : public Communicator {
       std::vector<torch::Tensor> flat_parts;
       for (size_t i = begin; i < end; ++i) flat_parts.push_back(tensors[i].reshape({-1}));
       std::vector<torch::Tensor> bucket{torch::cat(flat_parts)};
-      wait(group_->allreduce(bucket), "all_reduce");
+      run("all_reduce", [&] { return group_->allreduce(bucket); });
       int64_t offset = 0;
       for (size_t i = begin; i < end; ++i) {
         const int64_t n = tensors[i].numel();
@@ -74,32 +89,36 @@ class ProcessGroupCommunicator final : public Communicator {
     }
   }
 
-  torch::Tensor all_gather(const torch::Tensor& tensor) override {
+  torch::Tensor do_all_gather(const torch::Tensor& tensor) override {
     std::vector<std::vector<torch::Tensor>> outputs(1);
     for (int64_t r = 0; r < world_size_; ++r) outputs[0].push_back(torch::empty_like(tensor));
     std::vector<torch::Tensor> input{tensor.contiguous()};
-    wait(group_->allgather(outputs, input), "all_gather");
+    run("all_gather", [&] { return group_->allgather(outputs, input); });
     return torch::cat(outputs[0], 0);
   }
 
-  void barrier() override {
-    c10d::BarrierOptions options;
-    options.timeout = timeout_;
-    wait(group_->barrier(options), "barrier");
-  }
-
- private:
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const {
+  // Issues a collective and waits for it; whatever c10d throws (c10::Error, DistBackendError,
+  // a Gloo timeout) becomes a dde::Error. NCCL's wait() only makes the current CUDA stream wait
+  // for NCCL's: with a timeout it would block the host until the kernel ends, so NCCL gets none
+  // (its watchdog enforces dist.timeout_s). Gloo runs on the host and waits with the timeout.
+  template <typename Issue>
+  void run(const char* what, Issue&& issue) const {
     try {
-      work->wait(std::chrono::duration_cast<std::chrono::milliseconds>(timeout_));
+      const c10::intrusive_ptr<c10d::Work> work = issue();
+      if (backend_ == "nccl") {
+        work->wait();
+      } else {
+        work->wait(std::chrono::duration_cast<std::chrono::milliseconds>(timeout_));
+      }
     } catch (const std::exception& e) {
       throw Error({std::string("collective failed: ") + what,
                    "rank " + std::to_string(rank_) + " of " + std::to_string(world_size_) + " (" +
-                       backend_ + ")",
+                       backend_ + " on " + device().str() + ")",
                    "every rank alive and taking part (waiting at most dist.timeout_s = " +
                        std::to_string(timeout_.count()) + " s)",
                    e.what(),
-                   "a peer died or hung: check the other ranks' logs; resume with --resume"});
+                   "a peer died or hung, or the backend failed: check every rank's log (NCCL: "
+                   "rerun with NCCL_DEBUG=INFO); resume with --resume"});
     }
   }
 
@@ -110,24 +129,8 @@ class ProcessGroupCommunicator final : public Communicator {
   std::chrono::seconds timeout_;
 };
 
-}  // namespace
-
-bool Communicator::any(bool flag) {
-  std::vector<torch::Tensor> t{torch::full({1}, flag ? 1.0 : 0.0, torch::kFloat64)};
-  all_reduce_sum(t, 8);
-  return t[0].item<double>() > 0.0;
-}
-
-std::unique_ptr<Communicator> Communicator::create(const DistEnvironment& env,
-                                                   const std::string& backend,
-                                                   const torch::Device& device,
-                                                   std::chrono::seconds timeout) {
-  if (env.world_size == 1) return std::make_unique<SingleProcess>();
-  const std::string chosen = backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : backend;
-  if (chosen == "nccl" && !device.is_cuda()) {
-    throw Error({"NCCL needs CUDA tensors", "dist.backend", "gloo on CPU",
-                 "nccl with device " + device.str(), "set dist.backend: gloo (or auto)"});
-  }
+c10::intrusive_ptr<c10d::Store> connect_store(const DistEnvironment& env,
+                                              std::chrono::seconds timeout) {
   c10d::TCPStoreOptions store_options;
   store_options.port = static_cast<uint16_t>(env.master_port);
   // Under torchrun's agent store every rank, rank 0 included, is a client.
@@ -147,11 +150,17 @@ std::unique_ptr<Communicator> Communicator::create(const DistEnvironment& env,
                  e.what(), "check MASTER_ADDR/MASTER_PORT and that every rank was started"});
   }
   // Our own key space, fresh per restart attempt.
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
-      "/dde/attempt_" + std::to_string(env.restart_count), store);
+  return c10::make_intrusive<c10d::PrefixStore>("/dde/attempt_" + std::to_string(env.restart_count),
+                                                store);
+}
+
+c10::intrusive_ptr<c10d::Backend> make_group(const std::string& chosen,
+                                             const c10::intrusive_ptr<c10d::Store>& store,
+                                             const DistEnvironment& env,
+                                             const torch::Device& device,
+                                             std::chrono::seconds timeout) {
   const auto rank = static_cast<int>(env.rank);
   const auto size = static_cast<int>(env.world_size);
-  c10::intrusive_ptr<c10d::Backend> group;
   if (chosen == "gloo") {
     auto options = c10d::ProcessGroupGloo::Options::create(
         std::chrono::duration_cast<std::chrono::milliseconds>(timeout));
@@ -159,22 +168,102 @@ std::unique_ptr<Communicator> Communicator::create(const DistEnvironment& env,
     options->devices.push_back(ifname != nullptr
                                    ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
                                    : c10d::ProcessGroupGloo::createDefaultDevice());
-    group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
-  } else if (chosen == "nccl") {
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
+  }
 #ifdef DDE_WITH_NCCL
-    auto options = c10d::ProcessGroupNCCL::Options::create();
-    options->timeout = std::chrono::duration_cast<std::chrono::milliseconds>(timeout);
-    group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = std::chrono::duration_cast<std::chrono::milliseconds>(timeout);
+  auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, options);
+  // The rank's one GPU: communicators are created for it, not guessed from the rank.
+  group->setBoundDeviceId(device);
+  return group;
 #else
-    throw Error({"this build has no NCCL", "dist.backend", "gloo", "nccl",
-                 "rebuild with the CUDA toolkit present"});
+  (void)device;
+  throw Error({"this build has no NCCL", "dist.backend", "gloo", "nccl",
+               "rebuild with the CUDA toolkit and the nvidia-nccl wheel present"});
 #endif
-  } else {
+}
+
+std::string choose_backend(const std::string& backend, const torch::Device& device) {
+  const std::string chosen = backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : backend;
+  if (chosen != "gloo" && chosen != "nccl") {
     throw Error({"unknown backend", "dist.backend", "auto, gloo or nccl", chosen, ""});
   }
-  log::info("dist: rank {}/{} (local {}) via {} at {}:{}, backend {}", env.rank, env.world_size,
-            env.local_rank, env.source, env.master_addr, env.master_port, chosen);
-  return std::make_unique<ProcessGroupCommunicator>(group, chosen, env.rank, env.world_size,
+  if (chosen == "nccl" && !device.is_cuda()) {
+    throw Error({"NCCL needs CUDA tensors", "dist.backend", "gloo on CPU",
+                 "nccl with device " + device.str(), "set dist.backend: gloo (or auto)"});
+  }
+  return chosen;
+}
+
+}  // namespace
+
+void Communicator::check_on_device(const torch::Tensor& tensor, const char* collective,
+                                   size_t index) const {
+  if (tensor.defined() && tensor.device() == device_) return;
+  throw Error({"tensor on the wrong device for a collective",
+               std::string(collective) + ": tensor " + std::to_string(index) + " (" + backend() +
+                   " communicator)",
+               "a tensor on " + device_.str() + ", the communicator's device",
+               tensor.defined() ? "a tensor on " + tensor.device().str() : "an undefined tensor",
+               "keep it on the training device (comm.device()) or move it there first"});
+}
+
+void Communicator::broadcast(std::vector<torch::Tensor>& tensors, int64_t root) {
+  for (size_t i = 0; i < tensors.size(); ++i) check_on_device(tensors[i], "broadcast", i);
+  do_broadcast(tensors, root);
+}
+
+void Communicator::all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) {
+  for (size_t i = 0; i < tensors.size(); ++i) check_on_device(tensors[i], "all_reduce_sum", i);
+  do_all_reduce_sum(tensors, bucket_bytes);
+}
+
+torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
+  check_on_device(tensor, "all_gather", 0);
+  return do_all_gather(tensor);
+}
+
+bool Communicator::any(bool flag) {
+  if (backend() == "none") return flag;
+  std::vector<torch::Tensor> t{
+      torch::full({1}, flag ? 1.0 : 0.0, torch::dtype(torch::kFloat64).device(device_))};
+  all_reduce_sum(t, 8);
+  return t[0].item<double>() > 0.0;
+}
+
+std::unique_ptr<Communicator> Communicator::create(const DistEnvironment& env,
+                                                   const std::string& backend,
+                                                   const torch::Device& device,
+                                                   std::chrono::seconds timeout,
+                                                   bool force_process_group) {
+  if (device.is_cuda() && !device.has_index()) {
+    throw Error({"communicator device without an index", "Communicator::create",
+                 "cuda:N (the rank's own GPU)", device.str(),
+                 "select the device from LOCAL_RANK first (dist::select_device)"});
+  }
+  if (env.world_size == 1 && !force_process_group) return std::make_unique<SingleProcess>(device);
+  const std::string chosen = choose_backend(backend, device);
+  DistEnvironment store_env = env;
+  // No launcher (a forced world of one): a free port, so concurrent single runs never collide.
+  if (env.source == "single") store_env.master_port = 0;
+  const c10::intrusive_ptr<c10d::Store> store = connect_store(store_env, timeout);
+  c10::intrusive_ptr<c10d::Backend> group;
+  try {
+    group = make_group(chosen, store, env, device, timeout);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error({"process group failed to start", "dist.backend " + chosen + " on " + device.str(),
+                 "a working " + chosen + " process group", e.what(),
+                 "check the launcher's environment and the devices each rank sees"});
+  }
+  log::info("dist: rank {}/{} (local {}) via {} at {}:{}, backend {} on {}", env.rank,
+            env.world_size, env.local_rank, env.source, store_env.master_addr,
+            store_env.master_port == 0 ? std::string("(free port)")
+                                       : std::to_string(store_env.master_port),
+            chosen, device.str());
+  return std::make_unique<ProcessGroupCommunicator>(group, chosen, device, env.rank, env.world_size,
                                                     timeout);
 }
 

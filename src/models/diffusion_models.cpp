@@ -43,7 +43,8 @@ Conditioning TextConditioner::encode(const std::vector<torch::Tensor>& input_ids
                    "[B, " + std::to_string(infos[i].max_length) + "]", c10::str(ids.sizes()), ""});
     }
     // forward(input_ids [B, L]) -> (hidden [B, L, D], pooled [B, P])
-    auto out = encoders_[i].forward({ids.to(device_, torch::kLong)}).toTuple();
+    auto out =
+        encoders_[i].forward({ids.to(device_, torch::kLong, /*non_blocking=*/true)}).toTuple();
     hidden.push_back(out->elements()[0].toTensor().to(torch::kFloat32));
     if (manifest_->pooled_from && *manifest_->pooled_from == infos[i].name) {
       cond.pooled = out->elements()[1].toTensor().to(torch::kFloat32);
@@ -69,7 +70,7 @@ torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Te
   {
     const AutocastScope autocast(device_.type(), bf16_);
     // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
-    auto out = encoder_.forward({images.to(device_)}).toTuple();
+    auto out = encoder_.forward({images.to(device_, /*non_blocking=*/true)}).toTuple();
     mean = out->elements()[0].toTensor().to(torch::kFloat32);
     logvar = out->elements()[1].toTensor().to(torch::kFloat32);
   }
@@ -79,7 +80,8 @@ torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Te
                  "internal error: latent shape differs from the manifest's"});
   }
   // diffusers DiagonalGaussianDistribution.sample(): mean + std * eps
-  return (mean + torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype())) *
+  return (mean +
+          torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype(), /*non_blocking=*/true)) *
          scaling_factor_;
 }
 

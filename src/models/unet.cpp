@@ -67,14 +67,14 @@ torch::Tensor UNet::predict_noise(const torch::Tensor& x, const torch::Tensor& t
   // A bf16 frozen UNet needs autocast whatever train.precision says: its traced graph mixes
   // fp32 constants (the time embedding) with its bf16 weights.
   const AutocastScope frozen_autocast(device_.type(), options_.dtype == torch::kBFloat16);
-  std::vector<torch::Tensor> input_args{x, t.to(device_, torch::kLong)};
+  std::vector<torch::Tensor> input_args{x, t.to(device_, torch::kLong, /*non_blocking=*/true)};
   if (sdxl_) {
     if (!cond.pooled.defined() || !cond.time_ids.defined()) {
       throw Error({"sdxl UNet needs pooled text embeddings and time ids", "UNet::predict_noise",
                    "both defined", "missing", ""});
     }
     input_args.push_back(cond.pooled);
-    input_args.push_back(cond.time_ids.to(device_, torch::kFloat32));
+    input_args.push_back(cond.time_ids.to(device_, torch::kFloat32, /*non_blocking=*/true));
   }
   std::vector<torch::Tensor> skips;  // pushed by the input and down units, popped by the up units
   torch::Tensor h;

@@ -20,19 +20,21 @@ void check_momentum(double momentum, const std::string& where) {
   }
 }
 
-void check_pending(const torch::Tensor& x, int64_t T, const std::string& where) {
+void check_pending(const torch::Tensor& x, int64_t T, const torch::Device& device,
+                   const std::string& where) {
   if (!x.defined() || x.dim() != 1 || x.size(0) != T || x.scalar_type() != torch::kFloat64 ||
-      !x.device().is_cpu()) {
+      x.device() != device) {
     throw Error({"pending EMA sums were replaced", where,
-                 "float64 [" + std::to_string(T) + "] on cpu", detail::describe(x),
+                 "float64 [" + std::to_string(T) + "] on " + device.str(), detail::describe(x),
                  "all-reduce pending_sum()/pending_count() in place"});
   }
 }
 
 }  // namespace
 
-CorrectionEma::CorrectionEma(int64_t num_timesteps, double momentum)
-    : num_timesteps_(num_timesteps), momentum_(momentum) {
+CorrectionEma::CorrectionEma(int64_t num_timesteps, double momentum,
+                             const torch::Device& pending_device)
+    : num_timesteps_(num_timesteps), momentum_(momentum), pending_device_(pending_device) {
   if (num_timesteps < 1) {
     throw Error({"bad EMA length", "CorrectionEma: num_timesteps", ">= 1",
                  std::to_string(num_timesteps), ""});
@@ -40,8 +42,8 @@ CorrectionEma::CorrectionEma(int64_t num_timesteps, double momentum)
   check_momentum(momentum, "CorrectionEma: momentum");
   E_ = torch::zeros({num_timesteps}, kFloat64Cpu);
   suffix_ = torch::zeros({num_timesteps}, kFloat64Cpu);
-  pending_sum_ = torch::zeros({num_timesteps}, kFloat64Cpu);
-  pending_count_ = torch::zeros({num_timesteps}, kFloat64Cpu);
+  pending_sum_ = torch::zeros({num_timesteps}, kFloat64Cpu.device(pending_device));
+  pending_count_ = torch::zeros({num_timesteps}, kFloat64Cpu.device(pending_device));
 }
 
 torch::Tensor CorrectionEma::correction(const torch::Tensor& t) const {
@@ -55,26 +57,27 @@ void CorrectionEma::accumulate(const torch::Tensor& t, const torch::Tensor& d) {
   detail::check_timesteps(t, where + ": t", d.size(0), num_timesteps_);
   // Non-finite values are accepted here and refused by apply(): the trainer's non-finite guard
   // sees the step's loss first and calls clear_pending() for a skipped step.
-  const auto values = d.detach().to(torch::kCPU, torch::kFloat64);
-  const auto index = t.to(torch::kCPU);
+  const auto values = d.detach().to(pending_device_, torch::kFloat64);
+  const auto index = t.to(pending_device_, /*non_blocking=*/true);
   pending_sum_.index_add_(0, index, values);
   pending_count_.index_add_(0, index, torch::ones_like(values));
 }
 
 void CorrectionEma::apply() {
   const std::string where = "CorrectionEma::apply";
-  check_pending(pending_sum_, num_timesteps_, where + ": pending_sum");
-  check_pending(pending_count_, num_timesteps_, where + ": pending_count");
-  if (!torch::isfinite(pending_sum_).all().item<bool>() ||
-      !torch::isfinite(pending_count_).all().item<bool>() ||
-      (pending_count_ < 0).any().item<bool>()) {
+  check_pending(pending_sum_, num_timesteps_, pending_device_, where + ": pending_sum");
+  check_pending(pending_count_, num_timesteps_, pending_device_, where + ": pending_count");
+  const torch::Tensor sum = pending_sum_.to(torch::kCPU);
+  const torch::Tensor count = pending_count_.to(torch::kCPU);
+  if (!torch::isfinite(sum).all().item<bool>() || !torch::isfinite(count).all().item<bool>() ||
+      (count < 0).any().item<bool>()) {
     throw Error(
         {"non-finite or negative pending EMA sums", where, "finite sums and counts >= 0",
          "NaN, inf or a negative count",
          "a step with a non-finite loss must be skipped with clear_pending(), not applied"});
   }
-  const auto seen = pending_count_ > 0;
-  const auto mean = pending_sum_ / pending_count_.clamp_min(1.0);
+  const auto seen = count > 0;
+  const auto mean = sum / count.clamp_min(1.0);
   E_ = torch::where(seen, momentum_ * E_ + (1.0 - momentum_) * mean, E_);
   recompute_suffix();
   clear_pending();

@@ -61,7 +61,8 @@ torch::Tensor NoiseSchedule::table(const std::vector<double>& v) const {
 torch::Tensor gather_table(const NoiseSchedule& schedule, const std::vector<double>& table,
                            const torch::Tensor& t, const torch::Device& device) {
   detail::check_timesteps(t, "objective::gather_table: t", -1, schedule.num_timesteps);
-  return schedule.table(table).index_select(0, t.to(torch::kCPU)).to(device);
+  // Indexed on the host, then sent without blocking: with a host t this never syncs.
+  return schedule.table(table).index_select(0, t.to(torch::kCPU)).to(device, /*non_blocking=*/true);
 }
 
 torch::Tensor add_noise(const NoiseSchedule& schedule, const torch::Tensor& x0,
@@ -80,8 +81,8 @@ torch::Tensor add_noise(const NoiseSchedule& schedule, const torch::Tensor& x0,
   std::vector<int64_t> shape(static_cast<size_t>(x0.dim()), 1);
   shape[0] = x0.size(0);  // [B, 1, 1, ...] broadcasts over the sample
   const auto abar = gather_table(schedule, schedule.alphas_cumprod, t, torch::kCPU);
-  const auto signal = abar.sqrt().to(x0.options()).view(shape);
-  const auto noise = (1.0 - abar).sqrt().to(x0.options()).view(shape);
+  const auto signal = abar.sqrt().to(x0.options(), /*non_blocking=*/true).view(shape);
+  const auto noise = (1.0 - abar).sqrt().to(x0.options(), /*non_blocking=*/true).view(shape);
   return signal * x0 + noise * eps;
 }
 

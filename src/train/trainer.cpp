@@ -14,6 +14,7 @@
 #include "dde/data/bad_pair_rows.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
+#include "dde/dist/device.hpp"
 #include "dde/dist/environment.hpp"
 #include "dde/models/autocast.hpp"
 #include "dde/models/diffusion_models.hpp"
@@ -40,20 +41,6 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kCheckpointVersion = 1;
 constexpr int64_t kBucketBytes = 25 << 20;  // gradient all-reduce buckets, as torch DDP
-
-torch::Device pick_device(const std::string& requested, int64_t local_rank) {
-  if (requested == "cpu") return torch::kCPU;
-  const auto gpu = static_cast<c10::DeviceIndex>(local_rank);
-  if (requested == "cuda") {
-    if (!torch::cuda::is_available()) {
-      throw Error({"CUDA requested but not available", "run.device", "a visible GPU", "none",
-                   "set run.device: cpu (or auto), or check CUDA_VISIBLE_DEVICES and the driver"});
-    }
-    return {torch::kCUDA, gpu};
-  }
-  return torch::cuda::is_available() ? torch::Device(torch::kCUDA, gpu)
-                                     : torch::Device(torch::kCPU);
-}
 
 torch::ScalarType frozen_dtype(const config::ModelConfig& model) {
   return model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
@@ -107,6 +94,17 @@ enum PairColumn : int64_t {
   kCredit,
   kPairColumns
 };
+
+// The step's figures from its rows ([n, kPairColumns] float64, on the training device): loss sum,
+// pairs, z > 0 count, winner mse sums (policy, reference). Device ops only: no host sync.
+torch::Tensor step_stats(const torch::Tensor& rows, bool has_z, bool has_reference) {
+  const torch::Tensor zero = torch::zeros({}, rows.options());
+  return torch::stack({rows.select(1, kLoss).sum(),
+                       torch::full({}, static_cast<double>(rows.size(0)), rows.options()),
+                       has_z ? (rows.select(1, kZ) > 0).sum().to(torch::kFloat64) : zero,
+                       rows.select(1, kPolicyW).sum(),
+                       has_reference ? rows.select(1, kRefW).sum() : zero});
+}
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
@@ -162,6 +160,10 @@ struct Trainer::Impl {
   };
   MicroResult micro_step(const data::PairBatch& batch, bool dump);
   void dump_micro_batch(checkpoint::NamedTensors tensors) const;
+  // Host -> device without blocking the host (a pageable source is staged by the driver).
+  torch::Tensor to_device(const torch::Tensor& x) const {
+    return x.to(device, /*non_blocking=*/true);
+  }
   torch::Tensor predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
                         const models::Conditioning& cond);
 };
@@ -169,7 +171,8 @@ struct Trainer::Impl {
 Trainer::Impl::Impl(config::TrainConfig config, bool resume)
     : cfg(std::move(config)),
       env(dist::detect_environment(cfg.dist.init_method)),
-      device(pick_device(cfg.run.device, env.local_rank)),
+      // The rank's GPU becomes the current device before anything is allocated on it.
+      device(dist::select_device(cfg.run.device, env.local_rank)),
       manifest(models::load_manifest(cfg.model.manifest)),
       reference_manifest(cfg.model.reference_manifest.empty()
                              ? manifest
@@ -177,11 +180,12 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
       schedule(objective::NoiseSchedule::scaled_linear(manifest.num_train_timesteps,
                                                        manifest.beta_start, manifest.beta_end)),
       method(objective::parse_method(cfg.method.name)),
-      ema(manifest.num_train_timesteps, cfg.method.ema_momentum),
+      ema(manifest.num_train_timesteps, cfg.method.ema_momentum, device),
       store((fs::path(cfg.run.output_dir) / "checkpoints").string(), cfg.checkpoint.keep) {
   log::set_rank(static_cast<int>(env.rank));
   comm = dist::Communicator::create(env, cfg.dist.backend, device,
-                                    std::chrono::seconds(cfg.dist.timeout_s));
+                                    std::chrono::seconds(cfg.dist.timeout_s),
+                                    cfg.dist.force_process_group);
   config::validate_against_timesteps(cfg, manifest.num_train_timesteps);
   method_params.beta = cfg.method.beta;
   method_params.correction_scale = cfg.method.correction_scale;
@@ -309,7 +313,7 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
     vae_l.push_back(at::randn(latent_shape, g, torch::kFloat32));
   }
   const torch::Tensor t = torch::cat(ts);  // [B] int64, CPU
-  const torch::Tensor eps_pair = torch::stack(eps_list).to(device);
+  const torch::Tensor eps_pair = to_device(torch::stack(eps_list));
   const torch::Tensor vae_noise = torch::cat({torch::stack(vae_w), torch::stack(vae_l)}, 0);
 
   // One VAE call for both sides: [x_w; x_l], [2B, 3, H, W] -> latents [2B, C, h, w].
@@ -317,14 +321,15 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   models::Conditioning cond = text->encode(batch.input_ids);
   torch::Tensor loser_time_ids;
   if (manifest.added_cond) {
-    cond.time_ids = time_ids(batch.winner_original_hw, batch.winner_crop_tl, resolution).to(device);
-    loser_time_ids = time_ids(batch.loser_original_hw, batch.loser_crop_tl, resolution).to(device);
+    cond.time_ids = to_device(time_ids(batch.winner_original_hw, batch.winner_crop_tl, resolution));
+    loser_time_ids = to_device(time_ids(batch.loser_original_hw, batch.loser_crop_tl, resolution));
   }
   const models::Conditioning pair_cond = cond.repeat_for_pair(loser_time_ids);
 
   const torch::Tensor eps = torch::cat({eps_pair, eps_pair}, 0);
   const torch::Tensor t2 = torch::cat({t, t}, 0);
-  const torch::Tensor x_t = objective::add_noise(schedule, latents, eps, t2.to(device));
+  // t stays on the host: the objective checks and indexes its tables there (no device sync).
+  const torch::Tensor x_t = objective::add_noise(schedule, latents, eps, t2);
 
   objective::PairErrors errors;
   const torch::Tensor e_policy = per_image_mse(predict(*policy, x_t, t2, pair_cond), eps);
@@ -336,10 +341,9 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
     errors.ref_w = e_ref.slice(0, 0, B);
     errors.ref_l = e_ref.slice(0, B, 2 * B);
   }
-  const torch::Tensor C_t = ema.correction(t).to(device);
-  const torch::Tensor t_dev = t.to(device);
+  const torch::Tensor C_t = to_device(ema.correction(t));
   const objective::MethodOutput out =
-      objective::compute_method(method, errors, t_dev, C_t, method_params, schedule);
+      objective::compute_method(method, errors, t, C_t, method_params, schedule);
 
   if (dump) {
     // Everything an independent recomputation needs (tests/e2e/test_forward_parity.py).
@@ -365,19 +369,21 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   r.loss_sum = out.loss.sum();
   r.errors = errors;
   r.has_z = out.z.defined();
-  const auto f64 = [](const torch::Tensor& x) {
-    return x.detach().to(torch::kCPU, torch::kFloat64);
+  // The rows stay on the device (host columns go there without a sync); run() copies them to
+  // the host once per optimizer step.
+  const auto f64 = [&](const torch::Tensor& x) {
+    return x.detach().to(device, torch::kFloat64, /*non_blocking=*/true);
   };
-  const torch::Tensor nan =
-      torch::full({B}, std::numeric_limits<double>::quiet_NaN(), torch::kFloat64);
+  const torch::Tensor nan = torch::full({B}, std::numeric_limits<double>::quiet_NaN(),
+                                        torch::dtype(torch::kFloat64).device(device));
   r.rows = torch::stack(
       {f64(batch.pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
        errors.ref_w.defined() ? f64(errors.ref_w) : nan,
        errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(C_t), r.has_z ? f64(out.z) : nan,
-       f64(out.loss), f64(objective::credit_weight(method, out, t_dev, schedule))},
+       f64(out.loss), f64(objective::credit_weight(method, out, t, schedule))},
       1);
   if (objective::uses_reference(method)) {
-    ema.accumulate(t, objective::transition_estimate(errors, t_dev, schedule).cpu());
+    ema.accumulate(t, objective::transition_estimate(errors, t, schedule));
   }
   return r;
 }
@@ -406,32 +412,36 @@ TrainOutcome Trainer::Impl::run() {
     memory.begin_step();
 
     // ---- training section: micro-batches -> backward (gradients accumulate locally) ----
-    // stats: loss sum, pairs, z > 0 count, winner mse (policy, reference) sums.
-    // [5], [6]: this rank's bad pairs skipped in the step and since the start of the run.
-    torch::Tensor stats = torch::zeros({7}, torch::kFloat64);
+    // Rows (and the EMA's pending sums) stay on the device: no host sync inside this loop,
+    // which run.cuda_sync_debug: error enforces on a GPU.
     std::vector<torch::Tensor> rows;
     bool has_z = false;
-    for (int64_t micro = 0; micro < accumulation; ++micro) {
-      const data::PairBatch batch = loader->next();
-      MicroResult r = micro_step(batch, micro == 0 && step + 1 == cfg.logging.dump_step);
-      // Sum over pairs / global batch: the all-reduced sum of gradients is the batch mean's.
-      torch::Tensor loss = r.loss_sum / static_cast<double>(cfg.train.global_batch);
-      if (poisoned) loss = loss * std::numeric_limits<double>::quiet_NaN();
-      loss.backward();
-      has_z = r.has_z;
-      rows.push_back(r.rows);
-      stats[0] += r.rows.select(1, kLoss).sum();
-      stats[1] += r.rows.size(0);
-      if (has_z) stats[2] += (r.rows.select(1, kZ) > 0).sum();
-      stats[3] += r.rows.select(1, kPolicyW).sum();
-      if (reference) stats[4] += r.rows.select(1, kRefW).sum();
+    {
+      const dist::CudaSyncDebugScope sync_debug(device.is_cuda() ? cfg.run.cuda_sync_debug
+                                                                 : std::string("off"));
+      for (int64_t micro = 0; micro < accumulation; ++micro) {
+        const data::PairBatch batch = loader->next();
+        MicroResult r = micro_step(batch, micro == 0 && step + 1 == cfg.logging.dump_step);
+        // Sum over pairs / global batch: the all-reduced sum of gradients is the batch mean's.
+        torch::Tensor loss = r.loss_sum / static_cast<double>(cfg.train.global_batch);
+        if (poisoned) loss = loss * std::numeric_limits<double>::quiet_NaN();
+        loss.backward();
+        has_z = r.has_z;
+        rows.push_back(r.rows);
+      }
     }
+    const torch::Tensor local_rows = torch::cat(rows, 0);  // [n, kPairColumns] on the device
+    // stats: loss sum, pairs, z > 0 count, winner mse (policy, reference) sums.
+    torch::Tensor stats = step_stats(local_rows, has_z, reference != nullptr);
 
     const std::vector<data::BadPair> bad_pairs = loader->take_bad_pairs();
-    stats[5] = static_cast<double>(bad_pairs.size());
-    stats[6] = static_cast<double>(loader->counters().bad_pairs);
+    // [5], [6]: this rank's bad pairs skipped in the step and since the start of the run.
+    const torch::Tensor bad_counts = torch::tensor(
+        {static_cast<double>(bad_pairs.size()), static_cast<double>(loader->counters().bad_pairs)},
+        torch::kFloat64);
+    stats = torch::cat({stats, to_device(bad_counts)});
 
-    // ---- reduce: gradients and figures summed over ranks ----
+    // ---- reduce: gradients and figures summed over ranks, on the communicator's device ----
     std::vector<torch::Tensor> grads;
     for (const torch::Tensor& p : policy->parameters()) {
       if (p.grad().defined()) grads.push_back(p.grad());
@@ -439,15 +449,18 @@ TrainOutcome Trainer::Impl::run() {
     comm->all_reduce_sum(grads, kBucketBytes);
     std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count()};
     comm->all_reduce_sum(reduced, kBucketBytes);
+    // The rows reach the host once per step (rank 0 writes them).
     const torch::Tensor all_rows =
-        cfg.logging.per_sample ? comm->all_gather(torch::cat(rows, 0)) : torch::Tensor();
-    const auto bad_total = static_cast<int64_t>(stats[6].item<double>());
-    report_bad_pairs(bad_total, static_cast<int64_t>(stats[5].item<double>()), bad_pairs);
+        cfg.logging.per_sample ? comm->all_gather(local_rows).to(torch::kCPU) : torch::Tensor();
+    const torch::Tensor stats_host = stats.to(torch::kCPU);
+    const auto figure = stats_host.accessor<double, 1>();
+    const auto bad_total = static_cast<int64_t>(figure[6]);
+    report_bad_pairs(bad_total, static_cast<int64_t>(figure[5]), bad_pairs);
 
     // ---- update: guard -> clip -> AdamW -> delayed correction update ----
     const double grad_norm = clip_grad_norm(policy->parameters(), cfg.optim.grad_clip);
-    const double pairs = stats[1].item<double>();
-    const double mean_loss = stats[0].item<double>() / pairs;
+    const double pairs = figure[1];
+    const double mean_loss = figure[0] / pairs;
     const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && !poisoned;
     if (finite) {
       optimizer->step(lr);
@@ -475,7 +488,7 @@ TrainOutcome Trainer::Impl::run() {
                   {"loss", mean_loss},
                   {"lr", lr},
                   {"grad_norm", grad_norm},
-                  {"mse_policy", stats[3].item<double>() / pairs},
+                  {"mse_policy", figure[3] / pairs},
                   {"pairs_per_s", pairs / step_seconds},
                   {"data_wait_frac", step_seconds > 0 ? std::min(1.0, waited / step_seconds) : 0.0},
                   {"skipped_steps", skipped_steps},
@@ -483,8 +496,8 @@ TrainOutcome Trainer::Impl::run() {
                   {"mem_peak_mb", step_memory.peak_mb},
                   {"bad_pairs", bad_total},
                   {"epoch", loader->state().epoch}};
-      rec["implicit_acc"] = has_z ? json(stats[2].item<double>() / pairs) : json(nullptr);
-      rec["mse_ref"] = reference ? json(stats[4].item<double>() / pairs) : json(nullptr);
+      rec["implicit_acc"] = has_z ? json(figure[2] / pairs) : json(nullptr);
+      rec["mse_ref"] = reference ? json(figure[4] / pairs) : json(nullptr);
       if (cfg.logging.per_sample) write_pair_records(all_rows);
       metrics->write(rec);
       if (cfg.logging.progress && (step % cfg.logging.every == 0 || step == max_steps)) {

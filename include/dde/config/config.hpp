@@ -23,6 +23,9 @@ struct RunConfig {
   std::string output_dir;       // required: checkpoints, metrics.jsonl, logs
   uint64_t seed = 0;            // seeds every RNG of the run (data order, noise, timesteps)
   std::string device = "auto";  // auto | cpu | cuda; auto = cuda when available
+  // off | warn | error: CUDA sync debug mode inside the micro-batch loop (a host sync there
+  // warns or throws; torch.cuda.set_sync_debug_mode). No effect on the CPU.
+  std::string cuda_sync_debug = "off";
 };
 
 struct ModelConfig {
@@ -108,6 +111,7 @@ struct DistConfig {
   int64_t timeout_s = 600;       // > 0 seconds before a collective is declared hung
   std::string init_method =
       "auto";  // env | slurm | auto (torchrun's env, then SLURM's, then 1 rank)
+  bool force_process_group = false;  // a real process group at world size 1 (tests NCCL on 1 GPU)
 };
 
 struct TrainConfig {

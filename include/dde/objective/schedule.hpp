@@ -31,7 +31,8 @@ struct NoiseSchedule {
 torch::Tensor add_noise(const NoiseSchedule& schedule, const torch::Tensor& x0,
                         const torch::Tensor& eps, const torch::Tensor& t);
 
-// table[t] as a float64 tensor [B] on `device`; t: [B] int64 in [0, T) on any device.
+// table[t] as a float64 tensor [B] on `device`; t: [B] int64 in [0, T) on any device (a host t
+// keeps this free of host syncs: checked and indexed on the host, copied without blocking).
 // Throws dde::Error if t is not 1-D int64 or a value is outside [0, T).
 torch::Tensor gather_table(const NoiseSchedule& schedule, const std::vector<double>& table,
                            const torch::Tensor& t, const torch::Device& device);
