@@ -22,6 +22,8 @@ class SingleProcess final : public Communicator {
   void broadcast(std::vector<torch::Tensor>& /*tensors*/, int64_t /*root*/) override {}
   void all_reduce_sum(std::vector<torch::Tensor>& /*tensors*/, int64_t /*bucket_bytes*/) override {}
   torch::Tensor all_gather(const torch::Tensor& tensor) override { return tensor; }
+  torch::Tensor reduce_scatter_sum(const torch::Tensor& flat) override { return flat; }
+  torch::Tensor all_gather_flat(const torch::Tensor& shard) override { return shard; }
   void barrier() override {}
 };
 
@@ -82,6 +84,23 @@ class ProcessGroupCommunicator final : public Communicator {
     return torch::cat(outputs[0], 0);
   }
 
+  torch::Tensor reduce_scatter_sum(const torch::Tensor& flat) override {
+    check_flat(flat, "reduce_scatter");
+    torch::Tensor input = flat.contiguous();
+    torch::Tensor output = torch::empty({flat.numel() / world_size_}, flat.options());
+    c10d::ReduceScatterOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    wait(group_->_reduce_scatter_base(output, input, options), "reduce_scatter");
+    return output;
+  }
+
+  torch::Tensor all_gather_flat(const torch::Tensor& shard) override {
+    torch::Tensor input = shard.contiguous();
+    torch::Tensor output = torch::empty({shard.numel() * world_size_}, shard.options());
+    wait(group_->_allgather_base(output, input), "all_gather");
+    return output;
+  }
+
   void barrier() override {
     c10d::BarrierOptions options;
     options.timeout = timeout_;
@@ -100,6 +119,15 @@ class ProcessGroupCommunicator final : public Communicator {
                        std::to_string(timeout_.count()) + " s)",
                    e.what(),
                    "a peer died or hung: check the other ranks' logs; resume with --resume"});
+    }
+  }
+
+  void check_flat(const torch::Tensor& flat, const char* what) const {
+    if (flat.dim() != 1 || flat.numel() % world_size_ != 0) {
+      throw Error({std::string("bad input to ") + what, "rank " + std::to_string(rank_),
+                   "a flat tensor whose size is a multiple of the world size " +
+                       std::to_string(world_size_),
+                   c10::str(flat.sizes()), "this is a bug in the caller"});
     }
   }
 

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
+#include "dde/checkpoint/optimizer_files.hpp"
 #include "dde/checkpoint/safetensors.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
@@ -22,6 +23,7 @@
 #include "dde/objective/schedule.hpp"
 #include "dde/objective/timestep_sampler.hpp"
 #include "dde/train/adamw.hpp"
+#include "dde/train/data_parallel_optimizer.hpp"
 #include "dde/train/metrics_log.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
@@ -129,7 +131,7 @@ struct Trainer::Impl {
   std::unique_ptr<models::TextConditioner> text;
   std::unique_ptr<models::LatentEncoder> vae;
   std::unique_ptr<data::PairLoader> loader;
-  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<DataParallelOptimizer> optimizer;
   checkpoint::CheckpointStore store;
   std::unique_ptr<MetricsLog> metrics;  // rank 0 only
   int64_t resolution;
@@ -210,12 +212,8 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   text = std::make_unique<models::TextConditioner>(manifest, device);
   vae = std::make_unique<models::LatentEncoder>(manifest, device);
 
-  AdamWOptions adam;
-  adam.beta1 = cfg.optim.beta1;
-  adam.beta2 = cfg.optim.beta2;
-  adam.eps = cfg.optim.eps;
-  adam.weight_decay = cfg.optim.weight_decay;
-  optimizer = std::make_unique<AdamW>(policy->named_parameters(), adam);
+  optimizer = DataParallelOptimizer::create(policy->named_parameters(), cfg.optim,
+                                            cfg.dist.shard_optimizer, *comm, kBucketBytes);
 
   data::PairLoaderOptions lo;
   lo.index_path = cfg.data.index;
@@ -377,19 +375,15 @@ TrainOutcome Trainer::Impl::run() {
       if (reference) stats[4] += r.rows.select(1, kRefW).sum();
     }
 
-    // ---- reduce: gradients and figures summed over ranks ----
-    std::vector<torch::Tensor> grads;
-    for (const torch::Tensor& p : policy->parameters()) {
-      if (p.grad().defined()) grads.push_back(p.grad());
-    }
-    comm->all_reduce_sum(grads, kBucketBytes);
+    // ---- reduce: gradients (all-reduced, or reduce-scattered when sharded), figures ----
+    optimizer->reduce_gradients();
     std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count()};
     comm->all_reduce_sum(reduced, kBucketBytes);
     const torch::Tensor all_rows =
         cfg.logging.per_sample ? comm->all_gather(torch::cat(rows, 0)) : torch::Tensor();
 
-    // ---- update: guard -> clip -> AdamW -> delayed correction update ----
-    const double grad_norm = clip_grad_norm(policy->parameters(), cfg.optim.grad_clip);
+    // ---- update: guard -> clip -> optimizer (+ all-gather when sharded) -> correction ----
+    const double grad_norm = optimizer->clip_grad_norm(cfg.optim.grad_clip);
     const double pairs = stats[1].item<double>();
     const double mean_loss = stats[0].item<double>() / pairs;
     const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && !poisoned;
@@ -494,14 +488,19 @@ std::string Trainer::Impl::save_checkpoint() {
       {"loader", {{"epoch", position.epoch}, {"pairs_consumed", position.pairs_consumed}}}};
   checkpoint::write_file_atomic((d / fmt::format("rank-{:05d}.json", comm->rank())).string(),
                                 rank_state.dump(2));
+  if (optimizer->sharded()) {
+    checkpoint::save_safetensors(checkpoint::optimizer_shard_path(d.string(), comm->rank()),
+                                 optimizer->state());
+  }
   if (is_main()) {
     fs::create_directories(d / "unet");
     checkpoint::write_file_atomic((d / "unet" / "config.json").string(), manifest.unet_config_json);
     checkpoint::save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(),
                                  policy->named_parameters(), {{"format", "pt"}});
-    checkpoint::NamedTensors state = optimizer->state();
+    checkpoint::NamedTensors state =
+        optimizer->sharded() ? checkpoint::NamedTensors{} : optimizer->state();
     state.emplace_back("correction.E", ema.values());
-    checkpoint::save_safetensors((d / "training_state.safetensors").string(), state);
+    checkpoint::save_safetensors(checkpoint::training_state_path(d.string()), state);
     const json trainer_state = {
         {"format", "dde-checkpoint"},
         {"version", kCheckpointVersion},
@@ -510,6 +509,7 @@ std::string Trainer::Impl::save_checkpoint() {
         {"nonfinite_in_row", nonfinite_in_row},
         {"world_size", comm->world_size()},
         {"method", objective::method_name(method)},
+        {"optimizer", {{"name", cfg.optim.name}, {"sharded", optimizer->sharded()}}},
         {"correction", {{"momentum", ema.momentum()}, {"updates", ema.updates()}}}};
     checkpoint::write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
     const auto E = ema.values().contiguous();
@@ -564,8 +564,19 @@ void Trainer::Impl::restore(const std::string& dir) {
   auto weights =
       checkpoint::load_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string());
   policy->load_parameters(weights.tensors, dir);
-  auto state = checkpoint::load_safetensors((d / "training_state.safetensors").string());
-  optimizer->load_state(state.tensors, (d / "training_state.safetensors").string());
+  // Checkpoints from before optimizer choice and sharding existed hold replicated AdamW state.
+  const json saved_optim = st.value("optimizer", json{{"name", "adamw"}, {"sharded", false}});
+  if (saved_optim.at("name").get<std::string>() != cfg.optim.name) {
+    throw Error({"checkpoint was trained with another optimizer", dir + ": optim.name",
+                 saved_optim.at("name").get<std::string>(), cfg.optim.name,
+                 "resume with the same optim.name, or start a new run directory from its unet/"});
+  }
+  const std::vector<std::string> optim_files = checkpoint::optimizer_state_files(
+      dir, saved_optim.at("sharded").get<bool>(), saved_world, optimizer->sharded(), comm->rank());
+  optimizer->load_state(
+      checkpoint::read_tensors(optim_files),
+      optim_files.size() == 1 ? optim_files.front() : dir + "/optimizer-rank-*.safetensors");
+  auto state = checkpoint::load_safetensors(checkpoint::training_state_path(dir));
   for (const auto& [name, tensor] : state.tensors) {
     if (name == "correction.E") {
       objective::CorrectionEma::State s;

@@ -34,6 +34,11 @@ class Communicator {
   virtual void all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) = 0;
   // Rows of every rank, concatenated in rank order: [n, ...] per rank -> [world * n, ...].
   virtual torch::Tensor all_gather(const torch::Tensor& tensor) = 0;
+  // ZeRO-1's pair (c10d _reduce_scatter_base / _allgather_base, implemented by NCCL and Gloo):
+  // `flat` [world * n] summed over ranks -> this rank's slice [n] of the sum, and
+  // every rank's `shard` [n] -> [world * n] in rank order.
+  virtual torch::Tensor reduce_scatter_sum(const torch::Tensor& flat) = 0;
+  virtual torch::Tensor all_gather_flat(const torch::Tensor& shard) = 0;
   virtual void barrier() = 0;
   // True on every rank if it is true on any rank.
   bool any(bool flag);

@@ -107,6 +107,7 @@ TEST(ConfigDefaults, AreTheDocumentedOnes) {
   EXPECT_EQ(c.dist.backend, "auto");
   EXPECT_EQ(c.dist.timeout_s, 600);
   EXPECT_EQ(c.dist.init_method, "auto");
+  EXPECT_FALSE(c.dist.shard_optimizer);
 }
 
 TEST(ConfigDefaults, FillEverythingTheFileLeavesOut) {
@@ -180,6 +181,8 @@ TEST(ConfigErrors, OutOfRangeNamesKeyValueAndRange) {
            {"not allowed", "train.precision", "one of fp32, bf16", "did you mean"});
   error_of([] { from_text(std::string(kMinimal) + "dist:\n  backend: mpi\n"); },
            {"not allowed", "dist.backend", "auto, gloo, nccl"});
+  error_of([] { from_text(std::string(kMinimal) + "optim:\n  name: lion\n"); },
+           {"not allowed", "optim.name", "one of adamw, adafactor", "'lion'"});
 }
 
 TEST(ConfigErrors, CrossFieldChecks) {

@@ -101,7 +101,8 @@ TEST(ShippedConfigs, SdxlDde) {
   EXPECT_EQ(c.optim.warmup_steps, 200);
   EXPECT_EQ(c.data.resolution, 1024);
   EXPECT_EQ(c.train.precision, "bf16");
-  EXPECT_EQ(c.optim.name, "adamw");
+  EXPECT_EQ(c.optim.name, "adafactor");  // the reference's SDXL launcher
+  EXPECT_EQ(c.optim.grad_clip, 0.0);     // which does not clip with Adafactor
   EXPECT_EQ(c.train.global_batch, 2048);
 }
 
