@@ -11,8 +11,7 @@
 #include <sstream>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
-#include "dde/checkpoint/optimizer_files.hpp"
-#include "dde/checkpoint/safetensors.hpp"
+#include "dde/checkpoint/training_checkpoint.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
 #include "dde/dist/environment.hpp"
@@ -36,7 +35,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-constexpr int64_t kCheckpointVersion = 1;
 constexpr int64_t kBucketBytes = 25 << 20;  // gradient all-reduce buckets, as torch DDP
 
 torch::Device pick_device(const std::string& requested, int64_t local_rank) {
@@ -145,6 +143,7 @@ struct Trainer::Impl {
   Impl(config::TrainConfig config, bool resume);
   void restore(const std::string& dir);
   std::string save_checkpoint();
+  checkpoint::SharedState shared_state() const;
   TrainOutcome run();
   void write_pair_records(const torch::Tensor& all_rows);
   bool is_main() const { return comm->rank() == 0; }
@@ -476,50 +475,20 @@ void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
 }
 
 std::string Trainer::Impl::save_checkpoint() {
-  // Rank 0 stages and writes the shared state, every rank its own position; the rename that
-  // makes it complete happens only after all of them have written (barrier).
-  const fs::path d = store.staging_dir(step);
+  // Rank 0 stages and writes the shared state, every rank its own position (and optimizer
+  // shard); the rename that makes it complete happens only after all of them have written.
+  const std::string d = store.staging_dir(step);
   if (is_main()) store.stage(step);
   comm->barrier();
   const data::PairLoaderState position = loader->state();
-  const json rank_state = {
-      {"rank", comm->rank()},
-      {"world_size", comm->world_size()},
-      {"loader", {{"epoch", position.epoch}, {"pairs_consumed", position.pairs_consumed}}}};
-  checkpoint::write_file_atomic((d / fmt::format("rank-{:05d}.json", comm->rank())).string(),
-                                rank_state.dump(2));
-  if (optimizer->sharded()) {
-    checkpoint::save_safetensors(checkpoint::optimizer_shard_path(d.string(), comm->rank()),
-                                 optimizer->state());
-  }
-  if (is_main()) {
-    fs::create_directories(d / "unet");
-    checkpoint::write_file_atomic((d / "unet" / "config.json").string(), manifest.unet_config_json);
-    checkpoint::save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(),
-                                 policy->named_parameters(), {{"format", "pt"}});
-    checkpoint::NamedTensors state =
-        optimizer->sharded() ? checkpoint::NamedTensors{} : optimizer->state();
-    state.emplace_back("correction.E", ema.values());
-    checkpoint::save_safetensors(checkpoint::training_state_path(d.string()), state);
-    const json trainer_state = {
-        {"format", "dde-checkpoint"},
-        {"version", kCheckpointVersion},
-        {"step", step},
-        {"skipped_steps", skipped_steps},
-        {"nonfinite_in_row", nonfinite_in_row},
-        {"world_size", comm->world_size()},
-        {"method", objective::method_name(method)},
-        {"optimizer", {{"name", cfg.optim.name}, {"sharded", optimizer->sharded()}}},
-        {"correction", {{"momentum", ema.momentum()}, {"updates", ema.updates()}}}};
-    checkpoint::write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
-    const auto E = ema.values().contiguous();
-    const json correction = {
-        {"step", step},
-        {"momentum", ema.momentum()},
-        {"E", std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + E.numel())}};
-    checkpoint::write_file_atomic((d / "correction_ema.json").string(), correction.dump());
-    checkpoint::write_file_atomic((d / "config.yaml").string(), config::to_yaml(cfg));
-  }
+  checkpoint::RankState own;
+  own.rank = comm->rank();
+  own.world_size = comm->world_size();
+  own.epoch = position.epoch;
+  own.pairs_consumed = position.pairs_consumed;
+  if (optimizer->sharded()) own.optimizer_shard = optimizer->state();
+  checkpoint::write_rank_state(d, own);
+  if (is_main()) checkpoint::write_shared_state(d, shared_state());
   comm->barrier();
   if (is_main()) {
     last_checkpoint = store.commit(step);
@@ -532,68 +501,48 @@ std::string Trainer::Impl::save_checkpoint() {
   return last_checkpoint;
 }
 
+checkpoint::SharedState Trainer::Impl::shared_state() const {
+  checkpoint::SharedState s;
+  s.step = step;
+  s.skipped_steps = skipped_steps;
+  s.nonfinite_in_row = nonfinite_in_row;
+  s.world_size = comm->world_size();
+  s.method = objective::method_name(method);
+  s.optimizer_name = cfg.optim.name;
+  s.optimizer_sharded = optimizer->sharded();
+  if (!optimizer->sharded()) s.optimizer = optimizer->state();
+  s.correction = ema.values();
+  s.correction_momentum = ema.momentum();
+  s.correction_updates = ema.updates();
+  s.unet_config_json = manifest.unet_config_json;
+  s.unet = policy->named_parameters();
+  s.config_yaml = config::to_yaml(cfg);
+  return s;
+}
+
 void Trainer::Impl::restore(const std::string& dir) {
-  const fs::path d(dir);
-  const json st = json::parse(checkpoint::read_text_file((d / "trainer_state.json").string()));
-  if (st.value("format", "") != "dde-checkpoint" ||
-      st.value("version", int64_t{0}) != kCheckpointVersion) {
-    throw Error({"not a dde checkpoint of a known version", (d / "trainer_state.json").string(),
-                 "format dde-checkpoint, version " + std::to_string(kCheckpointVersion),
-                 st.value("format", std::string("?")) + " v" +
-                     std::to_string(st.value("version", int64_t{0})),
-                 ""});
-  }
-  if (st.at("method").get<std::string>() != objective::method_name(method)) {
-    throw Error({"checkpoint was trained with another method", dir, objective::method_name(method),
-                 st.at("method").get<std::string>(),
-                 "resume with the same method.name, or start a new run directory"});
-  }
-  const int64_t saved_world = st.at("world_size").get<int64_t>();
-  if (saved_world != comm->world_size()) {
-    // Each rank's share of the data stream depends on the world size (docs/formats.md).
-    throw Error({"checkpoint was written by another world size", dir,
-                 std::to_string(saved_world) + " ranks",
-                 std::to_string(comm->world_size()) + " ranks",
-                 "resume with the same number of processes, or start a new run directory from its "
-                 "unet/ weights"});
-  }
-  const std::string previous_config = checkpoint::read_text_file((d / "config.yaml").string());
-  if (previous_config != config::to_yaml(cfg)) {
+  const checkpoint::SharedState saved = checkpoint::read_shared_state(dir);
+  checkpoint::check_resumable(dir, saved,
+                              {objective::method_name(method), cfg.optim.name, comm->world_size()});
+  if (saved.config_yaml != config::to_yaml(cfg)) {
     log::warn("resuming from {} with a config that differs from the checkpoint's config.yaml", dir);
   }
-  auto weights =
-      checkpoint::load_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string());
-  policy->load_parameters(weights.tensors, dir);
-  // Checkpoints from before optimizer choice and sharding existed hold replicated AdamW state.
-  const json saved_optim = st.value("optimizer", json{{"name", "adamw"}, {"sharded", false}});
-  if (saved_optim.at("name").get<std::string>() != cfg.optim.name) {
-    throw Error({"checkpoint was trained with another optimizer", dir + ": optim.name",
-                 saved_optim.at("name").get<std::string>(), cfg.optim.name,
-                 "resume with the same optim.name, or start a new run directory from its unet/"});
-  }
-  const std::vector<std::string> optim_files = checkpoint::optimizer_state_files(
-      dir, saved_optim.at("sharded").get<bool>(), saved_world, optimizer->sharded(), comm->rank());
-  optimizer->load_state(
-      checkpoint::read_tensors(optim_files),
-      optim_files.size() == 1 ? optim_files.front() : dir + "/optimizer-rank-*.safetensors");
-  auto state = checkpoint::load_safetensors(checkpoint::training_state_path(dir));
-  for (const auto& [name, tensor] : state.tensors) {
-    if (name == "correction.E") {
-      objective::CorrectionEma::State s;
-      s.E.assign(tensor.data_ptr<double>(), tensor.data_ptr<double>() + tensor.numel());
-      s.momentum = st.at("correction").at("momentum").get<double>();
-      s.updates = st.at("correction").at("updates").get<int64_t>();
-      ema.load_state(s);
-    }
-  }
-  step = st.at("step").get<int64_t>();
-  skipped_steps = st.at("skipped_steps").get<int64_t>();
-  nonfinite_in_row = st.at("nonfinite_in_row").get<int64_t>();
-  const fs::path rank_file = d / fmt::format("rank-{:05d}.json", comm->rank());
-  const json rs = json::parse(checkpoint::read_text_file(rank_file.string()));
+  policy->load_parameters(saved.unet, dir);
+  const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
+  optimizer->load_state(checkpoint::optimizer_state_for(dir, saved, own, optimizer->sharded()),
+                        dir);
+  objective::CorrectionEma::State correction;
+  const torch::Tensor E = saved.correction.to(torch::kFloat64).contiguous();
+  correction.E.assign(E.data_ptr<double>(), E.data_ptr<double>() + E.numel());
+  correction.momentum = saved.correction_momentum;
+  correction.updates = saved.correction_updates;
+  ema.load_state(correction);
+  step = saved.step;
+  skipped_steps = saved.skipped_steps;
+  nonfinite_in_row = saved.nonfinite_in_row;
   data::PairLoaderState position;
-  position.epoch = rs.at("loader").at("epoch").get<int64_t>();
-  position.pairs_consumed = rs.at("loader").at("pairs_consumed").get<int64_t>();
+  position.epoch = own.epoch;
+  position.pairs_consumed = own.pairs_consumed;
   loader->load_state(position);
   last_checkpoint = dir;
   log::info("resumed from {} at step {}", dir, step);
