@@ -19,7 +19,9 @@ void expect_consistent(const dde::dist::ShardLayout& l, const std::vector<int64_
       used[r] += numels[i];
     }
     EXPECT_LE(used[r], l.segment);
-    if (r + 1 < l.world_size) EXPECT_EQ(l.end[r], l.first[r + 1]);
+    if (r + 1 < l.world_size) {
+      EXPECT_EQ(l.end[r], l.first[r + 1]);
+    }
   }
   EXPECT_EQ(l.first.front(), 0);
   EXPECT_EQ(l.end.back(), static_cast<int64_t>(numels.size()));
