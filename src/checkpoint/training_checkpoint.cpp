@@ -1,5 +1,7 @@
 #include "dde/checkpoint/training_checkpoint.hpp"
 
+#include <fmt/format.h>
+
 #include <filesystem>
 #include <nlohmann/json.hpp>
 

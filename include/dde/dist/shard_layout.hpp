@@ -6,6 +6,7 @@
 //   flat buffer [world x segment]: rank r's segment = its parameters back to back, then zeros.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -19,7 +20,7 @@ struct ShardLayout {
   std::vector<int64_t> first, end;  // per rank: its parameters are [first[r], end[r])
 
   // Start of parameter i in the flat buffer.
-  int64_t flat_offset(size_t i) const { return owner[i] * segment + offset[i]; }
+  int64_t flat_offset(std::size_t i) const { return owner[i] * segment + offset[i]; }
 };
 
 // Contiguous split of the parameters, in order, into `world_size` runs of about equal numel:
