@@ -170,7 +170,7 @@ void for_each_field(Visitor&& v) {
   v("method", &C::method, "t_lo", &MethodConfig::t_lo, at_least(0));
   v("method", &C::method, "t_hi", &MethodConfig::t_hi, at_least(-1));
 
-  v("optim", &C::optim, "name", &OptimConfig::name, one_of({"adamw"}));
+  v("optim", &C::optim, "name", &OptimConfig::name, one_of({"adamw", "adafactor"}));
   v("optim", &C::optim, "lr", &OptimConfig::lr, above(0));
   v("optim", &C::optim, "warmup_steps", &OptimConfig::warmup_steps, at_least(0));
   v("optim", &C::optim, "beta1", &OptimConfig::beta1, between(0, false, 1, true));
@@ -202,6 +202,7 @@ void for_each_field(Visitor&& v) {
 
   v("dist", &C::dist, "backend", &DistConfig::backend, one_of({"auto", "gloo", "nccl"}));
   v("dist", &C::dist, "timeout_s", &DistConfig::timeout_s, at_least(1));
+  v("dist", &C::dist, "shard_optimizer", &DistConfig::shard_optimizer, any());
   v("dist", &C::dist, "init_method", &DistConfig::init_method, one_of({"env", "slurm", "auto"}));
   v("dist", &C::dist, "force_process_group", &DistConfig::force_process_group, any());
 }

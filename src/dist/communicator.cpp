@@ -27,6 +27,8 @@ class SingleProcess final : public Communicator {
   void do_all_reduce_sum(std::vector<torch::Tensor>& /*tensors*/,
                          int64_t /*bucket_bytes*/) override {}
   torch::Tensor do_all_gather(const torch::Tensor& tensor) override { return tensor; }
+  torch::Tensor do_reduce_scatter_sum(const torch::Tensor& flat) override { return flat; }
+  torch::Tensor do_all_gather_flat(const torch::Tensor& shard) override { return shard; }
 };
 
 class ProcessGroupCommunicator final : public Communicator {
@@ -96,6 +98,28 @@ class ProcessGroupCommunicator final : public Communicator {
     run("all_gather", [&] { return group_->allgather(outputs, input); });
     return torch::cat(outputs[0], 0);
   }
+  torch::Tensor do_reduce_scatter_sum(const torch::Tensor& flat) override {
+    if (flat.dim() != 1 || flat.numel() % world_size_ != 0) {
+      throw Error({"bad input to reduce_scatter", "rank " + std::to_string(rank_),
+                   "a flat tensor whose size is a multiple of the world size " +
+                       std::to_string(world_size_),
+                   c10::str(flat.sizes()), "this is a bug in the caller"});
+    }
+    torch::Tensor input = flat.contiguous();
+    torch::Tensor output = torch::empty({flat.numel() / world_size_}, flat.options());
+    c10d::ReduceScatterOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    run("reduce_scatter", [&] { return group_->_reduce_scatter_base(output, input, options); });
+    return output;
+  }
+
+  torch::Tensor do_all_gather_flat(const torch::Tensor& shard) override {
+    torch::Tensor input = shard.contiguous();
+    torch::Tensor output = torch::empty({shard.numel() * world_size_}, shard.options());
+    run("all_gather", [&] { return group_->_allgather_base(output, input); });
+    return output;
+  }
+
 
   // Issues a collective and waits for it; whatever c10d throws (c10::Error, DistBackendError,
   // a Gloo timeout) becomes a dde::Error. NCCL's wait() only makes the current CUDA stream wait
@@ -222,6 +246,16 @@ void Communicator::all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t b
 torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
   check_on_device(tensor, "all_gather", 0);
   return do_all_gather(tensor);
+}
+
+torch::Tensor Communicator::reduce_scatter_sum(const torch::Tensor& flat) {
+  check_on_device(flat, "reduce_scatter_sum", 0);
+  return do_reduce_scatter_sum(flat);
+}
+
+torch::Tensor Communicator::all_gather_flat(const torch::Tensor& shard) {
+  check_on_device(shard, "all_gather_flat", 0);
+  return do_all_gather_flat(shard);
 }
 
 bool Communicator::any(bool flag) {

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 
 #include "dde/util/error.hpp"
 
@@ -48,7 +47,7 @@ void AdamW::zero_grad() {
   }
 }
 
-AdamW::NamedTensors AdamW::state() const {
+NamedTensors AdamW::state() const {
   NamedTensors out;
   for (size_t i = 0; i < params_.size(); ++i)
     out.emplace_back("exp_avg." + params_[i].first, exp_avg_[i]);
@@ -60,24 +59,11 @@ AdamW::NamedTensors AdamW::state() const {
 }
 
 void AdamW::load_state(const NamedTensors& state, const std::string& where) {
-  std::map<std::string, torch::Tensor> by_name(state.begin(), state.end());
-  auto take = [&](const std::string& key, torch::Tensor& into) {
-    auto it = by_name.find(key);
-    if (it == by_name.end()) {
-      throw Error({"optimizer state missing", where + ": " + key, "present", "absent",
-                   "the checkpoint belongs to another model or is damaged"});
-    }
-    if (it->second.sizes() != into.sizes()) {
-      throw Error({"optimizer state shape mismatch", where + ": " + key, c10::str(into.sizes()),
-                   c10::str(it->second.sizes()), ""});
-    }
-    torch::NoGradGuard no_grad;
-    into.copy_(it->second);
-  };
+  const StateByName by_name(state.begin(), state.end());
   for (size_t i = 0; i < params_.size(); ++i) {
-    take("exp_avg." + params_[i].first, exp_avg_[i]);
-    take("exp_avg_sq." + params_[i].first, exp_avg_sq_[i]);
-    take("step." + params_[i].first, steps_[i]);
+    load_state_entry(by_name, "exp_avg." + params_[i].first, exp_avg_[i], where);
+    load_state_entry(by_name, "exp_avg_sq." + params_[i].first, exp_avg_sq_[i], where);
+    load_state_entry(by_name, "step." + params_[i].first, steps_[i], where);
   }
 }
 
@@ -96,12 +82,17 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
   const torch::Tensor total =
       torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64);
   const double total_norm = total.item<double>();
-  if (max_norm > 0.0 && std::isfinite(total_norm)) {
-    // torch.nn.utils.clip_grad_norm_: coef = max_norm / (total + 1e-6), clamped to 1.
-    const double coef = std::min(1.0, max_norm / (total_norm + 1e-6));
-    if (coef < 1.0) torch::_foreach_mul_(grads, coef);
-  }
+  scale_to_max_norm(grads, total_norm, max_norm);
   return total_norm;
+}
+
+void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm,
+                       double max_norm) {
+  if (grads.empty() || max_norm <= 0.0 || !std::isfinite(total_norm)) return;
+  // torch.nn.utils.clip_grad_norm_: coef = max_norm / (total + 1e-6), clamped to 1.
+  const double coef = std::min(1.0, max_norm / (total_norm + 1e-6));
+  torch::NoGradGuard no_grad;
+  if (coef < 1.0) torch::_foreach_mul_(grads, coef);
 }
 
 double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps) {

@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
-#include "dde/checkpoint/safetensors.hpp"
+#include "dde/checkpoint/training_checkpoint.hpp"
 #include "dde/data/bad_pair_rows.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
@@ -24,8 +24,9 @@
 #include "dde/objective/schedule.hpp"
 #include "dde/objective/timestep_sampler.hpp"
 #include "dde/train/adamw.hpp"
-#include "dde/train/memory_meter.hpp"
+#include "dde/train/data_parallel_optimizer.hpp"
 #include "dde/train/evaluator.hpp"
+#include "dde/train/memory_meter.hpp"
 #include "dde/train/metrics_log.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
@@ -39,7 +40,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-constexpr int64_t kCheckpointVersion = 1;
 constexpr int64_t kBucketBytes = 25 << 20;  // gradient all-reduce buckets, as torch DDP
 
 torch::ScalarType frozen_dtype(const config::ModelConfig& model) {
@@ -132,7 +132,7 @@ struct Trainer::Impl {
   std::unique_ptr<models::LatentEncoder> vae;
   std::unique_ptr<data::PairLoader> loader;
   std::unique_ptr<Evaluator> evaluator;  // held-out accuracy; null without data.eval_index
-  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<DataParallelOptimizer> optimizer;
   checkpoint::CheckpointStore store;
   std::unique_ptr<MetricsLog> metrics;  // rank 0 only
   int64_t resolution;
@@ -147,6 +147,7 @@ struct Trainer::Impl {
   Impl(config::TrainConfig config, bool resume);
   void restore(const std::string& dir);
   std::string save_checkpoint();
+  checkpoint::SharedState shared_state() const;
   TrainOutcome run();
   void write_pair_records(const torch::Tensor& all_rows);
   void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
@@ -229,12 +230,8 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   text = std::make_unique<models::TextConditioner>(manifest, device, frozen);
   vae = std::make_unique<models::LatentEncoder>(manifest, device, frozen);
 
-  AdamWOptions adam;
-  adam.beta1 = cfg.optim.beta1;
-  adam.beta2 = cfg.optim.beta2;
-  adam.eps = cfg.optim.eps;
-  adam.weight_decay = cfg.optim.weight_decay;
-  optimizer = std::make_unique<AdamW>(policy->named_parameters(), adam);
+  optimizer = DataParallelOptimizer::create(policy->named_parameters(), cfg.optim,
+                                            cfg.dist.shard_optimizer, *comm, kBucketBytes);
 
   data::PairLoaderOptions lo;
   lo.index_path = cfg.data.index;
@@ -441,12 +438,8 @@ TrainOutcome Trainer::Impl::run() {
         torch::kFloat64);
     stats = torch::cat({stats, to_device(bad_counts)});
 
-    // ---- reduce: gradients and figures summed over ranks, on the communicator's device ----
-    std::vector<torch::Tensor> grads;
-    for (const torch::Tensor& p : policy->parameters()) {
-      if (p.grad().defined()) grads.push_back(p.grad());
-    }
-    comm->all_reduce_sum(grads, kBucketBytes);
+    // ---- reduce: gradients (all-reduced, or reduce-scattered when sharded), figures ----
+    optimizer->reduce_gradients();
     std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count()};
     comm->all_reduce_sum(reduced, kBucketBytes);
     // The rows reach the host once per step (rank 0 writes them).
@@ -457,8 +450,8 @@ TrainOutcome Trainer::Impl::run() {
     const auto bad_total = static_cast<int64_t>(figure[6]);
     report_bad_pairs(bad_total, static_cast<int64_t>(figure[5]), bad_pairs);
 
-    // ---- update: guard -> clip -> AdamW -> delayed correction update ----
-    const double grad_norm = clip_grad_norm(policy->parameters(), cfg.optim.grad_clip);
+    // ---- update: guard -> clip -> optimizer (+ all-gather when sharded) -> correction ----
+    const double grad_norm = optimizer->clip_grad_norm(cfg.optim.grad_clip);
     const double pairs = figure[1];
     const double mean_loss = figure[0] / pairs;
     const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && !poisoned;
@@ -592,46 +585,21 @@ void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
 }
 
 std::string Trainer::Impl::save_checkpoint() {
-  // Rank 0 stages and writes the shared state, every rank its own position; the rename that
-  // makes it complete happens only after all of them have written (barrier).
-  const fs::path d = store.staging_dir(step);
+  // Rank 0 stages and writes the shared state, every rank its own position (and optimizer
+  // shard); the rename that makes it complete happens only after all of them have written.
+  const std::string d = store.staging_dir(step);
   if (is_main()) store.stage(step);
   comm->barrier();
   const data::PairLoaderState position = loader->state();
-  const json rank_state = {{"rank", comm->rank()},
-                           {"world_size", comm->world_size()},
-                           {"loader",
-                            {{"epoch", position.epoch},
-                             {"pairs_consumed", position.pairs_consumed},
-                             {"bad_pairs", position.bad_pairs}}}};
-  checkpoint::write_file_atomic((d / fmt::format("rank-{:05d}.json", comm->rank())).string(),
-                                rank_state.dump(2));
-  if (is_main()) {
-    fs::create_directories(d / "unet");
-    checkpoint::write_file_atomic((d / "unet" / "config.json").string(), manifest.unet_config_json);
-    checkpoint::save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(),
-                                 policy->named_parameters(), {{"format", "pt"}});
-    checkpoint::NamedTensors state = optimizer->state();
-    state.emplace_back("correction.E", ema.values());
-    checkpoint::save_safetensors((d / "training_state.safetensors").string(), state);
-    const json trainer_state = {
-        {"format", "dde-checkpoint"},
-        {"version", kCheckpointVersion},
-        {"step", step},
-        {"skipped_steps", skipped_steps},
-        {"nonfinite_in_row", nonfinite_in_row},
-        {"world_size", comm->world_size()},
-        {"method", objective::method_name(method)},
-        {"correction", {{"momentum", ema.momentum()}, {"updates", ema.updates()}}}};
-    checkpoint::write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
-    const auto E = ema.values().contiguous();
-    const json correction = {
-        {"step", step},
-        {"momentum", ema.momentum()},
-        {"E", std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + E.numel())}};
-    checkpoint::write_file_atomic((d / "correction_ema.json").string(), correction.dump());
-    checkpoint::write_file_atomic((d / "config.yaml").string(), config::to_yaml(cfg));
-  }
+  checkpoint::RankState own;
+  own.rank = comm->rank();
+  own.world_size = comm->world_size();
+  own.epoch = position.epoch;
+  own.pairs_consumed = position.pairs_consumed;
+  own.bad_pairs = position.bad_pairs;
+  if (optimizer->sharded()) own.optimizer_shard = optimizer->state();
+  checkpoint::write_rank_state(d, own);
+  if (is_main()) checkpoint::write_shared_state(d, shared_state());
   comm->barrier();
   if (is_main()) {
     last_checkpoint = store.commit(step);
@@ -644,58 +612,49 @@ std::string Trainer::Impl::save_checkpoint() {
   return last_checkpoint;
 }
 
+checkpoint::SharedState Trainer::Impl::shared_state() const {
+  checkpoint::SharedState s;
+  s.step = step;
+  s.skipped_steps = skipped_steps;
+  s.nonfinite_in_row = nonfinite_in_row;
+  s.world_size = comm->world_size();
+  s.method = objective::method_name(method);
+  s.optimizer_name = cfg.optim.name;
+  s.optimizer_sharded = optimizer->sharded();
+  if (!optimizer->sharded()) s.optimizer = optimizer->state();
+  s.correction = ema.values();
+  s.correction_momentum = ema.momentum();
+  s.correction_updates = ema.updates();
+  s.unet_config_json = manifest.unet_config_json;
+  s.unet = policy->named_parameters();
+  s.config_yaml = config::to_yaml(cfg);
+  return s;
+}
+
 void Trainer::Impl::restore(const std::string& dir) {
-  const fs::path d(dir);
-  const json st = json::parse(checkpoint::read_text_file((d / "trainer_state.json").string()));
-  if (st.value("format", "") != "dde-checkpoint" ||
-      st.value("version", int64_t{0}) != kCheckpointVersion) {
-    throw Error({"not a dde checkpoint of a known version", (d / "trainer_state.json").string(),
-                 "format dde-checkpoint, version " + std::to_string(kCheckpointVersion),
-                 st.value("format", std::string("?")) + " v" +
-                     std::to_string(st.value("version", int64_t{0})),
-                 ""});
-  }
-  if (st.at("method").get<std::string>() != objective::method_name(method)) {
-    throw Error({"checkpoint was trained with another method", dir, objective::method_name(method),
-                 st.at("method").get<std::string>(),
-                 "resume with the same method.name, or start a new run directory"});
-  }
-  const int64_t saved_world = st.at("world_size").get<int64_t>();
-  if (saved_world != comm->world_size()) {
-    // Each rank's share of the data stream depends on the world size (docs/formats.md).
-    throw Error({"checkpoint was written by another world size", dir,
-                 std::to_string(saved_world) + " ranks",
-                 std::to_string(comm->world_size()) + " ranks",
-                 "resume with the same number of processes, or start a new run directory from its "
-                 "unet/ weights"});
-  }
-  const std::string previous_config = checkpoint::read_text_file((d / "config.yaml").string());
-  if (previous_config != config::to_yaml(cfg)) {
+  const checkpoint::SharedState saved = checkpoint::read_shared_state(dir);
+  checkpoint::check_resumable(dir, saved,
+                              {objective::method_name(method), cfg.optim.name, comm->world_size()});
+  if (saved.config_yaml != config::to_yaml(cfg)) {
     log::warn("resuming from {} with a config that differs from the checkpoint's config.yaml", dir);
   }
-  auto weights =
-      checkpoint::load_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string());
-  policy->load_parameters(weights.tensors, dir);
-  auto state = checkpoint::load_safetensors((d / "training_state.safetensors").string());
-  optimizer->load_state(state.tensors, (d / "training_state.safetensors").string());
-  for (const auto& [name, tensor] : state.tensors) {
-    if (name == "correction.E") {
-      objective::CorrectionEma::State s;
-      s.E.assign(tensor.data_ptr<double>(), tensor.data_ptr<double>() + tensor.numel());
-      s.momentum = st.at("correction").at("momentum").get<double>();
-      s.updates = st.at("correction").at("updates").get<int64_t>();
-      ema.load_state(s);
-    }
-  }
-  step = st.at("step").get<int64_t>();
-  skipped_steps = st.at("skipped_steps").get<int64_t>();
-  nonfinite_in_row = st.at("nonfinite_in_row").get<int64_t>();
-  const fs::path rank_file = d / fmt::format("rank-{:05d}.json", comm->rank());
-  const json rs = json::parse(checkpoint::read_text_file(rank_file.string()));
+  policy->load_parameters(saved.unet, dir);
+  const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
+  optimizer->load_state(checkpoint::optimizer_state_for(dir, saved, own, optimizer->sharded()),
+                        dir);
+  objective::CorrectionEma::State correction;
+  const torch::Tensor E = saved.correction.to(torch::kFloat64).contiguous();
+  correction.E.assign(E.data_ptr<double>(), E.data_ptr<double>() + E.numel());
+  correction.momentum = saved.correction_momentum;
+  correction.updates = saved.correction_updates;
+  ema.load_state(correction);
+  step = saved.step;
+  skipped_steps = saved.skipped_steps;
+  nonfinite_in_row = saved.nonfinite_in_row;
   data::PairLoaderState position;
-  position.epoch = rs.at("loader").at("epoch").get<int64_t>();
-  position.pairs_consumed = rs.at("loader").at("pairs_consumed").get<int64_t>();
-  position.bad_pairs = rs.at("loader").value("bad_pairs", int64_t{0});
+  position.epoch = own.epoch;
+  position.pairs_consumed = own.pairs_consumed;
+  position.bad_pairs = own.bad_pairs;
   loader->load_state(position);
   last_checkpoint = dir;
   log::info("resumed from {} at step {}", dir, step);

@@ -65,7 +65,7 @@ struct MethodConfig {
 };
 
 struct OptimConfig {
-  std::string name = "adamw";         // adamw (the only optimizer; SDXL's Adafactor is not ported)
+  std::string name = "adamw";         // adamw | adafactor (transformers'; uses lr, weight_decay)
   double lr = 2.048e-5;               // > 0 peak learning rate (1e-8 x 2048, Diffusion-DPO)
   int64_t warmup_steps = 500;         // >= 0 linear warm-up steps, then constant
   double beta1 = 0.9;                 // in [0, 1)
@@ -109,6 +109,8 @@ struct EvalConfig {
 struct DistConfig {
   std::string backend = "auto";  // auto | gloo | nccl; auto = nccl on cuda, else gloo
   int64_t timeout_s = 600;       // > 0 seconds before a collective is declared hung
+  bool shard_optimizer = false;  // ZeRO-1: each rank keeps the optimizer state of 1/world of
+                                 // the parameters (whole tensors); docs/formats.md, section 3
   std::string init_method =
       "auto";  // env | slurm | auto (torchrun's env, then SLURM's, then 1 rank)
   bool force_process_group = false;  // a real process group at world size 1 (tests NCCL on 1 GPU)

@@ -44,6 +44,11 @@ class Communicator {
   void all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes);
   // Rows of every rank, concatenated in rank order: [n, ...] per rank -> [world * n, ...].
   torch::Tensor all_gather(const torch::Tensor& tensor);
+  // ZeRO-1's pair (c10d _reduce_scatter_base / _allgather_base, implemented by NCCL and Gloo):
+  // `flat` [world * n] summed over ranks -> this rank's slice [n] of the sum, and
+  // every rank's `shard` [n] -> [world * n] in rank order.
+  torch::Tensor reduce_scatter_sum(const torch::Tensor& flat);
+  torch::Tensor all_gather_flat(const torch::Tensor& shard);
   virtual void barrier() = 0;
   // True on every rank if it is true on any rank (one host sync when there is a process group).
   bool any(bool flag);
@@ -55,6 +60,8 @@ class Communicator {
   virtual void do_broadcast(std::vector<torch::Tensor>& tensors, int64_t root) = 0;
   virtual void do_all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) = 0;
   virtual torch::Tensor do_all_gather(const torch::Tensor& tensor) = 0;
+  virtual torch::Tensor do_reduce_scatter_sum(const torch::Tensor& flat) = 0;
+  virtual torch::Tensor do_all_gather_flat(const torch::Tensor& shard) = 0;
   void check_on_device(const torch::Tensor& tensor, const char* collective, size_t index) const;
 
   torch::Device device_;

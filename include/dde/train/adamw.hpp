@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "dde/train/optimizer.hpp"
+
 namespace dde::train {
 
 struct AdamWOptions {
@@ -18,18 +20,15 @@ struct AdamWOptions {
   double weight_decay = 1e-2;
 };
 
-class AdamW {
+class AdamW final : public Optimizer {
  public:
-  using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
-
   AdamW(NamedTensors params, AdamWOptions options);
 
-  // One update at learning rate `lr` from the current .grad() of every parameter.
-  void step(double lr);
-  void zero_grad();
-  // "exp_avg.<name>", "exp_avg_sq.<name>" and "step" (float32 scalar, as torch.optim stores it).
-  NamedTensors state() const;
-  void load_state(const NamedTensors& state, const std::string& where);
+  void step(double lr) override;
+  void zero_grad() override;
+  // "exp_avg.<name>", "exp_avg_sq.<name>" and "step.<name>" (float32 scalar, as torch.optim).
+  NamedTensors state() const override;
+  void load_state(const NamedTensors& state, const std::string& where) override;
   int64_t steps_taken() const;
 
  private:
@@ -41,6 +40,9 @@ class AdamW {
 // torch.nn.utils.clip_grad_norm_: returns the total 2-norm before clipping (float64);
 // max_norm <= 0 only measures.
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+// Its second half: scales `grads` by max_norm / (total_norm + 1e-6) when that is below 1
+// (and total_norm is finite, max_norm > 0).
+void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm, double max_norm);
 
 // diffusers get_constant_schedule_with_warmup: lr * min(1, step / warmup), step counted
 // from 0 at the first optimizer update (so the first update has lr 0 when warmup > 0).

@@ -1,7 +1,7 @@
 // The training loop: one optimizer step = `accumulation` micro-batches of pairs, each
 //   encode (frozen VAE, text) -> one t and one eps per pair -> policy and reference UNets
 //   on [x_t^w; x_t^l] -> per-pair errors -> method -> backward,
-// then non-finite guard -> clip -> AdamW -> delayed CorrectionEma update -> metrics ->
+// then non-finite guard -> clip -> optimizer -> delayed CorrectionEma update -> metrics ->
 // checkpoint. Everything stateful is saved in checkpoints, so --resume continues exactly.
 #pragma once
 

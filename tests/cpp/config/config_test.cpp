@@ -111,6 +111,7 @@ TEST(ConfigDefaults, AreTheDocumentedOnes) {
   EXPECT_EQ(c.eval.every, 100);
   EXPECT_EQ(c.eval.t_bins, (std::vector<int64_t>{100, 300, 500, 700, 900}));
   EXPECT_EQ(c.eval.seed, 0u);
+  EXPECT_FALSE(c.dist.shard_optimizer);
 }
 
 TEST(ConfigDefaults, FillEverythingTheFileLeavesOut) {
@@ -184,6 +185,8 @@ TEST(ConfigErrors, OutOfRangeNamesKeyValueAndRange) {
            {"not allowed", "train.precision", "one of fp32, bf16", "did you mean"});
   error_of([] { from_text(std::string(kMinimal) + "dist:\n  backend: mpi\n"); },
            {"not allowed", "dist.backend", "auto, gloo, nccl"});
+  error_of([] { from_text(std::string(kMinimal) + "optim:\n  name: lion\n"); },
+           {"not allowed", "optim.name", "one of adamw, adafactor", "'lion'"});
 }
 
 TEST(ConfigErrors, CrossFieldChecks) {

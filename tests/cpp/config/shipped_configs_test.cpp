@@ -110,6 +110,8 @@ TEST(ShippedConfigs, SdxlDde) {
   EXPECT_EQ(c.train.precision, "bf16");
   EXPECT_EQ(c.model.frozen_dtype, "bf16");
   EXPECT_TRUE(c.train.gradient_checkpointing);
+  EXPECT_EQ(c.optim.name, "adafactor");  // the reference's SDXL launcher
+  EXPECT_EQ(c.optim.grad_clip, 0.0);     // which does not clip with Adafactor
   EXPECT_EQ(c.train.global_batch, 2048);
 }
 

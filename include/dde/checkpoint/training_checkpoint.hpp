@@ -1,0 +1,71 @@
+// The layout of one checkpoint directory (docs/formats.md, section 3): which file holds what,
+// written from and read into plain structs, so the trainer only fills and applies them.
+//   rank 0:     unet/ (diffusers config.json + weights), training_state.safetensors (correction.E
+//               and the whole optimizer state unless sharded), trainer_state.json,
+//               correction_ema.json, config.yaml
+//   every rank: rank-NNNNN.json (data position), optimizer-rank-NNNNN.safetensors (when sharded)
+// Staging, the COMPLETE marker and rotation are CheckpointStore's (checkpoint_store.hpp).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+
+#include "dde/checkpoint/safetensors.hpp"
+
+namespace dde::checkpoint {
+
+constexpr int64_t kCheckpointVersion = 1;
+
+// What rank 0 writes: the state every rank shares.
+struct SharedState {
+  int64_t step = 0;  // optimizer steps attempted (skipped ones included)
+  int64_t skipped_steps = 0;
+  int64_t nonfinite_in_row = 0;
+  int64_t world_size = 1;
+  std::string method;
+  std::string optimizer_name = "adamw";
+  bool optimizer_sharded = false;
+  NamedTensors optimizer;    // the whole optimizer state; empty when sharded
+  torch::Tensor correction;  // E, float64 [T]
+  double correction_momentum = 0.0;
+  int64_t correction_updates = 0;
+  std::string unet_config_json;
+  NamedTensors unet;  // diffusers names
+  std::string config_yaml;
+};
+
+// What each rank writes: its own position and, when sharded, its optimizer shard.
+struct RankState {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+  int64_t epoch = 0;
+  int64_t pairs_consumed = 0;    // in this epoch, by this rank
+  int64_t bad_pairs = 0;         // bad pairs this rank skipped since the start of the run
+  NamedTensors optimizer_shard;  // empty unless the optimizer state is sharded
+};
+
+void write_shared_state(const std::string& dir, const SharedState& state);
+void write_rank_state(const std::string& dir, const RankState& state);
+
+// Reads rank 0's files; a file that is not a dde checkpoint of this version is a dde::Error.
+SharedState read_shared_state(const std::string& dir);
+// Reads rank `rank`'s position, and its optimizer shard when `saved` is sharded.
+RankState read_rank_state(const std::string& dir, int64_t rank, const SharedState& saved);
+
+// What the resuming run is; check_resumable throws a dde::Error naming what differs.
+struct ResumingRun {
+  std::string method;
+  std::string optimizer_name;
+  int64_t world_size = 1;
+};
+void check_resumable(const std::string& dir, const SharedState& saved, const ResumingRun& run);
+
+// The optimizer state a resuming rank loads: the shared file's (written unsharded), its own shard
+// (sharded, resumed sharded), or every rank's shard (sharded, resumed unsharded). Entries are keyed
+// by parameter name, so the optimizer takes the ones it owns.
+NamedTensors optimizer_state_for(const std::string& dir, const SharedState& saved,
+                                 const RankState& own, bool now_sharded);
+
+}  // namespace dde::checkpoint

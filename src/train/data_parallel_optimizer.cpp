@@ -1,0 +1,180 @@
+#include "dde/train/data_parallel_optimizer.hpp"
+
+#include <cmath>
+
+#include "dde/dist/shard_layout.hpp"
+#include "dde/train/adamw.hpp"
+#include "dde/util/error.hpp"
+#include "dde/util/log.hpp"
+
+namespace dde::train {
+namespace {
+
+std::vector<torch::Tensor> defined_grads(const NamedTensors& params, size_t begin, size_t end) {
+  std::vector<torch::Tensor> grads;
+  for (size_t i = begin; i < end; ++i) {
+    if (params[i].second.grad().defined()) grads.push_back(params[i].second.grad());
+  }
+  return grads;
+}
+
+// Every rank holds the whole optimizer: all-reduce, clip, update (the unsharded path).
+class Replicated final : public DataParallelOptimizer {
+ public:
+  Replicated(NamedTensors params, const config::OptimConfig& optim, dist::Communicator& comm,
+             int64_t bucket_bytes)
+      : params_(params),
+        optimizer_(make_optimizer(optim, std::move(params))),
+        comm_(comm),
+        bucket_bytes_(bucket_bytes) {}
+
+  void reduce_gradients() override {
+    std::vector<torch::Tensor> grads = defined_grads(params_, 0, params_.size());
+    comm_.all_reduce_sum(grads, bucket_bytes_);
+  }
+  double clip_grad_norm(double max_norm) override {
+    std::vector<torch::Tensor> tensors;
+    for (const auto& [name, p] : params_) tensors.push_back(p);
+    return train::clip_grad_norm(tensors, max_norm);
+  }
+  void step(double lr) override { optimizer_->step(lr); }
+  void zero_grad() override { optimizer_->zero_grad(); }
+  NamedTensors state() const override { return optimizer_->state(); }
+  void load_state(const NamedTensors& state, const std::string& where) override {
+    optimizer_->load_state(state, where);
+  }
+  bool sharded() const override { return false; }
+
+ private:
+  NamedTensors params_;
+  std::unique_ptr<Optimizer> optimizer_;
+  dist::Communicator& comm_;
+  int64_t bucket_bytes_;
+};
+
+// ZeRO stage 1 over whole parameters (dist/shard_layout.hpp).
+class Sharded final : public DataParallelOptimizer {
+ public:
+  Sharded(NamedTensors params, const config::OptimConfig& optim, dist::Communicator& comm)
+      : params_(std::move(params)), comm_(comm) {
+    std::vector<int64_t> numels;
+    for (const auto& [name, p] : params_) {
+      if (p.scalar_type() != params_.front().second.scalar_type() ||
+          p.device() != params_.front().second.device()) {
+        throw Error({"optimizer sharding needs one dtype and device for all parameters",
+                     "dist.shard_optimizer: " + name,
+                     c10::str(params_.front().second.scalar_type(), " on ",
+                              params_.front().second.device()),
+                     c10::str(p.scalar_type(), " on ", p.device()),
+                     "set dist.shard_optimizer: false"});
+      }
+      numels.push_back(p.numel());
+    }
+    layout_ = dist::partition_parameters(numels, comm_.world_size());
+    const auto r = static_cast<size_t>(comm_.rank());
+    begin_ = static_cast<size_t>(layout_.first[r]);
+    end_ = static_cast<size_t>(layout_.end[r]);
+    const NamedTensors owned(params_.begin() + static_cast<std::ptrdiff_t>(begin_),
+                             params_.begin() + static_cast<std::ptrdiff_t>(end_));
+    optimizer_ = make_optimizer(optim, owned);
+    log::info("optimizer state sharded over {} ranks: rank {} updates parameters [{}, {}) of {}",
+              comm_.world_size(), comm_.rank(), begin_, end_, params_.size());
+  }
+
+  void reduce_gradients() override {
+    if (params_.empty()) return;
+    torch::NoGradGuard no_grad;
+    // flat: [world * segment], rank r's parameters' gradients in its segment, zero padding.
+    torch::Tensor flat = torch::zeros({layout_.world_size * layout_.segment}, options());
+    has_grad_.assign(params_.size(), false);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      torch::Tensor& p = params_[i].second;
+      if (!p.grad().defined()) continue;
+      has_grad_[i] = true;
+      flat.slice(0, layout_.flat_offset(i), layout_.flat_offset(i) + p.numel())
+          .copy_(p.grad().reshape({-1}));
+      p.mutable_grad() = torch::Tensor();  // only the summed shard is kept
+    }
+    shard_ = comm_.reduce_scatter_sum(flat);  // [segment]
+    for (size_t i = begin_; i < end_; ++i) {
+      torch::Tensor& p = params_[i].second;
+      if (has_grad_[i]) p.mutable_grad() = own_slice(shard_, i).view(p.sizes());
+    }
+  }
+
+  double clip_grad_norm(double max_norm) override {
+    const std::vector<torch::Tensor> grads = defined_grads(params_, begin_, end_);
+    torch::NoGradGuard no_grad;
+    // Sum of squares of this rank's gradients, summed over ranks: the global norm squared.
+    torch::Tensor squares = torch::zeros({1}, options().dtype(torch::kFloat64));
+    if (!grads.empty()) {
+      const std::vector<torch::Tensor> norms = torch::_foreach_norm(grads, 2);
+      squares = torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64)
+                    .pow(2)
+                    .reshape({1});
+    }
+    std::vector<torch::Tensor> reduced{squares};
+    comm_.all_reduce_sum(reduced, /*bucket_bytes=*/8);
+    const double total_norm = std::sqrt(reduced[0].item<double>());
+    scale_to_max_norm(grads, total_norm, max_norm);
+    return total_norm;
+  }
+
+  void step(double lr) override {
+    optimizer_->step(lr);
+    if (params_.empty()) return;
+    torch::NoGradGuard no_grad;
+    torch::Tensor mine = torch::zeros({layout_.segment}, options());
+    for (size_t i = begin_; i < end_; ++i)
+      own_slice(mine, i).copy_(params_[i].second.reshape({-1}));
+    const torch::Tensor all = comm_.all_gather_flat(mine);  // [world * segment]
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (i >= begin_ && i < end_) continue;
+      torch::Tensor& p = params_[i].second;
+      p.copy_(
+          all.slice(0, layout_.flat_offset(i), layout_.flat_offset(i) + p.numel()).view(p.sizes()));
+    }
+  }
+
+  void zero_grad() override {
+    optimizer_->zero_grad();
+    for (auto& [name, p] : params_) {
+      if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
+    }
+    shard_ = torch::Tensor();
+  }
+  NamedTensors state() const override { return optimizer_->state(); }
+  void load_state(const NamedTensors& state, const std::string& where) override {
+    optimizer_->load_state(state, where);
+  }
+  bool sharded() const override { return true; }
+
+ private:
+  torch::TensorOptions options() const {
+    const torch::Tensor& p = params_.front().second;
+    return torch::TensorOptions().dtype(p.scalar_type()).device(p.device());
+  }
+  // Parameter i's elements inside a [segment] buffer of its owner.
+  torch::Tensor own_slice(const torch::Tensor& segment, size_t i) const {
+    return segment.slice(0, layout_.offset[i], layout_.offset[i] + params_[i].second.numel());
+  }
+
+  NamedTensors params_;
+  dist::Communicator& comm_;
+  dist::ShardLayout layout_;
+  size_t begin_ = 0, end_ = 0;  // this rank's parameters
+  std::unique_ptr<Optimizer> optimizer_;
+  std::vector<bool> has_grad_;
+  torch::Tensor shard_;  // [segment]: the summed gradients of this rank's parameters
+};
+
+}  // namespace
+
+std::unique_ptr<DataParallelOptimizer> DataParallelOptimizer::create(
+    NamedTensors params, const config::OptimConfig& optim, bool shard, dist::Communicator& comm,
+    int64_t bucket_bytes) {
+  if (shard) return std::make_unique<Sharded>(std::move(params), optim, comm);
+  return std::make_unique<Replicated>(std::move(params), optim, comm, bucket_bytes);
+}
+
+}  // namespace dde::train

@@ -1,0 +1,133 @@
+#include "dde/checkpoint/training_checkpoint.hpp"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "dde/util/error.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using dde::checkpoint::NamedTensors;
+
+fs::path fresh_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("dde_tc_" + std::to_string(::getpid()) + "_" + name);
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+dde::checkpoint::SharedState example_shared(bool sharded) {
+  dde::checkpoint::SharedState s;
+  s.step = 7;
+  s.skipped_steps = 1;
+  s.nonfinite_in_row = 0;
+  s.world_size = 2;
+  s.method = "dde";
+  s.optimizer_name = "adafactor";
+  s.optimizer_sharded = sharded;
+  if (!sharded)
+    s.optimizer = {{"step.w", torch::tensor(int64_t{7})}, {"exp_avg_sq.b", torch::ones({3})}};
+  s.correction = torch::arange(5, torch::kFloat64);
+  s.correction_momentum = 0.9;
+  s.correction_updates = 6;
+  s.unet_config_json = "{\"_class_name\": \"UNet2DConditionModel\"}";
+  s.unet = {{"w", torch::randn({2, 3})}, {"b", torch::randn({3})}};
+  s.config_yaml = "run:\n  seed: 0\n";
+  return s;
+}
+
+bool same(const NamedTensors& a, const NamedTensors& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].first != b[i].first || !torch::equal(a[i].second, b[i].second)) return false;
+  }
+  return true;
+}
+
+TEST(TrainingCheckpoint, SharedAndRankStateRoundTrip) {
+  const fs::path dir = fresh_dir("roundtrip");
+  const auto written = example_shared(/*sharded=*/false);
+  dde::checkpoint::write_shared_state(dir.string(), written);
+  dde::checkpoint::RankState own;
+  own.rank = 1;
+  own.world_size = 2;
+  own.epoch = 3;
+  own.pairs_consumed = 40;
+  dde::checkpoint::write_rank_state(dir.string(), own);
+  for (const char* file : {"unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                           "training_state.safetensors", "trainer_state.json",
+                           "correction_ema.json", "config.yaml", "rank-00001.json"}) {
+    EXPECT_TRUE(fs::exists(dir / file)) << file;
+  }
+  EXPECT_FALSE(fs::exists(dir / "optimizer-rank-00001.safetensors"));
+
+  const auto read = dde::checkpoint::read_shared_state(dir.string());
+  EXPECT_EQ(read.step, 7);
+  EXPECT_EQ(read.skipped_steps, 1);
+  EXPECT_EQ(read.world_size, 2);
+  EXPECT_EQ(read.method, "dde");
+  EXPECT_EQ(read.optimizer_name, "adafactor");
+  EXPECT_FALSE(read.optimizer_sharded);
+  EXPECT_TRUE(same(read.optimizer, written.optimizer));
+  EXPECT_TRUE(torch::equal(read.correction, written.correction));
+  EXPECT_EQ(read.correction_updates, 6);
+  EXPECT_EQ(read.unet_config_json, written.unet_config_json);
+  EXPECT_TRUE(same(read.unet, written.unet));
+  EXPECT_EQ(read.config_yaml, written.config_yaml);
+  const auto rank = dde::checkpoint::read_rank_state(dir.string(), 1, read);
+  EXPECT_EQ(rank.epoch, 3);
+  EXPECT_EQ(rank.pairs_consumed, 40);
+  EXPECT_TRUE(same(dde::checkpoint::optimizer_state_for(dir.string(), read, rank, true),
+                   written.optimizer));
+}
+
+TEST(TrainingCheckpoint, ShardedStateIsReadPerRankOrWhole) {
+  const fs::path dir = fresh_dir("sharded");
+  dde::checkpoint::write_shared_state(dir.string(), example_shared(/*sharded=*/true));
+  for (int64_t r = 0; r < 2; ++r) {
+    dde::checkpoint::RankState own;
+    own.rank = r;
+    own.world_size = 2;
+    own.optimizer_shard = {{"step.p" + std::to_string(r), torch::tensor(r)}};
+    dde::checkpoint::write_rank_state(dir.string(), own);
+  }
+  const auto saved = dde::checkpoint::read_shared_state(dir.string());
+  EXPECT_TRUE(saved.optimizer_sharded);
+  EXPECT_TRUE(saved.optimizer.empty());
+  const auto own = dde::checkpoint::read_rank_state(dir.string(), 1, saved);
+  const auto mine = dde::checkpoint::optimizer_state_for(dir.string(), saved, own, true);
+  ASSERT_EQ(mine.size(), 1U);
+  EXPECT_EQ(mine[0].first, "step.p1");
+  const auto all = dde::checkpoint::optimizer_state_for(dir.string(), saved, own, false);
+  ASSERT_EQ(all.size(), 2U);
+  EXPECT_EQ(all[0].first, "step.p0");
+}
+
+TEST(TrainingCheckpoint, ResumeChecksNameWhatDiffers) {
+  const auto saved = example_shared(false);
+  EXPECT_NO_THROW(dde::checkpoint::check_resumable("d", saved, {"dde", "adafactor", 2}));
+  const auto message = [&](const dde::checkpoint::ResumingRun& run) {
+    try {
+      dde::checkpoint::check_resumable("d", saved, run);
+    } catch (const dde::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(message({"uniform", "adafactor", 2}).find("another method"), std::string::npos);
+  EXPECT_NE(message({"dde", "adafactor", 1}).find("another world size"), std::string::npos);
+  EXPECT_NE(message({"dde", "adamw", 2}).find("optim.name"), std::string::npos);
+}
+
+TEST(TrainingCheckpoint, ForeignTrainerStateIsRefused) {
+  const fs::path dir = fresh_dir("foreign");
+  dde::checkpoint::write_shared_state(dir.string(), example_shared(false));
+  std::ofstream(dir / "trainer_state.json") << "{\"format\": \"other\", \"version\": 1}";
+  EXPECT_THROW(dde::checkpoint::read_shared_state(dir.string()), dde::Error);
+}
+
+}  // namespace
