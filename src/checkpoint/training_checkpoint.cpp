@@ -62,12 +62,11 @@ void write_shared_state(const std::string& dir, const SharedState& s) {
 }
 
 void write_rank_state(const std::string& dir, const RankState& s) {
-  const json rank_state = {{"rank", s.rank},
-                           {"world_size", s.world_size},
-                           {"loader",
-                            {{"epoch", s.epoch},
-                             {"pairs_consumed", s.pairs_consumed},
-                             {"bad_pairs", s.bad_pairs}}}};
+  const json rank_state = {
+      {"rank", s.rank},
+      {"world_size", s.world_size},
+      {"loader",
+       {{"epoch", s.epoch}, {"pairs_consumed", s.pairs_consumed}, {"bad_pairs", s.bad_pairs}}}};
   write_file_atomic(rank_file(dir, s.rank), rank_state.dump(2));
   if (!s.optimizer_shard.empty()) {
     save_safetensors(optimizer_shard_path(dir, s.rank), s.optimizer_shard);

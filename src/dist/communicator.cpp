@@ -120,7 +120,6 @@ class ProcessGroupCommunicator final : public Communicator {
     return output;
   }
 
-
   // Issues a collective and waits for it; whatever c10d throws (c10::Error, DistBackendError,
   // a Gloo timeout) becomes a dde::Error. NCCL's wait() only makes the current CUDA stream wait
   // for NCCL's: with a timeout it would block the host until the kernel ends, so NCCL gets none

@@ -125,7 +125,8 @@ class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     // One gradient per forward argument: none for the module, then the inputs, then params.
     variable_list result{torch::Tensor()};
     size_t k = 0;
-    for (const torch::Tensor& x : inputs) result.push_back(x.requires_grad() ? grads[k++] : torch::Tensor());
+    for (const torch::Tensor& x : inputs)
+      result.push_back(x.requires_grad() ? grads[k++] : torch::Tensor());
     for (size_t p = 0; p < params.size(); ++p) result.push_back(grads[k++]);
     return result;
   }
@@ -139,9 +140,9 @@ class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     RngState forward_rng;
     forward_rng.cpu = ctx->saved_data["rng_cpu"].toTensor();
     if (ctx->saved_data.count("rng_cuda") != 0) {
-      forward_rng.cuda_device = c10::Device(
-          c10::DeviceType::CUDA,
-          static_cast<c10::DeviceIndex>(ctx->saved_data["rng_cuda_index"].toInt()));
+      forward_rng.cuda_device =
+          c10::Device(c10::DeviceType::CUDA,
+                      static_cast<c10::DeviceIndex>(ctx->saved_data["rng_cuda_index"].toInt()));
       forward_rng.cuda = ctx->saved_data["rng_cuda"].toTensor();
     }
     forward_rng.restore();

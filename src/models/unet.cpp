@@ -31,14 +31,14 @@ UNet::UNet(const Manifest& manifest, const torch::Device& device, UNetOptions op
   }
   std::set<std::string> seen;
   for (const UNetBlockInfo& info : manifest.unet_blocks) {
-    Block block{info, load_component(info.file, device, "UNet block " + info.name, options_.dtype),
-                {}};
+    Block block{
+        info, load_component(info.file, device, "UNet block " + info.name, options_.dtype), {}};
     set_trainable(block.module, options_.trainable);
     for (const auto& item : block.module.named_parameters(/*recurse=*/true)) {
       std::string name = diffusers_name(info, item.name);
       if (!seen.insert(name).second) {
-        throw Error({"UNet parameter in two blocks", info.file + ": " + name, "each once",
-                     "twice", "re-export the model with python -m dde_tools.export_models"});
+        throw Error({"UNet parameter in two blocks", info.file + ": " + name, "each once", "twice",
+                     "re-export the model with python -m dde_tools.export_models"});
       }
       params_.emplace_back(std::move(name), item.value);
       if (options_.trainable) block.params.push_back(item.value);

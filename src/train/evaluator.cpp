@@ -144,7 +144,8 @@ void Evaluator::Impl::encode_all() {
   std::unique_ptr<models::UNet> initial;
   models::UNet* reference = ctx.reference;
   if (reference == nullptr) {
-    initial = std::make_unique<models::UNet>(*ctx.reference_manifest, ctx.device, models::UNetOptions{});
+    initial =
+        std::make_unique<models::UNet>(*ctx.reference_manifest, ctx.device, models::UNetOptions{});
     reference = initial.get();
   }
   for (EncodedPairs& pairs : encoded) pairs.ref_errors = errors_of(*reference, pairs).cpu();

@@ -28,7 +28,8 @@ double proc_status_mb(const std::string& key) {
 
 double cuda_allocated_mb(const torch::Device& device, bool peak) {
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  const auto& bytes = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+  const auto& bytes =
+      stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
   return static_cast<double>(peak ? bytes.peak : bytes.current) / kMiB;
 }
 
@@ -47,7 +48,8 @@ void MemoryMeter::begin_step() {
 StepMemory MemoryMeter::end_step() const {
   StepMemory m;
   m.held_mb = held_mb_;
-  m.peak_mb = device_.is_cuda() ? cuda_allocated_mb(device_, /*peak=*/true) : proc_status_mb("VmHWM");
+  m.peak_mb =
+      device_.is_cuda() ? cuda_allocated_mb(device_, /*peak=*/true) : proc_status_mb("VmHWM");
   return m;
 }
 

@@ -50,7 +50,8 @@ torch::ScalarType frozen_dtype(const config::ModelConfig& model) {
 // every fp32 run); no effect on the CPU.
 void configure_float32_precision(const torch::Device& device, bool allow_tf32) {
   if (!device.is_cuda()) return;
-  const at::Float32Precision p = allow_tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
+  const at::Float32Precision p =
+      allow_tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
   at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, p);
   at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, p);
 }
@@ -344,10 +345,14 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
 
   if (dump) {
     // Everything an independent recomputation needs (tests/e2e/test_forward_parity.py).
-    checkpoint::NamedTensors d{{"winner", batch.winner},         {"loser", batch.loser},
-                               {"pair_ids", batch.pair_ids},     {"t", t},
-                               {"eps", eps_pair},                {"vae_noise", vae_noise},
-                               {"e_policy_w", errors.policy_w},  {"e_policy_l", errors.policy_l}};
+    checkpoint::NamedTensors d{{"winner", batch.winner},
+                               {"loser", batch.loser},
+                               {"pair_ids", batch.pair_ids},
+                               {"t", t},
+                               {"eps", eps_pair},
+                               {"vae_noise", vae_noise},
+                               {"e_policy_w", errors.policy_w},
+                               {"e_policy_l", errors.policy_l}};
     for (size_t i = 0; i < batch.input_ids.size(); ++i) {
       d.emplace_back("input_ids_" + std::to_string(i), batch.input_ids[i]);
     }
@@ -389,7 +394,8 @@ void Trainer::Impl::dump_micro_batch(checkpoint::NamedTensors tensors) const {
   const fs::path dir = fs::path(cfg.run.output_dir) / "debug";
   fs::create_directories(dir);
   for (auto& [name, tensor] : tensors) tensor = tensor.detach();
-  const fs::path file = dir / fmt::format("step-{:08d}-rank-{:05d}.safetensors", step + 1, comm->rank());
+  const fs::path file =
+      dir / fmt::format("step-{:08d}-rank-{:05d}.safetensors", step + 1, comm->rank());
   checkpoint::save_safetensors(file.string(), tensors, {{"step", std::to_string(step + 1)}});
   log::info("dumped micro-batch 0 of step {} to {}", step + 1, file.string());
 }

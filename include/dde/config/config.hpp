@@ -29,8 +29,8 @@ struct RunConfig {
 };
 
 struct ModelConfig {
-  std::string manifest;            // required: manifest.json of the exported policy model
-  std::string reference_manifest;  // frozen reference model; "" = the same export as `manifest`
+  std::string manifest;               // required: manifest.json of the exported policy model
+  std::string reference_manifest;     // frozen reference model; "" = the same export as `manifest`
   std::string frozen_dtype = "fp32";  // fp32 | bf16: weights of the reference UNet, VAE, text
                                       // encoders (bf16 ones run under bf16 autocast)
 };
@@ -50,7 +50,7 @@ struct DataConfig {
   int64_t max_image_pixels = 89478485;
   int64_t max_bad_pairs = 100;  // >= 0 skipped bad pairs (all ranks) before the run stops
   bool verify = false;          // sha256 every shard at start (sizes and counts always checked)
-  std::string eval_index;         // index.json of held-out shards; "" = no held-out evaluation
+  std::string eval_index;       // index.json of held-out shards; "" = no held-out evaluation
 };
 
 struct MethodConfig {
@@ -77,12 +77,12 @@ struct OptimConfig {
 };
 
 struct TrainLoopConfig {
-  int64_t global_batch = 2048;     // >= 1 pairs per optimizer step over all ranks
-  int64_t micro_batch = 1;         // >= 1 pairs per forward per rank; accumulation is derived
-  int64_t max_steps = 2000;        // >= 1 optimizer steps
-  std::string precision = "fp32";  // fp32 | bf16 (autocast for the UNets' forward)
+  int64_t global_batch = 2048;          // >= 1 pairs per optimizer step over all ranks
+  int64_t micro_batch = 1;              // >= 1 pairs per forward per rank; accumulation is derived
+  int64_t max_steps = 2000;             // >= 1 optimizer steps
+  std::string precision = "fp32";       // fp32 | bf16 (autocast for the UNets' forward)
   bool gradient_checkpointing = false;  // recompute each UNet block in backward
-  bool allow_tf32 = true;  // CUDA: TF32 tensor cores for fp32 matmuls and convolutions
+  bool allow_tf32 = true;               // CUDA: TF32 tensor cores for fp32 matmuls and convolutions
 };
 
 struct CheckpointConfig {

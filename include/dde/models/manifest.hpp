@@ -47,8 +47,8 @@ struct AddedConditioning {  // SDXL "text_time"
 
 struct Manifest {
   static constexpr int64_t kVersion = 2;  // 2: per-block UNet (1 held it as one graph)
-  std::string path;       // where it was read from
-  std::string directory;  // component files are resolved against it
+  std::string path;                       // where it was read from
+  std::string directory;                  // component files are resolved against it
   Family family = Family::kSd15;
   int64_t resolution = 0;
   int64_t latent_channels = 0;

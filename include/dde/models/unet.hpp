@@ -19,7 +19,7 @@ namespace dde::models {
 
 struct UNetOptions {
   bool trainable = false;
-  bool gradient_checkpointing = false;     // recompute each block in backward (trainable only)
+  bool gradient_checkpointing = false;        // recompute each block in backward (trainable only)
   torch::ScalarType dtype = torch::kFloat32;  // weights; kBFloat16 for a frozen model only
 };
 

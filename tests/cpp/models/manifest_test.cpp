@@ -123,10 +123,17 @@ TEST_F(ManifestFile, Sd15LoadsWithTheExportedValues) {
   // The UNet as units in diffusers' order, for the fixture's config (DownBlock2D +
   // CrossAttnDownBlock2D, layers_per_block 1; the up blocks have 2 resnets each): one unit per
   // resnet and per sampler; the input and down units push 4 skips, the up resnets pop them.
-  const std::vector<std::string> names = {
-      "input",         "down_blocks.0.0", "down_blocks.0.downsample", "down_blocks.1.0",
-      "mid_block",     "up_blocks.0.0",   "up_blocks.0.1",            "up_blocks.0.upsample",
-      "up_blocks.1.0", "up_blocks.1.1",   "output"};
+  const std::vector<std::string> names = {"input",
+                                          "down_blocks.0.0",
+                                          "down_blocks.0.downsample",
+                                          "down_blocks.1.0",
+                                          "mid_block",
+                                          "up_blocks.0.0",
+                                          "up_blocks.0.1",
+                                          "up_blocks.0.upsample",
+                                          "up_blocks.1.0",
+                                          "up_blocks.1.1",
+                                          "output"};
   ASSERT_EQ(m.unet_blocks.size(), names.size());
   std::vector<int64_t> pops;
   std::vector<bool> pushes, sizes;
@@ -247,8 +254,7 @@ TEST_F(ManifestFile, UnknownVersionNamesTheField) {
   m["version"] = 1;
   path = write(m);
   expect_error([&] { load_manifest(path); },
-               {"one traced graph", "cannot be checkpointed", path + ": version",
-                "export_models"});
+               {"one traced graph", "cannot be checkpointed", path + ": version", "export_models"});
 }
 
 TEST_F(ManifestFile, UnetBlocksMustBalanceAndRunInOrder) {
@@ -267,8 +273,7 @@ TEST_F(ManifestFile, UnetBlocksMustBalanceAndRunInOrder) {
   m = fixture_manifest("sd15");
   std::swap(m["unet"]["blocks"][4], m["unet"]["blocks"][5]);  // up before mid
   path = write(m);
-  expect_error([&] { load_manifest(path); },
-               {"out of order", path + ": unet.blocks[4].kind"});
+  expect_error([&] { load_manifest(path); }, {"out of order", path + ": unet.blocks[4].kind"});
 
   m = fixture_manifest("sd15");
   m["unet"]["blocks"][3]["params"] = json::array();

@@ -4,13 +4,12 @@
 // (Parity with diffusers' whole forward: tests/python/test_unet_blocks.py.)
 #include "dde/models/unet.hpp"
 
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <string>
-
-#include <ATen/autocast_mode.h>
 
 #include "dde/models/autocast.hpp"
 #include "dde/models/manifest.hpp"
@@ -93,7 +92,8 @@ TEST_P(UNetBlocks, CheckpointingGivesTheSameOutputsAndGradients) {
   // GroupNorm) and only rounding noise numerically: errors are relative to the larger of the
   // tensor's own scale and 1e-3 of the largest gradient of the model.
   double model_scale = 0.0;
-  for (const auto& [name, g] : plain.grads) model_scale = std::max(model_scale, g.abs().max().item<double>());
+  for (const auto& [name, g] : plain.grads)
+    model_scale = std::max(model_scale, g.abs().max().item<double>());
   double worst = 0.0;
   for (size_t i = 0; i < plain.grads.size(); ++i) {
     const auto& [name, g] = plain.grads[i];
@@ -109,8 +109,7 @@ TEST_P(UNetBlocks, CheckpointingGivesTheSameOutputsAndGradients) {
     EXPECT_LE(err, 1e-6) << name;
   }
   std::cout << "[ checkpointing ] " << family << (bf16 ? " bf16" : " fp32") << ": "
-            << plain.grads.size() << " parameters, worst gradient relative error " << worst
-            << "\n";
+            << plain.grads.size() << " parameters, worst gradient relative error " << worst << "\n";
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, UNetBlocks,
