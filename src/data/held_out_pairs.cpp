@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "dde/data/image.hpp"
+#include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
 #include "dde/util/error.hpp"
@@ -25,7 +26,7 @@ struct PreparedImage {
 
 // Resize(R) -> CenterCrop(R) -> ToTensor -> Normalize, as the loader without augmentation.
 PreparedImage prepare_image(const std::string& bytes, const std::string& where, int resolution) {
-  Image image = decode_jpeg(bytes, where);
+  Image image = decode_image(bytes, where);  // default limits: Pillow's pixel budget, ratio 20
   PreparedImage out;
   out.original_h = image.height;
   out.original_w = image.width;

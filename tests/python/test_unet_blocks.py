@@ -87,9 +87,14 @@ def test_cpp_block_gradients_match_diffusers(exports, tmp_path: Path, family: st
     (diffusers_forward(unet, inputs) * inputs["x"]).sum().backward()
     names = {f"grad.{n}" for n, _ in unet.named_parameters()}
     assert names == {k for k in got if k.startswith("grad.")}
+    # Gradients that are zero analytically (a per-channel bias before a one-channel-per-group
+    # GroupNorm) are rounding noise: below 1e-3 of the model's largest, compare at that scale.
+    model_scale = max(p.grad.abs().max().item() for p in unet.parameters())
     for name, param in unet.named_parameters():
         want = param.grad
-        err = (got[f"grad.{name}"] - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+        own = want.abs().max().item()
+        scale = model_scale if own < 1e-3 * model_scale else own
+        err = (got[f"grad.{name}"] - want).abs().max().item() / scale
         assert err <= 1e-5, name
 
 
