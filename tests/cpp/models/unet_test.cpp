@@ -94,6 +94,11 @@ TEST_P(UNetBlocks, CheckpointingGivesTheSameOutputsAndGradients) {
   double model_scale = 0.0;
   for (const auto& [name, g] : plain.grads)
     model_scale = std::max(model_scale, g.abs().max().item<double>());
+  // fp32: equal to 1e-6. bf16: the recomputation changes the order in which the autograd engine
+  // sums the bf16 gradient contributions of a tensor with several consumers (the time embedding
+  // feeds every unit, a skip feeds two), and one bf16 rounding is 2^-8 relative: equal to a few
+  // bf16 roundings (measured worst 2.1e-2).
+  const double tolerance = bf16 ? 5e-2 : 1e-6;
   double worst = 0.0;
   for (size_t i = 0; i < plain.grads.size(); ++i) {
     const auto& [name, g] = plain.grads[i];
@@ -107,7 +112,7 @@ TEST_P(UNetBlocks, CheckpointingGivesTheSameOutputsAndGradients) {
     const double scale = own < 1e-3 * model_scale ? model_scale : own;
     const double err = (h - g).abs().max().item<double>() / scale;
     worst = std::max(worst, err);
-    EXPECT_LE(err, 1e-6) << name;
+    EXPECT_LE(err, tolerance) << name;
   }
   std::cout << "[ checkpointing ] " << family << (bf16 ? " bf16" : " fp32") << ": "
             << plain.grads.size() << " parameters, worst gradient relative error " << worst << "\n";
