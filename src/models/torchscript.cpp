@@ -22,7 +22,15 @@ torch::jit::Module load_component(const std::string& path, const torch::Device& 
   try {
     if (dtype == torch::kFloat32) return torch::jit::load(path, device);
     torch::jit::Module module = torch::jit::load(path, torch::kCPU);
-    module.to(dtype);
+    // Only floating-point tensors change dtype (Module::to would also cast integer buffers such
+    // as CLIP's position_ids, which index an embedding).
+    torch::NoGradGuard no_grad;
+    for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+      if (p.value.is_floating_point()) p.value.set_data(p.value.to(dtype));
+    }
+    for (const auto& b : module.named_buffers(/*recurse=*/true)) {
+      if (b.value.is_floating_point()) b.value.set_data(b.value.to(dtype));
+    }
     module.to(device);
     return module;
   } catch (const c10::Error& e) {

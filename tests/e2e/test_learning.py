@@ -84,7 +84,8 @@ def fixed_latent_manifest(fixtures: Path, tmp_path_factory: pytest.TempPathFacto
         encoder = torch.jit.script(PooledPixelEncoder(manifest["latent"]["downsample"],
                                                       manifest["latent"]["scaling_factor"]))
         encoder.save(str(out / "vae_encoder.pt"))
-    manifest["unet"]["file"] = str(source / manifest["unet"]["file"])
+    for block in manifest["unet"]["blocks"]:
+        block["file"] = str(source / block["file"])
     for entry in manifest["text_encoders"]:
         entry["file"] = str(source / entry["file"])
     manifest["vae"] = {"encoder": str(out / "vae_encoder.pt"), "decoder": str(source / manifest["vae"]["decoder"])}

@@ -1,8 +1,8 @@
 """Gradient checkpointing and precision, through the real binary on both tiny families.
 
-- train.gradient_checkpointing on and off give the same per-pair records (1e-5 relative), in
-  fp32 and under bf16 autocast: the four errors at every step, z and the loss at the first
-  step. (After an update z is not comparable at 1e-5: the engine sums the gradient of the time
+- train.gradient_checkpointing on and off give the same per-pair records (1e-5 relative): in
+  fp32 the four errors at every step, under bf16 autocast at the first step; z and the loss at
+  the first step. (After an update z is not comparable at 1e-5: the engine sums the gradient of the time
   embedding, shared by every unit, in another order with recomputation, which moves the weights
   by ~1e-7 relative, and beta * c_t * Delta multiplies that into z; tests/cpp/models/unet_test.cpp
   compares the gradients themselves, 1e-6 relative.)
@@ -52,8 +52,11 @@ def test_checkpointing_on_and_off_agree(dde_train, fixtures, tmp_path, family, p
                  "train.gradient_checkpointing=false")
     on = _train(dde_train, fixtures, tmp_path / "on", family, f"train.precision={precision}",
                 "train.gradient_checkpointing=true")
-    err = _max_rel(on, off)
     first = lambda pairs: [p for p in pairs if p["step"] == 1]  # noqa: E731
+    # bf16: the gradients agree only to bf16 rounding (tests/cpp/models/unet_test.cpp), and Adam's
+    # first steps turn even rounding-level gradient differences into lr-sized updates, so only
+    # the first step (same weights) is compared; fp32 is compared at every step.
+    err = _max_rel(on, off) if precision == "fp32" else _max_rel(first(on), first(off))
     z_err = _max_rel(first(on), first(off), fields=("z", "loss"))
     print(f"[ checkpointing ] {family} {precision}: errors max relative difference {err:.3e}, "
           f"step-1 z/loss {z_err:.3e}")
