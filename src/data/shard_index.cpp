@@ -69,7 +69,9 @@ json parse_json(const std::string& text, const std::string& path) {
     return json::parse(text, track);
   } catch (const json::exception& e) {
     throw Error({"shard index is not valid JSON",
-                 last_key.empty() ? path : fmt::format("{}: near field '{}'", path, last_key),
+                 last_key.empty()
+                     ? path
+                     : fmt::format("{}: near field '{}'", path, escape_preview(last_key, 80)),
                  "JSON as written by dde_tools.export_pickapic", escape_preview(e.what(), 160),
                  kReexportHint});
   }
