@@ -275,6 +275,7 @@ std::string value_text(const T& v) {
     return number_text(v);
   } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
     std::vector<std::string> items;
+    items.reserve(v.size());
     for (const int64_t item : v) {
       items.push_back(std::to_string(item));
     }

@@ -208,7 +208,7 @@ c10::intrusive_ptr<c10d::Backend> make_group(const std::string& chosen,
 }
 
 std::string choose_backend(const std::string& backend, const torch::Device& device) {
-  const std::string chosen = backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : backend;
+  std::string chosen = backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : backend;
   if (chosen != "gloo" && chosen != "nccl") {
     throw Error({"unknown backend", "dist.backend", "auto, gloo or nccl", chosen, ""});
   }

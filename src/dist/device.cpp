@@ -38,7 +38,7 @@ torch::Device select_device(const std::string& requested, int64_t local_rank) {
                  "set run.device: cpu (or auto), or check CUDA_VISIBLE_DEVICES and the driver"});
   }
   if (!available) return torch::kCPU;
-  const auto count = static_cast<int64_t>(torch::cuda::device_count());
+  const auto count = static_cast<int64_t>(static_cast<unsigned char>(torch::cuda::device_count()));
   const auto index = static_cast<c10::DeviceIndex>(cuda_device_for_rank(local_rank, count));
 #ifdef DDE_CUDA_BUILD
   c10::cuda::set_device(index);
@@ -69,7 +69,7 @@ std::string sync_mode_name(c10::cuda::SyncDebugMode mode) {
 std::string set_cuda_sync_debug(const std::string& mode) {
   const c10::cuda::SyncDebugMode wanted = parse_sync_mode(mode);
   c10::cuda::WarningState& state = c10::cuda::warning_state();
-  const std::string previous = sync_mode_name(state.get_sync_debug_mode());
+  std::string previous = sync_mode_name(state.get_sync_debug_mode());
   state.set_sync_debug_mode(wanted);
   return previous;
 }

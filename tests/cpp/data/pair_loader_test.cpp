@@ -424,6 +424,7 @@ TEST_F(PairLoaderTest, BadPairsAreSkippedCountedAndNamed) {
   o.shuffle_buffer = 1;  // keep shard order
   PairLoader loader(o);
   std::vector<std::string> keys;
+  keys.reserve(5);
   for (int i = 0; i < 5; ++i) {
     keys.push_back(loader.next().keys[0]);
   }
@@ -485,6 +486,7 @@ TEST_F(PairLoaderTest, SkippedPairsAreSkippedAgainAfterResume) {
   };
   const auto bad_ids = [](const std::vector<BadPair>& bad) {
     std::vector<int64_t> ids;
+    ids.reserve(bad.size());
     for (const BadPair& b : bad) ids.push_back(b.pair_id);
     return ids;
   };

@@ -40,6 +40,7 @@ TEST(Communicator, GlooWorldOfOneRunsEveryCollective) {
                                      torch::arange(6, torch::kFloat32).view({2, 3}),
                                      torch::full({3}, 0.25, torch::kFloat32), f64({7.0})};
   std::vector<torch::Tensor> expected;
+  expected.reserve(tensors.size());
   for (const auto& t : tensors) expected.push_back(t.clone());
   comm->all_reduce_sum(tensors, /*bucket_bytes=*/16);
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -93,7 +94,9 @@ TEST(Communicator, BackendAndDeviceMustAgree) {
   DistEnvironment env;
   env.master_port = 0;
   expect_error_mentions(
-      [&] { Communicator::create(env, "nccl", torch::kCPU, kTimeout, /*force=*/true); },
+      [&] {
+        Communicator::create(env, "nccl", torch::kCPU, kTimeout, /*force_process_group=*/true);
+      },
       {"NCCL needs CUDA tensors", "dist.backend", "gloo"});
   expect_error_mentions(
       [&] { Communicator::create(env, "auto", torch::Device(torch::kCUDA), kTimeout); },
@@ -106,7 +109,7 @@ TEST(Communicator, NcclWorldOfOneOnTheRanksGpu) {
   DistEnvironment env;
   env.master_port = 0;
   const torch::Device gpu(torch::kCUDA, 0);
-  const auto comm = Communicator::create(env, "auto", gpu, kTimeout, /*force=*/true);
+  const auto comm = Communicator::create(env, "auto", gpu, kTimeout, /*force_process_group=*/true);
   EXPECT_EQ(comm->backend(), "nccl");
   std::vector<torch::Tensor> tensors{
       torch::tensor({1.5, -2.0}, torch::dtype(torch::kFloat64).device(gpu)),
