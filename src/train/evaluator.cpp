@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "dde/data/held_out_pairs.hpp"
+#include "dde/train/pair_inputs.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/seed.hpp"
@@ -26,19 +27,8 @@ struct EncodedPairs {
   torch::Tensor ref_errors;   // [nb, 2, B] float32: reference e[ref, w|l] per bin
 };
 
-// Per-image mean squared error over latent elements: [N, C, h, w] -> [N].
-torch::Tensor per_image_mse(const torch::Tensor& prediction, const torch::Tensor& target) {
-  return (prediction.to(torch::kFloat32) - target).pow(2).flatten(1).mean(1);
-}
-
 at::Generator pair_generator(uint64_t seed, int64_t pair_id, uint64_t stream) {
   return at::make_generator<at::CPUGeneratorImpl>(mix_seed(seed, pair_id, stream));
-}
-
-torch::Tensor sdxl_time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl,
-                            int64_t resolution) {
-  const torch::Tensor target = torch::full({original_hw.size(0), 2}, resolution, torch::kLong);
-  return torch::cat({original_hw, crop_tl, target}, 1).to(torch::kFloat32);
 }
 
 models::Conditioning conditioning_to(const models::Conditioning& c, const torch::Device& device,

@@ -28,6 +28,7 @@
 #include "dde/train/evaluator.hpp"
 #include "dde/train/memory_meter.hpp"
 #include "dde/train/metrics_log.hpp"
+#include "dde/train/pair_inputs.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -67,18 +68,6 @@ std::set<int64_t> injected_nonfinite_steps() {
     if (!item.empty()) steps.insert(std::stoll(item));
   }
   return steps;
-}
-
-// Per-image mean squared error over latent elements: [N, C, h, w] -> [N].
-torch::Tensor per_image_mse(const torch::Tensor& prediction, const torch::Tensor& target) {
-  return (prediction.to(torch::kFloat32) - target).pow(2).flatten(1).mean(1);
-}
-
-// SDXL add_time_ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image.
-torch::Tensor time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl,
-                       int64_t resolution) {
-  const torch::Tensor target = torch::full({original_hw.size(0), 2}, resolution, torch::kLong);
-  return torch::cat({original_hw, crop_tl, target}, 1).to(torch::kFloat32);
 }
 
 // Columns of a per-pair record row, gathered from every rank to rank 0.
@@ -319,8 +308,10 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   models::Conditioning cond = text->encode(batch.input_ids);
   torch::Tensor loser_time_ids;
   if (manifest.added_cond) {
-    cond.time_ids = to_device(time_ids(batch.winner_original_hw, batch.winner_crop_tl, resolution));
-    loser_time_ids = to_device(time_ids(batch.loser_original_hw, batch.loser_crop_tl, resolution));
+    cond.time_ids =
+        to_device(sdxl_time_ids(batch.winner_original_hw, batch.winner_crop_tl, resolution));
+    loser_time_ids =
+        to_device(sdxl_time_ids(batch.loser_original_hw, batch.loser_crop_tl, resolution));
   }
   const models::Conditioning pair_cond = cond.repeat_for_pair(loser_time_ids);
 
