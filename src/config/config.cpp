@@ -853,4 +853,17 @@ int64_t accumulation_steps(const TrainConfig& config, int64_t world_size) {
   return global / (micro * world_size);
 }
 
+std::vector<ConfigChange> config_changes(const TrainConfig& before, const TrainConfig& after) {
+  std::vector<ConfigChange> changes;
+  for_each_field(
+      [&](const char* section, auto section_member, const char* key, auto field, const Rule&) {
+        const std::string old_text = value_text(before.*section_member.*field);
+        const std::string new_text = value_text(after.*section_member.*field);
+        if (old_text != new_text) {
+          changes.push_back({std::string(section) + "." + key, old_text, new_text});
+        }
+      });
+  return changes;
+}
+
 }  // namespace dde::config

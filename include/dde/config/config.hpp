@@ -154,4 +154,12 @@ int64_t effective_t_hi(const MethodConfig& method, int64_t num_timesteps);
 // global_batch / (micro_batch x world_size); throws dde::Error unless it divides exactly.
 int64_t accumulation_steps(const TrainConfig& config, int64_t world_size);
 
+// A key whose value differs between two configs (a resume against its checkpoint's config.yaml).
+struct ConfigChange {
+  std::string key;  // dotted path, e.g. "optim.lr"
+  std::string before, after;
+};
+// Every key that differs, in file order, with both values as config_from_yaml would read them.
+std::vector<ConfigChange> config_changes(const TrainConfig& before, const TrainConfig& after);
+
 }  // namespace dde::config

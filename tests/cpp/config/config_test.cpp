@@ -329,6 +329,26 @@ TEST(ConfigYaml, EqualityComparesEveryField) {
   EXPECT_FALSE(a == b);
 }
 
+TEST(ConfigYaml, ChangesListEveryDifferingKeyInFileOrder) {
+  const auto a = from_text(kMinimal);
+  EXPECT_TRUE(config_changes(a, a).empty());
+  auto b = a;
+  b.train.global_batch = 16;
+  b.run.seed = 7;
+  b.optim.lr = 1e-5;
+  b.eval.t_bins = {1, 2};
+  const auto changes = config_changes(a, b);
+  ASSERT_EQ(changes.size(), 4U);
+  EXPECT_EQ(changes[0].key, "run.seed");
+  EXPECT_EQ(changes[0].before, "0");
+  EXPECT_EQ(changes[0].after, "7");
+  EXPECT_EQ(changes[1].key, "optim.lr");
+  EXPECT_EQ(changes[1].after, "1e-05");
+  EXPECT_EQ(changes[2].key, "train.global_batch");
+  EXPECT_EQ(changes[3].key, "eval.t_bins");
+  EXPECT_EQ(changes[3].after, "[1, 2]");
+}
+
 TEST(ConfigTimesteps, WindowAgainstTheSchedule) {
   auto c = from_text(kMinimal);
   EXPECT_EQ(effective_t_hi(c.method, 1000), 1000);
