@@ -1,8 +1,12 @@
 #include "dde/checkpoint/training_checkpoint.hpp"
 
 #include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
@@ -30,7 +34,70 @@ std::string optimizer_shard_path(const std::string& dir, int64_t rank) {
   return (fs::path(dir) / fmt::format("optimizer-rank-{:05d}.safetensors", rank)).string();
 }
 
+constexpr const char* kDamagedHint =
+    "the checkpoint is damaged: move this step-* directory aside and --resume from the previous "
+    "one";
+
+Error damaged_file(const std::string& where, const std::string& expected, const std::string& got) {
+  return Error({"damaged checkpoint file", where, expected, got, kDamagedHint});
+}
+
+// The JSON object in `path`; anything else (a truncated file, 1e400) is an Error naming the file.
+json read_json_object(const std::string& path) {
+  json doc;
+  try {
+    doc = json::parse(read_text_file(path));
+  } catch (const json::exception& e) {
+    throw damaged_file(path, "a JSON object as dde_train writes it", e.what());
+  }
+  if (!doc.is_object()) throw damaged_file(path, "a JSON object", doc.type_name());
+  return doc;
+}
+
+// obj[key] for the readers below; a missing key is an Error naming the file and the key.
+const json& member(const json& obj, const std::string& key, const std::string& path) {
+  if (!obj.is_object() || !obj.contains(key)) {
+    throw damaged_file(path + ": " + key, "the key present", "absent");
+  }
+  return obj.at(key);
+}
+
+// A count (step, epoch, ...): nlohmann's get<int64_t>() would truncate 1.5 and wrap -1 or 2^64.
+int64_t count_at(const json& obj, const std::string& key, const std::string& path) {
+  const json& v = member(obj, key, path);
+  const bool fits = v.is_number_unsigned()
+                        ? v.get<uint64_t>() <= uint64_t{std::numeric_limits<int64_t>::max()}
+                        : v.is_number_integer() && v.get<int64_t>() >= 0;
+  if (!fits) throw damaged_file(path + ": " + key, "an integer >= 0", v.dump());
+  return v.get<int64_t>();
+}
+
+double finite_at(const json& obj, const std::string& key, const std::string& path) {
+  const json& v = member(obj, key, path);
+  if (!v.is_number() || !std::isfinite(v.get<double>())) {
+    throw damaged_file(path + ": " + key, "a finite number", v.dump());
+  }
+  return v.get<double>();
+}
+
+std::string text_at(const json& obj, const std::string& key, const std::string& path) {
+  const json& v = member(obj, key, path);
+  if (!v.is_string()) throw damaged_file(path + ": " + key, "a string", v.dump());
+  return v.get<std::string>();
+}
+
+bool flag_at(const json& obj, const std::string& key, const std::string& path) {
+  const json& v = member(obj, key, path);
+  if (!v.is_boolean()) throw damaged_file(path + ": " + key, "true or false", v.dump());
+  return v.get<bool>();
+}
+
 }  // namespace
+
+const std::vector<std::string> kPositionKeys = {
+    "run.seed",          "data.index",           "data.resolution",     "data.random_crop",
+    "data.random_flip",  "data.caption_dropout", "data.shuffle_buffer", "data.keep_ties",
+    "train.global_batch"};
 
 void write_shared_state(const std::string& dir, const SharedState& s) {
   const fs::path d(dir);
@@ -75,27 +142,27 @@ void write_rank_state(const std::string& dir, const RankState& s) {
 
 SharedState read_shared_state(const std::string& dir) {
   const std::string path = (fs::path(dir) / "trainer_state.json").string();
-  const json st = json::parse(read_text_file(path));
-  if (st.value("format", "") != "dde-checkpoint" ||
-      st.value("version", int64_t{0}) != kCheckpointVersion) {
+  const json st = read_json_object(path);
+  const json format = st.value("format", json());
+  const json version = st.value("version", json());
+  if (format != "dde-checkpoint" || version != kCheckpointVersion) {
     throw Error({"not a dde checkpoint of a known version", path,
                  "format dde-checkpoint, version " + std::to_string(kCheckpointVersion),
-                 st.value("format", std::string("?")) + " v" +
-                     std::to_string(st.value("version", int64_t{0})),
-                 ""});
+                 "format " + format.dump() + ", version " + version.dump(), kDamagedHint});
   }
   SharedState s;
-  s.step = st.at("step").get<int64_t>();
-  s.skipped_steps = st.at("skipped_steps").get<int64_t>();
-  s.nonfinite_in_row = st.at("nonfinite_in_row").get<int64_t>();
-  s.world_size = st.at("world_size").get<int64_t>();
-  s.method = st.at("method").get<std::string>();
+  s.step = count_at(st, "step", path);
+  s.skipped_steps = count_at(st, "skipped_steps", path);
+  s.nonfinite_in_row = count_at(st, "nonfinite_in_row", path);
+  s.world_size = count_at(st, "world_size", path);
+  s.method = text_at(st, "method", path);
   // Checkpoints from before optimizer choice and sharding hold replicated AdamW state.
   const json optimizer = st.value("optimizer", json{{"name", "adamw"}, {"sharded", false}});
-  s.optimizer_name = optimizer.at("name").get<std::string>();
-  s.optimizer_sharded = optimizer.at("sharded").get<bool>();
-  s.correction_momentum = st.at("correction").at("momentum").get<double>();
-  s.correction_updates = st.at("correction").at("updates").get<int64_t>();
+  s.optimizer_name = text_at(optimizer, "name", path + ": optimizer");
+  s.optimizer_sharded = flag_at(optimizer, "sharded", path + ": optimizer");
+  const json& correction = member(st, "correction", path);
+  s.correction_momentum = finite_at(correction, "momentum", path + ": correction");
+  s.correction_updates = count_at(correction, "updates", path + ": correction");
   for (auto& [name, tensor] : load_safetensors(training_state_path(dir)).tensors) {
     if (name == kCorrectionKey) {
       s.correction = tensor;
@@ -116,13 +183,16 @@ SharedState read_shared_state(const std::string& dir) {
 }
 
 RankState read_rank_state(const std::string& dir, int64_t rank, const SharedState& saved) {
-  const json rs = json::parse(read_text_file(rank_file(dir, rank)));
+  const std::string path = rank_file(dir, rank);
+  const json rs = read_json_object(path);
   RankState s;
   s.rank = rank;
-  s.world_size = rs.at("world_size").get<int64_t>();
-  s.epoch = rs.at("loader").at("epoch").get<int64_t>();
-  s.pairs_consumed = rs.at("loader").at("pairs_consumed").get<int64_t>();
-  s.bad_pairs = rs.at("loader").value("bad_pairs", int64_t{0});  // absent before the budget
+  s.world_size = count_at(rs, "world_size", path);
+  const json& loader = member(rs, "loader", path);
+  s.epoch = count_at(loader, "epoch", path + ": loader");
+  s.pairs_consumed = count_at(loader, "pairs_consumed", path + ": loader");
+  // Absent before the bad-pair budget existed.
+  s.bad_pairs = loader.contains("bad_pairs") ? count_at(loader, "bad_pairs", path + ": loader") : 0;
   if (saved.optimizer_sharded)
     s.optimizer_shard = load_safetensors(optimizer_shard_path(dir, rank)).tensors;
   return s;
@@ -146,6 +216,40 @@ void check_resumable(const std::string& dir, const SharedState& saved, const Res
                  saved.optimizer_name, run.optimizer_name,
                  "resume with the same optim.name, or start a new run directory from its unet/"});
   }
+}
+
+std::vector<config::ConfigChange> check_resume_config(const std::string& dir,
+                                                      const std::string& saved_yaml,
+                                                      const config::TrainConfig& now) {
+  const std::string path = (fs::path(dir) / "config.yaml").string();
+  YAML::Node root;
+  try {
+    root = YAML::Load(saved_yaml);
+  } catch (const YAML::Exception& e) {
+    throw damaged_file(path, "the YAML config dde_train writes", e.what());
+  }
+  const config::TrainConfig saved = config::config_from_yaml(root, path);
+  std::vector<config::ConfigChange> harmless;
+  std::string keys, before, after;
+  for (config::ConfigChange& c : config::config_changes(saved, now)) {
+    if (std::find(kPositionKeys.begin(), kPositionKeys.end(), c.key) == kPositionKeys.end()) {
+      harmless.push_back(std::move(c));
+      continue;
+    }
+    const char* sep = keys.empty() ? "" : ", ";
+    keys += sep + c.key;
+    before += sep + c.key + " " + c.before;
+    after += sep + c.key + " " + c.after;
+  }
+  if (!keys.empty()) {
+    // The data position and every pair's random choices follow from these keys: a resume
+    // under other values would silently train on another stream than the one it continues.
+    throw Error({"resume with a config that changes the data stream", path + ": " + keys, before,
+                 after,
+                 "resume with the checkpoint's values, or start a new run (another "
+                 "run.output_dir) from its unet/ weights"});
+  }
+  return harmless;
 }
 
 NamedTensors optimizer_state_for(const std::string& dir, const SharedState& saved,

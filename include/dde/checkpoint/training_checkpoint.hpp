@@ -11,8 +11,10 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "dde/checkpoint/safetensors.hpp"
+#include "dde/config/config.hpp"
 
 namespace dde::checkpoint {
 
@@ -61,6 +63,16 @@ struct ResumingRun {
   int64_t world_size = 1;
 };
 void check_resumable(const std::string& dir, const SharedState& saved, const ResumingRun& run);
+
+// Compares the resuming run's config with the checkpoint's config.yaml (read with the same
+// loader). A change to a key that fixes the data position or the pairs' random choices
+// (kPositionKeys) is a dde::Error naming them; every other change is returned for the log.
+// train.micro_batch may change (the loader counts pairs, and the global batch and world size are
+// held), though the sums then add up in another order.
+extern const std::vector<std::string> kPositionKeys;
+std::vector<config::ConfigChange> check_resume_config(const std::string& dir,
+                                                      const std::string& saved_yaml,
+                                                      const config::TrainConfig& now);
 
 // The optimizer state a resuming rank loads: the shared file's (written unsharded), its own shard
 // (sharded, resumed sharded), or every rank's shard (sharded, resumed unsharded). Entries are keyed

@@ -1,9 +1,13 @@
 #include "dde/checkpoint/training_checkpoint.hpp"
 
 #include <gtest/gtest.h>
+#include <yaml-cpp/yaml.h>
 
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "dde/util/error.hpp"
 
@@ -128,6 +132,99 @@ TEST(TrainingCheckpoint, ForeignTrainerStateIsRefused) {
   dde::checkpoint::write_shared_state(dir.string(), example_shared(false));
   std::ofstream(dir / "trainer_state.json") << "{\"format\": \"other\", \"version\": 1}";
   EXPECT_THROW(dde::checkpoint::read_shared_state(dir.string()), dde::Error);
+}
+
+// What a damaged file gives: a dde::Error naming the file (and the key), never a raw JSON error.
+std::string read_error(const fs::path& dir, bool rank_file = false) {
+  try {
+    const auto saved = dde::checkpoint::read_shared_state(dir.string());
+    if (rank_file) dde::checkpoint::read_rank_state(dir.string(), 1, saved);
+  } catch (const dde::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(TrainingCheckpoint, DamagedTrainerStateIsAnErrorNamingTheFile) {
+  const fs::path dir = fresh_dir("damaged");
+  dde::checkpoint::write_shared_state(dir.string(), example_shared(false));
+  const std::string good = R"("format": "dde-checkpoint", "version": 1, "skipped_steps": 0,
+    "nonfinite_in_row": 0, "world_size": 2, "method": "dde",
+    "optimizer": {"name": "adafactor", "sharded": false},
+    "correction": {"momentum": 0.9, "updates": 6})";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{\"format\": \"dde-checkpoint\", \"ver", "parse error"},
+      {"{" + good + ", \"step\": 1e400}", "number overflow"},
+      {"{" + good + ", \"step\": 1.5}", "trainer_state.json: step"},
+      {"{" + good + ", \"step\": -3}", "trainer_state.json: step"},
+      {"{" + good + ", \"step\": 18446744073709551615}", "trainer_state.json: step"},
+      {"{" + good + "}", "trainer_state.json: step"},
+      {"[1, 2]", "a JSON object"},
+  };
+  for (const auto& [text, says] : cases) {
+    std::ofstream(dir / "trainer_state.json", std::ios::trunc) << text;
+    const std::string message = read_error(dir);
+    EXPECT_NE(message.find("trainer_state.json"), std::string::npos) << text << "\n" << message;
+    EXPECT_NE(message.find(says), std::string::npos) << text << "\n" << message;
+  }
+  std::ofstream(dir / "trainer_state.json", std::ios::trunc) << "{" << good << ", \"step\": 7}";
+  EXPECT_EQ(read_error(dir), "no error");
+  std::ofstream(dir / "rank-00001.json", std::ios::trunc)
+      << R"({"rank": 1, "world_size": 2, "loader": {"epoch": 1e400, "pairs_consumed": 4}})";
+  EXPECT_NE(read_error(dir, /*rank_file=*/true).find("rank-00001.json"), std::string::npos);
+}
+
+TEST(TrainingCheckpoint, ResumeConfigRefusesDataStreamChangesAndReturnsTheRest) {
+  const std::string saved_yaml = R"(run: {output_dir: runs/x, seed: 3}
+model: {manifest: m/manifest.json}
+data: {index: d/index.json}
+optim: {lr: 1.0e-5}
+train: {global_batch: 8, micro_batch: 2, max_steps: 10}
+)";
+  const auto changes = [&](const std::string& extra) {
+    const auto now = dde::config::config_from_yaml(YAML::Load(saved_yaml + extra), "<now>");
+    std::string keys;
+    for (const auto& c : dde::checkpoint::check_resume_config("ck", saved_yaml, now)) {
+      keys += c.key + ":" + c.before + "->" + c.after + " ";
+    }
+    return keys;
+  };
+  EXPECT_EQ(changes(""), "");
+  EXPECT_EQ(changes("logging: {every: 5}\n"), "logging.every:1->5 ");
+  const auto refused = [&](const std::string& yaml) {
+    try {
+      dde::checkpoint::check_resume_config(
+          "ck", saved_yaml, dde::config::config_from_yaml(YAML::Load(yaml), "<now>"));
+    } catch (const dde::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  std::string seed = saved_yaml;
+  seed.replace(seed.find("seed: 3"), 7, "seed: 4");
+  const std::string message = refused(seed);
+  EXPECT_NE(message.find("changes the data stream"), std::string::npos) << message;
+  EXPECT_NE(message.find("ck/config.yaml: run.seed"), std::string::npos) << message;
+  std::string batch = saved_yaml;
+  batch.replace(batch.find("global_batch: 8"), 15, "global_batch: 4");
+  EXPECT_NE(refused(batch).find("train.global_batch"), std::string::npos);
+  std::string ties = saved_yaml;
+  ties.replace(ties.find("index: d/index.json"), 19, "index: d/index.json, keep_ties: true");
+  EXPECT_NE(refused(ties).find("data.keep_ties false"), std::string::npos) << refused(ties);
+  std::string micro = saved_yaml;
+  micro.replace(micro.find("micro_batch: 2"), 14, "micro_batch: 4");
+  EXPECT_EQ(refused(micro), "no error");  // the loader counts pairs: allowed, logged
+}
+
+TEST(TrainingCheckpoint, ResumeConfigThatDoesNotParseNamesTheFile) {
+  const auto now = dde::config::config_from_yaml(
+      YAML::Load("{run: {output_dir: r}, model: {manifest: m}, data: {index: d}}"), "<now>");
+  try {
+    dde::checkpoint::check_resume_config("ck", "run: [unclosed", now);
+    FAIL() << "no error";
+  } catch (const dde::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ck/config.yaml"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
