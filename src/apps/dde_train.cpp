@@ -1,7 +1,7 @@
 // dde_train: fine-tunes a Stable Diffusion UNet on preference pairs (DDE and baselines).
-//   dde_train --config FILE [--set key=value ...] [--resume] [--dry-run]
-// Exit status: 0 done, 1 error (message logged), 2 usage, 3 stopped by SIGTERM/SIGUSR1 after
-// writing a checkpoint (requeue and --resume).
+//   dde_train --config FILE [--set key=value ...] [--resume | --overwrite] [--dry-run]
+// Exit status: 0 done, 1 error (message logged), 2 usage, 3 stopped by SIGTERM/SIGUSR1/SIGINT
+// after checkpointing the last complete step (requeue and --resume).
 #include <CLI/CLI.hpp>
 #include <exception>
 #include <string>
@@ -28,13 +28,17 @@ int main(int argc, char** argv) {
       "dde_train: preference fine-tuning of Stable Diffusion by Denoised Distribution Estimation"};
   std::string config_path;
   std::vector<std::string> overrides;
-  bool resume = false;
+  dde::train::StartOptions start;
   bool dry_run = false;
   app.add_option("--config", config_path, "YAML training config (see configs/)")->required();
   app.add_option("--set", overrides,
                  "override a config value, e.g. --set optim.lr=1e-5 (repeatable)");
-  app.add_flag("--resume", resume,
-               "continue from the newest complete checkpoint in run.output_dir");
+  CLI::Option* resume = app.add_flag(
+      "--resume", start.resume, "continue from the newest complete checkpoint in run.output_dir");
+  app.add_flag("--overwrite", start.overwrite,
+               "start afresh in a run.output_dir that holds checkpoints: deletes its checkpoints/ "
+               "and metrics.jsonl first (without it, or --resume, such a folder is refused)")
+      ->excludes(resume);
   app.add_flag("--dry-run", dry_run, "validate the config, print it and exit");
   try {
     app.parse(argc, argv);
@@ -48,7 +52,8 @@ int main(int argc, char** argv) {
       dde::log::info("config {} is valid:\n{}", config_path, dde::config::to_yaml(config));
       return kExitOk;
     }
-    dde::train::Trainer trainer(std::move(config), resume);
+    dde::train::check_output_dir(config, start);  // before the models load: fail fast
+    dde::train::Trainer trainer(std::move(config), start);
     const dde::train::TrainOutcome outcome = trainer.run();
     if (outcome.preempted) {
       dde::log::flush();

@@ -132,11 +132,14 @@ struct Trainer::Impl {
   int64_t nonfinite_in_row = 0;
   std::set<int64_t> poisoned_steps;
   std::string last_checkpoint;
+  int64_t checkpointed_step = -1;  // the step last_checkpoint holds (-1: none yet)
   std::map<std::string, int64_t> bad_pairs_by_reason;  // rank 0: seen by this process
 
-  Impl(config::TrainConfig config, bool resume);
+  Impl(config::TrainConfig config, StartOptions start);
+  void prepare_output_dir(const StartOptions& start) const;
   void restore(const std::string& dir);
-  std::string save_checkpoint();
+  std::string save_checkpoint(const data::PairLoaderState& position);
+  TrainOutcome stop_for_requeue(const data::PairLoaderState& step_start);
   checkpoint::SharedState shared_state() const;
   TrainOutcome run();
   void write_pair_records(const torch::Tensor& all_rows);
@@ -159,7 +162,7 @@ struct Trainer::Impl {
                         const models::Conditioning& cond);
 };
 
-Trainer::Impl::Impl(config::TrainConfig config, bool resume)
+Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
     : cfg(std::move(config)),
       env(dist::detect_environment(cfg.dist.init_method)),
       // The rank's GPU becomes the current device before anything is allocated on it.
@@ -253,10 +256,10 @@ Trainer::Impl::Impl(config::TrainConfig config, bool resume)
   }
 
   poisoned_steps = injected_nonfinite_steps();
-  if (is_main()) store.remove_stale_staging();
+  prepare_output_dir(start);
   comm->barrier();
   int64_t keep_metrics_through = -1;
-  if (resume) {
+  if (start.resume) {
     if (auto latest = store.latest_complete()) {
       restore(*latest);
       keep_metrics_through = step;
@@ -396,6 +399,7 @@ TrainOutcome Trainer::Impl::run() {
   const auto run_start = Clock::now();
   const int64_t first_step = step;
   MemoryMeter memory(device);
+  const StopTestHooks test_hooks = StopTestHooks::from_environment();
   log::info("training steps {} -> {} ({} pairs per step)", step, max_steps, cfg.train.global_batch);
   while (step < max_steps) {
     if (evaluator) evaluator->run_if_due(step, ema, metrics.get());
@@ -410,10 +414,17 @@ TrainOutcome Trainer::Impl::run() {
     // which run.cuda_sync_debug: error enforces on a GPU.
     std::vector<torch::Tensor> rows;
     bool has_z = false;
+    bool stopped = false;  // this rank saw the stop flag before one of its micro-batches
+    const data::PairLoaderState position_at_start = loader->state();  // what a stop saves
     {
       const dist::CudaSyncDebugScope sync_debug(device.is_cuda() ? cfg.run.cuda_sync_debug
                                                                  : std::string("off"));
       for (int64_t micro = 0; micro < accumulation; ++micro) {
+        test_hooks.before_micro_batch(comm->rank(), step + 1, micro);
+        if (stop_requested()) {  // an atomic load: the ranks agree once, after the loop
+          stopped = true;
+          break;
+        }
         const data::PairBatch batch = loader->next();
         MicroResult r = micro_step(batch, micro == 0 && step + 1 == cfg.logging.dump_step);
         // Sum over pairs / global batch: the all-reduced sum of gradients is the batch mean's.
@@ -424,6 +435,9 @@ TrainOutcome Trainer::Impl::run() {
         rows.push_back(r.rows);
       }
     }
+    // Every rank must take the same branch: one collective per step, before the gradient reduce.
+    // A rank that was not signalled finishes its micro-batches first (SLURM signals every task).
+    if (comm->any(stopped)) return stop_for_requeue(position_at_start);
     const torch::Tensor local_rows = torch::cat(rows, 0);  // [n, kPairColumns] on the device
     // stats: loss sum, pairs, z > 0 count, winner mse (policy, reference) sums.
     torch::Tensor stats = step_stats(local_rows, has_z, reference != nullptr);
@@ -502,7 +516,7 @@ TrainOutcome Trainer::Impl::run() {
       }
     }
     if (nonfinite_in_row >= cfg.optim.max_nonfinite_in_row) {
-      const std::string dir = save_checkpoint();
+      const std::string dir = save_checkpoint(loader->state());
       throw Error({"too many non-finite steps in a row", "step " + std::to_string(step),
                    "fewer than optim.max_nonfinite_in_row = " +
                        std::to_string(cfg.optim.max_nonfinite_in_row),
@@ -511,7 +525,7 @@ TrainOutcome Trainer::Impl::run() {
                        "; lower optim.lr, check the data, or use precision fp32, then --resume"});
     }
     if (bad_total > cfg.data.max_bad_pairs) {  // the same global count on every rank
-      const std::string dir = save_checkpoint();
+      const std::string dir = save_checkpoint(loader->state());
       std::string reasons;
       for (const auto& [reason, count] : bad_pairs_by_reason) {
         reasons += fmt::format("{}{} {}", reasons.empty() ? "" : ", ", reason, count);
@@ -525,14 +539,7 @@ TrainOutcome Trainer::Impl::run() {
            "shards, or raise data.max_bad_pairs; the weights are saved in " +
                dir + " for --resume"});
     }
-    // Every rank must take the same branch: agree on whether any of them was signalled.
-    if (comm->any(stop_requested())) {
-      const std::string dir = save_checkpoint();
-      log::warn("stop requested (signal {}): checkpoint {} written at step {}; exiting for requeue",
-                stop_signal(), dir, step);
-      return {step, skipped_steps, last_checkpoint, /*preempted=*/true};
-    }
-    if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint();
+    if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint(loader->state());
   }
   if (evaluator) evaluator->run_if_due(step, ema, metrics.get());
   return {step, skipped_steps, last_checkpoint, /*preempted=*/false};
@@ -581,13 +588,35 @@ void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
   }
 }
 
-std::string Trainer::Impl::save_checkpoint() {
+// A stop agreed by the ranks mid-step: the partial step is dropped (gradients, the correction's
+// pending sums, the bad pairs met in it) and the last complete step is checkpointed with the data
+// position at its end, so --resume redoes the whole step. A stop seen only after a step's last
+// micro-batch lets that step finish and is caught before the next one's first micro-batch.
+TrainOutcome Trainer::Impl::stop_for_requeue(const data::PairLoaderState& step_start) {
+  optimizer->zero_grad();
+  ema.clear_pending();
+  (void)loader->take_bad_pairs();  // the resumed run meets (and reports) them again
+  const std::string at = " at step " + std::to_string(step);
+  std::string done;
+  if (step == 0) {
+    done = "no step completed, nothing to checkpoint";
+  } else if (checkpointed_step == step) {  // a periodic checkpoint of the last step, or a resume
+    done = "checkpoint " + last_checkpoint + " already written" + at;
+  } else {
+    done = "checkpoint " + save_checkpoint(step_start) + " written" + at;
+  }
+  const int signum = stop_signal();  // 0 on a rank that only agreed with a signalled one
+  log::warn("stop requested ({}): {}; exiting for requeue",
+            signum != 0 ? fmt::format("signal {}", signum) : std::string("by another rank"), done);
+  return {step, skipped_steps, last_checkpoint, /*preempted=*/true};
+}
+
+std::string Trainer::Impl::save_checkpoint(const data::PairLoaderState& position) {
   // Rank 0 stages and writes the shared state, every rank its own position (and optimizer
   // shard); the rename that makes it complete happens only after all of them have written.
   const std::string d = store.staging_dir(step);
   if (is_main()) store.stage(step);
   comm->barrier();
-  const data::PairLoaderState position = loader->state();
   checkpoint::RankState own;
   own.rank = comm->rank();
   own.world_size = comm->world_size();
@@ -606,6 +635,7 @@ std::string Trainer::Impl::save_checkpoint() {
         (fs::path(store.root()) / checkpoint::CheckpointStore::step_dir_name(step)).string();
   }
   comm->barrier();
+  checkpointed_step = step;
   return last_checkpoint;
 }
 
@@ -632,8 +662,9 @@ void Trainer::Impl::restore(const std::string& dir) {
   const checkpoint::SharedState saved = checkpoint::read_shared_state(dir);
   checkpoint::check_resumable(dir, saved,
                               {objective::method_name(method), cfg.optim.name, comm->world_size()});
-  if (saved.config_yaml != config::to_yaml(cfg)) {
-    log::warn("resuming from {} with a config that differs from the checkpoint's config.yaml", dir);
+  for (const config::ConfigChange& c :
+       checkpoint::check_resume_config(dir, saved.config_yaml, cfg)) {
+    log::warn("resume: {} changed since the checkpoint: {} -> {}", c.key, c.before, c.after);
   }
   policy->load_parameters(saved.unet, dir);
   const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
@@ -654,11 +685,42 @@ void Trainer::Impl::restore(const std::string& dir) {
   position.bad_pairs = own.bad_pairs;
   loader->load_state(position);
   last_checkpoint = dir;
+  checkpointed_step = step;
   log::info("resumed from {} at step {}", dir, step);
 }
 
-Trainer::Trainer(config::TrainConfig config, bool resume)
-    : impl_(std::make_unique<Impl>(std::move(config), resume)) {}
+// Every rank checks (the folder is shared); rank 0 alone deletes what --overwrite replaces.
+void Trainer::Impl::prepare_output_dir(const StartOptions& start) const {
+  check_output_dir(cfg, start);
+  if (!is_main()) return;
+  if (start.overwrite) {
+    const fs::path metrics_file = fs::path(cfg.run.output_dir) / "metrics.jsonl";
+    for (const fs::path& old : {fs::path(store.root()), metrics_file}) {
+      if (fs::exists(old)) {
+        fs::remove_all(old);
+        log::warn("--overwrite: deleted {}", old.string());
+      }
+    }
+  }
+  store.remove_stale_staging();
+}
+
+void check_output_dir(const config::TrainConfig& config, const StartOptions& start) {
+  if (start.resume || start.overwrite) return;
+  const checkpoint::CheckpointStore existing(
+      (fs::path(config.run.output_dir) / "checkpoints").string(), config.checkpoint.keep);
+  const std::vector<std::string> found = existing.complete_checkpoints();
+  if (found.empty()) return;
+  throw Error({"the output folder holds the checkpoints of an earlier run",
+               "run.output_dir = " + config.run.output_dir,
+               "no complete checkpoint under checkpoints/ for a fresh run",
+               fmt::format("{} (newest {})", found.size(), found.back()),
+               "continue that run with --resume; or pass --overwrite to delete its checkpoints/ "
+               "and metrics.jsonl and start again; or choose another run.output_dir"});
+}
+
+Trainer::Trainer(config::TrainConfig config, StartOptions start)
+    : impl_(std::make_unique<Impl>(std::move(config), start)) {}
 Trainer::~Trainer() = default;
 TrainOutcome Trainer::run() { return impl_->run(); }
 

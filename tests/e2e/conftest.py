@@ -52,13 +52,19 @@ def tiny_overrides(fixtures: Path, family: str, out: Path, held_out: bool = Fals
     ]
 
 
-def run_train(binary: Path, config: str, sets: list[str], *, resume: bool = False, env: dict | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+def train_command(binary: Path, config: str, sets: list[str], *, resume: bool = False,
+                  flags: list[str] | None = None) -> list[str]:
     cmd = [str(binary), "--config", str(ROOT / "configs" / config)]
     for s in sets:
         cmd += ["--set", s]
     if resume:
         cmd.append("--resume")
+    return cmd + (flags or [])
+
+
+def run_train(binary: Path, config: str, sets: list[str], *, resume: bool = False, env: dict | None = None,
+              timeout: float = 600, flags: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = train_command(binary, config, sets, resume=resume, flags=flags)
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -167,6 +167,24 @@ def test_signal_checkpoints_exits_for_requeue_and_resume_is_exact(dde_train, fix
         assert np.array_equal(a[k], b[k]), k
 
 
+def test_a_stop_seen_by_one_rank_mid_step_stops_both_at_the_last_complete_step(dde_train, fixtures, tmp_path):
+    # 4 micro-batches per rank and step; only rank 1 raises SIGUSR1, before its micro-batch 1 of
+    # step 2. Rank 0 finishes its micro-batches, then both agree before the gradient reduce.
+    run = tmp_path / "one_rank"
+    sets = tiny_overrides(fixtures, "sd15", run) + ["train.global_batch=8", "train.micro_batch=1",
+                                                    "train.max_steps=3", "checkpoint.every=100"]
+    results = finish(launch(dde_train, 2, sets, extra_env={"DDE_DEBUG_STOP_AT": "2:1:1"}))
+    assert [rc for rc, _ in results] == [3, 3], results[0][1][-3000:]
+    assert "stop requested (by another rank)" in results[0][1]  # rank 0 was not signalled itself
+    assert "stop requested (signal 10)" in results[1][1]
+    assert sorted(p.parent.name for p in (run / "checkpoints").glob("step-*/COMPLETE")) == ["step-00000001"]
+    for rank in range(2):
+        state = json.loads((run / "checkpoints" / "step-00000001" / f"rank-{rank:05d}.json").read_text())
+        assert state["loader"]["pairs_consumed"] == 4, state
+    steps, _ = read_metrics(run)
+    assert [s["step"] for s in steps] == [1]
+
+
 def test_a_killed_rank_makes_the_survivor_fail_within_the_timeout(dde_train, fixtures, tmp_path):
     run = tmp_path / "killed"
     sets = tiny_overrides(fixtures, "sd15", run) + ["train.max_steps=100000", "dist.timeout_s=20",
