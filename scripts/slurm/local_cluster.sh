@@ -99,7 +99,8 @@ start_munge() {
 
 write_conf() {
   local cpus mem
-  cpus="$(nproc)"
+  # nproc honours OMP_NUM_THREADS (the tests set it to 1): count the CPUs without it.
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
   mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
   cat >"$CONF.new" <<EOF
 # Written by scripts/slurm/local_cluster.sh: a one-node test cluster (no cgroups, no slurmdbd).

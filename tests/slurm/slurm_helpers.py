@@ -48,13 +48,14 @@ def daemon_logs(lines: int = 60) -> str:
     return "\n".join(out)
 
 
-def sbatch(binary: Path, out_file: Path, sets: list[str], *, sbatch_args: list[str] | None = None) -> int:
-    """Submits the template with the CPU overrides; returns the job id."""
+def sbatch(binary: Path, out_file: Path, sets: list[str], *, sbatch_args: list[str] | None = None,
+           extra_env: dict[str, str] | None = None) -> int:
+    """Submits the template with the CPU overrides (and extra_env exported to the tasks); returns the job id."""
     cmd = ["sbatch", "--parsable", *CPU_JOB, "--job-name=dde-slurm-test", f"--output={out_file}",
            *(sbatch_args or []), str(SBATCH_SCRIPT)]
     for s in sets:
         cmd += ["--set", s]
-    env = slurm_env(CONFIG=CONFIG, DDE_BIN=str(binary), OMP_NUM_THREADS="1")
+    env = slurm_env(CONFIG=CONFIG, DDE_BIN=str(binary), OMP_NUM_THREADS="1", **(extra_env or {}))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"sbatch failed: {r.stdout}{r.stderr}\n{daemon_logs()}"
     return int(r.stdout.strip().split(";")[0])

@@ -81,6 +81,43 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, dde_train,
         assert np.array_equal(a[k], b[k]), k
 
 
+def test_usr1_mid_step_checkpoints_the_last_complete_step_within_seconds(slurm_cluster, dde_train, fixtures,
+                                                                        tmp_path):
+    # 16 micro-batches per task and step, each slowed to >= 250 ms: a step takes >= 4 s, far more
+    # than a stop may take. The signal lands inside step 2: step 1 is what must be checkpointed.
+    max_steps = 4
+    common = [f"train.max_steps={max_steps}", "train.global_batch=32", "train.micro_batch=1", "checkpoint.every=1000",
+              "optim.warmup_steps=0", "logging.progress=false", "logging.per_sample=false"]
+    straight = tmp_path / "straight"
+    run_direct(dde_train, 2, tiny_sets(fixtures, straight) + common)
+
+    run, out = tmp_path / "preempted", tmp_path / "job.out"
+    job = sbatch(dde_train, out, tiny_sets(fixtures, run) + common,
+                 extra_env={"DDE_DEBUG_MICRO_BATCH_SLEEP_MS": "250"})
+    wait_for_steps(job, run, out, 1, timeout=120)
+    time.sleep(1.0)
+    signalled = time.time()
+    scancel(job, "--signal=USR1")
+    marker = run / "checkpoints" / "step-00000001" / "COMPLETE"
+    wait_until(job, out, lambda i: marker.is_file(), "the checkpoint of step 1", timeout=30)
+    to_checkpoint = time.time() - signalled
+    info = wait_final(job, out, timeout=240)
+    log = output_of(out)
+    print(f"job {job}: checkpoint of step 1 {to_checkpoint:.2f} s after SIGUSR1 (a step takes >= 4 s)")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-5000:]}"
+    assert to_checkpoint < 3.0, log[-5000:]
+    assert "stop requested (signal 10): checkpoint" in log and "written at step 1;" in log, log[-5000:]
+    assert re.search(r"resumed from \S+step-00000001 at step 1", log), log[-5000:]
+
+    steps, reference = read_steps(run), read_steps(straight)
+    assert [s["step"] for s in steps] == list(range(1, max_steps + 1))
+    for s, r in zip(steps, reference):
+        assert (s["loss"], s["grad_norm"]) == (r["loss"], r["grad_norm"]), s["step"]
+    a, b = unet(straight, max_steps), unet(run, max_steps)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
 def test_a_killed_rank_fails_the_job_instead_of_hanging(slurm_cluster, dde_train, fixtures, tmp_path):
     timeout_s = 20
     run, out = tmp_path / "run", tmp_path / "job.out"
