@@ -137,7 +137,7 @@ def wait_for_step(run: Path, n: int, proc: subprocess.Popen, timeout: float = 30
     raise AssertionError(f"{run}: fewer than {n} steps after {timeout} s")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
 def test_a_signal_from_outside_mid_step_checkpoints_within_seconds(dde_train, fixtures, tmp_path, straight, signum):
     run = tmp_path / "outside"
     sets = tiny_overrides(fixtures, "sd15", run) + MANY_MICRO
