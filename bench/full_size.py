@@ -6,7 +6,7 @@ bench/results/full_size-<date>.json and bench/README.md.
     .venv/bin/python bench/full_size.py build --family sd15 --out /tmp/full/sd15
     .venv/bin/python bench/full_size.py parity --family sd15 --pipeline /tmp/full/sd15 --out /tmp/full/sd15_export
     .venv/bin/python bench/full_size.py activations --family sdxl --size 32
-    .venv/bin/python bench/full_size.py train --export /tmp/full/sd15_export --shards fixtures/shards/sd15
+    .venv/bin/python bench/full_size.py train --export /tmp/full/sd15_export --steps 3 --frozen bf16
     .venv/bin/python bench/full_size.py fit  (the micro-batch table from the recorded results)
 
 The pipelines take their tokenizers and scheduler from the tiny fixture (fixtures/source): no
@@ -152,18 +152,23 @@ def activations(family: str, size: int, batch: int = 1) -> dict:
             "checkpointed_mb": round((sum(boundary.values()) + max(per_block.values())) / MiB, 1)}
 
 
-def train(export: Path, shards: Path, out: Path, steps: int) -> list[dict]:
-    """dde_train steps at micro-batch 1 with checkpointing on/off x frozen fp32/bf16."""
+def train(export: Path, shards: Path, out: Path, steps: int, optim: str, frozen_dtypes: list[str],
+          checkpointing_modes: list[bool]) -> list[dict]:
+    """dde_train steps at micro-batch 1 with checkpointing on/off x the frozen dtypes. The
+    activation memory of a step is the last step's mem_peak_mb - mem_held_mb (the first step
+    also allocates the optimizer state)."""
     rows = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(os.cpu_count()))
-    for checkpointing in (False, True):
-        for frozen in ("fp32", "bf16"):
+    for frozen in frozen_dtypes:
+        for checkpointing in checkpointing_modes:
             run = out / f"ckpt{int(checkpointing)}_{frozen}"
             shutil.rmtree(run, ignore_errors=True)
             sets = [f"model.manifest={export / 'manifest.json'}", f"data.index={shards / 'index.json'}",
                     f"run.output_dir={run}", f"train.max_steps={steps}", "train.global_batch=1", "train.micro_batch=1",
                     f"train.gradient_checkpointing={str(checkpointing).lower()}", f"model.frozen_dtype={frozen}",
-                    "checkpoint.every=1000", "data.workers=1", "optim.warmup_steps=0", "method.name=dde"]
+                    "checkpoint.every=1000", "data.workers=1", "optim.warmup_steps=0", "method.name=dde",
+                    "data.eval_index=",  # no held-out evaluation: it would run full-size forwards
+                    f"optim.name={optim}"]
             cmd = ["/usr/bin/time", "-v", str(REPO / "build" / "dde_train"), "--config", str(REPO / "configs" / "tiny_dde.yaml")]
             for s in sets:
                 cmd += ["--set", s]
@@ -172,7 +177,8 @@ def train(export: Path, shards: Path, out: Path, steps: int) -> list[dict]:
             peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
             steps_log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                          if '"kind":"step"' in line.replace(" ", "")] if (run / "metrics.jsonl").exists() else []
-            row = {"gradient_checkpointing": checkpointing, "frozen_dtype": frozen, "returncode": proc.returncode,
+            row = {"gradient_checkpointing": checkpointing, "frozen_dtype": frozen, "optim": optim,
+                   "returncode": proc.returncode,
                    "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
                    "seconds": round(time.time() - start, 1),
                    "steps": [{k: s.get(k) for k in ("step", "loss", "mem_held_mb", "mem_peak_mb", "pairs_per_s")}
@@ -225,7 +231,7 @@ def fit(results: dict) -> list[dict]:
         for optimizer, opt_bytes in (("adamw", 8), ("adafactor", 0)):
             for frozen, frozen_bytes in (("fp32", 4), ("bf16", 2)):
                 static = p["unet"] * (4 + 4 + opt_bytes + frozen_bytes) + p["frozen_other"] * frozen_bytes
-                for checkpointing in (False, True):
+                for checkpointing in checkpointing_modes:
                     per_pair = 2 * scale * (act["checkpointed_mb"] if checkpointing else act["total_saved_mb"]) * MiB
                     row = {"family": family, "px": target * 8, "optimizer": optimizer, "frozen_dtype": frozen,
                            "gradient_checkpointing": checkpointing, "static_gb": round(static / 1e9, 1),
@@ -262,6 +268,10 @@ def main() -> int:
     t.add_argument("--shards", type=Path, default=REPO / "fixtures" / "shards" / "sd15")
     t.add_argument("--out", type=Path, default=Path("/tmp/dde_full_size_runs"))
     t.add_argument("--steps", type=int, default=2)
+    t.add_argument("--optim", choices=["adamw", "adafactor"], default="adafactor",
+                   help="adafactor (default) keeps the run under ~12 GB of RAM; adamw needs ~19 GB")
+    t.add_argument("--frozen", nargs="+", choices=["fp32", "bf16"], default=["bf16", "fp32"])
+    t.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     sub.add_parser("fit")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -276,8 +286,9 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         record(f"activations_{args.family}_{args.size}", result)
     elif args.cmd == "train":
-        rows = train(args.export, args.shards, args.out, args.steps)
-        record("train_sd15", rows)
+        rows = train(args.export, args.shards, args.out, args.steps, args.optim, args.frozen,
+                     [mode == "on" for mode in args.checkpointing])
+        record(f"train_sd15_{args.optim}", rows)
     else:
         rows = fit(json.loads(RESULTS.read_text()))
         keys = ["family", "px", "optimizer", "frozen_dtype", "gradient_checkpointing", "static_gb",
