@@ -80,7 +80,7 @@ std::string write_identity_cache(const fs::path& dir, const std::string& index_p
   }
   save_empty_caption((dir / cache.empty_caption).string(),
                      {ids_tensor(kEmptyPrompt[0]).view({4, 1}), ids_tensor(kEmptyPrompt[1])});
-  const std::string path = (dir / "index.json").string();
+  std::string path = (dir / "index.json").string();
   cache.save(path);
   return path;
 }
