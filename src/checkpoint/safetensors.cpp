@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -40,6 +41,17 @@ torch::ScalarType dtype_from_name(const std::string& name, const std::string& wh
                "one of F32 F64 F16 BF16 I64 I32 I16 I8 U8 BOOL", name, ""});
 }
 
+// The 8-byte little-endian length, then the JSON header padded with spaces so that the data
+// starts 8-byte aligned, as the reference writer does.
+std::string header_prefix(const json& header) {
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  const uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xFF);
+  return out + text;
+}
+
 }  // namespace
 
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
@@ -61,18 +73,12 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     offset += bytes;
     cpu.push_back(std::move(t));
   }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8,
-              ' ');  // align the data to 8 bytes, as the reference writer does
+  const std::string prefix = header_prefix(header);
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out)
     throw Error(
         {"cannot write", path, "a writable path", "", "check the directory and free space"});
-  uint64_t n = text.size();
-  unsigned char len[8];
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xFF);
-  out.write(reinterpret_cast<const char*>(len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  out.write(prefix.data(), static_cast<std::streamsize>(prefix.size()));
   for (const torch::Tensor& t : cpu) {
     out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
   }
@@ -136,6 +142,110 @@ SafetensorsFile load_safetensors(const std::string& path) {
             [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& e : entries) result.tensors.push_back(std::move(e.second));
   return result;
+}
+
+const SafetensorsEntry* SafetensorsHeader::find(const std::string& name) const {
+  for (const SafetensorsEntry& e : entries) {
+    if (e.name == name) return &e;
+  }
+  return nullptr;
+}
+
+SafetensorsHeader read_safetensors_header(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw Error({"cannot open safetensors file", path, "a readable file", "", ""});
+  SafetensorsHeader result;
+  result.file_size = static_cast<int64_t>(in.tellg());
+  in.seekg(0);
+  unsigned char len[8];
+  if (result.file_size < 8 || !in.read(reinterpret_cast<char*>(len), 8)) {
+    throw Error({"truncated safetensors file", path, ">= 8 bytes",
+                 std::to_string(result.file_size) + " bytes", ""});
+  }
+  uint64_t header_len = 0;
+  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
+  if (header_len > static_cast<uint64_t>(result.file_size - 8)) {
+    throw Error({"bad safetensors header length", path,
+                 "<= " + std::to_string(result.file_size - 8), std::to_string(header_len),
+                 "the file is truncated or not safetensors"});
+  }
+  std::string text(header_len, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(header_len));
+  const int64_t data_start = 8 + static_cast<int64_t>(header_len);
+  try {
+    const json header = json::parse(text);
+    for (const auto& [name, info] : header.items()) {
+      if (name == "__metadata__") {
+        for (const auto& [k, v] : info.items()) result.metadata[k] = v.get<std::string>();
+        continue;
+      }
+      const std::string where = path + ": " + name;
+      SafetensorsEntry e;
+      e.name = name;
+      e.dtype = dtype_from_name(info.at("dtype").get<std::string>(), where);
+      e.shape = info.at("shape").get<std::vector<int64_t>>();
+      const auto offsets = info.at("data_offsets").get<std::vector<int64_t>>();
+      int64_t numel = 1;
+      for (const int64_t d : e.shape) {
+        if (d < 0 || (d > 0 && numel > (int64_t{1} << 50) / d)) {
+          throw Error({"bad tensor shape", where, "sizes >= 0", info.at("shape").dump(), ""});
+        }
+        numel *= d;
+      }
+      const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(e.dtype));
+      if (offsets.size() != 2 || offsets[0] < 0 || offsets[1] - offsets[0] != bytes ||
+          offsets[1] > result.file_size - data_start) {
+        throw Error({"bad data offsets", where,
+                     std::to_string(bytes) + " bytes inside " +
+                         std::to_string(result.file_size - data_start),
+                     info.at("data_offsets").dump(), "the file is truncated or corrupt"});
+      }
+      e.begin = data_start + offsets[0];
+      e.end = data_start + offsets[1];
+      result.entries.push_back(std::move(e));
+    }
+  } catch (const json::exception& e) {
+    throw Error({"bad safetensors header", path, "a JSON object of tensors", e.what(),
+                 "the file is truncated or not safetensors"});
+  }
+  std::sort(result.entries.begin(), result.entries.end(),
+            [](const SafetensorsEntry& a, const SafetensorsEntry& b) { return a.begin < b.begin; });
+  return result;
+}
+
+SafetensorsHeader create_safetensors(const std::string& path, const std::vector<TensorSpec>& specs,
+                                     const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  int64_t offset = 0;
+  for (const TensorSpec& spec : specs) {
+    if (header.contains(spec.name)) {
+      throw Error(
+          {"duplicate tensor name", path + ": " + spec.name, "unique names", "a repeat", ""});
+    }
+    int64_t bytes = static_cast<int64_t>(c10::elementSize(spec.dtype));
+    for (const int64_t d : spec.shape) bytes *= d;
+    header[spec.name] = {{"dtype", dtype_name(spec.dtype, path + ": " + spec.name)},
+                         {"shape", spec.shape},
+                         {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  const std::string prefix = header_prefix(header);
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(prefix.data(), static_cast<std::streamsize>(prefix.size()));
+    out.flush();
+    if (!out) {
+      throw Error({"cannot write", path, "a writable path", "", "check the directory and space"});
+    }
+  }
+  std::error_code ec;
+  std::filesystem::resize_file(path, prefix.size() + static_cast<uint64_t>(offset), ec);
+  if (ec) {
+    throw Error({"cannot size file", path, std::to_string(offset) + " data bytes", ec.message(),
+                 "check free disk space"});
+  }
+  return read_safetensors_header(path);
 }
 
 }  // namespace dde::checkpoint

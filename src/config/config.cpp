@@ -160,6 +160,7 @@ void for_each_field(Visitor&& v) {
   v("data", &C::data, "max_bad_pairs", &DataConfig::max_bad_pairs, at_least(0));
   v("data", &C::data, "verify", &DataConfig::verify, any());
   v("data", &C::data, "eval_index", &DataConfig::eval_index, any());
+  v("data", &C::data, "cache", &DataConfig::cache, any());
 
   v("method", &C::method, "name", &MethodConfig::name, one_of(kMethodNames));
   v("method", &C::method, "beta", &MethodConfig::beta, above(0));
@@ -364,6 +365,12 @@ void validate_impl(const TrainConfig& c, const Locate& locate) {
                  std::to_string(c.method.t_hi), "the window is [method.t_lo, method.t_hi)"});
   }
   check_data_memory(c, locate);
+  if (!c.data.cache.empty() && c.data.random_crop) {
+    throw Error({"random crop with a latent cache", locate("data.random_crop"),
+                 "data.random_crop: false with data.cache (the cache holds center crops)",
+                 "data.random_crop: true, data.cache: " + c.data.cache,
+                 "set data.random_crop: false, or train from the images (data.cache: \"\")"});
+  }
   if (c.train.global_batch % c.train.micro_batch != 0) {
     throw Error({"global batch not divisible by the micro-batch", locate("train.global_batch"),
                  "a multiple of train.micro_batch = " + std::to_string(c.train.micro_batch),

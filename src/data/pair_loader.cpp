@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <system_error>
 #include <thread>
 #include <utility>
@@ -20,6 +21,7 @@
 #include "dde/data/data_error.hpp"
 #include "dde/data/image.hpp"
 #include "dde/data/image_tensor.hpp"
+#include "dde/data/latent_cache.hpp"
 #include "dde/data/limits.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
@@ -85,16 +87,13 @@ struct PairTask {
   PairRecord record;  // without image bytes: spans only
 };
 
-struct PreparedImage {
-  torch::Tensor pixels;  // [3, R, R] float32 in [-1, 1]
-  int64_t original_h = 0, original_w = 0, crop_top = 0, crop_left = 0;
-};
-
 struct PairSample {
   int64_t epoch = 0, local_index = 0, global_index = 0;
-  std::exception_ptr error;    // fatal
-  std::optional<BadPair> bad;  // skipped by next()
-  PreparedImage winner, loser;
+  std::exception_ptr error;                     // fatal
+  std::optional<BadPair> bad;                   // skipped by next()
+  CroppedImage winner, loser;                   // from a cache: geometry only, no pixels
+  torch::Tensor winner_moments, loser_moments;  // cache: [2 (mean, logvar), C, h, w]
+  torch::Tensor text, pooled;                   // cache: [L, D], [P] (of "" where dropped)
   bool caption_dropped = false;
   const std::vector<std::vector<int64_t>>* input_ids = nullptr;  // record's or the empty prompt's
   std::vector<std::vector<int64_t>> record_ids;
@@ -127,6 +126,10 @@ struct ShardFile {
 struct PairLoader::Impl {
   PairLoaderOptions options;
   ShardIndex index;
+  // With options.cache_index: the cache, a reader per shard, and the embedding of "".
+  std::optional<LatentCacheIndex> cache;
+  std::vector<LatentCacheShard> cache_shards;
+  EmptyCaption empty_caption;
   int64_t epoch_pairs = 0;  // pairs of one epoch, all ranks (ties dropped unless keep_ties)
   int64_t epoch_ties = 0;   // ties left out of one epoch
   int64_t share = 0;        // pairs of one epoch for each rank
@@ -161,8 +164,9 @@ struct PairLoader::Impl {
   void check_record(const PairRecord& record, const ShardInfo& shard) const;
   int64_t vocab_limit(size_t tokenizer) const;
   PairSample prepare(const PairTask& task, ShardFile& file) const;
-  PreparedImage prepare_image(const std::string& bytes, const std::string& where, bool flip,
-                              uint64_t crop_y, uint64_t crop_x) const;
+  void open_cache();
+  void read_cached(PairSample& sample, const PairTask& task, ShardFile& file, int winner_index,
+                   bool flip_winner, bool flip_loser) const;
 };
 
 namespace {
@@ -263,6 +267,7 @@ PairLoader::Impl::Impl(PairLoaderOptions opts) : options(std::move(opts)) {
       }
     }
   }
+  if (!options.cache_index.empty()) open_cache();
   const ShardCheckReport checked =
       check_shards(index, options.verify_sha256, options.rank, options.world_size);
   log::info("data: checked {} shards against {} ({} pairs in the tar headers{})", checked.shards,
@@ -498,29 +503,58 @@ void PairLoader::Impl::run_worker() {
   }
 }
 
-PreparedImage PairLoader::Impl::prepare_image(const std::string& bytes, const std::string& where,
-                                              bool flip, uint64_t crop_y, uint64_t crop_x) const {
-  const int res = static_cast<int>(options.resolution);
-  Image image = decode_image(bytes, where, ImageLimits{options.max_image_pixels, 20});
-  PreparedImage out;
-  out.original_h = image.height;
-  out.original_w = image.width;
-  image = resize_shorter_side(image, res);
-  // RandomCrop draws top in [0, h - res] and left in [0, w - res]; CenterCrop rounds.
-  const int top = options.random_crop
-                      ? static_cast<int>(crop_y % static_cast<uint64_t>(image.height - res + 1))
-                      : center_crop_offset(image.height, res);
-  const int left = options.random_crop
-                       ? static_cast<int>(crop_x % static_cast<uint64_t>(image.width - res + 1))
-                       : center_crop_offset(image.width, res);
-  image = crop(image, top, left, res, res);
-  if (options.random_flip && flip) {
-    image = hflip(image);
+void PairLoader::Impl::open_cache() {
+  if (options.random_crop) {
+    throw Error({"random crop with a latent cache",
+                 "PairLoaderOptions.random_crop (data.random_crop)",
+                 "false: the cache holds center crops", "true",
+                 "set data.random_crop: false, or train from the images"});
   }
-  out.crop_top = top;
-  out.crop_left = left;
-  out.pixels = to_tensor_pm1(image);
-  return out;
+  cache = LatentCacheIndex::load(options.cache_index);
+  check_latent_cache(*cache, index, options.cache_expected);
+  for (size_t s = 0; s < cache->shards.size(); ++s) cache_shards.emplace_back(*cache, s);
+  empty_caption = load_empty_caption(*cache);
+  log::info("data: latent cache {} ({} shards, {} bytes per pair, stored as {})",
+            options.cache_index, cache->shards.size(), cache->bytes_per_pair, cache->dtype);
+}
+
+// The pair's rows of the cache in place of its decoded images and encoded caption. A pair the
+// encoder found bad is decoded from its images, to fail (and be skipped) as it would there.
+void PairLoader::Impl::read_cached(PairSample& sample, const PairTask& task, ShardFile& file,
+                                   int winner_index, bool flip_winner, bool flip_loser) const {
+  const PairRecord& record = task.record;
+  const LatentCacheShard& shard = cache_shards[task.shard];
+  const CachedPair p = shard.read(file.open(shard.path()), record.position, record.key);
+  if (!p.ok) {
+    const ShardInfo& source = index.shards[task.shard];
+    const ImagePrepOptions prep{options.resolution, false, false, options.max_image_pixels};
+    // Winner first, as from the images, so the same error names the pair.
+    for (const int which : {winner_index, 1 - winner_index}) {
+      const MemberSpan& span = which == 0 ? record.jpg_0_span : record.jpg_1_span;
+      prepare_training_image(
+          read_file_range(file.open(source.path), source.path, span.offset, span.size),
+          fmt::format("{}: key {}, at offset {}", source.path, escape_preview(record.key, 100),
+                      span.offset),
+          prep, false, 0, 0);
+    }
+    throw Error({"latent cache marks a pair bad whose images decode",
+                 fmt::format("{}: row {}", shard.path(), record.position), "a bad pair",
+                 "images that decode at data.max_image_pixels = " +
+                     std::to_string(options.max_image_pixels),
+                 "rebuild the cache with the training config's data.max_image_pixels"});
+  }
+  const auto side = [&](int which, bool flip, CroppedImage& geometry) {
+    const auto g = p.geometry.accessor<int64_t, 2>();
+    geometry.original_h = g[which][0];
+    geometry.original_w = g[which][1];
+    geometry.crop_top = g[which][2];
+    geometry.crop_left = g[which][3];
+    return p.moments[which][options.random_flip && flip ? 1 : 0];
+  };
+  sample.winner_moments = side(winner_index, flip_winner, sample.winner);
+  sample.loser_moments = side(1 - winner_index, flip_loser, sample.loser);
+  sample.text = sample.caption_dropped ? empty_caption.text : p.text;
+  sample.pooled = sample.caption_dropped ? empty_caption.pooled : p.pooled;
 }
 
 PairSample PairLoader::Impl::prepare(const PairTask& task, ShardFile& file) const {
@@ -547,14 +581,21 @@ PairSample PairLoader::Impl::prepare(const PairTask& task, ShardFile& file) cons
     const std::string where = fmt::format("{}: key {}, member {}.{}.jpg at offset {}", shard.path,
                                           escape_preview(record.key, 100),
                                           escape_preview(record.key, 100), which, span.offset);
-    return prepare_image(read_file_range(file.open(shard.path), shard.path, span.offset, span.size),
-                         where, flip, crop_y, crop_x);
+    const ImagePrepOptions prep{options.resolution, options.random_crop, options.random_flip,
+                                options.max_image_pixels};
+    return prepare_training_image(
+        read_file_range(file.open(shard.path), shard.path, span.offset, span.size), where, prep,
+        flip, crop_y, crop_x);
   };
 
   PairSample sample;
-  sample.winner = load(winner_index, flip_winner, winner_y, winner_x);
-  sample.loser = load(1 - winner_index, flip_loser, loser_y, loser_x);
   sample.caption_dropped = dropped;
+  if (cache) {
+    read_cached(sample, task, file, winner_index, flip_winner, flip_loser);
+  } else {
+    sample.winner = load(winner_index, flip_winner, winner_y, winner_x);
+    sample.loser = load(1 - winner_index, flip_loser, loser_y, loser_x);
+  }
   sample.key = record.key;
   if (dropped) {
     sample.input_ids = &options.empty_prompt_ids;
@@ -642,7 +683,7 @@ PairBatch PairLoader::next() {
   }
 
   PairBatch out;
-  std::vector<torch::Tensor> winners, losers;
+  std::vector<torch::Tensor> winners, losers, texts, pooled;
   out.caption_dropped = torch::empty({batch}, torch::kBool);
   out.winner_original_hw = torch::empty({batch, 2}, torch::kInt64);
   out.winner_crop_tl = torch::empty({batch, 2}, torch::kInt64);
@@ -660,8 +701,10 @@ PairBatch PairLoader::next() {
   }
   for (int64_t b = 0; b < batch; ++b) {
     PairSample& s = samples[static_cast<size_t>(b)];
-    winners.push_back(s.winner.pixels);
-    losers.push_back(s.loser.pixels);
+    winners.push_back(d.cache ? s.winner_moments : s.winner.pixels);
+    losers.push_back(d.cache ? s.loser_moments : s.loser.pixels);
+    if (d.cache) texts.push_back(s.text);
+    if (s.pooled.defined()) pooled.push_back(s.pooled);
     pair_ids[b] = (s.epoch << 32) | s.global_index;
     dropped[b] = s.caption_dropped;
     winner_hw[b][0] = s.winner.original_h;
@@ -679,8 +722,10 @@ PairBatch PairLoader::next() {
     out.keys.push_back(std::move(s.key));
     out.captions.push_back(std::move(s.caption));
   }
-  out.winner = torch::stack(winners);
-  out.loser = torch::stack(losers);
+  (d.cache ? out.winner_moments : out.winner) = torch::stack(winners);
+  (d.cache ? out.loser_moments : out.loser) = torch::stack(losers);
+  if (d.cache) out.text_hidden = torch::stack(texts);
+  if (!pooled.empty()) out.text_pooled = torch::stack(pooled);
   return out;
 }
 

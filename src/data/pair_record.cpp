@@ -175,7 +175,7 @@ std::optional<PairRecord> ShardPairReader::next() {
       }
     }
   }
-  ++pairs_read_;
+  record.position = pairs_read_++;
   return record;
 }
 

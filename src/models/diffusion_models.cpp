@@ -63,26 +63,33 @@ LatentEncoder::LatentEncoder(const Manifest& manifest, const torch::Device& devi
   set_trainable(encoder_, false);
 }
 
-torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Tensor& noise) {
+std::pair<torch::Tensor, torch::Tensor> LatentEncoder::moments(const torch::Tensor& images) {
   torch::NoGradGuard no_grad;
-  torch::Tensor mean;
-  torch::Tensor logvar;
-  {
-    const AutocastScope autocast(device_.type(), bf16_);
-    // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
-    auto out = encoder_.forward({images.to(device_, /*non_blocking=*/true)}).toTuple();
-    mean = out->elements()[0].toTensor().to(torch::kFloat32);
-    logvar = out->elements()[1].toTensor().to(torch::kFloat32);
-  }
-  if (noise.sizes() != mean.sizes()) {
-    throw Error({"VAE noise has the wrong shape", "LatentEncoder::encode", c10::str(mean.sizes()),
-                 c10::str(noise.sizes()),
+  const AutocastScope autocast(device_.type(), bf16_);
+  // forward(image [B,3,H,W]) -> (mean, logvar), each [B, C, h, w]
+  auto out = encoder_.forward({images.to(device_, /*non_blocking=*/true)}).toTuple();
+  return {out->elements()[0].toTensor().to(torch::kFloat32),
+          out->elements()[1].toTensor().to(torch::kFloat32)};
+}
+
+torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Tensor& noise) {
+  const auto [mean, logvar] = moments(images);
+  return sample_latents(mean, logvar, noise, scaling_factor_);
+}
+
+torch::Tensor sample_latents(const torch::Tensor& mean, const torch::Tensor& logvar,
+                             const torch::Tensor& noise, double scaling_factor) {
+  if (noise.sizes() != mean.sizes() || logvar.sizes() != mean.sizes()) {
+    throw Error({"VAE posterior and noise shapes differ", "sample_latents",
+                 "mean, logvar and noise of one shape " + c10::str(mean.sizes()),
+                 "logvar " + c10::str(logvar.sizes()) + ", noise " + c10::str(noise.sizes()),
                  "internal error: latent shape differs from the manifest's"});
   }
+  torch::NoGradGuard no_grad;
   // diffusers DiagonalGaussianDistribution.sample(): mean + std * eps
   return (mean +
           torch::exp(0.5 * logvar) * noise.to(mean.device(), mean.dtype(), /*non_blocking=*/true)) *
-         scaling_factor_;
+         scaling_factor;
 }
 
 }  // namespace dde::models

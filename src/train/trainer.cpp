@@ -24,6 +24,7 @@
 #include "dde/objective/schedule.hpp"
 #include "dde/objective/timestep_sampler.hpp"
 #include "dde/train/adamw.hpp"
+#include "dde/train/cache_encoder.hpp"
 #include "dde/train/data_parallel_optimizer.hpp"
 #include "dde/train/evaluator.hpp"
 #include "dde/train/memory_meter.hpp"
@@ -220,8 +221,11 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
     reference_options.dtype = frozen;
     reference = std::make_unique<models::UNet>(reference_manifest, device, reference_options);
   }
-  text = std::make_unique<models::TextConditioner>(manifest, device, frozen);
-  vae = std::make_unique<models::LatentEncoder>(manifest, device, frozen);
+  // A latent cache replaces the frozen encoders; the held-out evaluator still encodes images.
+  if (cfg.data.cache.empty() || !cfg.data.eval_index.empty()) {
+    text = std::make_unique<models::TextConditioner>(manifest, device, frozen);
+    vae = std::make_unique<models::LatentEncoder>(manifest, device, frozen);
+  }
 
   optimizer = DataParallelOptimizer::create(policy->named_parameters(), cfg.optim,
                                             cfg.dist.shard_optimizer, *comm, kBucketBytes);
@@ -245,6 +249,10 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   for (const models::TextEncoderInfo& e : manifest.text_encoders) {
     lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
+  }
+  if (!cfg.data.cache.empty()) {
+    lo.cache_index = cfg.data.cache;
+    lo.cache_expected = cache_expectation(cfg, manifest, resolution);
   }
   loader = std::make_unique<data::PairLoader>(lo);
   if (!cfg.data.eval_index.empty()) {
@@ -286,7 +294,7 @@ torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x,
 }
 
 Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batch, bool dump) {
-  const int64_t B = batch.winner.size(0);
+  const int64_t B = batch.pair_ids.size(0);
   const int64_t h = resolution / manifest.latent_downsample;
   const std::vector<int64_t> latent_shape{manifest.latent_channels, h, h};
 
@@ -306,9 +314,20 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   const torch::Tensor eps_pair = to_device(torch::stack(eps_list));
   const torch::Tensor vae_noise = torch::cat({torch::stack(vae_w), torch::stack(vae_l)}, 0);
 
-  // One VAE call for both sides: [x_w; x_l], [2B, 3, H, W] -> latents [2B, C, h, w].
-  const torch::Tensor latents = vae->encode(torch::cat({batch.winner, batch.loser}, 0), vae_noise);
-  models::Conditioning cond = text->encode(batch.input_ids);
+  // One VAE call for both sides: [x_w; x_l], [2B, 3, H, W] -> latents [2B, C, h, w]; from a
+  // latent cache, the same sample of the cached posterior moments [2B, 2 (mean, logvar), C, h, w].
+  torch::Tensor latents;
+  models::Conditioning cond;
+  if (batch.winner_moments.defined()) {
+    const torch::Tensor m = to_device(torch::cat({batch.winner_moments, batch.loser_moments}, 0));
+    latents =
+        models::sample_latents(m.select(1, 0), m.select(1, 1), vae_noise, manifest.scaling_factor);
+    cond.text = to_device(batch.text_hidden);
+    if (batch.text_pooled.defined()) cond.pooled = to_device(batch.text_pooled);
+  } else {
+    latents = vae->encode(torch::cat({batch.winner, batch.loser}, 0), vae_noise);
+    cond = text->encode(batch.input_ids);
+  }
   torch::Tensor loser_time_ids;
   if (manifest.added_cond) {
     cond.time_ids =
@@ -339,14 +358,17 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
 
   if (dump) {
     // Everything an independent recomputation needs (tests/e2e/test_forward_parity.py).
-    checkpoint::NamedTensors d{{"winner", batch.winner},
-                               {"loser", batch.loser},
-                               {"pair_ids", batch.pair_ids},
-                               {"t", t},
-                               {"eps", eps_pair},
-                               {"vae_noise", vae_noise},
-                               {"e_policy_w", errors.policy_w},
-                               {"e_policy_l", errors.policy_l}};
+    // From a cache: the posterior moments in place of the images.
+    const bool cached = batch.winner_moments.defined();
+    checkpoint::NamedTensors d{
+        {cached ? "winner_moments" : "winner", cached ? batch.winner_moments : batch.winner},
+        {cached ? "loser_moments" : "loser", cached ? batch.loser_moments : batch.loser},
+        {"pair_ids", batch.pair_ids},
+        {"t", t},
+        {"eps", eps_pair},
+        {"vae_noise", vae_noise},
+        {"e_policy_w", errors.policy_w},
+        {"e_policy_l", errors.policy_l}};
     for (size_t i = 0; i < batch.input_ids.size(); ++i) {
       d.emplace_back("input_ids_" + std::to_string(i), batch.input_ids[i]);
     }

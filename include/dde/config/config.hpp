@@ -51,6 +51,10 @@ struct DataConfig {
   int64_t max_bad_pairs = 100;  // >= 0 skipped bad pairs (all ranks) before the run stops
   bool verify = false;          // sha256 every shard at start (sizes and counts always checked)
   std::string eval_index;       // index.json of held-out shards; "" = no held-out evaluation
+  // index.json of a latent cache of data.index (dde_encode_cache); "" = encode the images and
+  // captions while training. With a cache the VAE and text encoders are not loaded (unless
+  // data.eval_index needs them); random_crop is then an error.
+  std::string cache;
 };
 
 struct MethodConfig {

@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include "dde/data/latent_cache.hpp"
+
 namespace dde::data {
 
 struct PairLoaderOptions {
@@ -54,6 +56,11 @@ struct PairLoaderOptions {
   std::vector<int64_t> vocab_sizes;
   int64_t max_image_pixels = 89478485;  // Pillow's MAX_IMAGE_PIXELS
   bool verify_sha256 = false;           // hash the shards at start (this rank's 1/world_size)
+  // Latent cache (latent_cache.hpp): index.json of it, or "" to decode the images. With a cache
+  // the order and every per-pair choice stay as from the images; the batch then carries the
+  // moments and text embeddings instead of pixels and token ids. Needs random_crop false.
+  std::string cache_index;
+  CacheExpectation cache_expected;
 };
 
 struct BadPair {
@@ -66,9 +73,13 @@ struct BadPair {
 };
 
 struct PairBatch {
-  torch::Tensor winner, loser;  // [B, 3, H, W] float32 in [-1, 1]
+  torch::Tensor winner, loser;  // [B, 3, H, W] float32 in [-1, 1]; undefined from a cache
   std::vector<torch::Tensor>
-      input_ids;                  // per tokenizer [B, L] int64 (empty prompt ids where dropped)
+      input_ids;  // per tokenizer [B, L] int64 (empty prompt ids where dropped)
+  // From a latent cache only (else undefined): the VAE posterior of each image as it would have
+  // been flipped, [B, 2 (mean, logvar), C, h, w] float32; the text embedding (of "" where
+  // dropped) [B, L, D] and pooled [B, P] (sdxl) float32.
+  torch::Tensor winner_moments, loser_moments, text_hidden, text_pooled;
   torch::Tensor caption_dropped;  // [B] bool
   // [B, 2] int64 each. SDXL add_time_ids = (orig_h, orig_w, crop_top, crop_left, res, res):
   // original size = before the resize, crop offsets in resized coordinates (before the flip).

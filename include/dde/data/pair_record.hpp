@@ -24,6 +24,7 @@ struct PairRecord {
   std::string jpg_0, jpg_1;                     // JPEG bytes; empty when read with Images::kSkip
   std::vector<std::vector<int64_t>> input_ids;  // one [L] list per tokenizer of the export
   MemberSpan jpg_0_span, jpg_1_span;            // where the JPEG bytes lie in the shard
+  int64_t position = 0;                         // 0-based, among the pairs of its shard
   // Set when KEY.json does not parse or validate: the pair keeps its place in the order and
   // the loader skips it as a bad pair (the fields above are then incomplete).
   std::optional<BadPairError> problem;

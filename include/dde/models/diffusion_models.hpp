@@ -40,6 +40,9 @@ class LatentEncoder {
   // images: [B, 3, H, W] on any device; noise: [B, C, h, w] standard normal (the caller draws it,
   // per pair, so a pair's latents do not depend on the batch it lands in).
   torch::Tensor encode(const torch::Tensor& images, const torch::Tensor& noise);
+  // The posterior itself: images [B, 3, H, W] -> (mean, logvar), each [B, C, h, w] float32.
+  std::pair<torch::Tensor, torch::Tensor> moments(const torch::Tensor& images);
+  double scaling_factor() const { return scaling_factor_; }
 
  private:
   double scaling_factor_;
@@ -47,5 +50,10 @@ class LatentEncoder {
   bool bf16_;
   torch::jit::Module encoder_;
 };
+
+// diffusers DiagonalGaussianDistribution.sample() x scaling factor: (mean + exp(logvar / 2) x
+// noise) x scaling_factor; noise [B, C, h, w] goes to the moments' device.
+torch::Tensor sample_latents(const torch::Tensor& mean, const torch::Tensor& logvar,
+                             const torch::Tensor& noise, double scaling_factor);
 
 }  // namespace dde::models

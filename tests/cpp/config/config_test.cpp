@@ -78,6 +78,7 @@ TEST(ConfigDefaults, AreTheDocumentedOnes) {
   EXPECT_EQ(c.data.workers, 4);
   EXPECT_EQ(c.data.prefetch_batches, 4);
   EXPECT_FALSE(c.data.keep_ties);
+  EXPECT_EQ(c.data.cache, "");
   EXPECT_EQ(c.method.name, "dde");
   EXPECT_EQ(c.method.beta, 5000.0);
   EXPECT_EQ(c.method.correction_scale, 1.0);
@@ -195,6 +196,14 @@ TEST(ConfigErrors, CrossFieldChecks) {
   error_of(
       [] { from_text(std::string(kMinimal) + "train:\n  global_batch: 10\n  micro_batch: 4\n"); },
       {"not divisible", "train.global_batch", "multiple of train.micro_batch = 4", "got 10"});
+}
+
+TEST(ConfigErrors, RandomCropWithALatentCacheNamesBothKeys) {
+  error_of(
+      [] { from_text(std::string(kMinimal) + "  cache: c/index.json\n  random_crop: true\n"); },
+      {"random crop with a latent cache", "data.random_crop", "data.cache", "c/index.json"});
+  EXPECT_EQ(from_text(std::string(kMinimal) + "  cache: c/index.json\n").data.cache,
+            "c/index.json");
 }
 
 TEST(ConfigErrors, MissingRequiredKey) {
