@@ -288,7 +288,10 @@ def main() -> int:
     elif args.cmd == "train":
         rows = train(args.export, args.shards, args.out, args.steps, args.optim, args.frozen,
                      [mode == "on" for mode in args.checkpointing])
-        record(f"train_sd15_{args.optim}", rows)
+        key = f"train_sd15_{args.optim}"
+        earlier = json.loads(RESULTS.read_text()).get(key, []) if RESULTS.exists() else []
+        done = {(r["gradient_checkpointing"], r["frozen_dtype"]) for r in rows}
+        record(key, [r for r in earlier if (r["gradient_checkpointing"], r["frozen_dtype"]) not in done] + rows)
     else:
         rows = fit(json.loads(RESULTS.read_text()))
         keys = ["family", "px", "optimizer", "frozen_dtype", "gradient_checkpointing", "static_gb",
