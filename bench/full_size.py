@@ -181,10 +181,13 @@ def train(export: Path, shards: Path, out: Path, steps: int, optim: str, frozen_
                    "returncode": proc.returncode,
                    "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
                    "seconds": round(time.time() - start, 1),
-                   "steps": [{k: s.get(k) for k in ("step", "loss", "mem_held_mb", "mem_peak_mb", "pairs_per_s")}
+                   "steps": [{k: s.get(k) for k in ("step", "loss", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb", "pairs_per_s")}
                              for s in steps_log]}
             last = steps_log[-1] if steps_log else {}
             row["activation_mb"] = round(last["mem_peak_mb"] - last["mem_held_mb"], 1) if last else None
+            # The forward's own growth (the gradients are allocated only in backward).
+            row["forward_activation_mb"] = (round(last["mem_forward_peak_mb"] - last["mem_held_mb"], 1)
+                                            if last.get("mem_forward_peak_mb") else None)
             print(json.dumps(row), flush=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:])

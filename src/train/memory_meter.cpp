@@ -45,11 +45,17 @@ void MemoryMeter::begin_step() {
   held_mb_ = proc_status_mb("VmRSS");
 }
 
+double MemoryMeter::peak_mb() const {
+  return device_.is_cuda() ? cuda_allocated_mb(device_, /*peak=*/true) : proc_status_mb("VmHWM");
+}
+
+void MemoryMeter::mark_forward() { forward_peak_mb_ = peak_mb(); }
+
 StepMemory MemoryMeter::end_step() const {
   StepMemory m;
   m.held_mb = held_mb_;
-  m.peak_mb =
-      device_.is_cuda() ? cuda_allocated_mb(device_, /*peak=*/true) : proc_status_mb("VmHWM");
+  m.peak_mb = peak_mb();
+  m.forward_peak_mb = forward_peak_mb_;
   return m;
 }
 

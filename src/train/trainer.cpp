@@ -449,6 +449,7 @@ TrainOutcome Trainer::Impl::run() {
         }
         const data::PairBatch batch = loader->next();
         MicroResult r = micro_step(batch, micro == 0 && step + 1 == cfg.logging.dump_step);
+        if (micro == 0) memory.mark_forward();
         // Sum over pairs / global batch: the all-reduced sum of gradients is the batch mean's.
         torch::Tensor loss = r.loss_sum / static_cast<double>(cfg.train.global_batch);
         if (poisoned) loss = loss * std::numeric_limits<double>::quiet_NaN();
@@ -520,6 +521,7 @@ TrainOutcome Trainer::Impl::run() {
                   {"skipped_steps", skipped_steps},
                   {"mem_held_mb", step_memory.held_mb},
                   {"mem_peak_mb", step_memory.peak_mb},
+                  {"mem_forward_peak_mb", step_memory.forward_peak_mb},
                   {"bad_pairs", bad_total},
                   {"epoch", loader->state().epoch}};
       rec["implicit_acc"] = has_z ? json(figure[2] / pairs) : json(nullptr);

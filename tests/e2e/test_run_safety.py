@@ -22,7 +22,8 @@ from conftest import ROOT, read_metrics, run_train, tiny_overrides, train_comman
 # 32 micro-batches per optimizer step on one rank: a step long enough to be interrupted inside.
 MANY_MICRO = ["train.global_batch=32", "train.micro_batch=1", "train.max_steps=3", "checkpoint.every=100",
               "optim.warmup_steps=0", "logging.per_sample=true", "logging.progress=false"]
-TIMING = {"pairs_per_s", "data_wait_frac", "mem_held_mb", "mem_peak_mb"}  # measured, not computed
+# measured, not computed
+TIMING = {"pairs_per_s", "data_wait_frac", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb"}
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:

@@ -11,19 +11,26 @@
 namespace dde::train {
 
 struct StepMemory {
-  double held_mb = 0.0;  // at the start of the step
-  double peak_mb = 0.0;  // highest during the step
+  double held_mb = 0.0;          // at the start of the step
+  double peak_mb = 0.0;          // highest during the step
+  double forward_peak_mb = 0.0;  // highest up to the end of the first micro-batch's forward:
+                                 // forward_peak - held is the activation memory (the gradients,
+                                 // set to none between steps, are allocated only in backward)
 };
 
 class MemoryMeter {
  public:
   explicit MemoryMeter(const torch::Device& device) : device_(device) {}
   void begin_step();
+  // After the first micro-batch's forward (host-side reads only: no device sync).
+  void mark_forward();
   StepMemory end_step() const;
 
  private:
   torch::Device device_;
   double held_mb_ = 0.0;
+  double forward_peak_mb_ = 0.0;
+  double peak_mb() const;
 };
 
 }  // namespace dde::train
