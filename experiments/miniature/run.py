@@ -70,7 +70,8 @@ class Settings:
     sample_steps: int = 20  # DDIM
     guidance: float = 3.0
     tie_margin: float = 0.01  # annotator units
-    steps: int = 150  # preference optimizer steps, every method and window
+    steps: int = 120  # preference optimizer steps, every method and window
+    batch: int = 32  # pairs per preference step
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     windows: tuple[tuple[int, int], ...] = WINDOWS
@@ -80,7 +81,7 @@ class Settings:
 
 FULL = Settings()
 SMOKE = replace(FULL, heldout_prompts=6, images_per_prompt=1, vae_images=256, vae_steps=20, recon_images=32,
-                sft_rows=64, base_steps=4, pair_prompts=24, sample_steps=3, steps=3, seeds=(0,),
+                sft_rows=64, base_steps=4, pair_prompts=24, sample_steps=3, steps=3, batch=8, seeds=(0,),
                 windows=((200, 700),))
 
 
@@ -296,7 +297,8 @@ def run_variant(out: Path, s: Settings, binary: Path, name: str, sets: list[str]
     checkpoint = train(binary, "preference.yaml", run_dir, [
         f"model.manifest={out / 'base' / 'export' / 'manifest.json'}",
         f"data.index={out / 'pairs' / 'shards' / 'index.json'}", f"run.seed={seed}",
-        f"train.max_steps={s.steps}", f"checkpoint.every={s.steps}", *sets])
+        f"train.max_steps={s.steps}", f"checkpoint.every={s.steps}", f"train.global_batch={s.batch}",
+        f"train.micro_batch={s.batch}", *sets])
     trained = time.perf_counter() - start
     with eval_lock:  # one in-process sampler at a time: two heavy processes at most
         pipeline_dir = export_diffusers.export(checkpoint, run_dir / "pipeline", out / "base" / "pipeline")
