@@ -37,9 +37,19 @@ def _quadrant(pixels: np.ndarray, position: int) -> np.ndarray:
     return pixels[row * CELL : (row + 1) * CELL, column * CELL : (column + 1) * CELL]
 
 
+def foreground(pixels: np.ndarray) -> np.ndarray:
+    """Boolean mask [H, W] of the pixels of [H, W, 3] (float RGB) that are not background."""
+    return np.abs(pixels - np.asarray(BACKGROUND, dtype=np.float64)).max(axis=-1) > FOREGROUND_DISTANCE
+
+
+def foreground_fraction(image: Image.Image) -> float:
+    """Fraction of an image's pixels that are foreground (a diagnostic, not part of the score)."""
+    return float(foreground(np.asarray(image.convert("RGB"), dtype=np.float64)).mean())
+
+
 def quadrant_score(cell: np.ndarray, named: tuple[str, str] | None) -> float:
     """Score of one quadrant [CELL, CELL, 3] (float RGB) against what the caption names there."""
-    mask = np.abs(cell - np.asarray(BACKGROUND, dtype=np.float64)).max(axis=-1) > FOREGROUND_DISTANCE
+    mask = foreground(cell)
     area = float(mask.sum())
     presence = min(1.0, area / MIN_AREA)
     if named is None:

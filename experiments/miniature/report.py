@@ -61,20 +61,23 @@ def summarize(base: np.ndarray, runs: dict[str, list[np.ndarray]]) -> dict:
     return {name: summarize_variant(np.stack(tables), base) for name, tables in runs.items() if tables}
 
 
-def _row(name: str, entry: dict) -> str:
+def _row(name: str, entry: dict, extra: str) -> str:
     delta_low, delta_high = entry["delta_ci95"]
     win_low, win_high = entry["win_ci95"]
     per_seed = ", ".join(f"{d:+.4f}" for d in entry["delta_per_seed"])
     return (f"| {name} | {entry['mean']:.4f} | {entry['delta']:+.4f} [{delta_low:+.4f}, {delta_high:+.4f}] | "
-            f"{entry['win_rate']:.3f} [{win_low:.3f}, {win_high:.3f}] | {entry['seeds']} | {per_seed} |")
+            f"{entry['win_rate']:.3f} [{win_low:.3f}, {win_high:.3f}] | {entry['seeds']} | {per_seed} | {extra} |")
 
 
-def markdown_table(summary: dict, names: Sequence[str], base_mean: float, first: str) -> str:
-    """One row per variant (in `names` order, those with results), the base first."""
-    lines = [f"| {first} | mean score | Δ vs base [95 % CI] | win rate vs base [95 % CI] | seeds | Δ per seed |",
-             "| --- | ---: | --- | --- | ---: | --- |",
-             f"| base | {base_mean:.4f} | - | - | - | - |"]
-    lines += [_row(name, summary[name]) for name in names if name in summary]
+def markdown_table(summary: dict, names: Sequence[str], base_mean: float, first: str,
+                   foreground: dict[str, str]) -> str:
+    """One row per variant (in `names` order, those with results), the base first; `foreground`:
+    the last column's text per name (and "base")."""
+    lines = [f"| {first} | mean score | Δ vs base [95 % CI] | win rate vs base [95 % CI] | seeds | Δ per seed "
+             "| foreground / blank |",
+             "| --- | ---: | --- | --- | ---: | --- | --- |",
+             f"| base | {base_mean:.4f} | - | - | - | - | {foreground.get('base', '-')} |"]
+    lines += [_row(name, summary[name], foreground.get(name, "-")) for name in names if name in summary]
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +103,9 @@ def credit_figure(run_dirs: dict[str, list[Path]], path: Path, bins: int = 20) -
     return path
 
 
-def correction_figure(run_dirs: dict[str, list[Path]], path: Path) -> Path:
-    """The correction array E over t at the end of training, one line per seed, one panel per variant."""
+def correction_figure(run_dirs: dict[str, list[Path]], path: Path, cumulative: bool = False) -> Path:
+    """The correction array E over t at the end of training (with `cumulative`: the correction
+    C_t = sum over k > t of E[k] that enters z), one line per seed, one panel per variant."""
     names = [n for n, dirs in run_dirs.items() if dirs]
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
@@ -110,8 +114,10 @@ def correction_figure(run_dirs: dict[str, list[Path]], path: Path) -> Path:
         for d in run_dirs[name]:
             correction = plot_run.latest_correction(d)
             if correction is not None:
-                ax.plot(np.asarray(correction["E"], dtype=np.float64), linewidth=0.8)
-        ax.set(title=name, xlabel="t", ylabel="E[t]", xlim=(0, 1000))
+                E = np.asarray(correction["E"], dtype=np.float64)
+                values = np.concatenate([np.cumsum(E[::-1])[::-1][1:], [0.0]]) if cumulative else E
+                ax.plot(values, linewidth=0.8)
+        ax.set(title=name, xlabel="t", ylabel="C_t" if cumulative else "E[t]", xlim=(0, 1000))
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()

@@ -46,7 +46,7 @@ from dde_tools import eval_report, evaluate, export_diffusers, export_models, ex
 from dde_tools.export_models import quiet_torchscript
 from miniature import pipeline as pipe_io
 from miniature import report, vae as vae_io, world
-from miniature.annotator import WorldAnnotator
+from miniature.annotator import WorldAnnotator, foreground_fraction
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -341,15 +341,36 @@ def samples_grid(out: Path, names: list[str], prompts: int, path: Path) -> None:
     eval_report.image_grid(cells, models, 64).save(path)
 
 
+def foreground_column(out: Path, runs: dict[str, list[Path]]) -> dict[str, str]:
+    """Per variant and the base: mean foreground fraction of its held-out images and the share of
+    near-blank ones (< 2 % foreground), "F / B"; a rendered world image has FOREGROUND_REFERENCE."""
+    models = {"base": ["base"]} | {n: [f"{n}-s{d.name[4:]}" for d in dirs] for n, dirs in runs.items() if dirs}
+    column = {}
+    for name, folders in models.items():
+        fractions = np.asarray([foreground_fraction(Image.open(f)) for m in folders
+                                for f in sorted((out / "eval" / "images" / m).glob("*.png"))])
+        column[name] = f"{fractions.mean():.3f} / {(fractions < 0.02).mean():.3f}"
+    return column
+
+
+def world_foreground(seed: int, count: int = 500) -> float:
+    """Mean foreground fraction of rendered world scenes: what a perfect model would draw."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([foreground_fraction(world.render(world.sample_scene(rng))) for _ in range(count)]))
+
+
 def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
     runs = finished(out, s)
     base = read_scores(out / "eval" / "base.json")
     summary = report.summarize(base, {n: [read_scores(d / "eval.json") for d in dirs] for n, dirs in runs.items()})
     method_names = list(s.methods)
     window_names = [s.window_method] + [window_name(w, s.window_method) for w in s.windows]
-    text = ["## Methods (all t)", "", report.markdown_table(summary, method_names, float(base.mean()), "method"),
+    fg = foreground_column(out, runs)
+    text = ["## Methods (all t)", "", report.markdown_table(summary, method_names, float(base.mean()), "method", fg),
             f"## Windows ({s.window_method}, t drawn from the window only; the first row is every t)", "",
-            report.markdown_table(summary, window_names, float(base.mean()), "window")]
+            report.markdown_table(summary, window_names, float(base.mean()), "window", fg),
+            f"Foreground / blank: mean fraction of foreground pixels in the held-out images / share of images "
+            f"with under 2 % foreground; rendered world scenes have {world_foreground(s.seed + 6):.3f} / 0.000.", ""]
     report.write_json(out / "results.json", {"settings": asdict(s), "base_mean": float(base.mean()),
                                              "variants": summary})
     (out / "results.md").write_text("\n".join(text), encoding="utf-8")
@@ -358,6 +379,8 @@ def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
         folder.mkdir(exist_ok=True)
         report.credit_figure({n: runs[n] for n in method_names}, folder / "credit_methods.png")
         report.correction_figure({n: runs[n] for n in method_names}, folder / "correction_methods.png")
+        report.correction_figure({n: runs[n] for n in method_names}, folder / "correction_cumulative_methods.png",
+                                 cumulative=True)
         report.credit_figure({n: runs[n] for n in window_names[1:]}, folder / "credit_windows.png")
         samples_grid(out, method_names + window_names[1:], min(6, len(base)), folder / "samples.png")
     return summary
