@@ -65,13 +65,20 @@ def quadrant_score(cell: np.ndarray, named: tuple[str, str] | None) -> float:
     return presence * (colour_score + shape_score) / 2
 
 
-def score_image(image: Image.Image, text: str) -> float:
-    """The annotator's score in [0, 1] of one image for one caption."""
+def quadrant_scores(image: Image.Image, text: str) -> tuple[list[float], list[float]]:
+    """The scores of the quadrants the caption names, and of those it leaves empty."""
     if image.size != (SIZE, SIZE):
         image = image.resize((SIZE, SIZE), Image.BILINEAR)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     named = parse_caption(text)
-    return float(np.mean([quadrant_score(_quadrant(pixels, p), named.get(p)) for p in range(4)]))
+    scores = [quadrant_score(_quadrant(pixels, p), named.get(p)) for p in range(4)]
+    return [scores[p] for p in range(4) if p in named], [scores[p] for p in range(4) if p not in named]
+
+
+def score_image(image: Image.Image, text: str) -> float:
+    """The annotator's score in [0, 1] of one image for one caption."""
+    named, empty = quadrant_scores(image, text)
+    return float(np.mean(named + empty))
 
 
 class WorldAnnotator:

@@ -72,9 +72,9 @@ def _row(name: str, entry: dict, extra: str) -> str:
 def markdown_table(summary: dict, names: Sequence[str], base_mean: float, first: str,
                    foreground: dict[str, str]) -> str:
     """One row per variant (in `names` order, those with results), the base first; `foreground`:
-    the last column's text per name (and "base")."""
+    the last column's text per name (and "base"): named / empty quadrant score / foreground."""
     lines = [f"| {first} | mean score | Δ vs base [95 % CI] | win rate vs base [95 % CI] | seeds | Δ per seed "
-             "| foreground / blank |",
+             "| named / empty / foreground |",
              "| --- | ---: | --- | --- | ---: | --- | --- |",
              f"| base | {base_mean:.4f} | - | - | - | - | {foreground.get('base', '-')} |"]
     lines += [_row(name, summary[name], foreground.get(name, "-")) for name in names if name in summary]

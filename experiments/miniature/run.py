@@ -46,7 +46,7 @@ from dde_tools import eval_report, evaluate, export_diffusers, export_models, ex
 from dde_tools.export_models import quiet_torchscript
 from miniature import pipeline as pipe_io
 from miniature import report, vae as vae_io, world
-from miniature.annotator import WorldAnnotator, foreground_fraction
+from miniature.annotator import WorldAnnotator, foreground_fraction, quadrant_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -341,15 +341,20 @@ def samples_grid(out: Path, names: list[str], prompts: int, path: Path) -> None:
     eval_report.image_grid(cells, models, 64).save(path)
 
 
-def foreground_column(out: Path, runs: dict[str, list[Path]]) -> dict[str, str]:
-    """Per variant and the base: mean foreground fraction of its held-out images and the share of
-    near-blank ones (< 2 % foreground), "F / B"; a rendered world image has FOREGROUND_REFERENCE."""
+def diagnostics_column(out: Path, runs: dict[str, list[Path]], prompts: list[str]) -> dict[str, str]:
+    """Per variant and the base, over its held-out images: the mean score of the quadrants the
+    caption names, of those it leaves empty, and the mean foreground fraction: "N / E / F"."""
     models = {"base": ["base"]} | {n: [f"{n}-s{d.name[4:]}" for d in dirs] for n, dirs in runs.items() if dirs}
     column = {}
     for name, folders in models.items():
-        fractions = np.asarray([foreground_fraction(Image.open(f)) for m in folders
-                                for f in sorted((out / "eval" / "images" / m).glob("*.png"))])
-        column[name] = f"{fractions.mean():.3f} / {(fractions < 0.02).mean():.3f}"
+        named, empty, fractions = [], [], []
+        for path in [f for m in folders for f in sorted((out / "eval" / "images" / m).glob("*.png"))]:
+            image = Image.open(path)
+            parts = quadrant_scores(image, prompts[int(path.stem.split("_")[0])])
+            named += parts[0]
+            empty += parts[1]
+            fractions.append(foreground_fraction(image))
+        column[name] = f"{np.mean(named):.3f} / {np.mean(empty):.3f} / {np.mean(fractions):.3f}"
     return column
 
 
@@ -365,12 +370,13 @@ def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
     summary = report.summarize(base, {n: [read_scores(d / "eval.json") for d in dirs] for n, dirs in runs.items()})
     method_names = list(s.methods)
     window_names = [s.window_method] + [window_name(w, s.window_method) for w in s.windows]
-    fg = foreground_column(out, runs)
+    fg = diagnostics_column(out, runs, heldout_stage(out, s))
     text = ["## Methods (all t)", "", report.markdown_table(summary, method_names, float(base.mean()), "method", fg),
             f"## Windows ({s.window_method}, t drawn from the window only; the first row is every t)", "",
             report.markdown_table(summary, window_names, float(base.mean()), "window", fg),
-            f"Foreground / blank: mean fraction of foreground pixels in the held-out images / share of images "
-            f"with under 2 % foreground; rendered world scenes have {world_foreground(s.seed + 6):.3f} / 0.000.", ""]
+            "Named / empty / foreground: mean score of the quadrants the caption names, of the quadrants it "
+            "leaves empty (1 = nothing drawn there), and the mean fraction of foreground pixels; rendered world "
+            f"scenes have about 0.99 / 1 / {world_foreground(s.seed + 6):.3f}.", ""]
     report.write_json(out / "results.json", {"settings": asdict(s), "base_mean": float(base.mean()),
                                              "variants": summary})
     (out / "results.md").write_text("\n".join(text), encoding="utf-8")
