@@ -338,7 +338,8 @@ def samples_grid(out: Path, names: list[str], prompts: int, path: Path) -> None:
     """Image 0 of the first held-out prompts: the base, then seed 0 of each variant."""
     models = ["base"] + [f"{n}-s0" for n in names if (out / "eval" / "images" / f"{n}-s0").is_dir()]
     cells = [[Image.open(out / "eval" / "images" / m / f"{i:05d}_00.png") for m in models] for i in range(prompts)]
-    eval_report.image_grid(cells, models, 64).save(path)
+    labels = [m.removesuffix("-s0").replace("uniform_t", "t").replace("dde_", "") for m in models]
+    eval_report.image_grid(cells, labels, 72).quantize(colors=128).save(path, optimize=True)
 
 
 def diagnostics_column(out: Path, runs: dict[str, list[Path]], prompts: list[str]) -> dict[str, str]:
