@@ -131,8 +131,10 @@ def test_resume_is_bit_exact(dde_train, fixtures, tmp_path):
     timing = {"pairs_per_s", "data_wait_frac", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb"}
     steps_a, pairs_a = read_metrics(straight)
     steps_b, pairs_b = read_metrics(halves)
-    for s in steps_a:  # the forward's peak lies between what the step held and its own peak
-        assert s["mem_held_mb"] <= s["mem_forward_peak_mb"] <= s["mem_peak_mb"], s
+    # The forward's peak lies between what the step held and its own peak. On the CPU these are
+    # the kernel's VmRSS/VmHWM, whose per-thread counters are batched: a few MiB of slack below.
+    for s in steps_a:
+        assert s["mem_held_mb"] - 16 <= s["mem_forward_peak_mb"] <= s["mem_peak_mb"], s
     assert [{k: v for k, v in s.items() if k not in timing} for s in steps_a] == \
            [{k: v for k, v in s.items() if k not in timing} for s in steps_b]
     assert pairs_a == pairs_b
