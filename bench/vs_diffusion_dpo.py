@@ -316,17 +316,30 @@ logging: {{per_sample: false, progress: false}}
     return path
 
 
-def run_dde(paths: dict, args: argparse.Namespace, tag: str, env: dict) -> dict:
+def run_dde(paths: dict, args: argparse.Namespace, tag: str, env: dict, sets: tuple[str, ...] = ()) -> dict:
     run_dir = Path(args.work) / "runs" / tag
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [str(Path(args.build) / "dde_train"), "--config", str(dde_config(paths, args, run_dir))]
-    for s in args.dde_set:
+    for s in [*args.dde_set, *sets]:
         cmd += ["--set", s]
     watched = run_watched(cmd, env, run_dir.parent / f"{tag}.log", args.timeout, args.device == "cuda")
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = [args.global_batch / s["pairs_per_s"] for s in steps if s.get("kind") == "step"]
     return {**watched, "step_seconds": seconds}
+
+
+def encode_cache(paths: dict, args: argparse.Namespace, env: dict) -> dict:
+    """dde_encode_cache over the bench's shards, once (timed): the cache the cached rows train from."""
+    cache = Path(args.work) / "latent_cache"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    (Path(args.work) / "runs").mkdir(parents=True, exist_ok=True)
+    config = dde_config(paths, args, Path(args.work) / "runs" / "encode-cache")
+    cmd = [str(Path(args.build) / "dde_encode_cache"), "--config", str(config), "--out", str(cache)]
+    watched = run_watched(cmd, env, Path(args.work) / "runs" / "encode-cache.log", args.timeout, args.device == "cuda")
+    index = json.loads((cache / "index.json").read_text())
+    pairs = sum(int(s.get("pairs", 0)) for s in index.get("shards", []))
+    return {**watched, "index": str(cache / "index.json"), "pairs": pairs}
 
 
 def run_python(paths: dict, args: argparse.Namespace, tag: str, env: dict) -> dict:
@@ -389,13 +402,20 @@ def table(result: dict) -> str:
     mem = "peak_gpu_used_mib" if result["device"] == "cuda" else "peak_tree_rss_mib"
     lines = ["| side | pairs/s | peak RSS MiB (tree) | main ru_maxrss MiB |" + (" GPU used MiB |" if mem != "peak_tree_rss_mib" else ""),
              "| --- | --- | --- | --- |" + (" --- |" if mem != "peak_tree_rss_mib" else "")]
-    for name, s in (("dde_train", d), ("python loop", p)):
+    sides = [("dde_train", d), ("python loop", p)]
+    if "dde_train_cache" in result:
+        sides.insert(1, ("dde_train, latent cache", result["dde_train_cache"]))
+    for name, s in sides:
         row = f"| {name} | {s['pairs_per_s']:.3f} | {s['peak_tree_rss_mib']:.0f} | {s['ru_maxrss_mib']:.0f} |"
         if mem != "peak_tree_rss_mib":
             row += f" {s['peak_gpu_used_mib']:.0f} |"
         lines.append(row)
     lines.append(f"| dde / python | {r['pairs_per_s']:.2f}x | {r['peak_tree_rss_mib']:.2f}x | "
                  f"{r['ru_maxrss_mib']:.2f}x |" + (f" {r['peak_gpu_used_mib']:.2f}x |" if mem != "peak_tree_rss_mib" else ""))
+    if "ratio_dde_cache_over_python" in result:
+        r = result["ratio_dde_cache_over_python"]
+        lines.append(f"| dde (cache) / python | {r['pairs_per_s']:.2f}x | {r['peak_tree_rss_mib']:.2f}x | "
+                     f"{r['ru_maxrss_mib']:.2f}x |" + (f" {r['peak_gpu_used_mib']:.2f}x |" if mem != "peak_tree_rss_mib" else ""))
     return "\n".join(lines)
 
 
@@ -418,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON result (default bench/results/vs_diffusion_dpo-<date>-<device>.json)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run (default 1800)")
     parser.add_argument("--rows", type=int, default=512, help="parquet rows (default 512)")
+    parser.add_argument("--dde-cache", action="store_true",
+                        help="also encode a latent cache (dde_encode_cache, timed) and run dde_train from it")
     # worker mode (the Python loop in its own process, so its memory is measured alone)
     parser.add_argument("--worker", choices=["python"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -440,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     load_before = os.getloadavg()
-    dde_runs, py_runs = [], []
+    dde_runs, py_runs, cached_runs = [], [], []
+    cache = encode_cache(paths, args, env) if args.dde_cache else None
     for k in range(args.rounds):
+        if cache:
+            cached_runs.append(run_dde(paths, args, f"dde-cache-{k}", env, (f"data.cache={cache['index']}",)))
         dde_runs.append(run_dde(paths, args, f"dde-{k}", env))
         print(f"bench: round {k}: dde_train {args.global_batch * len(dde_runs[-1]['step_seconds'][args.warmup:]) / sum(dde_runs[-1]['step_seconds'][args.warmup:]):.3f} pairs/s", flush=True)
         py_runs.append(run_python(paths, args, f"python-{k}", env))
@@ -461,14 +486,25 @@ def main(argv: list[str] | None = None) -> int:
         "dde_set": args.dde_set, "dde_train": d, "python_loop": p, "ratio_dde_over_python": ratio,
         "runs": {"dde_train": dde_runs, "python_loop": py_runs},
     }
+    if cache:
+        c = summarize(cached_runs, args)
+        result["dde_train_cache"] = c
+        result["ratio_dde_cache_over_python"] = {k: (c[k] / p[k] if c.get(k) and p.get(k) else None)
+                                                 for k in ("pairs_per_s", "peak_tree_rss_mib", "ru_maxrss_mib",
+                                                           "peak_gpu_used_mib")}
+        result["cache_encode"] = cache
+        result["runs"]["dde_train_cache"] = cached_runs
     if cuda:
         flops = count_flops_per_pair(paths["pipeline"], args.resolution, "cuda")
         result["flops"] = flops | {"peak_tflops_bf16": BF16_PEAK_TFLOPS}
-        for side in ("dde_train", "python_loop"):
-            tflops = result[side]["pairs_per_s"] * flops["pair_flop"] / 1e12
+        for side in ("dde_train", "python_loop", "dde_train_cache"):
+            if side not in result:
+                continue
+            pair_flop = flops["pair_flop_cached_latents" if side == "dde_train_cache" else "pair_flop"]
+            tflops = result[side]["pairs_per_s"] * pair_flop / 1e12
             result[side]["tflops"] = tflops
             result[side]["mfu"] = tflops / BF16_PEAK_TFLOPS
-    out = args.out or ROOT / "bench" / "results" / f"vs_diffusion_dpo-{dt.date.today().isoformat()}-{args.device}.json"
+    out = args.out or ROOT / "bench" / "results" / f"vs_diffusion_dpo-{dt.date.today().isoformat()}-{args.device}{'-cache' if args.dde_cache else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
