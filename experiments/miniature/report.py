@@ -81,49 +81,51 @@ def markdown_table(summary: dict, names: Sequence[str], base_mean: float, first:
     return "\n".join(lines) + "\n"
 
 
-def credit_figure(run_dirs: dict[str, list[Path]], path: Path, bins: int = 20) -> Path:
-    """Mean credit weight k_t sigmoid(-z) binned by t, one panel per variant (seeds pooled)."""
+def _panel_figure(run_dirs: dict[str, list[Path]], path: Path, draw) -> Path:
+    """One panel per variant that has runs (three a row); `draw(ax, name, dirs)` fills a panel."""
     names = [n for n, dirs in run_dirs.items() if dirs]
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        pairs = [p for d in run_dirs[name] for p in plot_run.read_records(d)["pair"] if p.get("credit") is not None]
+        draw(ax, name, run_dirs[name])
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def credit_figure(run_dirs: dict[str, list[Path]], path: Path, bins: int = 20) -> Path:
+    """Mean credit weight k_t sigmoid(-z) binned by t, one panel per variant (seeds pooled)."""
+
+    def draw(ax, name: str, dirs: list[Path]) -> None:
+        pairs = [p for d in dirs for p in plot_run.read_records(d)["pair"] if p.get("credit") is not None]
         if pairs:
             t = np.asarray([p["t"] for p in pairs], dtype=np.float64)
             credit = np.asarray([p["credit"] for p in pairs], dtype=np.float64)
             centers, means = plot_run.binned_mean(t, credit, 1000, bins)
             ax.bar(centers, np.nan_to_num(means), width=1000 / bins * 0.9)
         ax.set(title=name, xlabel="t", ylabel="credit k_t sigmoid(-z)", xlim=(0, 1000))
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+
+    return _panel_figure(run_dirs, path, draw)
 
 
 def correction_figure(run_dirs: dict[str, list[Path]], path: Path, cumulative: bool = False) -> Path:
     """The correction array E over t at the end of training (with `cumulative`: the correction
     C_t = sum over k > t of E[k] that enters z), one line per seed, one panel per variant."""
-    names = [n for n, dirs in run_dirs.items() if dirs]
-    columns = min(3, len(names))
-    rows = -(-len(names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for d in run_dirs[name]:
+
+    def draw(ax, name: str, dirs: list[Path]) -> None:
+        for d in dirs:
             correction = plot_run.latest_correction(d)
             if correction is not None:
                 E = np.asarray(correction["E"], dtype=np.float64)
                 values = np.concatenate([np.cumsum(E[::-1])[::-1][1:], [0.0]]) if cumulative else E
                 ax.plot(values, linewidth=0.8)
         ax.set(title=name, xlabel="t", ylabel="C_t" if cumulative else "E[t]", xlim=(0, 1000))
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+
+    return _panel_figure(run_dirs, path, draw)
 
 
 def write_json(path: Path, data: object) -> None:
