@@ -20,11 +20,11 @@ constexpr const char* kReexportHint =
     "tokenizers";
 
 struct PreparedImage {
-  torch::Tensor pixels;  // [3, R, R] float32 in [-1, 1]
+  torch::Tensor pixels;  // [3, R, R] uint8
   int64_t original_h = 0, original_w = 0, crop_top = 0, crop_left = 0;
 };
 
-// Resize(R) -> CenterCrop(R) -> ToTensor -> Normalize, as the loader without augmentation.
+// Resize(R) -> CenterCrop(R), as the loader without augmentation (to_pm1 does the rest).
 PreparedImage prepare_image(const std::string& bytes, const std::string& where, int resolution) {
   Image image = decode_image(bytes, where);  // default limits: Pillow's pixel budget, ratio 20
   PreparedImage out;
@@ -33,8 +33,8 @@ PreparedImage prepare_image(const std::string& bytes, const std::string& where, 
   image = resize_shorter_side(image, resolution);
   out.crop_top = center_crop_offset(image.height, resolution);
   out.crop_left = center_crop_offset(image.width, resolution);
-  out.pixels = to_tensor_pm1(crop(image, static_cast<int>(out.crop_top),
-                                  static_cast<int>(out.crop_left), resolution, resolution));
+  out.pixels = to_chw_uint8(crop(image, static_cast<int>(out.crop_top),
+                                 static_cast<int>(out.crop_left), resolution, resolution));
   return out;
 }
 

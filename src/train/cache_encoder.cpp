@@ -75,14 +75,15 @@ data::CachedPair encode_pair(const data::PairRecord& r, const std::string& shard
         which == 0 ? r.jpg_0 : r.jpg_1, fmt::format("{}, image {}", where, which), c.prep,
         /*flip=*/false, 0, 0);
     images.push_back(im.pixels);
-    images.push_back(im.pixels.flip({-1}));  // = hflip before to_tensor_pm1 (a permutation)
+    images.push_back(im.pixels.flip({-1}));  // = hflip (a permutation of the pixels)
     auto g = p.geometry.accessor<int64_t, 2>();
     g[which][0] = im.original_h;
     g[which][1] = im.original_w;
     g[which][2] = im.crop_top;
     g[which][3] = im.crop_left;
   }
-  const auto [mean, logvar] = c.vae->moments(torch::stack(images));  // [4, C, h, w] each
+  const torch::Tensor pixels = data::to_pm1(torch::stack(images), data::pm1_table());
+  const auto [mean, logvar] = c.vae->moments(pixels);  // [4, C, h, w] each
   const int64_t C = c.shape.latent_channels, h = c.shape.latent_size;
   p.moments = torch::stack({mean, logvar}, 1).reshape({2, 2, 2, C, h, h});
   std::vector<torch::Tensor> ids;

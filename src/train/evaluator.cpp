@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "dde/data/held_out_pairs.hpp"
+#include "dde/data/image_tensor.hpp"
 #include "dde/train/pair_inputs.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -111,7 +112,9 @@ EncodedPairs Evaluator::Impl::encode(const data::PairBatch& batch) {
   const torch::Tensor noise = torch::cat({torch::stack(noise_w), torch::stack(noise_l)}, 0);
   EncodedPairs out;
   out.pair_ids = batch.pair_ids;
-  out.latents = ctx.vae->encode(torch::cat({batch.winner, batch.loser}, 0), noise).cpu();
+  const torch::Tensor pixels =
+      data::to_pm1(torch::cat({batch.winner, batch.loser}, 0), data::pm1_table());
+  out.latents = ctx.vae->encode(pixels, noise).cpu();
   models::Conditioning cond = ctx.text->encode(batch.input_ids);
   torch::Tensor loser_time_ids;
   if (ctx.manifest->added_cond) {

@@ -12,6 +12,7 @@
 #include "dde/checkpoint/checkpoint_store.hpp"
 #include "dde/checkpoint/training_checkpoint.hpp"
 #include "dde/data/bad_pair_rows.hpp"
+#include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/dist/communicator.hpp"
 #include "dde/dist/device.hpp"
@@ -121,6 +122,7 @@ struct Trainer::Impl {
   std::unique_ptr<models::UNet> reference;
   std::unique_ptr<models::TextConditioner> text;
   std::unique_ptr<models::LatentEncoder> vae;
+  torch::Tensor pm1_table;  // data::pm1_table() on the device: uint8 pixels -> [-1, 1]
   std::unique_ptr<data::PairLoader> loader;
   std::unique_ptr<Evaluator> evaluator;  // held-out accuracy; null without data.eval_index
   std::unique_ptr<DataParallelOptimizer> optimizer;
@@ -155,7 +157,8 @@ struct Trainer::Impl {
   };
   MicroResult micro_step(const data::PairBatch& batch, bool dump);
   void dump_micro_batch(checkpoint::NamedTensors tensors) const;
-  // Host -> device without blocking the host (a pageable source is staged by the driver).
+  // Host -> device without blocking the host: a DMA from the loader's pinned batches (a pageable
+  // source is staged by the driver).
   torch::Tensor to_device(const torch::Tensor& x) const {
     return x.to(device, /*non_blocking=*/true);
   }
@@ -246,6 +249,8 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   lo.world_size = comm->world_size();
   lo.max_image_pixels = cfg.data.max_image_pixels;
   lo.verify_sha256 = cfg.data.verify;
+  lo.pin_memory = device.is_cuda();
+  pm1_table = data::pm1_table().to(device);
   for (const models::TextEncoderInfo& e : manifest.text_encoders) {
     lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
@@ -319,13 +324,15 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   torch::Tensor latents;
   models::Conditioning cond;
   if (batch.winner_moments.defined()) {
-    const torch::Tensor m = to_device(torch::cat({batch.winner_moments, batch.loser_moments}, 0));
+    const torch::Tensor m =
+        torch::cat({to_device(batch.winner_moments), to_device(batch.loser_moments)}, 0);
     latents =
         models::sample_latents(m.select(1, 0), m.select(1, 1), vae_noise, manifest.scaling_factor);
     cond.text = to_device(batch.text_hidden);
     if (batch.text_pooled.defined()) cond.pooled = to_device(batch.text_pooled);
   } else {
-    latents = vae->encode(torch::cat({batch.winner, batch.loser}, 0), vae_noise);
+    const torch::Tensor pixels = torch::cat({to_device(batch.winner), to_device(batch.loser)}, 0);
+    latents = vae->encode(data::to_pm1(pixels, pm1_table), vae_noise);
     cond = text->encode(batch.input_ids);
   }
   torch::Tensor loser_time_ids;
@@ -360,9 +367,12 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
     // Everything an independent recomputation needs (tests/e2e/test_forward_parity.py).
     // From a cache: the posterior moments in place of the images.
     const bool cached = batch.winner_moments.defined();
+    const auto image = [&](const torch::Tensor& pixels) {
+      return data::to_pm1(pixels, data::pm1_table());  // as the VAE took them
+    };
     checkpoint::NamedTensors d{
-        {cached ? "winner_moments" : "winner", cached ? batch.winner_moments : batch.winner},
-        {cached ? "loser_moments" : "loser", cached ? batch.loser_moments : batch.loser},
+        {cached ? "winner_moments" : "winner", cached ? batch.winner_moments : image(batch.winner)},
+        {cached ? "loser_moments" : "loser", cached ? batch.loser_moments : image(batch.loser)},
         {"pair_ids", batch.pair_ids},
         {"t", t},
         {"eps", eps_pair},

@@ -56,6 +56,8 @@ struct PairLoaderOptions {
   std::vector<int64_t> vocab_sizes;
   int64_t max_image_pixels = 89478485;  // Pillow's MAX_IMAGE_PIXELS
   bool verify_sha256 = false;           // hash the shards at start (this rank's 1/world_size)
+  // Batches in page-locked host memory, for non-blocking copies to a GPU. Needs CUDA.
+  bool pin_memory = false;
   // Latent cache (latent_cache.hpp): index.json of it, or "" to decode the images. With a cache
   // the order and every per-pair choice stay as from the images; the batch then carries the
   // moments and text embeddings instead of pixels and token ids. Needs random_crop false.
@@ -73,7 +75,9 @@ struct BadPair {
 };
 
 struct PairBatch {
-  torch::Tensor winner, loser;  // [B, 3, H, W] float32 in [-1, 1]; undefined from a cache
+  // [B, 3, H, W] uint8 (data::to_pm1 makes them the models' [-1, 1] floats); undefined from a
+  // cache. Pinned (like the cache's tensors) with PairLoaderOptions::pin_memory.
+  torch::Tensor winner, loser;
   std::vector<torch::Tensor>
       input_ids;  // per tokenizer [B, L] int64 (empty prompt ids where dropped)
   // From a latent cache only (else undefined): the VAE posterior of each image as it would have

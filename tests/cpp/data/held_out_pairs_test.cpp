@@ -44,9 +44,9 @@ std::vector<PairBatch> read_all(HeldOutPairs& pairs, int64_t batch) {
   return out;
 }
 
-// Mean green level in [0, 255] of images [B, 3, H, W] in [-1, 1], per image.
+// Mean green level in [0, 255] of uint8 images [B, 3, H, W], per image.
 torch::Tensor green(const torch::Tensor& images) {
-  return (images.select(1, 1).flatten(1).mean(1) + 1.0) * 127.5;
+  return images.select(1, 1).flatten(1).to(torch::kFloat64).mean(1);
 }
 
 TEST(HeldOutPairs, EveryNonTiePairInFileOrderWithoutAugmentation) {
@@ -71,7 +71,7 @@ TEST(HeldOutPairs, EveryNonTiePairInFileOrderWithoutAugmentation) {
       EXPECT_NEAR(green(b.winner)[i].item<double>(), testing::kPreferredGreen, 3.0);
       EXPECT_NEAR(green(b.loser)[i].item<double>(), testing::kOtherGreen, 3.0);
       // Never flipped: the red ramp rises from left to right.
-      const torch::Tensor red = b.winner[i][0];
+      const torch::Tensor red = b.winner[i][0].to(torch::kFloat64);
       EXPECT_LT(red.select(1, 0).mean().item<double>(), red.select(1, 7).mean().item<double>());
       // Original size and center-crop offsets of the winner, as SDXL's time ids record them.
       const int which = held_out_label(number) == 0.0 ? 1 : 0;

@@ -165,6 +165,44 @@ TEST(ToTensorPm1, ChannelsFirstScaledToMinusOneOne) {
   EXPECT_TRUE(torch::equal(t, ref));
 }
 
+TEST(ToChwUint8, ChannelsFirstBytesUnchanged) {
+  const Image image = make_image(1, 2, {0, 255, 128, 51, 0, 255});
+  const torch::Tensor t = to_chw_uint8(image);
+  ASSERT_EQ(t.sizes(), (std::vector<int64_t>{3, 1, 2}));
+  EXPECT_EQ(t.dtype(), torch::kUInt8);
+  EXPECT_TRUE(torch::equal(t.flatten(), torch::tensor({0, 51, 255, 0, 128, 255}, torch::kUInt8)));
+}
+
+// Every byte through the table equals torchvision's float32 arithmetic on the CPU (the host
+// divides exactly; the table carries that to any device).
+TEST(ToPm1, EveryByteAsTorchvision) {
+  const torch::Tensor bytes = torch::arange(256, torch::kInt64).to(torch::kUInt8).view({4, 8, 8});
+  const torch::Tensor ref = bytes.to(torch::kFloat32).div(255).sub(0.5).div(0.5);
+  const torch::Tensor out = to_pm1(bytes, pm1_table());
+  EXPECT_EQ(out.sizes(), bytes.sizes());
+  EXPECT_TRUE(torch::equal(out, ref));
+}
+
+TEST(ToPm1, RefusesFloatsAndAnotherDevice) {
+  const torch::Tensor images = torch::zeros({3, 2, 2}, torch::kUInt8);
+  expect_error([&] { to_pm1(images.to(torch::kFloat32), pm1_table()); },
+               {"bad images for to_pm1", "uint8 images", "Float"});
+  expect_error([&] { to_pm1(images, pm1_table().to(torch::kFloat64)); }, {"table Double"});
+  if (torch::cuda::is_available()) {
+    expect_error([&] { to_pm1(images, pm1_table().to(torch::kCUDA)); }, {"on the same device"});
+  }
+}
+
+// On a GPU: the uint8 batch goes over and is converted there, bit-equal to the host.
+TEST(ToPm1, CudaEqualsHost) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Tensor bytes = torch::arange(256, torch::kInt64).to(torch::kUInt8).view({1, 4, 64});
+  const torch::Tensor host = to_pm1(bytes, pm1_table());
+  const torch::Tensor device =
+      to_pm1(bytes.pin_memory().to(torch::kCUDA, /*non_blocking=*/true), pm1_table().cuda());
+  EXPECT_TRUE(torch::equal(device.cpu(), host));
+}
+
 // Runs `body` expecting a BadPairError of `reason` whose message holds every one of `parts`.
 template <typename Body>
 void expect_bad_pair(Body body, const std::string& reason, const std::vector<std::string>& parts) {

@@ -44,7 +44,8 @@ CachedPair identity_row(const PairRecord& r) {
     const CroppedImage im =
         prepare_training_image(which == 0 ? r.jpg_0 : r.jpg_1, "test", prep, false, 0, 0);
     for (const torch::Tensor& x : {im.pixels, im.pixels.flip({-1})}) {
-      images.push_back(torch::stack({x, -x}));
+      const torch::Tensor f = x.to(torch::kFloat32);  // the uint8 levels, as floats
+      images.push_back(torch::stack({f, -f}));
     }
     p.geometry[which] = torch::tensor({im.original_h, im.original_w, im.crop_top, im.crop_left});
   }
@@ -142,9 +143,10 @@ TEST_F(LatentCacheTest, CachedBatchesEqualDecodedBatches) {
     EXPECT_EQ(a.keys, b.keys);
     EXPECT_TRUE(torch::equal(a.pair_ids, b.pair_ids));
     EXPECT_TRUE(torch::equal(a.caption_dropped, b.caption_dropped));
-    EXPECT_TRUE(torch::equal(a.winner, b.winner_moments.select(1, 0)));
-    EXPECT_TRUE(torch::equal(-a.winner, b.winner_moments.select(1, 1)));
-    EXPECT_TRUE(torch::equal(a.loser, b.loser_moments.select(1, 0)));
+    const torch::Tensor winner = a.winner.to(torch::kFloat32), loser = a.loser.to(torch::kFloat32);
+    EXPECT_TRUE(torch::equal(winner, b.winner_moments.select(1, 0)));
+    EXPECT_TRUE(torch::equal(-winner, b.winner_moments.select(1, 1)));
+    EXPECT_TRUE(torch::equal(loser, b.loser_moments.select(1, 0)));
     EXPECT_TRUE(torch::equal(a.input_ids[0].to(torch::kFloat32), b.text_hidden.squeeze(-1)));
     EXPECT_TRUE(torch::equal(a.input_ids[1].to(torch::kFloat32), b.text_pooled));
     EXPECT_TRUE(torch::equal(a.winner_original_hw, b.winner_original_hw));

@@ -90,16 +90,33 @@ void expect_same_batch(const PairBatch& a, const PairBatch& b) {
 
 int64_t key_number(const std::string& key) { return std::stoll(key); }
 
-// Mean of the green channel of image b, back in [0, 255].
+// Mean of the green channel of image b, in [0, 255].
 double green_level(const torch::Tensor& images, int64_t b) {
-  return (images[b][1].mean().item<double>() + 1.0) * 127.5;
+  return images[b][1].to(torch::kFloat64).mean().item<double>();
 }
 
 // > 0 when the red ramp rises left to right (not flipped).
 double ramp_direction(const torch::Tensor& images, int64_t b) {
-  const torch::Tensor red = images[b][0];
+  const torch::Tensor red = images[b][0].to(torch::kFloat64);
   return red.select(1, kResolution - 1).mean().item<double>() -
          red.select(1, 0).mean().item<double>();
+}
+
+// With CUDA: batches in page-locked memory, for non-blocking copies. Without: a clear refusal.
+TEST_F(PairLoaderTest, PinMemory) {
+  PairLoaderOptions o = options(2);
+  o.pin_memory = true;
+  if (!torch::cuda::is_available()) {
+    expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.pin_memory", "a CUDA device"});
+    return;
+  }
+  PairLoader pinned(o);
+  PairLoader plain(options(2));
+  const PairBatch a = pinned.next(), b = plain.next();
+  EXPECT_TRUE(a.winner.is_pinned());
+  EXPECT_TRUE(a.loser.is_pinned());
+  EXPECT_TRUE(torch::equal(a.winner, b.winner));
+  EXPECT_TRUE(torch::equal(a.loser, b.loser));
 }
 
 TEST_F(PairLoaderTest, BatchShapesTypesAndValues) {
@@ -108,9 +125,9 @@ TEST_F(PairLoaderTest, BatchShapesTypesAndValues) {
   const PairBatch b = loader.next();
   EXPECT_EQ(b.winner.sizes(), (std::vector<int64_t>{3, 3, kResolution, kResolution}));
   EXPECT_EQ(b.loser.sizes(), b.winner.sizes());
-  EXPECT_EQ(b.winner.dtype(), torch::kFloat32);
-  EXPECT_LE(b.winner.max().item<float>(), 1.0f);
-  EXPECT_GE(b.winner.min().item<float>(), -1.0f);
+  EXPECT_EQ(b.winner.dtype(), torch::kUInt8);  // to_pm1 on the trainer's device
+  EXPECT_EQ(b.loser.dtype(), torch::kUInt8);
+  EXPECT_FALSE(b.winner.is_pinned());
   ASSERT_EQ(b.input_ids.size(), 2u);
   EXPECT_EQ(b.input_ids[0].sizes(), (std::vector<int64_t>{3, 4}));
   EXPECT_EQ(b.input_ids[1].sizes(), (std::vector<int64_t>{3, 3}));
