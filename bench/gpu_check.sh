@@ -8,8 +8,8 @@
 #   e2e    a tiny run on CUDA of all six methods, sd15 and sdxl (fp32, and bf16 for dde)
 #   nccl   the NCCL process group at world size 1 (dist.force_process_group), LOCAL_RANK=3 with one
 #          visible GPU (must pick cuda:0)
-#   sync   CUDA sync debug mode "error" inside the micro-batch loop (run.cuda_sync_debug=error):
-#          a host sync there aborts the run
+#   sync   CUDA sync debug mode "error" inside the micro-batch loop (run.cuda_sync_debug=error),
+#          from the images (uint8, pinned) and from a latent cache: a host sync there aborts the run
 #   full   full-size SD1.5 (random weights, 512 px), bf16, gradient checkpointing, 2 steps
 #   bench  bench/vs_diffusion_dpo.py --device cuda (pairs/s, memory, MFU)
 # Everything goes to $OUT (default runs/gpu_check): summary.txt (one PASS/FAIL line per check),
@@ -184,6 +184,7 @@ train() {
   "$build/dde_train" --config configs/tiny_dde.yaml \
     --set model.manifest="$fixtures/export/$family/manifest.json" \
     --set data.index="$fixtures/shards/$family/index.json" --set run.output_dir="$run" \
+    --set data.eval_index="$fixtures/shards/${family}_eval/index.json" --set eval.every=3 \
     --set run.device="$device" --set train.max_steps=3 --set checkpoint.every=3 "$@" || return 1
   "$(python_bin)" - "$run/metrics.jsonl" <<'EOF'
 import json, math, sys
@@ -231,11 +232,26 @@ phase_nccl() {
   fi
 }
 
+# train_from_cache NAME FAMILY [--set ...]: encodes the tiny shards into a latent cache, then
+# `train`s from it (the loader's pinned moments and embeddings in place of the uint8 images).
+train_from_cache() {
+  local name="$1" family="$2"; shift 2
+  local cache="$logs/runs/${name}_cache"
+  rm -rf "$cache"
+  "$build/dde_encode_cache" --config configs/tiny_dde.yaml \
+    --set model.manifest="$fixtures/export/$family/manifest.json" \
+    --set data.index="$fixtures/shards/$family/index.json" --set run.device="$device" \
+    --out "$cache" || return 1
+  train "$name" "$family" --set data.cache="$cache/index.json" "$@"
+}
+
 phase_sync() {
   for family in sd15 sdxl; do
     check "sync_debug_${family}" train "sync_${family}" "$family" --set run.cuda_sync_debug=error \
       --set logging.per_sample=true
     check "sync_debug_${family}_bf16" train "sync_${family}_bf16" "$family" \
+      --set run.cuda_sync_debug=error --set train.precision=bf16
+    check "sync_debug_${family}_cache" train_from_cache "sync_${family}_cache" "$family" \
       --set run.cuda_sync_debug=error --set train.precision=bf16
   done
 }
@@ -250,8 +266,6 @@ import vs_diffusion_dpo as b
 print(b.prepare(pathlib.Path("runs/bench_vs_dpo"), "full", 512))
 EOF
   local base="$root/runs/bench_vs_dpo/full" run="$logs/runs/full_bf16"
-  # train.gradient_checkpointing is the lead's key (issue 8): an unknown-key error here means that
-  # branch is not merged yet.
   "$build/dde_train" --config configs/sd15_dde.yaml --set model.manifest="$base/export/manifest.json" \
     --set data.index="$base/shards/index.json" --set run.output_dir="$run" --set run.device=cuda \
     --set train.precision=bf16 --set train.gradient_checkpointing=true --set train.global_batch=4 \
