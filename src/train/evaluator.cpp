@@ -10,6 +10,7 @@
 #include "dde/data/held_out_pairs.hpp"
 #include "dde/data/image_tensor.hpp"
 #include "dde/train/pair_inputs.hpp"
+#include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/seed.hpp"
@@ -70,9 +71,11 @@ struct Evaluator::Impl {
   int64_t total_pairs = 0;
   std::vector<EncodedPairs> encoded;
   bool encoded_ready = false;
+  StopTestHooks test_hooks = StopTestHooks::from_environment();
 
   explicit Impl(EvaluatorContext context);
-  void encode_all();
+  // false when a stop was requested first; a later call goes on where this one stopped.
+  bool encode_all();
   EncodedPairs encode(const data::PairBatch& batch);
   // Noisy latents, eps and t of every bin: [nb * 2B, ...], bin-major, winners then losers.
   void noised(const EncodedPairs& pairs, torch::Tensor& x_t, torch::Tensor& eps,
@@ -125,10 +128,13 @@ EncodedPairs Evaluator::Impl::encode(const data::PairBatch& batch) {
   return out;
 }
 
-void Evaluator::Impl::encode_all() {
+bool Evaluator::Impl::encode_all() {
   torch::NoGradGuard no_grad;
   const int64_t micro = ctx.cfg->train.micro_batch;
-  while (std::optional<data::PairBatch> batch = reader->next(micro)) {
+  while (reader) {
+    if (stop_requested()) return false;
+    std::optional<data::PairBatch> batch = reader->next(micro);
+    if (!batch) break;
     encoded.push_back(encode(*batch));
   }
   reader.reset();
@@ -141,8 +147,13 @@ void Evaluator::Impl::encode_all() {
         std::make_unique<models::UNet>(*ctx.reference_manifest, ctx.device, models::UNetOptions{});
     reference = initial.get();
   }
-  for (EncodedPairs& pairs : encoded) pairs.ref_errors = errors_of(*reference, pairs).cpu();
+  for (EncodedPairs& pairs : encoded) {
+    if (pairs.ref_errors.defined()) continue;
+    if (stop_requested()) return false;
+    pairs.ref_errors = errors_of(*reference, pairs).cpu();
+  }
   encoded_ready = true;
+  return true;
 }
 
 void Evaluator::Impl::noised(const EncodedPairs& pairs, torch::Tensor& x_t, torch::Tensor& eps,
@@ -185,15 +196,20 @@ bool Evaluator::due(int64_t step) const {
   return step % cfg.eval.every == 0 || step == cfg.train.max_steps;
 }
 
-EvalResult Evaluator::run(int64_t step, const objective::CorrectionEma& ema) {
+std::optional<EvalResult> Evaluator::run(int64_t step, const objective::CorrectionEma& ema) {
   Impl& d = *impl_;
   const auto start = std::chrono::steady_clock::now();
-  if (!d.encoded_ready) d.encode_all();
+  const int64_t rank = d.ctx.comm->rank();
+  bool stopped = !d.encoded_ready && !d.encode_all();
   torch::NoGradGuard no_grad;
   const auto nb = static_cast<int64_t>(d.bins().size());
   // sums[k][j] over this rank's pairs at bin j: k = 0 Delta < 0, 1 loss, 2 Delta, 3 pairs.
   torch::Tensor sums = torch::zeros({4, nb}, torch::kFloat64);
-  for (const EncodedPairs& pairs : d.encoded) {
+  for (size_t i = 0; i < d.encoded.size() && !stopped; ++i) {
+    d.test_hooks.before_eval_batch(rank, step, static_cast<int64_t>(i));
+    stopped = stop_requested();  // an atomic load, as before every training micro-batch
+    if (stopped) break;
+    const EncodedPairs& pairs = d.encoded[i];
     const int64_t B = pairs.pair_ids.size(0);
     const torch::Tensor policy = d.errors_of(*d.ctx.policy, pairs);
     const torch::Tensor ref = pairs.ref_errors.to(d.ctx.device);
@@ -215,6 +231,8 @@ EvalResult Evaluator::run(int64_t step, const objective::CorrectionEma& ema) {
       sums[3][j] += static_cast<double>(B);
     }
   }
+  // As in a training step: a rank that was not signalled finishes first, then the ranks agree.
+  if (d.ctx.comm->any(stopped)) return std::nullopt;
   std::vector<torch::Tensor> reduced{sums};
   d.ctx.comm->all_reduce_sum(reduced, kReduceBucketBytes);
 
@@ -236,10 +254,15 @@ EvalResult Evaluator::run(int64_t step, const objective::CorrectionEma& ema) {
   return r;
 }
 
-void Evaluator::run_if_due(int64_t step, const objective::CorrectionEma& ema, MetricsLog* metrics) {
-  if (!due(step)) return;
-  const EvalResult r = run(step, ema);
-  if (metrics == nullptr) return;
+bool Evaluator::run_if_due(int64_t step, const objective::CorrectionEma& ema, MetricsLog* metrics) {
+  if (!due(step)) return true;
+  const std::optional<EvalResult> result = run(step, ema);
+  if (!result) {
+    log::warn("eval step {}: stopped by a stop request, no record written", step);
+    return false;
+  }
+  const EvalResult& r = *result;
+  if (metrics == nullptr) return true;
   metrics->write(r.to_json(objective::method_name(impl_->ctx.method)));
   std::string by_t;
   for (size_t j = 0; j < r.t_bins.size(); ++j) {
@@ -247,6 +270,7 @@ void Evaluator::run_if_due(int64_t step, const objective::CorrectionEma& ema, Me
   }
   log::info("eval step {}: held-out implicit accuracy {:.3f} ({}), loss {:.4f}, {} pairs, {:.1f} s",
             step, r.implicit_acc, by_t.substr(1), r.loss, r.pairs, r.seconds);
+  return true;
 }
 
 }  // namespace dde::train

@@ -47,6 +47,17 @@ std::vector<int64_t> env_integers(const char* name) {
   return items;
 }
 
+// NAME=S:I[:R] as a point of the run; unset: a point that never matches.
+StopTestHooks::At point_of(const char* name, const char* form) {
+  const std::vector<int64_t> v = env_integers(name);
+  if (v.empty()) return {};
+  if (v.size() < 2 || v.size() > 3) {
+    throw Error({"malformed test hook variable", name, form, std::getenv(name),
+                 "unset it (it is for tests only)"});
+  }
+  return {v[0], v[1], v.size() == 3 ? v[2] : -1};
+}
+
 }  // namespace
 
 void install_stop_signal_handlers() {
@@ -64,16 +75,8 @@ int stop_signal() { return g_signal.load(); }
 
 StopTestHooks StopTestHooks::from_environment() {
   StopTestHooks hooks;
-  const std::vector<int64_t> stop = env_integers("DDE_DEBUG_STOP_AT");
-  if (!stop.empty()) {
-    if (stop.size() < 2 || stop.size() > 3) {
-      throw Error({"malformed test hook variable", "DDE_DEBUG_STOP_AT", "STEP:MICRO[:RANK]",
-                   std::getenv("DDE_DEBUG_STOP_AT"), "unset it (it is for tests only)"});
-    }
-    hooks.stop_step_ = stop[0];
-    hooks.stop_micro_ = stop[1];
-    hooks.stop_rank_ = stop.size() == 3 ? stop[2] : -1;
-  }
+  hooks.stop_at_ = point_of("DDE_DEBUG_STOP_AT", "STEP:MICRO[:RANK]");
+  hooks.stop_in_eval_ = point_of("DDE_DEBUG_STOP_IN_EVAL", "STEP:BATCH[:RANK]");
   const std::vector<int64_t> sleep = env_integers("DDE_DEBUG_MICRO_BATCH_SLEEP_MS");
   if (!sleep.empty()) hooks.sleep_ms_ = sleep[0];
   return hooks;
@@ -81,9 +84,11 @@ StopTestHooks StopTestHooks::from_environment() {
 
 void StopTestHooks::before_micro_batch(int64_t rank, int64_t step, int64_t micro) const {
   if (sleep_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms_));
-  if (step == stop_step_ && micro == stop_micro_ && (stop_rank_ < 0 || rank == stop_rank_)) {
-    std::raise(SIGUSR1);
-  }
+  if (stop_at_.matches(rank, step, micro)) std::raise(SIGUSR1);
+}
+
+void StopTestHooks::before_eval_batch(int64_t rank, int64_t step, int64_t batch) const {
+  if (stop_in_eval_.matches(rank, step, batch)) std::raise(SIGUSR1);
 }
 
 }  // namespace dde::train

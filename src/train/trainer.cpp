@@ -434,7 +434,9 @@ TrainOutcome Trainer::Impl::run() {
   const StopTestHooks test_hooks = StopTestHooks::from_environment();
   log::info("training steps {} -> {} ({} pairs per step)", step, max_steps, cfg.train.global_batch);
   while (step < max_steps) {
-    if (evaluator) evaluator->run_if_due(step, ema, metrics.get());
+    if (evaluator && !evaluator->run_if_due(step, ema, metrics.get())) {
+      return stop_for_requeue(loader->state());
+    }
     const auto step_start = Clock::now();
     const double wait_before = loader->wait_seconds();
     const double lr = constant_with_warmup(step, cfg.optim.lr, cfg.optim.warmup_steps);
@@ -575,7 +577,9 @@ TrainOutcome Trainer::Impl::run() {
     }
     if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint(loader->state());
   }
-  if (evaluator) evaluator->run_if_due(step, ema, metrics.get());
+  if (evaluator && !evaluator->run_if_due(step, ema, metrics.get())) {
+    return stop_for_requeue(loader->state());  // the resumed run evaluates the last step again
+  }
   return {step, skipped_steps, last_checkpoint, /*preempted=*/false};
 }
 
@@ -625,7 +629,8 @@ void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
 // A stop agreed by the ranks mid-step: the partial step is dropped (gradients, the correction's
 // pending sums, the bad pairs met in it) and the last complete step is checkpointed with the data
 // position at its end, so --resume redoes the whole step. A stop seen only after a step's last
-// micro-batch lets that step finish and is caught before the next one's first micro-batch.
+// micro-batch lets that step finish and is caught before the next one's first micro-batch. A stop
+// during a held-out evaluation drops it; the resumed run evaluates that step again.
 TrainOutcome Trainer::Impl::stop_for_requeue(const data::PairLoaderState& step_start) {
   optimizer->zero_grad();
   ema.clear_pending();

@@ -185,6 +185,24 @@ def test_a_stop_seen_by_one_rank_mid_step_stops_both_at_the_last_complete_step(d
     assert [s["step"] for s in steps] == [1]
 
 
+def test_a_stop_seen_by_one_rank_during_the_evaluation_stops_both(dde_train, fixtures, tmp_path):
+    # Rank 1 alone raises SIGUSR1 before batch 3 of its share of step 2's held-out evaluation.
+    # Rank 0 evaluates its whole share, then both agree before the results' all-reduce.
+    run = tmp_path / "one_rank_eval"
+    sets = tiny_overrides(fixtures, "sd15", run, held_out=True) + [
+        "train.global_batch=4", "train.micro_batch=2", "train.max_steps=4", "checkpoint.every=100",
+        "eval.every=2"]
+    results = finish(launch(dde_train, 2, sets, extra_env={"DDE_DEBUG_STOP_IN_EVAL": "2:3:1"}))
+    assert [rc for rc, _ in results] == [3, 3], results[0][1][-3000:]
+    assert "stop requested (by another rank)" in results[0][1]
+    assert "stop requested (signal 10)" in results[1][1]
+    for _, err in results:
+        assert "eval step 2: stopped by a stop request" in err, err[-3000:]
+    assert sorted(p.parent.name for p in (run / "checkpoints").glob("step-*/COMPLETE")) == ["step-00000002"]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if e.get("kind") == "eval"] == [0]
+
+
 def test_a_killed_rank_makes_the_survivor_fail_within_the_timeout(dde_train, fixtures, tmp_path):
     run = tmp_path / "killed"
     sets = tiny_overrides(fixtures, "sd15", run) + ["train.max_steps=100000", "dist.timeout_s=20",

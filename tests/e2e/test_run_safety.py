@@ -2,7 +2,9 @@
 folder with checkpoints unless --resume or --overwrite; a stop signal (SIGUSR1, SIGTERM, SIGINT) is
 polled before every micro-batch, drops the partial step and checkpoints the last complete one, from
 which --resume continues bit-identically; a resume that changes the data stream is refused; a
-damaged trainer_state.json is an error naming the file."""
+damaged trainer_state.json is an error naming the file. A stop during a held-out evaluation is
+polled before every batch of it: the evaluation is dropped, the step checkpointed, and the resumed
+run evaluates that step again."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, read_metrics, run_train, tiny_overrides, train_command
+from conftest import ROOT, read_metrics, read_records, run_train, tiny_overrides, train_command
 
 # 32 micro-batches per optimizer step on one rank: a step long enough to be interrupted inside.
 MANY_MICRO = ["train.global_batch=32", "train.micro_batch=1", "train.max_steps=3", "checkpoint.every=100",
@@ -123,6 +125,46 @@ def test_a_stop_in_the_first_step_writes_no_checkpoint(dde_train, fixtures, tmp_
     assert r.returncode == 3, r.stderr[-3000:]
     assert "no step completed, nothing to checkpoint" in r.stderr, r.stderr[-3000:]
     assert complete_steps(run) == []
+
+
+# Held-out evaluation at steps 0, 2 and 4 (43 pairs, micro-batch 2: 22 batches each).
+EVALUATED = ["train.global_batch=4", "train.micro_batch=2", "train.max_steps=4", "checkpoint.every=100",
+             "eval.every=2", "optim.warmup_steps=0", "logging.progress=false"]
+
+
+def eval_records(run: Path) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in read_records(run, "eval")]
+
+
+@pytest.fixture(scope="module")
+def evaluated(dde_train, fixtures, tmp_path_factory) -> Path:
+    """The uninterrupted reference of the EVALUATED runs."""
+    run = tmp_path_factory.mktemp("safety") / "evaluated"
+    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", run, held_out=True) + EVALUATED)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [e["step"] for e in eval_records(run)] == [0, 2, 4]
+    return run
+
+
+# 2:5 - mid-run: step 2 is checkpointed by the stop; 4:0 - the final evaluation, after the last
+# checkpoint: the resumed run only evaluates.
+@pytest.mark.parametrize("stop_in_eval,written", [("2:5", "written at step 2"), ("4:0", "already written at step 4")])
+def test_a_stop_during_the_held_out_evaluation_checkpoints_and_the_resume_evaluates_again(
+        dde_train, fixtures, tmp_path, evaluated, stop_in_eval, written):
+    run = tmp_path / "stopped"
+    sets = tiny_overrides(fixtures, "sd15", run, held_out=True) + EVALUATED
+    r = run_train(dde_train, "tiny_dde.yaml", sets, env={"DDE_DEBUG_STOP_IN_EVAL": stop_in_eval})
+    assert r.returncode == 3, r.stderr[-3000:]
+    step = int(stop_in_eval.split(":")[0])
+    assert f"eval step {step}: stopped by a stop request" in r.stderr, r.stderr[-3000:]
+    assert written in r.stderr, r.stderr[-3000:]
+    assert complete_steps(run)[-1] == step
+    assert [e["step"] for e in eval_records(run)] == [e for e in (0, 2) if e < step]
+
+    r = run_train(dde_train, "tiny_dde.yaml", sets, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert eval_records(run) == eval_records(evaluated)
+    assert_same_run(evaluated, run, 4)
 
 
 def wait_for_step(run: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <vector>
 
 #include "dde/config/config.hpp"
@@ -78,10 +79,13 @@ class Evaluator {
 
   // step == 0, step % eval.every == 0, or step == train.max_steps.
   bool due(int64_t step) const;
-  // Collective (every rank, same step): the global result, on every rank.
-  EvalResult run(int64_t step, const objective::CorrectionEma& ema);
-  // If due: run, then rank 0 (metrics != nullptr) writes the record and logs a line.
-  void run_if_due(int64_t step, const objective::CorrectionEma& ema, MetricsLog* metrics);
+  // Collective (every rank, same step): the global result, on every rank. nullopt when a stop was
+  // requested (stop_signal.hpp) on any rank: each polls before every batch of pairs, then they
+  // agree (one Communicator::any). A later call goes on with the encoding where it stopped.
+  std::optional<EvalResult> run(int64_t step, const objective::CorrectionEma& ema);
+  // If due: run, then rank 0 (metrics != nullptr) writes the record and logs a line. false when
+  // the evaluation was stopped (the trainer then checkpoints and exits for requeue).
+  bool run_if_due(int64_t step, const objective::CorrectionEma& ema, MetricsLog* metrics);
 
  private:
   struct Impl;
