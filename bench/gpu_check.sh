@@ -285,7 +285,7 @@ run_bench() {
       --global-batch 2 --threads 1 --dde-cache --work "$root/runs/bench_vs_dpo" --out "$out/vs_diffusion_dpo-dry-run.json"
   else
     "$(python_bin)" bench/vs_diffusion_dpo.py --device cuda --size full --rounds 1 --steps 6 --warmup 2 \
-      --global-batch 8 --dde-micro-batch 8 --workers 8 --dde-cache --work "$root/runs/bench_vs_dpo" \
+      --global-batch 8 --dde-micro-batch 8 --workers 8 --dde-cache --cache-batch 16 --work "$root/runs/bench_vs_dpo" \
       --out "$out/vs_diffusion_dpo-cuda.json"
   fi
 }

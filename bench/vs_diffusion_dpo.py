@@ -335,7 +335,8 @@ def encode_cache(paths: dict, args: argparse.Namespace, env: dict) -> dict:
     subprocess.run(["rm", "-rf", str(cache)], check=True)
     (Path(args.work) / "runs").mkdir(parents=True, exist_ok=True)
     config = dde_config(paths, args, Path(args.work) / "runs" / "encode-cache")
-    cmd = [str(Path(args.build) / "dde_encode_cache"), "--config", str(config), "--out", str(cache)]
+    cmd = [str(Path(args.build) / "dde_encode_cache"), "--config", str(config), "--out", str(cache),
+           "--batch", str(args.cache_batch)]
     watched = run_watched(cmd, env, Path(args.work) / "runs" / "encode-cache.log", args.timeout, args.device == "cuda")
     index = json.loads((cache / "index.json").read_text())
     pairs = sum(int(s.get("pairs", 0)) for s in index.get("shards", []))
@@ -440,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=512, help="parquet rows (default 512)")
     parser.add_argument("--dde-cache", action="store_true",
                         help="also encode a latent cache (dde_encode_cache, timed) and run dde_train from it")
+    parser.add_argument("--cache-batch", type=int, default=4,
+                        help="dde_encode_cache --batch: pairs per encoder call (default 4)")
     # worker mode (the Python loop in its own process, so its memory is measured alone)
     parser.add_argument("--worker", choices=["python"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)

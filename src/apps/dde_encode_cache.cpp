@@ -1,6 +1,7 @@
 // dde_encode_cache: encodes the shards of a training config's data.index once with the frozen VAE
 // and text encoders of its model.manifest, into a latent cache that data.cache trains from.
 //   dde_encode_cache --config FILE [--set key=value ...] --out DIR [--dtype fp32|bf16|fp16]
+//                    [--batch PAIRS]
 // Exit status: 0 done, 1 error (message logged), 2 usage.
 #include <CLI/CLI.hpp>
 #include <exception>
@@ -23,6 +24,8 @@ int main(int argc, char** argv) {
   app.add_option("--out", options.out_dir, "cache folder to create (must not exist)")->required();
   app.add_option("--dtype", options.dtype, "stored dtype: fp32 (default) | bf16 | fp16")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  app.add_option("--batch", options.batch,
+                 "pairs per encoder call (default 4; 4 images each, decoded in parallel)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,5 +1,6 @@
 #include "dde/train/cache_encoder.hpp"
 
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <filesystem>
@@ -27,6 +28,7 @@ struct EncodeContext {
   data::ImagePrepOptions prep;  // center crop, no flip: the flipped copy is made here
   data::CacheShape shape;
   torch::ScalarType dtype = torch::kFloat32;
+  int64_t batch = 4;  // pairs per encoder call (4 images each)
 };
 
 data::CacheModelFile model_file(const std::string& role, const std::string& path, bool hash) {
@@ -60,39 +62,100 @@ void check_ids(const data::PairRecord& r, const data::ShardIndex& index, const s
   }
 }
 
-// Both images, unflipped and flipped, through the VAE; the caption through the text encoders.
-data::CachedPair encode_pair(const data::PairRecord& r, const std::string& shard_path,
-                             const EncodeContext& c) {
+// One pair decoded for the encoders: both images, unflipped and flipped, or why it is bad.
+struct PreparedPair {
+  std::vector<torch::Tensor> images;  // 4 x [3, R, R] uint8: image 0, flipped, image 1, flipped
+  torch::Tensor geometry;             // [2, 4] int64
+  std::string bad_reason, bad_message;
+};
+
+// Runs on the decode threads: no torch op that could itself go parallel beyond a copy.
+PreparedPair prepare_pair(const data::PairRecord& r, const std::string& shard_path,
+                          const EncodeContext& c) {
+  PreparedPair p;
   const std::string where = fmt::format("{}: key {}", shard_path, data::escape_preview(r.key, 100));
-  if (r.problem) throw *r.problem;
-  check_ids(r, *c.index, where);
-  data::CachedPair p;
-  p.ok = true;
-  p.geometry = torch::empty({2, 4}, torch::kInt64);
-  std::vector<torch::Tensor> images;
-  for (int which = 0; which < 2; ++which) {
-    const data::CroppedImage im = data::prepare_training_image(
-        which == 0 ? r.jpg_0 : r.jpg_1, fmt::format("{}, image {}", where, which), c.prep,
-        /*flip=*/false, 0, 0);
-    images.push_back(im.pixels);
-    images.push_back(im.pixels.flip({-1}));  // = hflip (a permutation of the pixels)
+  try {
+    if (r.problem) throw *r.problem;
+    check_ids(r, *c.index, where);
+    p.geometry = torch::empty({2, 4}, torch::kInt64);
     auto g = p.geometry.accessor<int64_t, 2>();
-    g[which][0] = im.original_h;
-    g[which][1] = im.original_w;
-    g[which][2] = im.crop_top;
-    g[which][3] = im.crop_left;
+    for (int which = 0; which < 2; ++which) {
+      const data::CroppedImage im = data::prepare_training_image(
+          which == 0 ? r.jpg_0 : r.jpg_1, fmt::format("{}, image {}", where, which), c.prep,
+          /*flip=*/false, 0, 0);
+      p.images.push_back(im.pixels);
+      p.images.push_back(im.pixels.flip({-1}));  // = hflip (a permutation of the pixels)
+      g[which][0] = im.original_h;
+      g[which][1] = im.original_w;
+      g[which][2] = im.crop_top;
+      g[which][3] = im.crop_left;
+    }
+  } catch (const data::BadPairError& e) {
+    p.images.clear();
+    p.bad_reason = e.reason();
+    p.bad_message = e.what();
+  }
+  return p;
+}
+
+// The good pairs of a batch through the VAE in one call and the text encoders in another.
+std::vector<data::CachedPair> encode_batch(const std::vector<const data::PairRecord*>& records,
+                                           const std::vector<PreparedPair*>& prepared,
+                                           const EncodeContext& c) {
+  const auto n = static_cast<int64_t>(records.size());
+  std::vector<torch::Tensor> images;
+  std::vector<std::vector<torch::Tensor>> ids(records.front()->input_ids.size());
+  for (int64_t i = 0; i < n; ++i) {
+    for (torch::Tensor& x : prepared[i]->images) images.push_back(std::move(x));
+    for (size_t t = 0; t < ids.size(); ++t)
+      ids[t].push_back(torch::tensor(records[i]->input_ids[t]));
   }
   const torch::Tensor pixels = data::to_pm1(torch::stack(images), data::pm1_table());
-  const auto [mean, logvar] = c.vae->moments(pixels);  // [4, C, h, w] each
+  const auto [mean, logvar] = c.vae->moments(pixels);  // [4n, C, h, w] each
   const int64_t C = c.shape.latent_channels, h = c.shape.latent_size;
-  p.moments = torch::stack({mean, logvar}, 1).reshape({2, 2, 2, C, h, h});
-  std::vector<torch::Tensor> ids;
-  for (const std::vector<int64_t>& list : r.input_ids)
-    ids.push_back(torch::tensor(list).view({1, -1}));
-  const models::Conditioning cond = c.text->encode(ids);
-  p.text = cond.text[0];
-  if (cond.pooled.defined()) p.pooled = cond.pooled[0];
-  return p;
+  const torch::Tensor moments = torch::stack({mean, logvar}, 1).reshape({n, 2, 2, 2, C, h, h});
+  std::vector<torch::Tensor> id_batches;
+  for (const std::vector<torch::Tensor>& list : ids) id_batches.push_back(torch::stack(list));
+  const models::Conditioning cond = c.text->encode(id_batches);
+  std::vector<data::CachedPair> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    data::CachedPair& p = out[static_cast<size_t>(i)];
+    p.ok = true;
+    p.moments = moments[i];
+    p.text = cond.text[i];
+    if (cond.pooled.defined()) p.pooled = cond.pooled[i];
+    p.geometry = prepared[i]->geometry;
+  }
+  return out;
+}
+
+// A batch of records: decoded on torch's intra-op threads, encoded, written; bad pairs counted.
+void encode_records(const std::vector<data::PairRecord>& records, const std::string& shard_path,
+                    const EncodeContext& c, data::LatentCacheShardWriter& writer,
+                    CacheEncodeReport& report) {
+  std::vector<PreparedPair> prepared(records.size());
+  at::parallel_for(0, static_cast<int64_t>(records.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      prepared[static_cast<size_t>(i)] =
+          prepare_pair(records[static_cast<size_t>(i)], shard_path, c);
+    }
+  });
+  std::vector<const data::PairRecord*> good;
+  std::vector<PreparedPair*> good_prepared;
+  for (size_t i = 0; i < records.size(); ++i) {
+    ++report.pairs;
+    if (prepared[i].bad_reason.empty()) {
+      good.push_back(&records[i]);
+      good_prepared.push_back(&prepared[i]);
+    } else {
+      ++report.bad_pairs;  // its row stays zero (ok = 0): the loader skips it as before
+      log::warn("cache: bad pair left out ({}): {}", prepared[i].bad_reason,
+                prepared[i].bad_message);
+    }
+  }
+  if (good.empty()) return;
+  const std::vector<data::CachedPair> encoded = encode_batch(good, good_prepared, c);
+  for (size_t i = 0; i < good.size(); ++i) writer.write(good[i]->position, encoded[i]);
 }
 
 data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std::string& dir,
@@ -113,15 +176,15 @@ data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std:
   data::LatentCacheShardWriter writer((fs::path(dir) / info.file).string(), c.shape, c.dtype, keys,
                                       {{"source", shard.file}});
   data::ShardPairReader reader(shard.path, data::ShardPairReader::Images::kRead);
+  std::vector<data::PairRecord> batch;
   while (std::optional<data::PairRecord> r = reader.next()) {
-    try {
-      writer.write(r->position, encode_pair(*r, shard.path, c));
-    } catch (const data::BadPairError& e) {
-      ++report.bad_pairs;  // its row stays zero (ok = 0): the loader skips it as before
-      log::warn("cache: bad pair left out ({}): {}", e.reason(), e.what());
+    batch.push_back(std::move(*r));
+    if (static_cast<int64_t>(batch.size()) == c.batch) {
+      encode_records(batch, shard.path, c, writer, report);
+      batch.clear();
     }
-    ++report.pairs;
   }
+  if (!batch.empty()) encode_records(batch, shard.path, c, writer, report);
   info.bytes = writer.finish();
   return info;
 }
@@ -154,6 +217,10 @@ data::CacheExpectation cache_expectation(const config::TrainConfig& cfg,
 CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
                                       const CacheEncodeOptions& options) {
   const torch::ScalarType dtype = data::cache_dtype(options.dtype, "--dtype");
+  if (options.batch < 1 || options.batch > kMaxCacheBatch) {
+    throw Error({"bad cache batch", "--batch", fmt::format("in [1, {}]", kMaxCacheBatch),
+                 std::to_string(options.batch), "pairs per encoder call: 4 images each"});
+  }
   if (options.out_dir.empty() || fs::exists(options.out_dir)) {
     throw Error({"cache folder exists", "--out " + options.out_dir, "a new folder",
                  options.out_dir.empty() ? "an empty path" : "an existing path",
@@ -190,7 +257,8 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
       data::CacheShape{manifest.latent_channels, resolution / manifest.latent_downsample,
                        empty.text.size(1), empty.text.size(2),
                        empty.pooled.defined() ? empty.pooled.size(1) : 0},
-      dtype};
+      dtype,
+      options.batch};
 
   // Written in a staging folder, renamed into place when complete.
   fs::path out = options.out_dir;

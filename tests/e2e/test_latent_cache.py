@@ -1,7 +1,9 @@
 """The latent cache (docs/formats.md section 6): dde_encode_cache encodes the tiny shards once, and
 a run with data.cache must compute the same first step as a run from the images at the same seed
 (same pairs, t, flips, caption dropout, posterior noise): the four per-pair errors agree within a
-relative 1e-5. Also: random_crop with a cache and a stale cache are errors that say so."""
+relative 1e-5. The encoder batches pairs (--batch): any batch size gives the same cache, and a bad
+pair inside a batch is left out without moving its neighbours. Also: random_crop with a cache and a
+stale cache are errors that say so."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from conftest import ROOT, build_dir, read_metrics, run_train, tiny_overrides
+from test_data_robustness import break_three_pairs, read_records, train
 
 CONFIGS = {"sd15": "tiny_dde.yaml", "sdxl": "tiny_sdxl_dde.yaml"}
 ONE_STEP = [
@@ -22,11 +27,11 @@ ONE_STEP = [
 ERRORS = ("mse_policy_w", "mse_policy_l", "mse_ref_w", "mse_ref_l")
 
 
-def encode_cache(family: str, sets: list[str], out: Path) -> subprocess.CompletedProcess:
+def encode_cache(family: str, sets: list[str], out: Path, *flags: str) -> subprocess.CompletedProcess:
     binary = build_dir() / "dde_encode_cache"
     if not binary.is_file():
         pytest.fail(f"{binary} not built: run scripts/build.sh (or set DDE_BUILD_DIR)")
-    cmd = [str(binary), "--config", str(ROOT / "configs" / CONFIGS[family]), "--out", str(out)]
+    cmd = [str(binary), "--config", str(ROOT / "configs" / CONFIGS[family]), "--out", str(out), *flags]
     for s in sets:
         cmd += ["--set", s]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -98,3 +103,54 @@ def test_a_stale_cache_is_an_error(dde_train, fixtures, tmp_path):
     # The same folder is not overwritten by a second encode.
     again = encode_cache("sd15", sets, cache)
     assert again.returncode != 0 and "cache folder exists" in again.stderr
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_batch_size_does_not_change_the_cache(fixtures, tmp_path, family):
+    sets = tiny_overrides(fixtures, family, tmp_path / "unused")
+    caches = {}
+    for batch in ("1", "5"):  # 16 pairs per shard: 5 leaves a ragged last batch
+        r = encode_cache(family, sets, tmp_path / f"b{batch}", "--batch", batch)
+        assert r.returncode == 0, r.stderr[-3000:]
+        caches[batch] = tmp_path / f"b{batch}"
+    index = json.loads((caches["1"] / "index.json").read_text())
+    worst = 0.0
+    for shard in index["shards"]:
+        a, b = load_file(str(caches["1"] / shard["file"])), load_file(str(caches["5"] / shard["file"]))
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].dtype.kind == "f":  # the convolutions may sum in another order per batch size
+                worst = max(worst, float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)))
+                assert np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (shard["file"], k)
+            else:
+                assert np.array_equal(a[k], b[k]), (shard["file"], k)
+    print(f"[ latent cache ] {family}: batch 1 against 5, max difference {worst:.3e} of the field's scale")
+
+
+def test_bad_pairs_inside_a_batch_are_left_out_and_skipped_as_from_the_images(dde_train, fixtures, tmp_path):
+    export = break_three_pairs(fixtures, tmp_path)  # pairs 5, 7, 9 of every 16-pair shard
+    cache = tmp_path / "cache"
+    sets = tiny_overrides(fixtures, "sd15", tmp_path / "unused") + [f"data.index={export / 'index.json'}"]
+    r = encode_cache("sd15", sets, cache, "--batch", "3")  # batches 3-5, 6-8, 9-11 hold them
+    assert r.returncode == 0, r.stderr[-3000:]
+    broken = 3 * sum(s["pairs"] > 9 for s in json.loads((export / "index.json").read_text())["shards"])
+    assert r.stderr.count("cache: bad pair left out") == broken, r.stderr[-3000:]
+    assert f"({broken} bad)" in r.stderr
+
+    runs = {}
+    for name, extra in (("images", []), ("cache", [f"data.cache={cache / 'index.json'}"])):
+        out = tmp_path / name
+        r = train(dde_train, fixtures, export, out, "data.max_bad_pairs=3", "logging.per_sample=true", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = read_records(out) + (read_metrics(out)[1],)
+    (steps_i, bad_i, pairs_i), (steps_c, bad_c, pairs_c) = runs["images"], runs["cache"]
+    assert [(b["key"], b["reason"]) for b in bad_c] == [(b["key"], b["reason"]) for b in bad_i]
+    assert len(bad_c) == 3
+    assert [s["bad_pairs"] for s in steps_c] == [s["bad_pairs"] for s in steps_i] == [0, 3, 3]
+    # The frozen reference's errors depend only on the latents, t and the noise, not on how the
+    # policy drifted: every pair of every step must match (a row read for its neighbour would not).
+    assert [(p["pair_id"], p["t"]) for p in pairs_c] == [(p["pair_id"], p["t"]) for p in pairs_i]
+    assert len(pairs_c) == 12
+    for a, b in zip(pairs_i, pairs_c):
+        for key in ("mse_ref_w", "mse_ref_l"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)

@@ -16,7 +16,13 @@ namespace dde::train {
 struct CacheEncodeOptions {
   std::string out_dir;         // created; must not exist
   std::string dtype = "fp32";  // fp32 | bf16 | fp16: stored moments and embeddings
+  // Pairs per encoder call (4 images each: both sides, unflipped and flipped), decoded in parallel
+  // on torch's intra-op threads. The VAE's activations grow with it: at 512 px about 0.5 GB per
+  // image in fp32 at the first block.
+  int64_t batch = 4;
 };
+
+constexpr int64_t kMaxCacheBatch = 256;
 
 struct CacheEncodeReport {
   int64_t shards = 0, pairs = 0, bad_pairs = 0, bytes = 0, bytes_per_pair = 0;
