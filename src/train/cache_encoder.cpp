@@ -3,7 +3,9 @@
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
 
+#include <chrono>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <utility>
 
@@ -11,7 +13,9 @@
 #include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
+#include "dde/dist/communicator.hpp"
 #include "dde/dist/device.hpp"
+#include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -114,8 +118,8 @@ std::vector<data::CachedPair> encode_batch(const std::vector<const data::PairRec
   const auto [mean, logvar] = c.vae->moments(pixels);  // [4n, C, h, w] each
   const int64_t C = c.shape.latent_channels, h = c.shape.latent_size;
   const torch::Tensor moments = torch::stack({mean, logvar}, 1).reshape({n, 2, 2, 2, C, h, h});
-  std::vector<torch::Tensor> id_batches;
-  for (const std::vector<torch::Tensor>& list : ids) id_batches.push_back(torch::stack(list));
+  std::vector<torch::Tensor> id_batches(ids.size());
+  for (size_t t = 0; t < ids.size(); ++t) id_batches[t] = torch::stack(ids[t]);
   const models::Conditioning cond = c.text->encode(id_batches);
   std::vector<data::CachedPair> out(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -158,6 +162,23 @@ void encode_records(const std::vector<data::PairRecord>& records, const std::str
   for (size_t i = 0; i < good.size(); ++i) writer.write(good[i]->position, encoded[i]);
 }
 
+std::string cache_file_name(const data::ShardInfo& shard) {
+  return fs::path(shard.file).stem().string() + ".latents.safetensors";
+}
+
+// A written cache shard's entry of index.json (whichever rank wrote it).
+data::LatentCacheShardInfo shard_info(const data::ShardInfo& shard, const std::string& dir) {
+  const std::string file = cache_file_name(shard);
+  std::error_code ec;
+  const auto bytes = fs::file_size(fs::path(dir) / file, ec);
+  if (ec) {
+    throw Error({"cache shard missing after encoding", (fs::path(dir) / file).string(),
+                 "the file its rank wrote", ec.message(),
+                 "every rank must see the same --out folder (a shared file system)"});
+  }
+  return {file, shard.file, shard.sha256, shard.pairs, static_cast<int64_t>(bytes)};
+}
+
 data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std::string& dir,
                                         const EncodeContext& c, CacheEncodeReport& report) {
   // The keys first (tar headers only): the cache shard's header is written before its rows.
@@ -171,8 +192,7 @@ data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std:
                  std::to_string(shard.pairs) + " pairs", std::to_string(keys.size()),
                  "re-export the shards"});
   }
-  data::LatentCacheShardInfo info{fs::path(shard.file).stem().string() + ".latents.safetensors",
-                                  shard.file, shard.sha256, shard.pairs, 0};
+  data::LatentCacheShardInfo info{cache_file_name(shard), shard.file, shard.sha256, shard.pairs, 0};
   data::LatentCacheShardWriter writer((fs::path(dir) / info.file).string(), c.shape, c.dtype, keys,
                                       {{"source", shard.file}});
   data::ShardPairReader reader(shard.path, data::ShardPairReader::Images::kRead);
@@ -237,7 +257,13 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
     log::warn("cache: data.random_crop ignored, the cache holds center crops");
   const data::ShardIndex index = data::ShardIndex::load(cfg.data.index);
   data::check_shards(index, cfg.data.verify);
-  const torch::Device device = dist::select_device(cfg.run.device, 0);
+  // Launched by torchrun or srun, each rank encodes every world_size-th shard on its own GPU.
+  const dist::DistEnvironment env = dist::detect_environment(cfg.dist.init_method);
+  log::set_rank(static_cast<int>(env.rank));
+  const torch::Device device = dist::select_device(cfg.run.device, env.local_rank);
+  const std::unique_ptr<dist::Communicator> comm = dist::Communicator::create(
+      env, cfg.dist.backend, device, std::chrono::seconds(cfg.dist.timeout_s), /*force=*/false);
+  const int64_t rank = comm->rank(), world = comm->world_size();
   const torch::ScalarType frozen =
       cfg.model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   models::LatentEncoder vae(manifest, device, frozen);
@@ -264,8 +290,10 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   fs::path out = options.out_dir;
   if (!out.has_filename()) out = out.parent_path();  // "CACHE/"
   const fs::path staging = out.string() + ".staging";
-  fs::remove_all(staging);
-  fs::create_directories(staging);
+  if (rank == 0) {
+    fs::remove_all(staging);
+    fs::create_directories(staging);
+  }
   data::LatentCacheIndex cache;
   cache.family = models::family_name(manifest.family);
   cache.resolution = resolution;
@@ -274,17 +302,35 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   cache.shape = c.shape;
   cache.model_files = cache_model_files(manifest, /*hash=*/true);
   cache.bytes_per_pair = data::cache_bytes_per_pair(c.shape, dtype);
-  data::save_empty_caption(
-      (staging / cache.empty_caption).string(),
-      {empty.text[0], empty.pooled.defined() ? empty.pooled[0] : torch::Tensor()});
-  CacheEncodeReport report;
-  for (const data::ShardInfo& shard : index.shards) {
-    cache.shards.push_back(encode_shard(shard, staging.string(), c, report));
-    report.bytes += cache.shards.back().bytes;
-    log::info("cache: {} -> {} ({} pairs)", shard.file, cache.shards.back().file, shard.pairs);
+  if (rank == 0) {
+    data::save_empty_caption(
+        (staging / cache.empty_caption).string(),
+        {empty.text[0], empty.pooled.defined() ? empty.pooled[0] : torch::Tensor()});
   }
-  cache.save((staging / "index.json").string());
-  fs::rename(staging, out);
+  comm->barrier();
+  CacheEncodeReport report;
+  for (auto i = static_cast<size_t>(rank); i < index.shards.size(); i += world) {
+    const data::ShardInfo& shard = index.shards[i];
+    const data::LatentCacheShardInfo info = encode_shard(shard, staging.string(), c, report);
+    log::info("cache: {} -> {} ({} pairs)", shard.file, info.file, shard.pairs);
+  }
+  // The counts of every rank; the collective also waits for every rank's shards.
+  std::vector<torch::Tensor> counts{
+      torch::tensor({report.pairs, report.bad_pairs}, torch::dtype(torch::kInt64)).to(device)};
+  comm->all_reduce_sum(counts, 1 << 20);
+  const torch::Tensor total = counts[0].cpu();
+  report.pairs = total[0].item<int64_t>();
+  report.bad_pairs = total[1].item<int64_t>();
+  for (const data::ShardInfo& shard : index.shards) {
+    cache.shards.push_back(shard_info(shard, staging.string()));
+    report.bytes += cache.shards.back().bytes;
+  }
+  comm->barrier();  // every rank has read the sizes before rank 0 moves the folder
+  if (rank == 0) {
+    cache.save((staging / "index.json").string());
+    fs::rename(staging, out);
+  }
+  comm->barrier();  // every rank returns once the cache is in place
   report.shards = static_cast<int64_t>(cache.shards.size());
   report.bytes_per_pair = cache.bytes_per_pair;
   report.index_path = (fs::path(options.out_dir) / "index.json").string();

@@ -8,6 +8,7 @@ stale cache are errors that say so."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -105,6 +106,25 @@ def test_a_stale_cache_is_an_error(dde_train, fixtures, tmp_path):
     assert again.returncode != 0 and "cache folder exists" in again.stderr
 
 
+def assert_same_cache(one: Path, two: Path) -> float:
+    """The same files, rows and integers; floats within 1e-5 (a convolution may sum in another order
+    with another batch size or thread count). Returns the largest float difference, relative to the
+    field's largest magnitude."""
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    assert json.loads((one / "index.json").read_text())["shards"] == json.loads((two / "index.json").read_text())["shards"]
+    worst = 0.0
+    for path in sorted(one.glob("*.safetensors")):
+        a, b = load_file(str(path)), load_file(str(two / path.name))
+        assert a.keys() == b.keys(), path.name
+        for k in a:
+            if a[k].dtype.kind == "f":
+                worst = max(worst, float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)))
+                assert np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (path.name, k)
+            else:
+                assert np.array_equal(a[k], b[k]), (path.name, k)
+    return worst
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_the_batch_size_does_not_change_the_cache(fixtures, tmp_path, family):
     sets = tiny_overrides(fixtures, family, tmp_path / "unused")
@@ -113,17 +133,7 @@ def test_the_batch_size_does_not_change_the_cache(fixtures, tmp_path, family):
         r = encode_cache(family, sets, tmp_path / f"b{batch}", "--batch", batch)
         assert r.returncode == 0, r.stderr[-3000:]
         caches[batch] = tmp_path / f"b{batch}"
-    index = json.loads((caches["1"] / "index.json").read_text())
-    worst = 0.0
-    for shard in index["shards"]:
-        a, b = load_file(str(caches["1"] / shard["file"])), load_file(str(caches["5"] / shard["file"]))
-        assert a.keys() == b.keys()
-        for k in a:
-            if a[k].dtype.kind == "f":  # the convolutions may sum in another order per batch size
-                worst = max(worst, float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)))
-                assert np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (shard["file"], k)
-            else:
-                assert np.array_equal(a[k], b[k]), (shard["file"], k)
+    worst = assert_same_cache(caches["1"], caches["5"])
     print(f"[ latent cache ] {family}: batch 1 against 5, max difference {worst:.3e} of the field's scale")
 
 
@@ -154,3 +164,27 @@ def test_bad_pairs_inside_a_batch_are_left_out_and_skipped_as_from_the_images(dd
     for a, b in zip(pairs_i, pairs_c):
         for key in ("mse_ref_w", "mse_ref_l"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+
+
+def test_two_ranks_write_the_cache_one_rank_writes(fixtures, tmp_path):
+    from test_multiprocess import free_port
+
+    sets = tiny_overrides(fixtures, "sd15", tmp_path / "unused")
+    assert encode_cache("sd15", sets, tmp_path / "one").returncode == 0
+    binary = build_dir() / "dde_encode_cache"
+    cmd = [str(binary), "--config", str(ROOT / "configs" / CONFIGS["sd15"]), "--out", str(tmp_path / "two")]
+    for s in sets:
+        cmd += ["--set", s]
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                       OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    shards = json.loads((tmp_path / "one" / "index.json").read_text())["shards"]
+    err = results[0][1]  # rank 0 logs what it encodes (the other ranks only warnings and errors)
+    assert [f"-> {s['file']}" in err for s in shards] == [i % 2 == 0 for i in range(len(shards))], err
+    assert f"{len(shards)} shards, {sum(s['pairs'] for s in shards)} pairs (0 bad)" in err, err  # the total
+    assert_same_cache(tmp_path / "one", tmp_path / "two")
