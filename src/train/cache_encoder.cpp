@@ -262,7 +262,8 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   log::set_rank(static_cast<int>(env.rank));
   const torch::Device device = dist::select_device(cfg.run.device, env.local_rank);
   const std::unique_ptr<dist::Communicator> comm = dist::Communicator::create(
-      env, cfg.dist.backend, device, std::chrono::seconds(cfg.dist.timeout_s), /*force=*/false);
+      env, cfg.dist.backend, device, std::chrono::seconds(cfg.dist.timeout_s),
+      /*force_process_group=*/false);
   const int64_t rank = comm->rank(), world = comm->world_size();
   const torch::ScalarType frozen =
       cfg.model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
