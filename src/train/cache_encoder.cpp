@@ -179,8 +179,8 @@ data::LatentCacheShardInfo shard_info(const data::ShardInfo& shard, const std::s
   return {file, shard.file, shard.sha256, shard.pairs, static_cast<int64_t>(bytes)};
 }
 
-data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std::string& dir,
-                                        const EncodeContext& c, CacheEncodeReport& report) {
+void encode_shard(const data::ShardInfo& shard, const std::string& dir, const EncodeContext& c,
+                  CacheEncodeReport& report) {
   // The keys first (tar headers only): the cache shard's header is written before its rows.
   std::vector<std::string> keys;
   {
@@ -192,9 +192,8 @@ data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std:
                  std::to_string(shard.pairs) + " pairs", std::to_string(keys.size()),
                  "re-export the shards"});
   }
-  data::LatentCacheShardInfo info{cache_file_name(shard), shard.file, shard.sha256, shard.pairs, 0};
-  data::LatentCacheShardWriter writer((fs::path(dir) / info.file).string(), c.shape, c.dtype, keys,
-                                      {{"source", shard.file}});
+  data::LatentCacheShardWriter writer((fs::path(dir) / cache_file_name(shard)).string(), c.shape,
+                                      c.dtype, keys, {{"source", shard.file}});
   data::ShardPairReader reader(shard.path, data::ShardPairReader::Images::kRead);
   std::vector<data::PairRecord> batch;
   while (std::optional<data::PairRecord> r = reader.next()) {
@@ -205,8 +204,7 @@ data::LatentCacheShardInfo encode_shard(const data::ShardInfo& shard, const std:
     }
   }
   if (!batch.empty()) encode_records(batch, shard.path, c, writer, report);
-  info.bytes = writer.finish();
-  return info;
+  writer.finish();
 }
 
 }  // namespace
@@ -312,8 +310,8 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   CacheEncodeReport report;
   for (auto i = static_cast<size_t>(rank); i < index.shards.size(); i += world) {
     const data::ShardInfo& shard = index.shards[i];
-    const data::LatentCacheShardInfo info = encode_shard(shard, staging.string(), c, report);
-    log::info("cache: {} -> {} ({} pairs)", shard.file, info.file, shard.pairs);
+    encode_shard(shard, staging.string(), c, report);
+    log::info("cache: {} -> {} ({} pairs)", shard.file, cache_file_name(shard), shard.pairs);
   }
   // The counts of every rank; the collective also waits for every rank's shards.
   std::vector<torch::Tensor> counts{
