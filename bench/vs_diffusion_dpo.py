@@ -9,7 +9,7 @@ parquet (dde_train through its exports: TorchScript + manifest, tar shards), alt
 (dde, python, dde, python, ...) in one run so that machine load hits both alike.
 
 The Python loop is Diffusion-DPO's train.py step (SalesforceAIResearch/DiffusionDPO, see
-../shared/docs/peers.md): VAE encode of [winner; loser] every step (latent_dist.sample() x
+docs/method.md §9): VAE encode of [winner; loser] every step (latent_dist.sample() x
 scaling factor), one t and one noise per pair shared by winner and loser, the text embedding
 repeated for both, per-image MSE over C,H,W, model_diff = mse_w - mse_l, ref_diff likewise with the
 frozen reference UNet, loss = -logsigmoid(-0.5 beta (model_diff - ref_diff)).mean() with beta 5000,

@@ -37,7 +37,7 @@ MANIFEST_VERSION = 2  # 2: the UNet as separately traced blocks (unet_blocks.py)
 MAX_ABS_ERR = 1e-4
 TRACE_BATCH, CHECK_BATCH = 2, 3
 FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
-HIDDEN_OUTPUT = {"sd15": "last", "sdxl": "penultimate"}  # peers.md: SDXL uses hidden_states[-2]
+HIDDEN_OUTPUT = {"sd15": "last", "sdxl": "penultimate"}  # docs/method.md §9: SDXL uses hidden_states[-2]
 TIME_IDS_DIM = 6  # [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
 
 
@@ -50,7 +50,7 @@ class ParityError(Exception):
 
 
 class TextEncoder(nn.Module):
-    """forward(input_ids) -> (hidden, pooled): hidden is `last` or `penultimate` (peers.md)."""
+    """forward(input_ids) -> (hidden, pooled): hidden is `last` or `penultimate` (docs/method.md §9)."""
 
     def __init__(self, model: CLIPTextModel | CLIPTextModelWithProjection, hidden_output: str) -> None:
         super().__init__()

@@ -5,7 +5,7 @@
 Figures:
 - ``training.png``: loss and implicit accuracy over optimizer steps;
 - ``correction.png``: the correction array E over t (newest checkpoint's correction_ema.json);
-- ``credit.png``: the credit weight k_t * sigmoid(-z) binned by t (dde-method.md, section 5),
+- ``credit.png``: the credit weight k_t * sigmoid(-z) binned by t (docs/method.md §5),
   from the per-pair records (config ``logging.per_sample: true``);
 - ``eval.png``: held-out implicit accuracy (fraction of pairs with Delta < 0) and the method's loss
   over steps, per t bin and overall, from the ``kind: eval`` records (config ``data.eval_index``).

@@ -106,7 +106,7 @@ Method parse_method(const std::string& name) {
     allowed += (allowed.empty() ? "" : ", ") + std::string(text);
   }
   throw Error({"unknown method", "method.name", "one of " + allowed, "'" + name + "'",
-               "see docs/dde-method.md, section 3"});
+               "see docs/method.md, section 3"});
 }
 
 const char* method_name(Method method) {

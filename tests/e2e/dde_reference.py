@@ -1,4 +1,4 @@
-"""An independent float64 reading of ../shared/docs/dde-method.md, used to check what the
+"""An independent float64 reading of docs/method.md, used to check what the
 C++ trainer logs (per-pair records, correction_ema.json). Plain numpy, no torch."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ namespace dde::config {
 struct RunConfig {
   std::string output_dir;       // required: checkpoints, metrics.jsonl, logs
   uint64_t seed = 0;            // seeds every RNG of the run (data order, noise, timesteps)
-  std::string device = "auto";  // auto | cpu | cuda; auto = cuda when available
+  std::string device = "auto";  // auto | cpu | cuda | privateuseone (an out-of-tree backend, e.g. the tests' fake device); auto = cuda when available
   // off | warn | error: CUDA sync debug mode inside the micro-batch loop (a host sync there
   // warns or throws; torch.cuda.set_sync_debug_mode). No effect on the CPU.
   std::string cuda_sync_debug = "off";
@@ -61,7 +61,7 @@ struct MethodConfig {
   std::string name = "dde";       // sft | uniform | discounted | dde_single | dde_step | dde
   double beta = 5000.0;           // > 0, DPO temperature (Diffusion-DPO default)
   double correction_scale = 1.0;  // s: weight of C_t in dde_step / dde (any finite value)
-  double ema_momentum = 0.9;      // mu in [0, 1) of the delayed E update (dde-method.md, 4)
+  double ema_momentum = 0.9;      // mu in [0, 1) of the delayed E update (docs/method.md §4)
   double gamma = 0.9;             // in (0, 1]: per-sampler-step discount of `discounted`
   int64_t sampler_steps = 50;     // > 0: K, sampler steps the discount counts in
   int64_t t_lo = 0;               // >= 0: timestep window [t_lo, t_hi)

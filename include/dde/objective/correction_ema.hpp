@@ -1,5 +1,5 @@
-// The correction term C_t of dde_step and dde and its delayed EMA update (dde-method.md,
-// section 4). E[k] estimates the per-transition contribution d_k = -0.5 lambda_k Delta_k;
+// The correction term C_t of dde_step and dde and its delayed EMA update (docs/method.md
+// §4). E[k] estimates the per-transition contribution d_k = -0.5 lambda_k Delta_k;
 // C_t = sum_{k=t+1}^{T-1} E[k]. The loss of optimizer step n reads E as it stood after step n-1:
 // accumulate() only collects, apply() folds the step's means in once every pair (all
 // micro-batches, all ranks) has been seen. E and its suffix table are float64 on the CPU; the

@@ -1,4 +1,4 @@
-// The six training objectives of dde-method.md, section 3: one small pure function per row of the
+// The six training objectives of docs/method.md §3: one small pure function per row of the
 // method table. Inputs are per-pair errors e[model, side] ([B] each, any float dtype, any device);
 // everything is computed in float64 and autograd flows back to the inputs. Losses are per pair;
 // the trainer takes the mean.

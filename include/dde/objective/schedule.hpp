@@ -1,4 +1,4 @@
-// Noise schedule tables of Stable Diffusion 1.5 / SDXL (dde-method.md, section 1) and the two
+// Noise schedule tables of Stable Diffusion 1.5 / SDXL (docs/method.md §1) and the two
 // per-timestep coefficient tables of the DDE objective (section 2). Everything is float64.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Timestep distributions of the methods (dde-method.md, section 3): uniform over [0, T), or the
+// Timestep distributions of the methods (docs/method.md §3): uniform over [0, T), or the
 // dense-reward discount p(t) ∝ gamma^((T-1-t) K / T) (Yang, Chen, Zhou, ICML 2024), both
 // restricted to a window [t_lo, t_hi).
 #pragma once

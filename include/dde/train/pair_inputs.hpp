@@ -13,7 +13,7 @@ inline torch::Tensor per_image_mse(const torch::Tensor& prediction, const torch:
 }
 
 // SDXL add_time_ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image, from the
-// loader's [N, 2] original sizes and crop offsets: [N, 6] float32 (peers.md, SDXL).
+// loader's [N, 2] original sizes and crop offsets: [N, 6] float32 (docs/method.md §9, SDXL).
 inline torch::Tensor sdxl_time_ids(const torch::Tensor& original_hw, const torch::Tensor& crop_tl,
                                    int64_t resolution) {
   const torch::Tensor target = torch::full({original_hw.size(0), 2}, resolution, torch::kLong);

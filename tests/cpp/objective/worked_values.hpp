@@ -1,4 +1,4 @@
-// The worked values of docs/dde-method.md, section 6 (T = 1000, beta = 5000, s = 1), and a helper
+// The worked values of docs/method.md §6 (T = 1000, beta = 5000, s = 1), and a helper
 // that checks one of them and prints the measured relative error.
 #pragma once
 
