@@ -5,9 +5,13 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+echo "quickstart: 1/4 set-up (Debian packages, .venv with the pinned wheels)"
 bash scripts/setup.sh
-bash scripts/build.sh
+echo "quickstart: 2/4 build dde_train only (the tests and probes are scripts/test.sh's)"
+bash scripts/build.sh dde_train
+echo "quickstart: 3/4 tiny fixtures (pipelines, Pick-a-Pic-like pairs, exports)"
 bash scripts/prepare_tiny.sh
+echo "quickstart: 4/4 train configs/tiny_dde.yaml"
 rm -rf runs/tiny_dde
 # One intra-op thread: the tiny models are overhead-bound, and on a busy 2-core machine two
 # OpenMP threads made the run ~10x slower (6 s instead of 0.3 s per step, measured).

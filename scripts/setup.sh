@@ -37,7 +37,7 @@ stamp=.venv/.dde-requirements.sha256
 want="$(sha256sum requirements.txt | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing pinned Python packages (requirements.txt)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/python -m pip install --progress-bar on --disable-pip-version-check -r requirements.txt
   .venv/bin/python -m pip check
   echo "$want" > "$stamp"
 fi

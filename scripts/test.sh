@@ -12,6 +12,8 @@ export DDE_BUILD_DIR="${DDE_BUILD_DIR:-$root/build}"
 export DDE_FIXTURES_DIR="${DDE_FIXTURES_DIR:-$root/fixtures}"
 echo "== C++ unit tests (ctest)"
 ctest --test-dir "$DDE_BUILD_DIR" --output-on-failure -j2
+echo "== device correctness without a GPU: the strict fake accelerator (scripts/fake_device_check.sh)"
+DDE_FAKE_CHECK_SKIP_SETUP=1 bash scripts/fake_device_check.sh
 echo "== fuzzing: data parsers and image decoder (libFuzzer, ~1 min; regressions replayed)"
 bash scripts/fuzz.sh
 echo "== Python and end-to-end tests (pytest)"

@@ -11,9 +11,11 @@
 #include "dde/config/config.hpp"
 #include "dde/train/cache_encoder.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
 
 int main(int argc, char** argv) {
+  dde::util::ignore_file_size_signal();  // a file over `ulimit -f` is a named write error
   CLI::App app{"dde_encode_cache: the latent cache of a training config's shards"};
   std::string config_path;
   std::vector<std::string> overrides;

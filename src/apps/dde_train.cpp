@@ -11,6 +11,7 @@
 #include "dde/train/stop_signal.hpp"
 #include "dde/train/trainer.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
 
 namespace {
@@ -24,6 +25,7 @@ constexpr int kExitUsage = 2;
 int main(int argc, char** argv) {
   // First thing: a preemption signal that arrives while the models load must not kill the rank.
   dde::train::install_stop_signal_handlers();
+  dde::util::ignore_file_size_signal();  // a file over `ulimit -f` is a named write error
   CLI::App app{
       "dde_train: preference fine-tuning of Stable Diffusion by Denoised Distribution Estimation"};
   std::string config_path;

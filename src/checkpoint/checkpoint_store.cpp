@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "dde/util/error.hpp"
+#include "dde/util/file_write.hpp"
 
 namespace dde::checkpoint {
 namespace {
@@ -126,17 +127,7 @@ void CheckpointStore::remove_stale_staging() const {
 
 void write_file_atomic(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out)
-      throw Error(
-          {"cannot write", tmp, "a writable path", "", "check the directory and free space"});
-    out << text;
-    out.flush();
-    if (!out)
-      throw Error(
-          {"write failed", tmp, "all bytes written", "a short write", "check free disk space"});
-  }
+  util::write_file(tmp, {{text.data(), text.size()}});  // names ENOSPC, EFBIG, ...
   fsync_path(tmp);
   fs::rename(tmp, path);
 }

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dde/util/error.hpp"
+#include "dde/util/file_write.hpp"
 
 namespace dde::checkpoint {
 namespace {
@@ -74,18 +75,9 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     cpu.push_back(std::move(t));
   }
   const std::string prefix = header_prefix(header);
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out)
-    throw Error(
-        {"cannot write", path, "a writable path", "", "check the directory and free space"});
-  out.write(prefix.data(), static_cast<std::streamsize>(prefix.size()));
-  for (const torch::Tensor& t : cpu) {
-    out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
-  }
-  out.flush();
-  if (!out)
-    throw Error(
-        {"write failed", path, "all bytes written", "a short write", "check free disk space"});
+  std::vector<std::pair<const void*, size_t>> parts{{prefix.data(), prefix.size()}};
+  for (const torch::Tensor& t : cpu) parts.emplace_back(t.data_ptr(), t.nbytes());
+  util::write_file(path, parts);  // names ENOSPC, EFBIG, ...
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {

@@ -140,6 +140,23 @@ void write_rank_state(const std::string& dir, const RankState& s) {
   }
 }
 
+namespace {
+// A NaN or Inf in a checkpoint would be trained on (a NaN AdamW moment poisons every later
+// update): refused at load, naming the file and the first bad tensor.
+void require_finite(const NamedTensors& tensors, const std::string& file) {
+  for (const auto& [name, t] : tensors) {
+    if (!t.is_floating_point()) continue;
+    const torch::Tensor finite = torch::isfinite(t);
+    if (finite.all().item<bool>()) continue;
+    throw Error({"non-finite values in a checkpoint", file + ": " + name, "finite values",
+                 fmt::format("{} of {} elements NaN or Inf", (~finite).sum().item<int64_t>(),
+                             t.numel()),
+                 "it was written by a diverging run or is damaged: resume from an earlier "
+                 "checkpoint (move this step-* folder aside), or start again"});
+  }
+}
+}  // namespace
+
 SharedState read_shared_state(const std::string& dir) {
   const std::string path = (fs::path(dir) / "trainer_state.json").string();
   const json st = read_json_object(path);
@@ -174,10 +191,14 @@ SharedState read_shared_state(const std::string& dir) {
     throw Error({"correction array missing", training_state_path(dir) + ": " + kCorrectionKey,
                  "present", "absent", "the checkpoint is damaged: resume from an earlier one"});
   }
+  require_finite(s.optimizer, training_state_path(dir));
+  require_finite({{kCorrectionKey, s.correction}}, training_state_path(dir));
   s.unet_config_json = read_text_file((fs::path(unet_dir(dir)) / "config.json").string());
   s.unet =
       load_safetensors((fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string())
           .tensors;
+  require_finite(s.unet,
+                 (fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string());
   s.config_yaml = read_text_file((fs::path(dir) / "config.yaml").string());
   return s;
 }
@@ -193,8 +214,10 @@ RankState read_rank_state(const std::string& dir, int64_t rank, const SharedStat
   s.pairs_consumed = count_at(loader, "pairs_consumed", path + ": loader");
   // Absent before the bad-pair budget existed.
   s.bad_pairs = loader.contains("bad_pairs") ? count_at(loader, "bad_pairs", path + ": loader") : 0;
-  if (saved.optimizer_sharded)
+  if (saved.optimizer_sharded) {
     s.optimizer_shard = load_safetensors(optimizer_shard_path(dir, rank)).tensors;
+    require_finite(s.optimizer_shard, optimizer_shard_path(dir, rank));
+  }
   return s;
 }
 

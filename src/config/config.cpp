@@ -135,7 +135,9 @@ void for_each_field(Visitor&& v) {
   using C = TrainConfig;
   v("run", &C::run, "output_dir", &RunConfig::output_dir, required());
   v("run", &C::run, "seed", &RunConfig::seed, any());
-  v("run", &C::run, "device", &RunConfig::device, one_of({"auto", "cpu", "cuda"}));
+  v("run", &C::run, "device", &RunConfig::device,
+    one_of({"auto", "cpu", "cuda", "privateuseone"}));
+  v("run", &C::run, "threads", &RunConfig::threads, at_most(at_least(0), 4096));
   v("run", &C::run, "cuda_sync_debug", &RunConfig::cuda_sync_debug,
     one_of({"off", "warn", "error"}));
 
@@ -174,23 +176,29 @@ void for_each_field(Visitor&& v) {
   v("optim", &C::optim, "name", &OptimConfig::name, one_of({"adamw", "adafactor"}));
   v("optim", &C::optim, "lr", &OptimConfig::lr, above(0));
   v("optim", &C::optim, "warmup_steps", &OptimConfig::warmup_steps, at_least(0));
+  v("optim", &C::optim, "schedule", &OptimConfig::schedule,
+    one_of({"constant", "cosine", "linear"}));
+  v("optim", &C::optim, "min_lr_ratio", &OptimConfig::min_lr_ratio, between(0, false, 1, false));
   v("optim", &C::optim, "beta1", &OptimConfig::beta1, between(0, false, 1, true));
   v("optim", &C::optim, "beta2", &OptimConfig::beta2, between(0, false, 1, true));
   v("optim", &C::optim, "weight_decay", &OptimConfig::weight_decay, at_least(0));
   v("optim", &C::optim, "eps", &OptimConfig::eps, above(0));
   v("optim", &C::optim, "grad_clip", &OptimConfig::grad_clip, at_least(0));
   v("optim", &C::optim, "max_nonfinite_in_row", &OptimConfig::max_nonfinite_in_row, at_least(1));
+  v("optim", &C::optim, "max_weight_change", &OptimConfig::max_weight_change, above(0));
 
   v("train", &C::train, "global_batch", &TrainLoopConfig::global_batch, at_least(1));
   v("train", &C::train, "micro_batch", &TrainLoopConfig::micro_batch,
     at_most(at_least(1), data::kMaxBatchPixels));
   v("train", &C::train, "max_steps", &TrainLoopConfig::max_steps, at_least(1));
   v("train", &C::train, "precision", &TrainLoopConfig::precision, one_of({"fp32", "bf16"}));
+  v("train", &C::train, "fp32_output_head", &TrainLoopConfig::fp32_output_head, any());
   v("train", &C::train, "gradient_checkpointing", &TrainLoopConfig::gradient_checkpointing, any());
   v("train", &C::train, "allow_tf32", &TrainLoopConfig::allow_tf32, any());
 
   v("checkpoint", &C::checkpoint, "every", &CheckpointConfig::every, at_least(1));
   v("checkpoint", &C::checkpoint, "keep", &CheckpointConfig::keep, at_least(1));
+  v("checkpoint", &C::checkpoint, "timeout_s", &CheckpointConfig::timeout_s, at_least(1));
 
   v("logging", &C::logging, "every", &LoggingConfig::every, at_least(1));
   v("logging", &C::logging, "per_sample", &LoggingConfig::per_sample, any());
@@ -200,6 +208,7 @@ void for_each_field(Visitor&& v) {
   v("eval", &C::eval, "every", &EvalConfig::every, at_least(1));
   v("eval", &C::eval, "t_bins", &EvalConfig::t_bins, non_empty_list(at_least(0)));
   v("eval", &C::eval, "seed", &EvalConfig::seed, any());
+  v("eval", &C::eval, "max_bad_pairs", &EvalConfig::max_bad_pairs, at_least(0));
 
   v("dist", &C::dist, "backend", &DistConfig::backend, one_of({"auto", "gloo", "nccl"}));
   v("dist", &C::dist, "timeout_s", &DistConfig::timeout_s, at_least(1));

@@ -6,11 +6,13 @@
 #include <filesystem>
 #include <utility>
 
+#include "dde/data/data_error.hpp"
 #include "dde/data/image.hpp"
 #include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/log.hpp"
 
 namespace dde::data {
 namespace {
@@ -57,10 +59,13 @@ struct HeldOutPairs::Impl {
   std::unique_ptr<ShardPairReader> reader;  // on index.shards[shard]
   int64_t ties_in_shard = 0;
   int64_t next_id = 0;  // id of the next non-tie pair
+  std::vector<BadPair> bad;
 
   explicit Impl(HeldOutOptions opts);
   std::optional<PairRecord> next_record();  // next non-tie pair of any rank, checked
   void check_record(const PairRecord& record) const;
+  void check_tokens(const PairRecord& record) const;  // BadPairError
+  void leave_out(const PairRecord& record, int64_t id, const BadPairError& e);
   void finish_shard() const;
 };
 
@@ -112,6 +117,38 @@ void HeldOutPairs::Impl::check_record(const PairRecord& record) const {
   }
 }
 
+// As the training loader: every id inside index.json's vocabulary of its tokenizer.
+void HeldOutPairs::Impl::check_tokens(const PairRecord& record) const {
+  for (size_t t = 0; t < record.input_ids.size(); ++t) {
+    const int64_t limit = index.tokenizers[t].vocab_size;
+    for (size_t j = 0; j < record.input_ids[t].size(); ++j) {
+      const int64_t id = record.input_ids[t][j];
+      if (id >= 0 && (limit <= 0 || id < limit)) continue;
+      throw BadPairError(
+          "token_id_out_of_range",
+          {"token id outside the text encoder's vocabulary",
+           fmt::format("{}: key {}: input_ids[{}][{}]", reader->path(), record.key, t, j),
+           limit > 0 ? fmt::format("an id in [0, {}) ({})", limit, index.tokenizers[t].name)
+                     : std::string("an id >= 0"),
+           std::to_string(id), kReexportHint});
+    }
+  }
+}
+
+void HeldOutPairs::Impl::leave_out(const PairRecord& record, int64_t id, const BadPairError& e) {
+  bad.push_back(BadPair{e.reason(), reader->path(), static_cast<int64_t>(shard), record.key, id,
+                        e.what()});
+  log::warn("eval: held-out pair {} left out ({}): {}", id, e.reason(), e.what());
+  if (static_cast<int64_t>(bad.size()) > options.max_bad_pairs) {
+    throw Error({"too many bad held-out pairs", options.index_path,
+                 fmt::format("at most eval.max_bad_pairs = {} per rank", options.max_bad_pairs),
+                 fmt::format("{} (the last: {} in {}, key {})", bad.size(), e.reason(),
+                             reader->path(), record.key),
+                 "re-export the held-out shards (dde_tools.export_pickapic), raise "
+                 "eval.max_bad_pairs, or set data.eval_index: \"\""});
+  }
+}
+
 void HeldOutPairs::Impl::finish_shard() const {
   const ShardInfo& info = index.shards[shard];
   if (reader->pairs_read() != info.pairs || ties_in_shard != info.ties) {
@@ -150,6 +187,7 @@ HeldOutPairs::HeldOutPairs(HeldOutOptions options)
 HeldOutPairs::~HeldOutPairs() = default;
 
 int64_t HeldOutPairs::total_pairs() const { return impl_->total; }
+const std::vector<BadPair>& HeldOutPairs::bad_pairs() const { return impl_->bad; }
 
 std::optional<PairBatch> HeldOutPairs::next(int64_t max_pairs) {
   Impl& d = *impl_;
@@ -170,8 +208,15 @@ std::optional<PairBatch> HeldOutPairs::next(int64_t max_pairs) {
                                             record->key, record->key, which);
       return prepare_image(which == 0 ? record->jpg_0 : record->jpg_1, where, resolution);
     };
-    const PreparedImage w = load(winner_index);
-    const PreparedImage l = load(1 - winner_index);
+    PreparedImage w, l;
+    try {
+      d.check_tokens(*record);
+      w = load(winner_index);
+      l = load(1 - winner_index);
+    } catch (const BadPairError& e) {
+      d.leave_out(*record, id, e);
+      continue;
+    }
     winners.push_back(w.pixels);
     losers.push_back(l.pixels);
     winner_hw.push_back({w.original_h, w.original_w});

@@ -7,6 +7,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <cstdlib>
+#include <utility>
+
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 
@@ -20,9 +23,9 @@ class SingleProcess final : public Communicator {
   int64_t rank() const override { return 0; }
   int64_t world_size() const override { return 1; }
   std::string backend() const override { return "none"; }
-  void barrier() override {}
 
  private:
+  void do_barrier(std::optional<std::chrono::seconds> /*timeout*/) override {}
   void do_broadcast(std::vector<torch::Tensor>& /*tensors*/, int64_t /*root*/) override {}
   void do_all_reduce_sum(std::vector<torch::Tensor>& /*tensors*/,
                          int64_t /*bucket_bytes*/) override {}
@@ -41,27 +44,36 @@ class ProcessGroupCommunicator final : public Communicator {
         backend_(std::move(backend)),
         rank_(rank),
         world_size_(world_size),
-        timeout_(timeout) {}
+        timeout_(timeout),
+        stage_through_host_(backend_ == "gloo" && !device.is_cpu() && !device.is_cuda()) {}
 
   int64_t rank() const override { return rank_; }
   int64_t world_size() const override { return world_size_; }
   std::string backend() const override { return backend_; }
 
-  void barrier() override {
-    c10d::BarrierOptions options;
-    options.timeout = timeout_;
-    // NCCL's barrier is an all-reduce on a device it would otherwise guess from the rank.
-    if (device().is_cuda()) options.device_ids = {device().index()};
-    run("barrier", [&] { return group_->barrier(options); });
-  }
 
  private:
+  void do_barrier(std::optional<std::chrono::seconds> timeout) override {
+    const std::chrono::seconds limit = timeout.value_or(timeout_);
+    if (backend_ == "nccl") {
+      // NCCL's barrier takes no timeout of its own: a one-element all-reduce with the wait's.
+      c10d::AllreduceOptions options;
+      options.timeout = std::chrono::duration_cast<std::chrono::milliseconds>(limit);
+      std::vector<torch::Tensor> one{torch::zeros({1}, torch::TensorOptions().device(device()))};
+      run("barrier", [&] { return group_->allreduce(one, options); }, limit);
+      return;
+    }
+    c10d::BarrierOptions options;
+    options.timeout = std::chrono::duration_cast<std::chrono::milliseconds>(limit);
+    run("barrier", [&] { return group_->barrier(options); }, limit);
+  }
   void do_broadcast(std::vector<torch::Tensor>& tensors, int64_t root) override {
     for (torch::Tensor& t : tensors) {
-      std::vector<torch::Tensor> one{t};
+      std::vector<torch::Tensor> one{to_wire(t)};
       c10d::BroadcastOptions options;
       options.rootRank = root;
       run("broadcast", [&] { return group_->broadcast(one, options); });
+      if (stage_through_host_) t.copy_(one[0]);
     }
   }
 
@@ -79,7 +91,7 @@ class ProcessGroupCommunicator final : public Communicator {
       }
       std::vector<torch::Tensor> flat_parts;
       for (size_t i = begin; i < end; ++i) flat_parts.push_back(tensors[i].reshape({-1}));
-      std::vector<torch::Tensor> bucket{torch::cat(flat_parts)};
+      std::vector<torch::Tensor> bucket{to_wire(torch::cat(flat_parts))};
       run("all_reduce", [&] { return group_->allreduce(bucket); });
       int64_t offset = 0;
       for (size_t i = begin; i < end; ++i) {
@@ -92,11 +104,11 @@ class ProcessGroupCommunicator final : public Communicator {
   }
 
   torch::Tensor do_all_gather(const torch::Tensor& tensor) override {
+    std::vector<torch::Tensor> input{to_wire(tensor.contiguous())};
     std::vector<std::vector<torch::Tensor>> outputs(1);
-    for (int64_t r = 0; r < world_size_; ++r) outputs[0].push_back(torch::empty_like(tensor));
-    std::vector<torch::Tensor> input{tensor.contiguous()};
+    for (int64_t r = 0; r < world_size_; ++r) outputs[0].push_back(torch::empty_like(input[0]));
     run("all_gather", [&] { return group_->allgather(outputs, input); });
-    return torch::cat(outputs[0], 0);
+    return from_wire(torch::cat(outputs[0], 0));
   }
   torch::Tensor do_reduce_scatter_sum(const torch::Tensor& flat) override {
     if (flat.dim() != 1 || flat.numel() % world_size_ != 0) {
@@ -105,19 +117,19 @@ class ProcessGroupCommunicator final : public Communicator {
                        std::to_string(world_size_),
                    c10::str(flat.sizes()), "this is a bug in the caller"});
     }
-    torch::Tensor input = flat.contiguous();
-    torch::Tensor output = torch::empty({flat.numel() / world_size_}, flat.options());
+    torch::Tensor input = to_wire(flat.contiguous());
+    torch::Tensor output = torch::empty({flat.numel() / world_size_}, input.options());
     c10d::ReduceScatterOptions options;
     options.reduceOp = c10d::ReduceOp::SUM;
     run("reduce_scatter", [&] { return group_->_reduce_scatter_base(output, input, options); });
-    return output;
+    return from_wire(output);
   }
 
   torch::Tensor do_all_gather_flat(const torch::Tensor& shard) override {
-    torch::Tensor input = shard.contiguous();
-    torch::Tensor output = torch::empty({shard.numel() * world_size_}, shard.options());
+    torch::Tensor input = to_wire(shard.contiguous());
+    torch::Tensor output = torch::empty({shard.numel() * world_size_}, input.options());
     run("all_gather", [&] { return group_->_allgather_base(output, input); });
-    return output;
+    return from_wire(output);
   }
 
   // Issues a collective and waits for it; whatever c10d throws (c10::Error, DistBackendError,
@@ -125,24 +137,36 @@ class ProcessGroupCommunicator final : public Communicator {
   // for NCCL's: with a timeout it would block the host until the kernel ends, so NCCL gets none
   // (its watchdog enforces dist.timeout_s). Gloo runs on the host and waits with the timeout.
   template <typename Issue>
-  void run(const char* what, Issue&& issue) const {
+  void run(const char* what, Issue&& issue,
+           std::optional<std::chrono::seconds> timeout = std::nullopt) const {
+    const std::chrono::seconds limit = timeout.value_or(timeout_);
     try {
       const c10::intrusive_ptr<c10d::Work> work = issue();
       if (backend_ == "nccl") {
         work->wait();
       } else {
-        work->wait(std::chrono::duration_cast<std::chrono::milliseconds>(timeout_));
+        work->wait(std::chrono::duration_cast<std::chrono::milliseconds>(limit));
       }
     } catch (const std::exception& e) {
       throw Error({std::string("collective failed: ") + what,
                    "rank " + std::to_string(rank_) + " of " + std::to_string(world_size_) + " (" +
                        backend_ + " on " + device().str() + ")",
-                   "every rank alive and taking part (waiting at most dist.timeout_s = " +
-                       std::to_string(timeout_.count()) + " s)",
+                   "every rank alive and taking part (waiting at most " +
+                       std::to_string(limit.count()) + " s: dist.timeout_s" +
+                       (timeout ? ", checkpoint.timeout_s for checkpoint writes" : "") + ")",
                    e.what(),
                    "a peer died or hung, or the backend failed: check every rank's log (NCCL: "
                    "rerun with NCCL_DEBUG=INFO); resume with --resume"});
     }
+  }
+
+  // Gloo moves host (and CUDA) tensors only: another accelerator's (a PrivateUse1 backend, the
+  // tests' fake device) cross through host copies. The device check before them stays strict.
+  torch::Tensor to_wire(const torch::Tensor& t) const {
+    return stage_through_host_ ? t.to(torch::kCPU) : t;
+  }
+  torch::Tensor from_wire(const torch::Tensor& t) const {
+    return stage_through_host_ ? t.to(device()) : t;
   }
 
   c10::intrusive_ptr<c10d::Backend> group_;
@@ -150,6 +174,7 @@ class ProcessGroupCommunicator final : public Communicator {
   int64_t rank_;
   int64_t world_size_;
   std::chrono::seconds timeout_;
+  bool stage_through_host_;
 };
 
 c10::intrusive_ptr<c10d::Store> connect_store(const DistEnvironment& env,
@@ -177,6 +202,22 @@ c10::intrusive_ptr<c10d::Store> connect_store(const DistEnvironment& env,
                                                 store);
 }
 
+#ifdef DDE_WITH_NCCL
+// NCCL's error handling, set explicitly (a variable the user exported wins; README "Distributed
+// training"): on a collective error or a timeout, the watchdog aborts the communicators and the
+// error is raised by the next wait or synchronisation, where run() turns it into our message,
+// instead of tearing the process down (mode 1, TearDown) with a watchdog abort. No flight-recorder
+// dump on timeout (it writes files next to every rank's working directory).
+void set_nccl_error_handling() {
+  for (const auto& [name, value] : {std::pair<const char*, const char*>{"TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"},
+                                    {"TORCH_NCCL_BLOCKING_WAIT", "0"},
+                                    {"TORCH_NCCL_DUMP_ON_TIMEOUT", "0"}}) {
+    setenv(name, value, /*overwrite=*/0);
+    log::info("dist: {}={}", name, std::getenv(name));
+  }
+}
+#endif
+
 c10::intrusive_ptr<c10d::Backend> make_group(const std::string& chosen,
                                              const c10::intrusive_ptr<c10d::Store>& store,
                                              const DistEnvironment& env,
@@ -194,6 +235,7 @@ c10::intrusive_ptr<c10d::Backend> make_group(const std::string& chosen,
     return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
   }
 #ifdef DDE_WITH_NCCL
+  set_nccl_error_handling();
   auto options = c10d::ProcessGroupNCCL::Options::create();
   options->timeout = std::chrono::duration_cast<std::chrono::milliseconds>(timeout);
   auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, options);

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include "dde/util/error.hpp"
 
 namespace dde::dist {
@@ -32,6 +34,17 @@ int64_t cuda_device_for_rank(int64_t local_rank, int64_t device_count) {
 
 torch::Device select_device(const std::string& requested, int64_t local_rank) {
   if (requested == "cpu") return torch::kCPU;
+  if (requested == "privateuseone") {
+    // An out-of-tree backend registered as PrivateUse1 (the tests' fake accelerator, loaded by
+    // scripts/fake_device_check.sh): its device 0, whatever the rank (one per process).
+    if (!c10::impl::hasDeviceGuardImpl(c10::DeviceType::PrivateUse1)) {
+      throw Error({"no PrivateUse1 backend registered", "run.device", "a loaded backend",
+                   "privateuseone with none in this process",
+                   "load one first (tests: LD_PRELOAD=build/tests/cpp/libdde_fake_device.so), or "
+                   "set run.device: auto, cpu or cuda"});
+    }
+    return {c10::DeviceType::PrivateUse1, 0};
+  }
   const bool available = torch::cuda::is_available();
   if (requested == "cuda" && !available) {
     throw Error({"CUDA requested but not available", "run.device", "a visible GPU", "none",

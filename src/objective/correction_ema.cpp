@@ -5,6 +5,7 @@
 #include <string>
 
 #include "dde/util/error.hpp"
+#include "dde/util/transfer.hpp"
 #include "tensor_checks.hpp"
 
 namespace dde::objective {
@@ -48,7 +49,7 @@ CorrectionEma::CorrectionEma(int64_t num_timesteps, double momentum,
 
 torch::Tensor CorrectionEma::correction(const torch::Tensor& t) const {
   detail::check_timesteps(t, "CorrectionEma::correction: t", -1, num_timesteps_);
-  return suffix_.index_select(0, t.to(torch::kCPU)).to(t.device());
+  return util::to_device_async(suffix_.index_select(0, t.to(torch::kCPU)), t.device());
 }
 
 void CorrectionEma::accumulate(const torch::Tensor& t, const torch::Tensor& d) {
@@ -58,7 +59,7 @@ void CorrectionEma::accumulate(const torch::Tensor& t, const torch::Tensor& d) {
   // Non-finite values are accepted here and refused by apply(): the trainer's non-finite guard
   // sees the step's loss first and calls clear_pending() for a skipped step.
   const auto values = d.detach().to(pending_device_, torch::kFloat64);
-  const auto index = t.to(pending_device_, /*non_blocking=*/true);
+  const auto index = util::to_device_async(t, pending_device_);
   pending_sum_.index_add_(0, index, values);
   pending_count_.index_add_(0, index, torch::ones_like(values));
 }

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "dde/util/error.hpp"
+#include "dde/util/transfer.hpp"
 #include "tensor_checks.hpp"
 
 namespace dde::objective {
@@ -62,7 +63,7 @@ torch::Tensor gather_table(const NoiseSchedule& schedule, const std::vector<doub
                            const torch::Tensor& t, const torch::Device& device) {
   detail::check_timesteps(t, "objective::gather_table: t", -1, schedule.num_timesteps);
   // Indexed on the host, then sent without blocking: with a host t this never syncs.
-  return schedule.table(table).index_select(0, t.to(torch::kCPU)).to(device, /*non_blocking=*/true);
+  return util::to_device_async(schedule.table(table).index_select(0, t.to(torch::kCPU)), device);
 }
 
 torch::Tensor add_noise(const NoiseSchedule& schedule, const torch::Tensor& x0,

@@ -95,12 +95,4 @@ void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_nor
   if (coef < 1.0) torch::_foreach_mul_(grads, coef);
 }
 
-double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps) {
-  if (step < warmup_steps) {
-    return base_lr * static_cast<double>(step) /
-           static_cast<double>(std::max<int64_t>(1, warmup_steps));
-  }
-  return base_lr;
-}
-
 }  // namespace dde::train

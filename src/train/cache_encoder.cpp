@@ -18,6 +18,7 @@
 #include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/threads.hpp"
 #include "dde/util/log.hpp"
 
 namespace dde::train {
@@ -258,6 +259,10 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   // Launched by torchrun or srun, each rank encodes every world_size-th shard on its own GPU.
   const dist::DistEnvironment env = dist::detect_environment(cfg.dist.init_method);
   log::set_rank(static_cast<int>(env.rank));
+  // Decoding runs on the intra-op threads here (no decode workers): all the CPUs given.
+  const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, 0);
+  log::info("threads: {} CPUs ({}), {} intra-op ({})", threads.cpus, threads.cpus_from,
+            threads.intra_op, threads.intra_op_from);
   const torch::Device device = dist::select_device(cfg.run.device, env.local_rank);
   const std::unique_ptr<dist::Communicator> comm = dist::Communicator::create(
       env, cfg.dist.backend, device, std::chrono::seconds(cfg.dist.timeout_s),

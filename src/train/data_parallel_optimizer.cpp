@@ -1,5 +1,6 @@
 #include "dde/train/data_parallel_optimizer.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "dde/dist/shard_layout.hpp"
@@ -52,10 +53,14 @@ class Replicated final : public DataParallelOptimizer {
   int64_t bucket_bytes_;
 };
 
-// ZeRO stage 1 over whole parameters (dist/shard_layout.hpp).
+// ZeRO stage 1 over whole parameters (dist/shard_layout.hpp). Gradients and weights move in
+// buckets of about `bucket_bytes` per rank: each is a reduce-scatter (or all-gather) of
+// [world x chunk] elements, chunk of every rank's segment at a time, so no buffer the size of the
+// model is allocated per step; the summed shard of this rank's gradients is allocated once.
 class Sharded final : public DataParallelOptimizer {
  public:
-  Sharded(NamedTensors params, const config::OptimConfig& optim, dist::Communicator& comm)
+  Sharded(NamedTensors params, const config::OptimConfig& optim, dist::Communicator& comm,
+          int64_t bucket_bytes)
       : params_(std::move(params)), comm_(comm) {
     std::vector<int64_t> numels;
     for (const auto& [name, p] : params_) {
@@ -77,25 +82,37 @@ class Sharded final : public DataParallelOptimizer {
     const NamedTensors owned(params_.begin() + static_cast<std::ptrdiff_t>(begin_),
                              params_.begin() + static_cast<std::ptrdiff_t>(end_));
     optimizer_ = make_optimizer(optim, owned);
-    log::info("optimizer state sharded over {} ranks: rank {} updates parameters [{}, {}) of {}",
-              comm_.world_size(), comm_.rank(), begin_, end_, params_.size());
+    if (!params_.empty()) {
+      const int64_t element = params_.front().second.element_size();
+      chunk_ = std::clamp<int64_t>(bucket_bytes / (element * layout_.world_size), 1,
+                                   std::max<int64_t>(1, layout_.segment));
+    }
+    log::info("optimizer state sharded over {} ranks: rank {} updates parameters [{}, {}) of {}; "
+              "buckets of {} elements per rank",
+              comm_.world_size(), comm_.rank(), begin_, end_, params_.size(), chunk_);
   }
 
   void reduce_gradients() override {
     if (params_.empty()) return;
     torch::NoGradGuard no_grad;
-    // flat: [world * segment], rank r's parameters' gradients in its segment, zero padding.
-    torch::Tensor flat = torch::zeros({layout_.world_size * layout_.segment}, options());
+    const int64_t world = layout_.world_size;
+    if (!shard_.defined()) shard_ = torch::zeros({layout_.segment}, options());
     has_grad_.assign(params_.size(), false);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      torch::Tensor& p = params_[i].second;
-      if (!p.grad().defined()) continue;
-      has_grad_[i] = true;
-      flat.slice(0, layout_.flat_offset(i), layout_.flat_offset(i) + p.numel())
-          .copy_(p.grad().reshape({-1}));
-      p.mutable_grad() = torch::Tensor();  // only the summed shard is kept
+    for (size_t i = 0; i < params_.size(); ++i) has_grad_[i] = params_[i].second.grad().defined();
+    for (int64_t c0 = 0; c0 < layout_.segment; c0 += chunk_) {
+      const int64_t n = std::min(chunk_, layout_.segment - c0);
+      // bucket [world x n]: rank r's gradients in [c0, c0 + n) of its segment, zero padding.
+      torch::Tensor bucket = torch::zeros({world * n}, options());
+      for (int64_t r = 0; r < world; ++r) {
+        for_each_piece(r, c0, c0 + n, [&](size_t i, int64_t lo, int64_t hi) {
+          if (!has_grad_[i]) return;
+          bucket.slice(0, r * n + lo - c0, r * n + hi - c0)
+              .copy_(flat_view(params_[i].second.grad(), i, lo, hi));
+        });
+      }
+      shard_.slice(0, c0, c0 + n).copy_(comm_.reduce_scatter_sum(bucket));
+      release_consumed_grads(c0 + n);
     }
-    shard_ = comm_.reduce_scatter_sum(flat);  // [segment]
     for (size_t i = begin_; i < end_; ++i) {
       torch::Tensor& p = params_[i].second;
       if (has_grad_[i]) p.mutable_grad() = own_slice(shard_, i).view(p.sizes());
@@ -124,15 +141,21 @@ class Sharded final : public DataParallelOptimizer {
     optimizer_->step(lr);
     if (params_.empty()) return;
     torch::NoGradGuard no_grad;
-    torch::Tensor mine = torch::zeros({layout_.segment}, options());
-    for (size_t i = begin_; i < end_; ++i)
-      own_slice(mine, i).copy_(params_[i].second.reshape({-1}));
-    const torch::Tensor all = comm_.all_gather_flat(mine);  // [world * segment]
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (i >= begin_ && i < end_) continue;
-      torch::Tensor& p = params_[i].second;
-      p.copy_(
-          all.slice(0, layout_.flat_offset(i), layout_.flat_offset(i) + p.numel()).view(p.sizes()));
+    const int64_t world = layout_.world_size;
+    const int64_t me = comm_.rank();
+    for (int64_t c0 = 0; c0 < layout_.segment; c0 += chunk_) {
+      const int64_t n = std::min(chunk_, layout_.segment - c0);
+      torch::Tensor mine = torch::zeros({n}, options());
+      for_each_piece(me, c0, c0 + n, [&](size_t i, int64_t lo, int64_t hi) {
+        mine.slice(0, lo - c0, hi - c0).copy_(flat_view(params_[i].second, i, lo, hi));
+      });
+      const torch::Tensor all = comm_.all_gather_flat(mine);  // [world x n]
+      for (int64_t r = 0; r < world; ++r) {
+        if (r == me) continue;
+        for_each_piece(r, c0, c0 + n, [&](size_t i, int64_t lo, int64_t hi) {
+          flat_view(params_[i].second, i, lo, hi).copy_(all.slice(0, r * n + lo - c0, r * n + hi - c0));
+        });
+      }
     }
   }
 
@@ -141,7 +164,6 @@ class Sharded final : public DataParallelOptimizer {
     for (auto& [name, p] : params_) {
       if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
     }
-    shard_ = torch::Tensor();
   }
   NamedTensors state() const override { return optimizer_->state(); }
   void load_state(const NamedTensors& state, const std::string& where) override {
@@ -158,6 +180,37 @@ class Sharded final : public DataParallelOptimizer {
   torch::Tensor own_slice(const torch::Tensor& segment, size_t i) const {
     return segment.slice(0, layout_.offset[i], layout_.offset[i] + params_[i].second.numel());
   }
+  // f(i, lo, hi) for every parameter i of `rank` with elements at [lo, hi) of the rank's segment
+  // inside [c0, c1).
+  template <typename F>
+  void for_each_piece(int64_t rank, int64_t c0, int64_t c1, F&& f) const {
+    const auto r = static_cast<size_t>(rank);
+    for (auto i = static_cast<size_t>(layout_.first[r]); i < static_cast<size_t>(layout_.end[r]);
+         ++i) {
+      const int64_t lo = std::max(c0, layout_.offset[i]);
+      const int64_t hi = std::min(c1, layout_.offset[i] + params_[i].second.numel());
+      if (lo < hi) f(i, lo, hi);
+    }
+  }
+  // Elements [lo, hi) (segment coordinates) of parameter i's tensor `t`, as a writable view.
+  torch::Tensor flat_view(const torch::Tensor& t, size_t i, int64_t lo, int64_t hi) const {
+    return t.view({-1}).slice(0, lo - layout_.offset[i], hi - layout_.offset[i]);
+  }
+  // Gradients of other ranks' parameters lying wholly below `done` (segment coordinates) were
+  // reduced: drop them, so the full set of gradients is not held beside the shard.
+  void release_consumed_grads(int64_t done) {
+    for (int64_t r = 0; r < layout_.world_size; ++r) {
+      if (r == comm_.rank()) continue;
+      const auto ru = static_cast<size_t>(r);
+      for (auto i = static_cast<size_t>(layout_.first[ru]);
+           i < static_cast<size_t>(layout_.end[ru]); ++i) {
+        torch::Tensor& p = params_[i].second;
+        if (layout_.offset[i] + p.numel() <= done && p.grad().defined()) {
+          p.mutable_grad() = torch::Tensor();
+        }
+      }
+    }
+  }
 
   NamedTensors params_;
   dist::Communicator& comm_;
@@ -165,7 +218,8 @@ class Sharded final : public DataParallelOptimizer {
   size_t begin_ = 0, end_ = 0;  // this rank's parameters
   std::unique_ptr<Optimizer> optimizer_;
   std::vector<bool> has_grad_;
-  torch::Tensor shard_;  // [segment]: the summed gradients of this rank's parameters
+  int64_t chunk_ = 1;    // elements per rank in one bucket
+  torch::Tensor shard_;  // [segment]: the summed gradients of this rank's parameters (kept)
 };
 
 }  // namespace
@@ -173,7 +227,7 @@ class Sharded final : public DataParallelOptimizer {
 std::unique_ptr<DataParallelOptimizer> DataParallelOptimizer::create(
     NamedTensors params, const config::OptimConfig& optim, bool shard, dist::Communicator& comm,
     int64_t bucket_bytes) {
-  if (shard) return std::make_unique<Sharded>(std::move(params), optim, comm);
+  if (shard) return std::make_unique<Sharded>(std::move(params), optim, comm, bucket_bytes);
   return std::make_unique<Replicated>(std::move(params), optim, comm, bucket_bytes);
 }
 

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <filesystem>
 #include <string>
 #include <utility>
 
@@ -90,6 +91,13 @@ Evaluator::Impl::Impl(EvaluatorContext context) : ctx(std::move(context)) {
   options.resolution = ctx.resolution;
   options.rank = ctx.comm->rank();
   options.world_size = ctx.comm->world_size();
+  options.max_bad_pairs = ctx.cfg->eval.max_bad_pairs;
+  std::error_code ec;
+  if (std::filesystem::equivalent(ctx.cfg->data.eval_index, ctx.cfg->data.index, ec)) {
+    log::warn("eval: data.eval_index is data.index ({}): the \"held-out\" accuracy is measured "
+              "on training pairs and says nothing of generalisation; export a held-out split",
+              ctx.cfg->data.index);
+  }
   for (const models::TextEncoderInfo& e : ctx.manifest->text_encoders) {
     options.expected_vocab_sha256.push_back(e.vocab_sha256);
   }
@@ -204,7 +212,8 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
   torch::NoGradGuard no_grad;
   const auto nb = static_cast<int64_t>(d.bins().size());
   // sums[k][j] over this rank's pairs at bin j: k = 0 Delta < 0, 1 loss, 2 Delta, 3 pairs.
-  torch::Tensor sums = torch::zeros({4, nb}, torch::kFloat64);
+  // On the training device: they are all-reduced (NCCL takes device tensors only).
+  torch::Tensor sums = torch::zeros({4, nb}, torch::dtype(torch::kFloat64).device(d.ctx.device));
   for (size_t i = 0; i < d.encoded.size() && !stopped; ++i) {
     d.test_hooks.before_eval_batch(rank, step, static_cast<int64_t>(i));
     stopped = stop_requested();  // an atomic load, as before every training micro-batch
@@ -224,10 +233,10 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
       const objective::MethodOutput out =
           objective::compute_method(d.ctx.method, e, t_dev, ema.correction(t).to(d.ctx.device),
                                     d.ctx.method_params, *d.ctx.schedule);
-      const torch::Tensor delta = objective::delta(e).cpu();
+      const torch::Tensor delta = objective::delta(e);
       sums[0][j] += (delta < 0).sum().to(torch::kFloat64);
-      sums[1][j] += out.loss.sum().cpu();
-      sums[2][j] += delta.sum();
+      sums[1][j] += out.loss.sum().to(torch::kFloat64);
+      sums[2][j] += delta.sum().to(torch::kFloat64);
       sums[3][j] += static_cast<double>(B);
     }
   }
@@ -235,10 +244,11 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
   if (d.ctx.comm->any(stopped)) return std::nullopt;
   std::vector<torch::Tensor> reduced{sums};
   d.ctx.comm->all_reduce_sum(reduced, kReduceBucketBytes);
+  sums = sums.to(torch::kCPU);
 
   EvalResult r;
   r.step = step;
-  r.pairs = d.total_pairs;
+  r.pairs = static_cast<int64_t>(sums[3][0].item<double>());  // evaluated: bad ones left out
   r.t_bins = d.bins();
   const torch::Tensor by_t = sums.slice(0, 0, 3) / sums[3];  // [3, nb]
   const torch::Tensor overall = sums.slice(0, 0, 3).sum(1) / sums[3].sum();

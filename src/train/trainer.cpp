@@ -28,13 +28,17 @@
 #include "dde/train/cache_encoder.hpp"
 #include "dde/train/data_parallel_optimizer.hpp"
 #include "dde/train/evaluator.hpp"
+#include "dde/train/lr_schedule.hpp"
 #include "dde/train/memory_meter.hpp"
 #include "dde/train/metrics_log.hpp"
 #include "dde/train/pair_inputs.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/seed.hpp"
+#include "dde/util/threads.hpp"
+#include "dde/util/transfer.hpp"
 
 namespace dde::train {
 namespace {
@@ -49,14 +53,28 @@ torch::ScalarType frozen_dtype(const config::ModelConfig& model) {
   return model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
 }
 
-// TF32 tensor cores for fp32 matmuls and convolutions (the fp32 master path under autocast and
-// every fp32 run); no effect on the CPU.
-void configure_float32_precision(const torch::Device& device, bool allow_tf32) {
+// CUDA kernels: TF32 tensor cores for fp32 matmuls and convolutions (the fp32 master path under
+// autocast and every fp32 run), and cuDNN's autotuner (the shapes are fixed by the config, so the
+// first step's search pays for itself). No effect elsewhere.
+void configure_cuda_kernels(const torch::Device& device, bool allow_tf32) {
   if (!device.is_cuda()) return;
   const at::Float32Precision p =
       allow_tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
   at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, p);
   at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, p);
+  at::globalContext().setBenchmarkCuDNN(true);
+}
+
+// The global 2-norm of `tensors` as a 0-dim float64 device tensor: one fused reduction
+// (_foreach_norm), no host sync. NaN or Inf anywhere makes it non-finite.
+torch::Tensor global_norm(const std::vector<torch::Tensor>& tensors) {
+  std::vector<torch::Tensor> floating;
+  for (const torch::Tensor& t : tensors) {
+    if (t.defined() && t.is_floating_point() && t.numel() > 0) floating.push_back(t.detach());
+  }
+  if (floating.empty()) return torch::zeros({}, torch::kFloat64);
+  const std::vector<torch::Tensor> norms = torch::_foreach_norm(floating, 2);
+  return torch::stack(norms).to(torch::kFloat64).pow(2).sum().sqrt();
 }
 
 // Test hook: DDE_DEBUG_NONFINITE_STEPS="3,4" poisons the loss of those (1-based) steps.
@@ -98,6 +116,28 @@ torch::Tensor step_stats(const torch::Tensor& rows, bool has_z, bool has_referen
                        has_reference ? rows.select(1, kRefW).sum() : zero});
 }
 
+// Creates `dir` (and its parents) and writes a probe file in it: a path through a file, a
+// dangling link or a read-only or full filesystem is an error naming the absolute path and `key`.
+void create_writable_dir(const std::string& dir, const std::string& key) {
+  std::error_code ec;
+  const fs::path absolute = fs::absolute(dir, ec);
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir)) {
+    throw Error({"cannot create the folder", absolute.string() + " (" + key + ")",
+                 "a folder this process can create and write",
+                 ec ? ec.message() : std::string("not a folder"),
+                 "choose a writable " + key + " (no file or dangling link on the way)"});
+  }
+  const fs::path probe = fs::path(dir) / ".dde-write-test";
+  try {
+    util::write_file(probe.string(), {{"ok", 2}});
+  } catch (const Error& e) {
+    throw Error({"the folder is not writable", absolute.string() + " (" + key + ")",
+                 "a folder this process can write", e.what(), "choose a writable " + key});
+  }
+  fs::remove(probe, ec);
+}
+
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
   const auto s = static_cast<int64_t>(seconds);
@@ -133,6 +173,10 @@ struct Trainer::Impl {
   int64_t step = 0;  // optimizer steps attempted so far (skipped ones included)
   int64_t skipped_steps = 0;
   int64_t nonfinite_in_row = 0;
+  std::string failure_cause;    // what failed last: "loss", "gradient", "weights after the update"
+  bool rolled_back = false;     // the held weights were reloaded from last_checkpoint since the
+                                // last step that passed (they are saved there already)
+  double weight_norm = 0;       // the policy's global weight norm after the last passing step
   std::set<int64_t> poisoned_steps;
   std::string last_checkpoint;
   int64_t checkpointed_step = -1;  // the step last_checkpoint holds (-1: none yet)
@@ -145,7 +189,13 @@ struct Trainer::Impl {
   TrainOutcome stop_for_requeue(const data::PairLoaderState& step_start);
   checkpoint::SharedState shared_state() const;
   TrainOutcome run();
+  [[noreturn]] void stop_after_failed_steps();
   void write_pair_records(const torch::Tensor& all_rows);
+  // After an update: finite weights (and optimizer state), whose norm changed by at most
+  // optim.max_weight_change of it. "" when it passed, else what failed.
+  std::string check_update();
+  void roll_back(const std::string& why);
+  void load_weights_and_state(const std::string& dir, const checkpoint::SharedState& saved);
   void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
   bool is_main() const { return comm->rank() == 0; }
 
@@ -160,7 +210,7 @@ struct Trainer::Impl {
   // Host -> device without blocking the host: a DMA from the loader's pinned batches (a pageable
   // source is staged by the driver).
   torch::Tensor to_device(const torch::Tensor& x) const {
-    return x.to(device, /*non_blocking=*/true);
+    return util::to_device_async(x, device);
   }
   torch::Tensor predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
                         const models::Conditioning& cond);
@@ -181,6 +231,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
       ema(manifest.num_train_timesteps, cfg.method.ema_momentum, device),
       store((fs::path(cfg.run.output_dir) / "checkpoints").string(), cfg.checkpoint.keep) {
   log::set_rank(static_cast<int>(env.rank));
+  const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, cfg.data.workers);
   comm = dist::Communicator::create(env, cfg.dist.backend, device,
                                     std::chrono::seconds(cfg.dist.timeout_s),
                                     cfg.dist.force_process_group);
@@ -204,24 +255,29 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   sampler_options.t_hi = config::effective_t_hi(cfg.method, manifest.num_train_timesteps);
   sampler = std::make_unique<objective::TimestepSampler>(sampler_options);
 
-  fs::create_directories(cfg.run.output_dir);
+  create_writable_dir(cfg.run.output_dir, "run.output_dir");
   log::add_file((fs::path(cfg.run.output_dir) / "train.log").string());
   log::info(
       "dde_train: method {}, family {}, device {}, resolution {}, global batch {} = {} x {} "
       "accumulation",
       objective::method_name(method), models::family_name(manifest.family), device.str(),
       resolution, cfg.train.global_batch, cfg.train.micro_batch, accumulation);
+  log::info("threads: {} CPUs ({}), {} intra-op ({}), {} decode workers (data.workers)",
+            threads.cpus, threads.cpus_from, threads.intra_op, threads.intra_op_from,
+            cfg.data.workers);
   log::info("resolved config:\n{}", config::to_yaml(cfg));
 
-  configure_float32_precision(device, cfg.train.allow_tf32);
+  configure_cuda_kernels(device, cfg.train.allow_tf32);
   models::UNetOptions policy_options;
   policy_options.trainable = true;
   policy_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
+  policy_options.fp32_output_head = cfg.train.fp32_output_head;
   policy = std::make_unique<models::UNet>(manifest, device, policy_options);
   const torch::ScalarType frozen = frozen_dtype(cfg.model);
   if (objective::uses_reference(method)) {
     models::UNetOptions reference_options;
     reference_options.dtype = frozen;
+    reference_options.fp32_output_head = cfg.train.fp32_output_head;
     reference = std::make_unique<models::UNet>(reference_manifest, device, reference_options);
   }
   // A latent cache replaces the frozen encoders; the held-out evaluator still encodes images.
@@ -290,6 +346,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
     metrics = std::make_unique<MetricsLog>(
         (fs::path(cfg.run.output_dir) / "metrics.jsonl").string(), keep_metrics_through);
   }
+  weight_norm = global_norm(policy->parameters()).item<double>();
 }
 
 torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x,
@@ -439,7 +496,8 @@ TrainOutcome Trainer::Impl::run() {
     }
     const auto step_start = Clock::now();
     const double wait_before = loader->wait_seconds();
-    const double lr = constant_with_warmup(step, cfg.optim.lr, cfg.optim.warmup_steps);
+    const double lr = scheduled_lr(cfg.optim.schedule, step, cfg.optim.lr, cfg.optim.warmup_steps,
+                                   cfg.train.max_steps, cfg.optim.min_lr_ratio);
     const bool poisoned = poisoned_steps.count(step + 1) != 0;
     memory.begin_step();
 
@@ -501,18 +559,33 @@ TrainOutcome Trainer::Impl::run() {
     const double pairs = figure[1];
     const double mean_loss = figure[0] / pairs;
     const bool finite = std::isfinite(grad_norm) && std::isfinite(mean_loss) && !poisoned;
+    bool passed = false;
     if (finite) {
       optimizer->step(lr);
-      ema.apply();
-      nonfinite_in_row = 0;
+      const std::string failed = check_update();
+      if (failed.empty()) {
+        ema.apply();
+        nonfinite_in_row = 0;
+        rolled_back = false;
+        passed = true;
+      } else {
+        ema.clear_pending();
+        ++skipped_steps;
+        ++nonfinite_in_row;
+        failure_cause = "weights after the update";
+        roll_back(failed);
+      }
     } else {
       ema.clear_pending();
       ++skipped_steps;
       ++nonfinite_in_row;
+      // The frozen reference's errors are non-finite only when its inputs are.
+      const bool inputs = reference != nullptr && !std::isfinite(figure[4]);
+      failure_cause = inputs ? "inputs" : std::isfinite(mean_loss) ? "gradient" : "loss";
       log::warn(
           "step {}: non-finite {} (loss {}, grad norm {}): update skipped ({} in a row, limit {})",
-          step + 1, std::isfinite(mean_loss) ? "gradient" : "loss", mean_loss, grad_norm,
-          nonfinite_in_row, cfg.optim.max_nonfinite_in_row);
+          step + 1, failure_cause, mean_loss, grad_norm, nonfinite_in_row,
+          cfg.optim.max_nonfinite_in_row);
     }
     optimizer->zero_grad();
     ++step;
@@ -551,15 +624,7 @@ TrainOutcome Trainer::Impl::run() {
             format_duration(per_step * static_cast<double>(max_steps - step)));
       }
     }
-    if (nonfinite_in_row >= cfg.optim.max_nonfinite_in_row) {
-      const std::string dir = save_checkpoint(loader->state());
-      throw Error({"too many non-finite steps in a row", "step " + std::to_string(step),
-                   "fewer than optim.max_nonfinite_in_row = " +
-                       std::to_string(cfg.optim.max_nonfinite_in_row),
-                   std::to_string(nonfinite_in_row),
-                   "the last good weights are saved in " + dir +
-                       "; lower optim.lr, check the data, or use precision fp32, then --resume"});
-    }
+    if (nonfinite_in_row >= cfg.optim.max_nonfinite_in_row) stop_after_failed_steps();
     if (bad_total > cfg.data.max_bad_pairs) {  // the same global count on every rank
       const std::string dir = save_checkpoint(loader->state());
       std::string reasons;
@@ -575,7 +640,15 @@ TrainOutcome Trainer::Impl::run() {
            "shards, or raise data.max_bad_pairs; the weights are saved in " +
                dir + " for --resume"});
     }
-    if (step % cfg.checkpoint.every == 0 || step == max_steps) save_checkpoint(loader->state());
+    // Only weights that passed the checks are checkpointed (rotation then never deletes the
+    // newest good checkpoint for a bad one).
+    if (step % cfg.checkpoint.every == 0 || step == max_steps) {
+      if (passed) {
+        save_checkpoint(loader->state());
+      } else {
+        log::warn("step {}: not checkpointed: the step failed ({})", step, failure_cause);
+      }
+    }
   }
   if (evaluator && !evaluator->run_if_due(step, ema, metrics.get())) {
     return stop_for_requeue(loader->state());  // the resumed run evaluates the last step again
@@ -588,7 +661,9 @@ TrainOutcome Trainer::Impl::run() {
 void Trainer::Impl::report_bad_pairs(int64_t total, int64_t in_step,
                                      const std::vector<data::BadPair>& local) {
   if (in_step == 0) return;
-  const torch::Tensor rows = comm->all_gather(data::bad_pair_rows(local, comm->rank(), in_step));
+  // The rows cross as a device tensor, as every collective's input (NCCL takes no host tensor).
+  const torch::Tensor rows =
+      comm->all_gather(to_device(data::bad_pair_rows(local, comm->rank(), in_step)));
   if (!is_main()) return;
   for (const data::RankedBadPair& b : data::bad_pairs_from_rows(rows)) {
     ++bad_pairs_by_reason[b.pair.reason];
@@ -654,8 +729,9 @@ std::string Trainer::Impl::save_checkpoint(const data::PairLoaderState& position
   // Rank 0 stages and writes the shared state, every rank its own position (and optimizer
   // shard); the rename that makes it complete happens only after all of them have written.
   const std::string d = store.staging_dir(step);
+  const std::chrono::seconds wait(cfg.checkpoint.timeout_s);
   if (is_main()) store.stage(step);
-  comm->barrier();
+  comm->barrier_within(wait);
   checkpoint::RankState own;
   own.rank = comm->rank();
   own.world_size = comm->world_size();
@@ -665,7 +741,7 @@ std::string Trainer::Impl::save_checkpoint(const data::PairLoaderState& position
   if (optimizer->sharded()) own.optimizer_shard = optimizer->state();
   checkpoint::write_rank_state(d, own);
   if (is_main()) checkpoint::write_shared_state(d, shared_state());
-  comm->barrier();
+  comm->barrier_within(wait);  // rank 0's write of the whole model outlasts dist.timeout_s
   if (is_main()) {
     last_checkpoint = store.commit(step);
     log::info("checkpoint: {}", last_checkpoint);
@@ -673,7 +749,7 @@ std::string Trainer::Impl::save_checkpoint(const data::PairLoaderState& position
     last_checkpoint =
         (fs::path(store.root()) / checkpoint::CheckpointStore::step_dir_name(step)).string();
   }
-  comm->barrier();
+  comm->barrier_within(wait);
   checkpointed_step = step;
   return last_checkpoint;
 }
@@ -705,16 +781,8 @@ void Trainer::Impl::restore(const std::string& dir) {
        checkpoint::check_resume_config(dir, saved.config_yaml, cfg)) {
     log::warn("resume: {} changed since the checkpoint: {} -> {}", c.key, c.before, c.after);
   }
-  policy->load_parameters(saved.unet, dir);
+  load_weights_and_state(dir, saved);
   const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
-  optimizer->load_state(checkpoint::optimizer_state_for(dir, saved, own, optimizer->sharded()),
-                        dir);
-  objective::CorrectionEma::State correction;
-  const torch::Tensor E = saved.correction.to(torch::kFloat64).contiguous();
-  correction.E.assign(E.data_ptr<double>(), E.data_ptr<double>() + E.numel());
-  correction.momentum = saved.correction_momentum;
-  correction.updates = saved.correction_updates;
-  ema.load_state(correction);
   step = saved.step;
   skipped_steps = saved.skipped_steps;
   nonfinite_in_row = saved.nonfinite_in_row;
@@ -728,10 +796,93 @@ void Trainer::Impl::restore(const std::string& dir) {
   log::info("resumed from {} at step {}", dir, step);
 }
 
+// The policy's weights, this rank's optimizer state and the correction E of checkpoint `dir`
+// (read_shared_state and read_rank_state refuse non-finite tensors, naming the file and tensor).
+void Trainer::Impl::load_weights_and_state(const std::string& dir,
+                                           const checkpoint::SharedState& saved) {
+  policy->load_parameters(saved.unet, dir);
+  const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
+  optimizer->load_state(checkpoint::optimizer_state_for(dir, saved, own, optimizer->sharded()),
+                        dir);
+  objective::CorrectionEma::State correction;
+  const torch::Tensor E = saved.correction.to(torch::kFloat64).contiguous();
+  correction.E.assign(E.data_ptr<double>(), E.data_ptr<double>() + E.numel());
+  correction.momentum = saved.correction_momentum;
+  correction.updates = saved.correction_updates;
+  ema.load_state(correction);
+  weight_norm = global_norm(policy->parameters()).item<double>();
+}
+
+// One fused norm over the weights (every rank holds them all, so every rank decides the same)
+// and, unsharded, the optimizer state; read on the host once, right after the update (the
+// correction's apply() syncs there too).
+std::string Trainer::Impl::check_update() {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> parts{global_norm(policy->parameters())};
+  if (!optimizer->sharded()) {
+    std::vector<torch::Tensor> state;
+    for (const auto& [name, t] : optimizer->state()) state.push_back(t);
+    parts.push_back(global_norm(state).to(parts[0].device()));
+  }
+  const torch::Tensor host = torch::stack(parts).to(torch::kCPU);
+  const double weights = host[0].item<double>();
+  if (!std::isfinite(weights)) return "non-finite weights";
+  if (host.size(0) > 1 && !std::isfinite(host[1].item<double>())) {
+    return "non-finite optimizer state";
+  }
+  const double change = weight_norm > 0 ? std::abs(weights - weight_norm) / weight_norm : 0.0;
+  if (change > cfg.optim.max_weight_change) {
+    return fmt::format("the weights' norm changed by {:.3g} of it ({:.6g} -> {:.6g}), more than "
+                       "optim.max_weight_change = {}",
+                       change, weight_norm, weights, cfg.optim.max_weight_change);
+  }
+  weight_norm = weights;
+  return "";
+}
+
+// A failed update cannot be undone in place: the weights, optimizer state and E of the newest
+// checkpoint (every one on disk passed) replace them; the data position and step count go on.
+void Trainer::Impl::roll_back(const std::string& why) {
+  if (checkpointed_step < 0) {
+    throw Error({"the update failed before any checkpoint", "step " + std::to_string(step + 1),
+                 "finite weights changing by at most optim.max_weight_change per step", why,
+                 "nothing was saved; lower optim.lr (or raise optim.warmup_steps), check the data, "
+                 "then start again"});
+  }
+  log::warn("step {}: update rejected: {}; weights, optimizer state and E rolled back to {} "
+            "({} failed in a row, limit optim.max_nonfinite_in_row = {})",
+            step + 1, why, last_checkpoint, nonfinite_in_row, cfg.optim.max_nonfinite_in_row);
+  load_weights_and_state(last_checkpoint, checkpoint::read_shared_state(last_checkpoint));
+  rolled_back = true;
+}
+
+// Too many failed steps in a row: the run stops with the weights of the last step that passed on
+// disk (already there after a roll-back; saved now otherwise), and names what failed.
+void Trainer::Impl::stop_after_failed_steps() {
+  const std::string dir = rolled_back || checkpointed_step == step ? last_checkpoint
+                                                                   : save_checkpoint(loader->state());
+  const std::map<std::string, std::string> advice = {
+      {"loss", "lower optim.lr, or use train.precision fp32"},
+      {"gradient", "lower optim.lr or optim.grad_clip, or use train.precision fp32"},
+      {"weights after the update",
+       "lower optim.lr (or raise optim.warmup_steps); optim.max_weight_change bounds an update"},
+      {"inputs", "check the data: a latent cache or images with NaN or Inf values"}};
+  throw Error({"too many non-finite steps in a row", "step " + std::to_string(step),
+               "fewer than optim.max_nonfinite_in_row = " +
+                   std::to_string(cfg.optim.max_nonfinite_in_row),
+               fmt::format("{} (the last: non-finite or unbounded {})", nonfinite_in_row,
+                           failure_cause),
+               (dir.empty() ? std::string("no step passed, nothing is saved")
+                            : "the weights of the last step that passed are in " + dir) +
+                   "; " + advice.at(failure_cause) + ", then --resume"});
+}
+
 // Every rank checks (the folder is shared); rank 0 alone deletes what --overwrite replaces.
 void Trainer::Impl::prepare_output_dir(const StartOptions& start) const {
   check_output_dir(cfg, start);
   if (!is_main()) return;
+  // A folder that cannot take a checkpoint is found now, not at the first save hours in.
+  create_writable_dir(store.root(), "run.output_dir");
   if (start.overwrite) {
     const fs::path metrics_file = fs::path(cfg.run.output_dir) / "metrics.jsonl";
     for (const fs::path& old : {fs::path(store.root()), metrics_file}) {

@@ -22,7 +22,12 @@ namespace dde::config {
 struct RunConfig {
   std::string output_dir;       // required: checkpoints, metrics.jsonl, logs
   uint64_t seed = 0;            // seeds every RNG of the run (data order, noise, timesteps)
-  std::string device = "auto";  // auto | cpu | cuda | privateuseone (an out-of-tree backend, e.g. the tests' fake device); auto = cuda when available
+  // auto | cpu | cuda | privateuseone; auto = cuda when available. privateuseone: an out-of-tree
+  // backend registered as PyTorch's PrivateUse1 (the tests' strict fake accelerator).
+  std::string device = "auto";
+  // >= 0 LibTorch intra-op threads; 0 = from the CPUs this process is given (affinity, Slurm's
+  // --cpus-per-task) less data.workers, at least 1 (util/threads.hpp). Logged at start-up.
+  int64_t threads = 0;
   // off | warn | error: CUDA sync debug mode inside the micro-batch loop (a host sync there
   // warns or throws; torch.cuda.set_sync_debug_mode). No effect on the CPU.
   std::string cuda_sync_debug = "off";
@@ -71,13 +76,20 @@ struct MethodConfig {
 struct OptimConfig {
   std::string name = "adamw";         // adamw | adafactor (transformers'; uses lr, weight_decay)
   double lr = 2.048e-5;               // > 0 peak learning rate (1e-8 x 2048, Diffusion-DPO)
-  int64_t warmup_steps = 500;         // >= 0 linear warm-up steps, then constant
+  int64_t warmup_steps = 500;         // >= 0 linear warm-up steps, then the schedule
+  // constant | cosine | linear: after warm-up, the lr stays (the paper's), or decays to
+  // min_lr_ratio x lr at train.max_steps along a half cosine or a line.
+  std::string schedule = "constant";
+  double min_lr_ratio = 0.0;  // in [0, 1]: the decaying schedules' final lr / lr
   double beta1 = 0.9;                 // in [0, 1)
   double beta2 = 0.999;               // in [0, 1)
   double weight_decay = 0.01;         // >= 0, decoupled (AdamW)
   double eps = 1e-8;                  // > 0
   double grad_clip = 1.0;             // >= 0 max global grad norm; 0 disables clipping
-  int64_t max_nonfinite_in_row = 10;  // >= 1 consecutive skipped non-finite steps before abort
+  int64_t max_nonfinite_in_row = 10;  // >= 1 consecutive failed steps before the run stops
+  // > 0: a step whose update changes the weights' global 2-norm by more than this fraction of it
+  // fails, as a non-finite one does (it is rolled back to the last checkpoint that passed).
+  double max_weight_change = 0.5;
 };
 
 struct TrainLoopConfig {
@@ -85,6 +97,9 @@ struct TrainLoopConfig {
   int64_t micro_batch = 1;              // >= 1 pairs per forward per rank; accumulation is derived
   int64_t max_steps = 2000;             // >= 1 optimizer steps
   std::string precision = "fp32";       // fp32 | bf16 (autocast for the UNets' forward)
+  // bf16: the UNets' output head (conv_norm_out, conv_out) of an fp32 model still runs in fp32, so
+  // the per-pair errors that form Delta carry fp32 rather than bf16 rounding (bench/README.md).
+  bool fp32_output_head = true;
   bool gradient_checkpointing = false;  // recompute each UNet block in backward
   bool allow_tf32 = true;               // CUDA: TF32 tensor cores for fp32 matmuls and convolutions
 };
@@ -92,6 +107,9 @@ struct TrainLoopConfig {
 struct CheckpointConfig {
   int64_t every = 100;  // >= 1 optimizer steps between checkpoints
   int64_t keep = 3;     // >= 1 most recent checkpoints kept
+  // >= 1 seconds the ranks wait for each other around a checkpoint write (a 10 GB SDXL state on a
+  // slow disk outlasts dist.timeout_s, which bounds the training collectives).
+  int64_t timeout_s = 3600;
 };
 
 struct LoggingConfig {
@@ -108,6 +126,9 @@ struct EvalConfig {
   int64_t every = 100;  // >= 1 optimizer steps between evaluations
   std::vector<int64_t> t_bins = {100, 300, 500, 700, 900};  // non-empty, each in [0, T)
   uint64_t seed = 0;  // seeds the evaluation noise; not run.seed, so runs stay comparable
+  // >= 0 held-out pairs (per rank) that fail the training set's checks (decode, vocabulary) and
+  // are left out and counted before the run stops.
+  int64_t max_bad_pairs = 10;
 };
 
 struct DistConfig {

@@ -20,6 +20,10 @@ struct HeldOutOptions {
   int64_t resolution = 512;
   int64_t rank = 0, world_size = 1;
   std::vector<std::string> expected_vocab_sha256;  // per tokenizer, checked against index.json
+  // Pairs that fail the training set's checks (an image that does not decode, token ids outside
+  // index.json's vocabulary) are left out and counted; more than this many (this rank's) is an
+  // error (config eval.max_bad_pairs).
+  int64_t max_bad_pairs = 10;
 };
 
 class HeldOutPairs {
@@ -35,6 +39,8 @@ class HeldOutPairs {
   std::optional<PairBatch> next(int64_t max_pairs);
 
   int64_t total_pairs() const;  // non-tie pairs of the export, all ranks
+  // This rank's pairs left out so far (each logged with its file, key and reason).
+  const std::vector<BadPair>& bad_pairs() const;
 
  private:
   struct Impl;

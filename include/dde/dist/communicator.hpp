@@ -2,8 +2,11 @@
 // Gloo on CPU, NCCL on CUDA. One process is a world of one: every call is then a no-op, unless
 // force_process_group asks for a real process group anyway (so that one GPU runs the NCCL path).
 // Every tensor handed to a collective must live on the communicator's device (NCCL takes only
-// CUDA tensors): another device is a dde::Error, in a world of one too, so a CPU run already
-// catches a host tensor that would break NCCL. Dtypes are kept (NCCL reduces float64).
+// CUDA tensors): another device is a dde::Error, in a world of one too. On the CPU that check
+// cannot see a host tensor (every tensor is on the host); the tests' strict fake accelerator
+// (run.device: privateuseone, scripts/fake_device_check.sh) is where it bites without a GPU.
+// Gloo with a device that is neither the CPU nor CUDA stages through host copies, after the
+// check. Dtypes are kept (NCCL reduces float64).
 // A collective that fails, or that a dead or hung peer never completes, throws a dde::Error
 // (Gloo: after the configured timeout; NCCL: from its watchdog, which aborts the process group).
 #pragma once
@@ -12,6 +15,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,7 +53,10 @@ class Communicator {
   // every rank's `shard` [n] -> [world * n] in rank order.
   torch::Tensor reduce_scatter_sum(const torch::Tensor& flat);
   torch::Tensor all_gather_flat(const torch::Tensor& shard);
-  virtual void barrier() = 0;
+  // Every rank reaches it: within dist.timeout_s, or within `timeout` (a wait that outlasts the
+  // training collectives' bound, e.g. around a checkpoint write).
+  void barrier() { do_barrier(std::nullopt); }
+  void barrier_within(std::chrono::seconds timeout) { do_barrier(timeout); }
   // True on every rank if it is true on any rank (one host sync when there is a process group).
   bool any(bool flag);
 
@@ -57,6 +64,7 @@ class Communicator {
   explicit Communicator(const torch::Device& device) : device_(device) {}
 
  private:
+  virtual void do_barrier(std::optional<std::chrono::seconds> timeout) = 0;
   virtual void do_broadcast(std::vector<torch::Tensor>& tensors, int64_t root) = 0;
   virtual void do_all_reduce_sum(std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) = 0;
   virtual torch::Tensor do_all_gather(const torch::Tensor& tensor) = 0;

@@ -21,6 +21,8 @@ struct UNetOptions {
   bool trainable = false;
   bool gradient_checkpointing = false;        // recompute each block in backward (trainable only)
   torch::ScalarType dtype = torch::kFloat32;  // weights; kBFloat16 for a frozen model only
+  // An fp32 model's output head runs without autocast (fp32 noise prediction under bf16).
+  bool fp32_output_head = true;
 };
 
 class UNet {
@@ -46,6 +48,7 @@ class UNet {
     torch::jit::Module module;
     std::vector<torch::Tensor> params;  // those that require grad
   };
+  torch::Tensor run_output_head(Block& block, const torch::Tensor& h);
   std::vector<torch::Tensor> run(Block& block, const std::vector<torch::Tensor>& inputs,
                                  size_t expected_outputs);
 

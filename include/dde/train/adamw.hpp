@@ -44,8 +44,5 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
 // (and total_norm is finite, max_norm > 0).
 void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm, double max_norm);
 
-// diffusers get_constant_schedule_with_warmup: lr * min(1, step / warmup), step counted
-// from 0 at the first optimizer update (so the first update has lr 0 when warmup > 0).
-double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps);
 
 }  // namespace dde::train

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "dde/train/lr_schedule.hpp"
+
 namespace {
 
 // Our fused AdamW must follow torch::optim::AdamW (the reference semantics) step by step.

@@ -1,0 +1,70 @@
+#include "dde/util/threads.hpp"
+
+#include <ATen/Parallel.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <thread>
+
+namespace dde::util {
+namespace {
+
+std::optional<int64_t> positive(const std::optional<std::string>& text) {
+  if (!text) return std::nullopt;
+  try {
+    size_t used = 0;
+    const int64_t v = std::stoll(*text, &used);
+    if (used == text->size() && v > 0) return v;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
+int64_t affinity_count() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1U, std::thread::hardware_concurrency());
+}
+
+}  // namespace
+
+ThreadBudget plan_threads(int64_t requested, int64_t decode_workers, int64_t affinity_cpus,
+                          const EnvLookup& env) {
+  ThreadBudget b;
+  b.cpus = std::max<int64_t>(1, affinity_cpus);
+  b.cpus_from = "the affinity mask";
+  const bool torchrun = env("TORCHELASTIC_RUN_ID").has_value() || env("GROUP_RANK").has_value();
+  if (const auto slurm = positive(env("SLURM_CPUS_PER_TASK")); slurm && *slurm < b.cpus) {
+    b.cpus = *slurm;
+    b.cpus_from = "SLURM_CPUS_PER_TASK";
+  } else if (const auto local = positive(env("LOCAL_WORLD_SIZE")); local && *local > 1 &&
+                                                                    !env("SLURM_CPUS_PER_TASK")) {
+    b.cpus = std::max<int64_t>(1, b.cpus / *local);
+    b.cpus_from = "the affinity mask / LOCAL_WORLD_SIZE " + std::to_string(*local);
+  }
+  if (requested > 0) {
+    b.intra_op = requested;
+    b.intra_op_from = "run.threads";
+  } else if (const auto omp = positive(env("OMP_NUM_THREADS")); omp && !torchrun) {
+    b.intra_op = *omp;
+    b.intra_op_from = "OMP_NUM_THREADS";
+  } else {
+    b.intra_op = std::max<int64_t>(1, b.cpus - decode_workers);
+    b.intra_op_from = "CPUs - data.workers";
+  }
+  return b;
+}
+
+ThreadBudget apply_thread_budget(int64_t requested, int64_t decode_workers) {
+  const EnvLookup env = [](const std::string& name) -> std::optional<std::string> {
+    const char* v = std::getenv(name.c_str());
+    return v == nullptr ? std::nullopt : std::optional<std::string>(v);
+  };
+  const ThreadBudget b = plan_threads(requested, decode_workers, affinity_count(), env);
+  at::set_num_threads(static_cast<int>(b.intra_op));
+  return b;
+}
+
+}  // namespace dde::util
