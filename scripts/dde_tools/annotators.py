@@ -25,6 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dde_tools.common import ToolError, first_nonfinite
+
+__all__ = ["ToolError", "AnnotatorSpec", "check", "load", "probe", "add_arguments", "specs_from_args"]
+
 KINDS = ("pickscore", "hps", "clip")
 DEFAULT_OPEN_CLIP_ARCH = "ViT-H-14"
 PICKSCORE_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -33,13 +37,6 @@ CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetens
                 "open_clip_pytorch_model.bin")
 HPS_WEIGHTS = ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt", "HPS_v2.pt")
 LAYOUT_HINT = "see README.md, 'Evaluating and relabelling' for the folder layouts"
-
-
-class ToolError(Exception):
-    """Bad user input: the tool prints this and exits with status 2."""
-
-    def __init__(self, where: object, what: str, expected: str, actual: str, todo: str) -> None:
-        super().__init__(f"{where}: {what}: expected {expected}; found {actual}. {todo}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +111,7 @@ class PickScore:
                             f"{len(info['missing_keys'])} missing, e.g. {info['missing_keys'][:3]}",
                             "Pass --pickscore-model the PickScore_v1 folder.")
         _check_processor_fits(self.processor, model, processor_dir)
+        _check_finite(model, model_dir)
         self.model, self.device = model.eval().to(device), device
 
     @torch.inference_mode()
@@ -127,11 +125,22 @@ class PickScore:
         return scores.double().cpu().numpy()
 
 
+def _check_finite(model: torch.nn.Module, path: Path) -> None:
+    bad = first_nonfinite(model)
+    if bad:
+        raise ToolError(path, "non-finite weights", "finite values", f"{bad[0]} holds {bad[1]} NaN or Inf values",
+                        "The file is damaged: use the original annotator files.")
+
+
 def _check_pickscore_dirs(model_dir: Path, processor_dir: Path) -> tuple[Path, Path]:
     model_expected = "a transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin)"
     model_dir = _existing(model_dir, "--pickscore-model", model_expected, want_dir=True)
     config = _first_present(model_dir, ("config.json",), "--pickscore-model", model_expected)
-    model_type = json.loads(config.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise ToolError(config, "not a JSON object", model_expected, f"{type(err).__name__}: {err}"[:200],
+                        "Pass --pickscore-model the PickScore_v1 folder (copy it again).") from err
     if model_type != "clip":
         raise ToolError(config, "not a CLIPModel config", "model_type 'clip'", repr(model_type),
                         "Pass --pickscore-model the PickScore_v1 folder.")
@@ -164,6 +173,7 @@ class OpenClipScore:
 
         self.name = name
         path = _check_open_clip(name, weights, arch)
+        check_architecture(name, path, arch)  # before allocating a model of the wrong size
         logging.disable(logging.WARNING)  # open_clip warns "no pretrained weights loaded": they come next
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
@@ -179,6 +189,7 @@ class OpenClipScore:
                             "these weights were trained with.") from err
         except Exception as err:  # torch.load / safetensors raise many types on a bad file
             raise _unreadable(path, err) from err
+        _check_finite(model, path)
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.model, self.device = model.eval().to(device), device
 
@@ -201,6 +212,60 @@ def _check_open_clip(name: str, weights: Path, arch: str) -> Path:
                         f"as {DEFAULT_OPEN_CLIP_ARCH} or one registered with --open-clip-config FILE.json",
                         f"{len(open_clip.list_models())} known names", "Fix the name or register its config.")
     return _open_clip_weights(name, weights)
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of an open_clip weights file, read lazily (safetensors header, or a
+    memory-mapped torch checkpoint); a `state_dict` wrapper and DDP `module.` prefixes removed."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as file:
+                return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as err:  # torch.load / safetensors raise many types on a bad file
+        raise _unreadable(path, err) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise _unreadable(path, TypeError(f"holds a {type(state).__name__}, not a state dict"))
+    return {key.removeprefix("module."): tuple(value.shape) for key, value in state.items()
+            if isinstance(value, torch.Tensor)}
+
+
+def check_architecture(name: str, path: Path, arch: str) -> None:
+    """Refuse weights that are not of `arch`, comparing tensor shapes with the architecture built on
+    the meta device (no memory): a wrong --hps-arch / --clip-arch is named before a full-size
+    random model is allocated. Only clear mismatches are refused (open_clip converts a few names)."""
+    import open_clip
+
+    logging.disable(logging.WARNING)
+    try:
+        with torch.device("meta"):  # the default device too: nothing is initialised on the CPU first
+            model = open_clip.create_model(arch, pretrained=None, device="meta")
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception as err:  # an architecture whose config open_clip cannot build
+        raise ToolError(f"--{name}-arch", f"open_clip cannot build the architecture {arch!r}", "a buildable config",
+                        f"{type(err).__name__}: {err}"[:300], "Fix its config (--open-clip-config).") from err
+    finally:
+        logging.disable(logging.NOTSET)
+    found = _weight_shapes(path)
+    ignore = {"logit_scale", "logit_bias", "text.transformer.embeddings.position_ids"}
+    differ = [k for k in expected if k in found and k not in ignore and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found and k not in ignore]
+    if differ or len(missing) > len(expected) // 10:
+        example = (f"{differ[0]} is {list(found[differ[0]])} in the file, {list(expected[differ[0]])} in {arch}"
+                   if differ else f"{len(missing)} of {arch}'s {len(expected)} tensors are absent, e.g. {missing[0]}")
+        raise ToolError(f"--{name}-arch {arch}", "the weights are not of this open_clip architecture",
+                        f"the tensors of {arch} in {path}", f"{len(differ)} shapes differ, {len(missing)} tensors "
+                        f"missing ({example})", f"Pass --{name}-arch the architecture these weights were trained "
+                        f"with (default {DEFAULT_OPEN_CLIP_ARCH}; register others with --open-clip-config FILE.json).")
 
 
 def _unreadable(path: Path, err: Exception) -> ToolError:
@@ -245,17 +310,45 @@ class AnnotatorSpec:
 
 
 def check(spec: AnnotatorSpec) -> None:
-    """The file checks of `load` without loading weights (so a long job can fail early)."""
+    """The file checks of `load` and the architecture against the weights' tensor shapes, without
+    loading weights (so a long job can fail early)."""
     if spec.name == "pickscore":
         _check_pickscore_dirs(spec.path, spec.processor)
     else:
-        _check_open_clip(spec.name, spec.path, spec.arch)
+        check_architecture(spec.name, _check_open_clip(spec.name, spec.path, spec.arch), spec.arch)
 
 
 def load(spec: AnnotatorSpec, device: torch.device) -> Annotator:
     if spec.name == "pickscore":
         return PickScore(spec.path, spec.processor, device)
     return OpenClipScore(spec.name, spec.path, spec.arch, device)
+
+
+def probe_image(size: int = 64) -> Image.Image:
+    """A deterministic test image: a colour gradient."""
+    ramp = np.linspace(0, 255, size, dtype=np.float64)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.full((size, size), 128.0)), axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def probe(spec: AnnotatorSpec, device: torch.device) -> float:
+    """Load the annotator and score one test image: every file, architecture and device problem shows
+    here, before any sampling. Returns the score; the model is freed again."""
+    annotator = load(spec, device)
+    try:
+        scores = np.asarray(annotator.score([probe_image()], ["a photo of a cat"]), dtype=np.float64)
+    except (RuntimeError, ValueError) as err:
+        raise ToolError(spec.path, f"the {spec.name} annotator fails on a test image", "a score",
+                        f"{type(err).__name__}: {err}"[:300], "Check the annotator's files and flags.") from err
+    finally:
+        del annotator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if scores.shape != (1,) or not np.isfinite(scores).all():
+        raise ToolError(spec.path, f"the {spec.name} annotator gives no finite score on a test image",
+                        "one finite number", str(scores.tolist())[:100], "Its weights are damaged: use the "
+                        "original files.")
+    return float(scores[0])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,11 @@ by reason (pickapic_rows). Kept pairs are shuffled over the whole export in boun
 (pickapic_shuffle.BucketScatter) unless --no-shuffle. Everything is written into
 DIR/.staging-<pid>/ and published at the end: the old index.json is removed first and the new
 one renamed in last, so DIR never holds an index over shards it does not describe.
+DIR must be absent, empty or an earlier export (its marker common.MARKER, or an index.json of
+this format): a folder holding anything else is refused, never written into.
 Exit codes: 0 done, 1 cannot write (disk full, permissions), 2 bad input (unreadable or
-non-parquet file, missing column, wrong Arrow type, unloadable tokenizer, bad option).
+non-parquet file, missing column, wrong Arrow type, unloadable tokenizer, bad option, an --out
+that is not an earlier export).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from dde_tools.common import vocab_sha256
+from dde_tools.common import check_output, run_main, vocab_sha256
 from dde_tools.pickapic_rows import (
     ACCEPTED_FORMATS,
     MAX_ASPECT_RATIO,
@@ -38,7 +41,7 @@ from dde_tools.pickapic_rows import (
     iter_rows,
     open_parquet,
 )
-from dde_tools.pickapic_shards import ShardWriter, StagedExport
+from dde_tools.pickapic_shards import OWN_PATTERNS, TOOL, ShardWriter, StagedExport, is_legacy_export
 from dde_tools.pickapic_shuffle import BucketScatter
 
 if TYPE_CHECKING:
@@ -219,7 +222,9 @@ def export(
     for path in parquet_files:
         open_parquet(path)
     tokenizers = load_tokenizers(options.tokenizer_dirs)
-    staging, stats = StagedExport(Path(out)), ExportStats()
+    real_out = check_output(TOOL, Path(out), inputs=[*map(Path, parquet_files), *options.tokenizer_dirs],
+                            own_patterns=OWN_PATTERNS, legacy=is_legacy_export)
+    staging, stats = StagedExport(real_out), ExportStats()
     try:
         shards, shuffle = _write_shards(parquet_files, options, tokenizers, staging, stats)
         index = _index(parquet_files, options, tokenizers, shards, shuffle, stats)
@@ -266,24 +271,18 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
+
+    def body() -> int:
         index = export(args.parquet, args.out, args.tokenizer, args.keep_ties, args.pairs_per_shard, args.batch_size,
                        None if args.no_shuffle else args.shuffle_seed, args.shuffle_memory_mb)
-    except DataError as err:
-        print(f"export_pickapic: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"export_pickapic: error: cannot write the export ({err}); {args.out} holds either its previous "
-              "export or no index.json; free space or fix permissions and run again", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"export_pickapic: interrupted; {args.out} holds either its previous export or no index.json",
-              file=sys.stderr)
-        return 130
+        print(summary(index, args.out))
+        return 0
+
+    try:
+        return run_main(TOOL, body, on_os_error=f"; {args.out} holds either its previous export or no index.json; "
+                        "free space or fix permissions and run again")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(summary(index, args.out))
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
+from dde_tools.common import InputError
+
 # In the order they are checked; a row gets the first that applies.
 REASONS = (
     "missing_image",
@@ -57,7 +59,7 @@ COLUMNS: dict[str, tuple[pa.DataType, ...]] = {
 Problem = tuple[str, str]  # (reason, detail)
 
 
-class DataError(Exception):
+class DataError(InputError):
     """Bad input: the export stops with exit code 2."""
 
 

@@ -12,10 +12,14 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from dde_tools.common import make_output_parent, write_marker
 from dde_tools.pickapic_rows import DataError
 
+TOOL = "export_pickapic"
 INDEX_FILE = "index.json"
 STAGING_PREFIX = ".staging-"
+# What an export folder holds besides the marker (common.check_output's own_patterns).
+OWN_PATTERNS = (INDEX_FILE, "shard-*.tar", "shard-*.tar.tmp", STAGING_PREFIX + "*")
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,6 +95,22 @@ class ShardWriter:
         self._tar = self._file = self._hashing = None
 
 
+def is_legacy_export(folder: Path) -> bool:
+    """An export written before the output marker: an index.json of this format, or (a crash in
+    the publish step) only shards and staging folders."""
+    import fnmatch
+    import json
+
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        return isinstance(index, dict) and index.get("format") == "dde-pickapic-shards"
+    except (OSError, ValueError):
+        pass
+    names = os.listdir(folder)
+    return any(n.startswith("shard-") for n in names) and \
+        all(any(fnmatch.fnmatchcase(n, p) for p in OWN_PATTERNS) for n in names)
+
+
 class StagedExport:
     """OUT/.staging-<pid>/ while an export runs; `publish` moves it into OUT.
 
@@ -101,7 +121,7 @@ class StagedExport:
     def __init__(self, out: Path) -> None:
         if out.exists() and not out.is_dir():
             raise DataError(f"{out}: --out exists and is not a folder; pass a folder (it is created if absent)")
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_parent(out, out)
         self.out = out
         self._lock = os.open(out, os.O_RDONLY)
         try:
@@ -117,6 +137,7 @@ class StagedExport:
     def publish(self, shards: list[dict], index_text: str) -> None:
         """Replace OUT's export by the staged one so that OUT always holds either the old index.json
         with its shards, or no index.json: the old index goes first, the new one comes last."""
+        write_marker(self.out, TOOL, [])  # what is ours: common.MARKER plus OWN_PATTERNS
         (self.out / INDEX_FILE).unlink(missing_ok=True)
         fsync_dir(self.out)
         current = {shard["file"] for shard in shards}

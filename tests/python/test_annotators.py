@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,40 @@ def test_missing_or_wrong_open_clip_files(tiny_annotators, annotator_flags, tmp_
     wide.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG | {"embed_dim": 24}))
     expect_error(load_flags(["--hps-checkpoint", str(tiny_annotators["hps"]), "--hps-arch", wide.stem,
                              "--open-clip-config", str(wide)]),
-                 "do not match the open_clip architecture dde-tiny-ViT-wide", "--hps-arch")
+                 "--hps-arch dde-tiny-ViT-wide: the weights are not of this open_clip architecture",
+                 "shapes differ", "Pass --hps-arch")
+
+
+def test_a_wrong_architecture_is_named_without_building_it(tiny_annotators, monkeypatch) -> None:
+    """The tiny weights under the default ViT-H-14: refused from the tensor shapes on the meta device,
+    by check() and by load(), before a ~1e9-parameter random model could be allocated."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", forbidden)
+    start = time.perf_counter()
+    for flags in (["--hps-checkpoint", str(tiny_annotators["hps"])], ["--clip-weights", str(tiny_annotators["clip"])],
+                  ["--clip-weights", str(tiny_annotators["clip_bin"])]):
+        spec = ann.specs_from_args(parse(flags))[0]
+        for call in (lambda: ann.check(spec), lambda: ann.load(spec, CPU)):
+            expect_error(call, f"--{spec.name}-arch ViT-H-14: the weights are not of this open_clip architecture",
+                         "shapes differ", "positional_embedding is [77, 32] in the file, [77, 1024] in ViT-H-14")
+    assert time.perf_counter() - start < 30  # 6 checks in ~3 s; initialising ViT-H-14 on the CPU takes ~15 s each
+
+
+def test_probe_scores_a_test_image_and_refuses_non_finite_weights(tiny_annotators, annotator_flags,
+                                                                  tmp_path: Path) -> None:
+    for name in ("pickscore", "hps", "clip"):
+        spec = ann.specs_from_args(parse(annotator_flags[name]))[0]
+        assert np.isfinite(ann.probe(spec, CPU))
+    state = torch.load(tiny_annotators["hps"], weights_only=True)
+    state["state_dict"]["visual.proj"][0, 0] = float("nan")
+    broken = tmp_path / "HPS_v2_compressed.pt"
+    torch.save(state, broken)
+    flags = annotator_flags["hps"].copy()
+    flags[1] = str(broken)
+    expect_error(lambda: ann.probe(ann.specs_from_args(parse(flags))[0], CPU), str(broken), "non-finite weights",
+                 "visual.proj holds 1 NaN or Inf values")
 
 
 def test_bad_open_clip_config(tmp_path: Path) -> None:

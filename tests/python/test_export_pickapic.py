@@ -19,6 +19,7 @@ import pytest
 from transformers import CLIPTokenizer
 
 from dde_tools import export_pickapic, fixtures, pickapic_rows
+from dde_tools.common import MARKER
 
 
 def run(argv: list[str]) -> tuple[int, str]:
@@ -188,7 +189,7 @@ def test_rerun_with_fewer_shards_removes_stale_ones(fixture_dir: Path, tmp_path:
     assert run(["--parquet", source, "--out", str(tmp_path), "--pairs-per-shard", "10"])[0] == 0
     assert len(list(tmp_path.glob("shard-*.tar"))) > 3
     assert run(["--parquet", source, "--out", str(tmp_path), "--pairs-per-shard", "1000"])[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "index.json", "shard-000000.tar"]
 
 
 def test_rejected_rows_list_is_capped(tmp_path: Path, monkeypatch) -> None:

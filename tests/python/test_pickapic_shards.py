@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dde_tools import export_pickapic, pickapic_shards, pickapic_shuffle
+from dde_tools.common import MARKER
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -202,7 +203,7 @@ def test_a_crash_at_any_step_leaves_the_old_export_or_no_index(fixture_dir: Path
     assert states.count("old") >= 10 and states.count("none") >= 10, states  # both sides of the publish
     assert states == sorted(states, key=["old", "none", "new"].index)  # never back to the old index
     shards = len(json.loads(new_index)["shards"])
-    assert sorted(p.name for p in out.iterdir()) == ["index.json"] + [f"shard-{i:06d}.tar" for i in range(shards)]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "index.json"] + [f"shard-{i:06d}.tar" for i in range(shards)]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
@@ -210,7 +211,7 @@ def test_a_killed_export_leaves_the_old_export(bad_parquet, fixture_dir: Path, t
     out = tmp_path / "out"
     export_pickapic.export([fixture_dir / "pickapic" / "train-00000.parquet"], out, pairs_per_shard=10)
     old_index = (out / "index.json").read_text()
-    old_files = {p.name: p.read_bytes() for p in out.iterdir()}
+    old_files = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
     env = dict(os.environ, PYTHONPATH=str(SCRIPTS), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "dde_tools.export_pickapic", "--parquet", str(bad_parquet[0]),
                              "--out", str(out), "--shuffle-memory-mb", "1", "--batch-size", "16"],
