@@ -50,8 +50,10 @@ int main(int argc, char** argv) {
 
   try {
     dde::config::TrainConfig config = dde::config::load_config(config_path, overrides);
+    dde::config::check_input_files(config);  // every named input exists (with --dry-run too)
     if (dry_run) {
-      dde::log::info("config {} is valid:\n{}", config_path, dde::config::to_yaml(config));
+      dde::log::info("config {} is valid and its input files exist:\n{}", config_path,
+                     dde::config::to_yaml(config));
       return kExitOk;
     }
     dde::train::check_output_dir(config, start);  // before the models load: fail fast

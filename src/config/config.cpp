@@ -203,6 +203,7 @@ void for_each_field(Visitor&& v) {
   v("logging", &C::logging, "every", &LoggingConfig::every, at_least(1));
   v("logging", &C::logging, "per_sample", &LoggingConfig::per_sample, any());
   v("logging", &C::logging, "progress", &LoggingConfig::progress, any());
+  v("logging", &C::logging, "tensorboard", &LoggingConfig::tensorboard, any());
   v("logging", &C::logging, "dump_step", &LoggingConfig::dump_step, at_least(0));
 
   v("eval", &C::eval, "every", &EvalConfig::every, at_least(1));
@@ -257,6 +258,41 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
+// Names users bring from the peers' scripts (diffusers' train_diffusion_dpo.py, Diffusion-DPO's
+// train.py), mapped to ours: an unknown key that is one of them gets this hint, not the closest
+// spelling of a key of the same section.
+const std::map<std::string, std::string>& peer_synonyms() {
+  static const std::map<std::string, std::string> m = {
+      {"learning_rate", "optim.lr"},
+      {"lr_warmup_steps", "optim.warmup_steps"},
+      {"warmup", "optim.warmup_steps"},
+      {"lr_scheduler", "optim.schedule (constant, cosine or linear)"},
+      {"max_grad_norm", "optim.grad_clip"},
+      {"adam_beta1", "optim.beta1"},
+      {"adam_beta2", "optim.beta2"},
+      {"adam_weight_decay", "optim.weight_decay"},
+      {"adam_epsilon", "optim.eps"},
+      {"use_adafactor", "optim.name: adafactor"},
+      {"beta_dpo", "method.beta (diffusers' beta_dpo has no 1/2 factor: its 2500 is our 5000)"},
+      {"max_train_steps", "train.max_steps"},
+      {"train_batch_size", "train.micro_batch (per rank; train.global_batch is over all ranks)"},
+      {"gradient_accumulation_steps",
+       "train.global_batch (accumulation = global_batch / (micro_batch x ranks))"},
+      {"mixed_precision", "train.precision (fp32 or bf16)"},
+      {"checkpointing_steps", "checkpoint.every"},
+      {"checkpoints_total_limit", "checkpoint.keep"},
+      {"seed", "run.seed"},
+      {"output_dir", "run.output_dir"},
+      {"dataloader_num_workers", "data.workers"},
+      {"no_hflip", "data.random_flip: false"},
+      {"pretrained_model_name_or_path",
+       "model.manifest (export the pipeline first: python -m dde_tools.export_models)"},
+      {"dataset_name", "data.index (export the parquet first: python -m dde_tools.export_pickapic)"},
+      {"report_to", "logging.* (metrics.jsonl; TensorBoard: see the README)"},
+  };
+  return m;
+}
+
 std::string closest(const std::string& word, const std::vector<std::string>& candidates) {
   std::string best;
   size_t best_distance = SIZE_MAX;
@@ -307,8 +343,14 @@ void check_field(const std::string& path, const T& value, const T& default_value
     }
     if (!rule.choices.empty() &&
         std::find(rule.choices.begin(), rule.choices.end(), value) == rule.choices.end()) {
+      const bool fp16 = value == "fp16" &&
+                        std::find(rule.choices.begin(), rule.choices.end(), "bf16") !=
+                            rule.choices.end();
       throw Error({"config value not allowed", locate(path), "one of " + join(rule.choices),
-                   value_text(value), "did you mean '" + closest(value, rule.choices) + "'?"});
+                   value_text(value),
+                   fp16 ? std::string("use bf16: fp16 needs loss scaling (a GradScaler), which "
+                                      "dde_train does not do; bf16 has fp32's range and needs none")
+                        : "did you mean '" + closest(value, rule.choices) + "'?"});
     }
   } else if constexpr (std::is_same_v<T, double> || std::is_same_v<T, int64_t>) {
     const auto v = static_cast<double>(value);
@@ -580,9 +622,12 @@ class TreeReader {
         const std::string path = section + "." + key;
         const auto& keys = found->second;
         if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+          const auto synonym = peer_synonyms().find(key);
           throw Error({"unknown config key", origin(path, entry.first.Mark()),
                        "one of the " + section + " keys " + join(keys), "'" + key + "'",
-                       "did you mean '" + section + "." + closest(key, keys) + "'?"});
+                       synonym != peer_synonyms().end()
+                           ? "'" + key + "' is the peers' name: here it is " + synonym->second
+                           : "did you mean '" + section + "." + closest(key, keys) + "'?"});
         }
         if (!seen_keys.insert(key).second) {
           throw Error({"duplicate config key", origin(path, entry.first.Mark()),
@@ -780,6 +825,35 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) {
 }
 
 bool operator!=(const TrainConfig& a, const TrainConfig& b) { return !(a == b); }
+
+void check_input_files(const TrainConfig& config) {
+  namespace fs = std::filesystem;
+  const std::vector<std::pair<const char*, const std::string*>> inputs = {
+      {"model.manifest", &config.model.manifest},
+      {"model.reference_manifest", &config.model.reference_manifest},
+      {"data.index", &config.data.index},
+      {"data.eval_index", &config.data.eval_index},
+      {"data.cache", &config.data.cache}};
+  for (const auto& [key, path] : inputs) {
+    if (path->empty()) continue;
+    std::error_code ec;
+    const std::string absolute = fs::absolute(*path, ec).lexically_normal().string();
+    const fs::file_status status = fs::status(*path, ec);
+    if (fs::is_regular_file(status)) continue;
+    const bool folder = fs::is_directory(status);
+    const bool dangling = !fs::exists(status) && fs::is_symlink(fs::symlink_status(*path, ec));
+    throw Error({folder ? "a folder where a file is expected" : "input file not found",
+                 std::string(key) + " = " + *path + " (" + absolute + ")", "a readable file",
+                 folder ? "a folder" : dangling ? "a dangling symbolic link" : "no such file",
+                 folder ? std::string("name the file inside it (e.g. ") +
+                              (std::string(key).find("manifest") != std::string::npos
+                                   ? "manifest.json"
+                                   : "index.json") +
+                              ")"
+                        : "relative paths are read from the working directory " +
+                              fs::current_path(ec).string()});
+  }
+}
 
 TrainConfig config_from_yaml(const YAML::Node& root, const std::string& source_name) {
   return TreeReader(source_name, {}).read(root);

@@ -155,10 +155,18 @@ std::vector<UNetBlockInfo> read_unet_blocks(const Reader& r, const json& blocks,
 const char* family_name(Family family) { return family == Family::kSd15 ? "sd15" : "sdxl"; }
 
 Manifest load_manifest(const std::string& path) {
+  std::error_code ec;
+  const std::string absolute = fs::absolute(path, ec).lexically_normal().string();
+  if (fs::is_directory(path, ec)) {
+    throw Error({"a folder where a file is expected", path + " (" + absolute + ")",
+                 "the export's manifest.json", "a folder",
+                 "point model.manifest at " + (fs::path(absolute) / "manifest.json").string()});
+  }
   std::ifstream in(path);
   if (!in) {
     throw Error(
-        {"cannot open manifest", path, "a readable manifest.json", "",
+        {"cannot open manifest", path + " (" + absolute + ")", "a readable manifest.json",
+         fs::exists(path, ec) ? "unreadable" : "no such file",
          "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR"});
   }
   json root;

@@ -32,9 +32,32 @@ MetricsLog::MetricsLog(std::string path, int64_t keep_through_step) : path_(std:
         {"cannot open metrics log", path_, "a writable file", "", "check the run directory"});
 }
 
+void MetricsLog::enable_tensorboard(const std::string& dir) {
+  tensorboard_ = std::make_unique<TensorBoardWriter>(dir);
+}
+
 void MetricsLog::write(const nlohmann::json& record) {
   out_ << record.dump() << '\n';
   out_.flush();
+  if (!tensorboard_) return;
+  const std::string kind = record.value("kind", "");
+  if (kind != "step" && kind != "eval") return;
+  const int64_t step = record.value("step", int64_t{0});
+  const std::string prefix = kind == "step" ? "train/" : "eval/";
+  for (const auto& [key, value] : record.items()) {
+    if (key != "step" && value.is_number()) {
+      tensorboard_->add_scalar(prefix + key, value.get<double>(), step);
+    }
+  }
+  if (kind == "eval" && record.contains("t_bins") && record.contains("implicit_acc_by_t")) {
+    const auto& bins = record["t_bins"];
+    const auto& acc = record["implicit_acc_by_t"];
+    for (size_t j = 0; j < bins.size() && j < acc.size(); ++j) {
+      tensorboard_->add_scalar("eval/implicit_acc_t" + std::to_string(bins[j].get<int64_t>()),
+                               acc[j].get<double>(), step);
+    }
+  }
+  tensorboard_->flush();
 }
 
 }  // namespace dde::train

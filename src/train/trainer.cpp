@@ -345,6 +345,9 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   if (is_main()) {
     metrics = std::make_unique<MetricsLog>(
         (fs::path(cfg.run.output_dir) / "metrics.jsonl").string(), keep_metrics_through);
+    if (cfg.logging.tensorboard) {
+      metrics->enable_tensorboard((fs::path(cfg.run.output_dir) / "tensorboard").string());
+    }
   }
   weight_norm = global_norm(policy->parameters()).item<double>();
 }

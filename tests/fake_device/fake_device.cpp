@@ -28,10 +28,11 @@
 #include <ATen/ops/set_native.h>
 #include <ATen/ops/view_native.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/core/alloc_cpu.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -46,13 +47,34 @@ const c10::Device kDevice(kType, 0);
 
 // ---- memory --------------------------------------------------------------------------------
 
+// Device memory in use and its peak, in bytes: a memory meter for tests (e.g. ZeRO-1's buffers).
+std::atomic<int64_t> g_bytes_in_use{0};
+std::atomic<int64_t> g_peak_bytes{0};
+
+struct Block {
+  void* data;
+  size_t bytes;
+};
+
+void free_block(void* ctx) {
+  auto* block = static_cast<Block*>(ctx);
+  g_bytes_in_use -= static_cast<int64_t>(block->bytes);
+  c10::free_cpu(block->data);
+  delete block;
+}
+
 class FakeAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
     void* data = bytes == 0 ? nullptr : c10::alloc_cpu(bytes);
-    return {data, data, &c10::free_cpu, kDevice};
+    const int64_t now = g_bytes_in_use += static_cast<int64_t>(bytes);
+    int64_t peak = g_peak_bytes.load();
+    while (now > peak && !g_peak_bytes.compare_exchange_weak(peak, now)) {
+    }
+    return {data, new Block{data, bytes}, &free_block, kDevice};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &c10::free_cpu; }
+  // No raw allocation: a block's size travels in its context.
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     if (count != 0) std::memcpy(dest, src, count);
   }
@@ -73,13 +95,13 @@ class FakeGuard final : public c10::impl::DeviceGuardImplInterface {
   void setDevice(c10::Device d) const override { check(d); }
   void uncheckedSetDevice(c10::Device /*d*/) const noexcept override {}
   c10::Stream getStream(c10::Device d) const override {
-    return {c10::Stream::DEFAULT, d};
+    return c10::Stream(c10::Stream::DEFAULT, d);
   }
   c10::Stream getDefaultStream(c10::Device d) const override {
-    return {c10::Stream::DEFAULT, d};
+    return c10::Stream(c10::Stream::DEFAULT, d);
   }
   c10::Stream exchangeStream(c10::Stream s) const override {
-    return {c10::Stream::DEFAULT, s.device()};
+    return c10::Stream(c10::Stream::DEFAULT, s.device());
   }
   c10::DeviceIndex deviceCount() const noexcept override { return 1; }
   bool queryStream(const c10::Stream& /*s*/) const override { return true; }
@@ -399,3 +421,9 @@ TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
 
 // Lets a test ask whether the library is loaded (dlsym) without including it.
 extern "C" int dde_fake_device_loaded() { return 1; }
+// The device memory meter: bytes in use now, the peak since the last reset (which sets it to now).
+extern "C" int64_t dde_fake_device_bytes_in_use() { return dde_fake_device::g_bytes_in_use.load(); }
+extern "C" int64_t dde_fake_device_peak_bytes() { return dde_fake_device::g_peak_bytes.load(); }
+extern "C" void dde_fake_device_reset_peak() {
+  dde_fake_device::g_peak_bytes = dde_fake_device::g_bytes_in_use.load();
+}

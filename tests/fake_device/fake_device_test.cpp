@@ -6,10 +6,14 @@
 #include "dde/dist/communicator.hpp"
 #include "dde/dist/device.hpp"
 #include "dde/models/torchscript.hpp"
+#include "dde/train/data_parallel_optimizer.hpp"
 #include "dde/util/error.hpp"
 #include "util/expect_error.hpp"
 
 extern "C" int dde_fake_device_loaded();
+extern "C" int64_t dde_fake_device_bytes_in_use();
+extern "C" int64_t dde_fake_device_peak_bytes();
+extern "C" void dde_fake_device_reset_peak();
 
 namespace {
 
@@ -152,11 +156,13 @@ TEST(FakeDeviceCommunicator, RefusesHostTensorsInAWorldOfOneToo) {
       dde::dist::Communicator::create(dde::dist::DistEnvironment{}, "auto", kFake,
                                       std::chrono::seconds(30));
   std::vector<torch::Tensor> host{torch::zeros({2}, torch::kFloat64)};
-  EXPECT_DDE_ERROR(single->all_reduce_sum(host, 1 << 20), "tensor on the wrong device");
-  EXPECT_DDE_ERROR((void)single->all_gather(torch::zeros({2, 3}, torch::kInt64)),
-                   "tensor on the wrong device");
+  expect_error_mentions([&] { single->all_reduce_sum(host, 1 << 20); },
+                        {"tensor on the wrong device", "privateuseone:0", "cpu"});
+  expect_error_mentions([&] { (void)single->all_gather(torch::zeros({2, 3}, torch::kInt64)); },
+                        {"tensor on the wrong device", "all_gather"});
   const auto gloo = gloo_world_of_one();
-  EXPECT_DDE_ERROR(gloo->all_reduce_sum(host, 1 << 20), "tensor on the wrong device");
+  expect_error_mentions([&] { gloo->all_reduce_sum(host, 1 << 20); },
+                        {"tensor on the wrong device", "gloo"});
 }
 
 TEST(FakeDeviceCommunicator, GlooStagesThroughTheHost) {
@@ -181,6 +187,44 @@ TEST(FakeDeviceCommunicator, GlooStagesThroughTheHost) {
   EXPECT_EQ(weights[0].device(), kFake);
   EXPECT_TRUE(comm->any(true));
   EXPECT_FALSE(comm->any(false));
+}
+
+// ZeRO-1 moves gradients and weights in buckets: beyond the optimizer state and its own summed
+// shard, a step allocates about two buckets, not model-sized flat buffers (measured with the fake
+// device's allocator).
+TEST(FakeDeviceZero1, BucketsBoundTheStepsExtraMemory) {
+  const auto comm = gloo_world_of_one();
+  dde::train::NamedTensors params;
+  int64_t param_bytes = 0;
+  for (int i = 0; i < 16; ++i) {
+    torch::Tensor p = on_fake(torch::randn({128, 128})).requires_grad_(true);
+    param_bytes += static_cast<int64_t>(p.nbytes());
+    params.emplace_back("p" + std::to_string(i), p);
+  }
+  dde::config::OptimConfig optim;
+  constexpr int64_t kBucketBytes = 64 << 10;
+  auto optimizer = dde::train::DataParallelOptimizer::create(params, optim, /*shard=*/true, *comm,
+                                                             kBucketBytes);
+  const auto fill_grads = [&] {
+    for (auto& [name, p] : params) p.mutable_grad() = torch::ones_like(p);
+  };
+  // Step 1 allocates the optimizer state and the shard; step 2 is the steady state.
+  fill_grads();
+  optimizer->reduce_gradients();
+  optimizer->step(1e-3);
+  optimizer->zero_grad();
+  fill_grads();
+  const int64_t before = dde_fake_device_bytes_in_use();
+  dde_fake_device_reset_peak();
+  optimizer->reduce_gradients();
+  optimizer->clip_grad_norm(1.0);
+  optimizer->step(1e-3);
+  optimizer->zero_grad();
+  const int64_t extra = dde_fake_device_peak_bytes() - before;
+  EXPECT_GT(extra, 0);
+  // A model-sized flat buffer (the unbucketed reduce-scatter or all-gather) would exceed this.
+  EXPECT_LT(extra, param_bytes / 2) << "extra peak bytes " << extra << " of " << param_bytes;
+  for (const auto& [name, p] : params) EXPECT_EQ(p.device(), kFake);
 }
 
 }  // namespace

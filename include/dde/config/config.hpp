@@ -116,6 +116,7 @@ struct LoggingConfig {
   int64_t every = 1;        // >= 1 optimizer steps between metrics lines
   bool per_sample = false;  // also log t, z and loss of every pair
   bool progress = true;     // progress line on the terminal (rank 0)
+  bool tensorboard = false;  // also TensorBoard event files in run.output_dir/tensorboard
   int64_t dump_step = 0;    // >= 0: write the first micro-batch of this step (inputs, noise,
                             // per-pair errors) to debug/ for parity checks; 0 = never
 };
@@ -175,6 +176,11 @@ void validate(const TrainConfig& config);
 void validate_against_timesteps(const TrainConfig& config, int64_t num_timesteps);
 // method.t_hi with -1 resolved to num_timesteps.
 int64_t effective_t_hi(const MethodConfig& method, int64_t num_timesteps);
+
+// Every input file the config names (model.manifest, model.reference_manifest, data.index,
+// data.eval_index, data.cache) exists and is a regular file; else a dde::Error naming the key and
+// the absolute path, and a folder given for a file as such. (--dry-run and the trainer's start.)
+void check_input_files(const TrainConfig& config);
 
 // global_batch / (micro_batch x world_size); throws dde::Error unless it divides exactly.
 int64_t accumulation_steps(const TrainConfig& config, int64_t world_size);

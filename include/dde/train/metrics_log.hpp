@@ -5,8 +5,11 @@
 
 #include <cstdint>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+
+#include "dde/train/tensorboard_writer.hpp"
 
 namespace dde::train {
 
@@ -17,10 +20,14 @@ class MetricsLog {
   MetricsLog(std::string path, int64_t keep_through_step);
   void write(const nlohmann::json& record);
   const std::string& path() const { return path_; }
+  // Also writes the numbers of every step and eval record as TensorBoard scalars into `dir`
+  // (train/<key>, eval/<key>, eval/implicit_acc_t<t> per t bin).
+  void enable_tensorboard(const std::string& dir);
 
  private:
   std::string path_;
   std::ofstream out_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
 };
 
 }  // namespace dde::train
