@@ -24,6 +24,7 @@ sizes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,10 @@ def check_supported(unet: UNet2DConditionModel) -> None:
         problems.append(f"class_embed_type={cfg.class_embed_type!r}")
     if cfg.addition_embed_type not in SUPPORTED_ADDITION:
         problems.append(f"addition_embed_type={cfg.addition_embed_type!r}")
+    if type(unet.time_proj).__name__ != "Timesteps":
+        problems.append(f"time_embedding_type={cfg.time_embedding_type!r}")
+    if cfg.addition_embed_type == "text_time" and type(unet.add_time_proj).__name__ != "Timesteps":
+        problems.append(f"add_time_proj is a {type(unet.add_time_proj).__name__}")
     if unet.encoder_hid_proj is not None:
         problems.append(f"encoder_hid_dim_type={cfg.encoder_hid_dim_type!r}")
     if unet.mid_block is None:
@@ -62,28 +67,69 @@ def check_supported(unet: UNet2DConditionModel) -> None:
         raise UnsupportedUNet("unsupported UNet config for the block export: " + ", ".join(problems))
 
 
+class SinusoidalTimesteps(nn.Module):
+    """diffusers' `Timesteps` (get_timestep_embedding, max_period 10000) without device constants.
+
+    diffusers builds the frequency vector with `torch.arange(..., device=timesteps.device)` on
+    every call; traced, that device becomes a `prim::Constant` and the graph then mixes a CPU
+    tensor into a CUDA forward. Here the arange is an int64 buffer made at export time (it moves
+    with the module, and the C++ loader's bf16 cast of frozen models leaves integer buffers alone),
+    and the frequencies are computed from it with diffusers' float32 ops in diffusers' order:
+    exp(-ln(max_period) * i / (half - shift)). The int64 -> float32 conversions come from type
+    promotion (int64 tensor times a float), which converts exactly as `.float()` does without a
+    dtype constant in the graph; float timesteps (SDXL's time ids) are used as they come.
+    """
+
+    MAX_PERIOD = 10000
+
+    def __init__(self, timesteps: nn.Module) -> None:
+        super().__init__()
+        self.num_channels = int(timesteps.num_channels)
+        self.flip_sin_to_cos = bool(timesteps.flip_sin_to_cos)
+        self.downscale_freq_shift = float(timesteps.downscale_freq_shift)
+        self.scale = timesteps.scale
+        self.half = self.num_channels // 2
+        self.register_buffer("steps", torch.arange(self.half, dtype=torch.int64), persistent=False)
+
+    def forward(self, timesteps: Tensor) -> Tensor:
+        exponent = self.steps * -math.log(self.MAX_PERIOD)
+        freqs = torch.exp(exponent / (self.half - self.downscale_freq_shift))
+        args = self.scale * (timesteps[:, None] * freqs[None, :])
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+        if self.flip_sin_to_cos:
+            emb = torch.cat([emb[:, self.half :], emb[:, : self.half]], dim=-1)
+        if self.num_channels % 2:
+            emb = nn.functional.pad(emb, (0, 1, 0, 0))
+        return emb
+
+
 class InputBlock(nn.Module):
-    """forward(sample, timestep[, text_embeds, time_ids]) -> (h, emb); parameter names as diffusers'."""
+    """forward(sample, timestep[, text_embeds, time_ids]) -> (h, emb); parameter names as diffusers'.
+
+    Mirrors UNet2DConditionModel.get_time_embed, get_aug_embed ("text_time") and the start of
+    forward for a 1-D timestep tensor; the sinusoidal projections are SinusoidalTimesteps, and
+    diffusers' `.to(sample.dtype)` / `.to(emb.dtype)` are `type_as`, which the tracer records as
+    an op on the tensor instead of fixing the dtype of the example input as a constant.
+    """
 
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
-        self.config = unet.config
         self.conv_in = unet.conv_in
-        self.time_proj = unet.time_proj
+        self.time_proj = SinusoidalTimesteps(unet.time_proj)
         self.time_embedding = unet.time_embedding
-        self.add_time_proj = getattr(unet, "add_time_proj", None)
-        self.add_embedding = getattr(unet, "add_embedding", None)
-        self.time_embed_act = getattr(unet, "time_embed_act", None)
         self.sdxl = unet.config.addition_embed_type == "text_time"
+        self.add_time_proj = SinusoidalTimesteps(unet.add_time_proj) if self.sdxl else None
+        self.add_embedding = unet.add_embedding if self.sdxl else None
+        self.time_embed_act = getattr(unet, "time_embed_act", None)
 
     def forward(self, sample: Tensor, timestep: Tensor, *added: Tensor) -> tuple[Tensor, Tensor]:
-        # UNet2DConditionModel.get_time_embed / get_aug_embed / forward, called on this module.
-        t_emb = UNet2DConditionModel.get_time_embed(self, sample=sample, timestep=timestep)
+        t_emb = self.time_proj(timestep.expand(sample.shape[0])).type_as(sample)
         emb = self.time_embedding(t_emb, None)
         if self.sdxl:
             text_embeds, time_ids = added
-            kwargs = {"text_embeds": text_embeds, "time_ids": time_ids}
-            emb = emb + UNet2DConditionModel.get_aug_embed(self, emb=emb, encoder_hidden_states=None, added_cond_kwargs=kwargs)
+            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+            add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).type_as(emb)
+            emb = emb + self.add_embedding(add_embeds)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         return self.conv_in(sample), emb
@@ -128,6 +174,11 @@ class Upsample(Downsample):
     """forward(h, emb, encoder_hidden_states, size_like) -> h: an up block's upsamplers, to size_like's size."""
 
     def forward(self, h: Tensor, emb: Tensor, encoder_hidden_states: Tensor, size_like: Tensor) -> Tensor:  # type: ignore[override]
+        # Upsample2D makes its input contiguous for batches >= 64 and outputs >= 2**31 elements
+        # (a workaround for upsample_nearest_nhwc); traced at batch 2 those branches are fixed to
+        # "no". A contiguous input makes them no-ops at every size (contiguous() of a contiguous
+        # tensor is the tensor itself).
+        h = h.contiguous()
         for sampler in self.samplers:
             h = sampler(h, size_like.shape[2:])
         return h

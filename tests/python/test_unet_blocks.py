@@ -133,3 +133,19 @@ def test_python_composition_of_reloaded_blocks(exports) -> None:
     assert (got - want).abs().max().item() <= LIMIT
     traced_names = [block.diffusers_name(name) for block, module in loaded for name, _ in module.named_parameters()]
     assert sorted(traced_names) == sorted(n for n, _ in unet.named_parameters())  # each exactly once
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_exported_time_projections_are_diffusers_bit_for_bit(exports, family: str) -> None:
+    """input.pt's sinusoidal projections (int64 step buffer, no device constant) equal diffusers' Timesteps."""
+    export = exports[family]
+    unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").eval()
+    loaded = torch.jit.load(str(export.out / "unet" / "input.pt"))
+    steps = torch.arange(1000)
+    pairs = [(loaded.time_proj, unet.time_proj, steps)]
+    if family == "sdxl":  # time ids: sizes and crops in pixels, as floats
+        pairs.append((loaded.add_time_proj, unet.add_time_proj, torch.arange(0.0, 4097.0, 0.5)))
+    with torch.no_grad():
+        for exported, reference, values in pairs:
+            got, want = exported(values), reference(values)
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
