@@ -12,6 +12,8 @@ Writes into DIR:
     clip_bin/open_clip_pytorch_model.bin     the same model's state dict (torch.save)
 
 The open_clip ones use the architecture TINY_ARCH (ViT-H-14's config with small widths).
+DIR is written as a staging folder next to it and renamed into place; an existing DIR must be an
+earlier output of this tool (common.MARKER) or empty.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from dde_tools import fixtures
+from dde_tools.common import StagedOutput, ToolError, check_output, run_main
 
 TINY_ARCH = "dde-tiny-ViT"
 TINY_OPEN_CLIP_CONFIG = {
@@ -101,9 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = parser.parse_args(argv)
-    for name, path in build(args.out, args.seed).items():
-        print(f"annotator_fixtures: {name}: {path}")
-    return 0
+
+    def body() -> int:
+        if args.seed < 0:
+            raise ToolError("--seed", "out of range", "an integer >= 0", str(args.seed), "Pass a non-negative seed.")
+        legacy = {"open_clip", "pickscore", "hps", "clip", "clip_bin"}
+        out = check_output("annotator_fixtures", args.out, own_patterns=sorted(legacy),
+                           legacy=lambda folder: set(p.name for p in folder.iterdir()) <= legacy)
+        with StagedOutput("annotator_fixtures", out) as staging:
+            paths = build(staging.folder, args.seed)
+            staging.publish()
+        for name, path in paths.items():
+            print(f"annotator_fixtures: {name}: {args.out / path.relative_to(staging.folder)}")
+        return 0
+
+    return run_main("annotator_fixtures", body)
 
 
 if __name__ == "__main__":

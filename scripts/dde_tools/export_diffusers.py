@@ -131,7 +131,7 @@ def check_unet_config(config: dict, path: Path) -> None:
                               "(the checkpoint's config is damaged: export another step-* directory)")
     for key, limit in UNET_LIMITS.items():
         value = config.get(key)
-        if value is None or isinstance(value, str):
+        if value is None:
             continue
         for leaf in _numbers(value):
             if isinstance(leaf, bool) or not isinstance(leaf, (int, float)) or not 0 <= leaf <= limit:

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence

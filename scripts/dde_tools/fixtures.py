@@ -20,7 +20,8 @@ loser a darkened rendering; the other pairs keep random labels between unmodifie
 CLI: python -m dde_tools.fixtures --out DIR [--seed N]
 writes DIR/sd15/, DIR/sdxl/ (diffusers pipelines), DIR/pickapic/train-00000.parquet and the
 held-out DIR/pickapic_eval/eval-00000.parquet, skipping any part whose stamp file records the
-same seed and fixture version.
+same seed and fixture version. A part is rebuilt (removed first) only when it holds a stamp of
+this tool, or nothing: a folder of that name holding anything else is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from dde_tools import hostile_rows as hostile
+from dde_tools.common import ToolError, check_output, run_main
 
 FIXTURE_VERSION = 3
 STAMP_FILE = "dde_fixture.json"
@@ -453,8 +455,19 @@ def _build_once(target: Path, seed: int, build: Callable[[Path], object]) -> boo
     """Run `build(target)` unless `target` holds a stamp for this seed; return whether it built."""
     stamp = {"seed": seed, "fixture_version": FIXTURE_VERSION}
     stamp_path = target / STAMP_FILE
-    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+    try:
+        found = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+    except (OSError, ValueError):
+        found = "unreadable"
+    if found == stamp:
         return False
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ToolError(target, "not a fixture folder", "a folder written by dde_tools.fixtures, or nothing",
+                        "a link or a file", "Move it away or pass another --out.")
+    if target.exists() and any(target.iterdir()) and not (isinstance(found, dict) and "fixture_version" in found):
+        raise ToolError(target, "a folder fixtures did not write", f"a folder holding {STAMP_FILE}, or nothing",
+                        f"{sorted(p.name for p in target.iterdir())[:3]} and no readable {STAMP_FILE}",
+                        "Move it away or pass another --out: fixtures only replaces its own parts.")
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     build(target)
@@ -484,8 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     args = parser.parse_args(argv)
-    build_all(args.out, args.seed)
-    return 0
+
+    def body() -> int:
+        if args.seed < 0:
+            raise ToolError("--seed", "out of range", "an integer >= 0", str(args.seed), "Pass a non-negative seed.")
+        check_output("fixtures", args.out, own_patterns=("*",), legacy=lambda _folder: True)  # links, files
+        build_all(args.out, args.seed)
+        return 0
+
+    return run_main("fixtures", body)
 
 
 if __name__ == "__main__":

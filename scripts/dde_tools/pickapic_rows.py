@@ -8,19 +8,18 @@ repeat of an earlier (image_0_uid, image_1_uid, caption).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import warnings
+import re
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageFile
+from PIL import Image
 
-from dde_tools.common import InputError
+from dde_tools.common import InputError, strict_pillow
 
 # In the order they are checked; a row gets the first that applies.
 REASONS = (
@@ -130,17 +129,7 @@ def decode_text(row: dict) -> Problem | None:
     return None
 
 
-@contextlib.contextmanager
-def _strict_pillow() -> Iterator[None]:
-    """Truncated data is an error, and the pixel budget is checked here, not warned about."""
-    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+_strict_pillow = strict_pillow  # truncated data is an error; the pixel budget is checked here, not warned about
 
 
 def _header_problem(image: Image.Image) -> Problem | None:
@@ -162,6 +151,12 @@ def shape_problem(width: int, height: int) -> Problem | None:
     return None
 
 
+def _error_text(err: Exception) -> str:
+    """The error as text without object addresses ("<_io.BytesIO object at 0x7f...>"), so that the
+    rejected rows of index.json are the same on every run."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(err).__name__}: {err}")[:200]
+
+
 def image_problem(data: bytes) -> Problem | None:
     """None if the trainer can use `data`, else (reason, detail).
 
@@ -175,7 +170,7 @@ def image_problem(data: bytes) -> Problem | None:
         except Image.DecompressionBombError as err:
             return "image_too_large", str(err)[:200]
         except Exception as err:  # Pillow raises many types for data it cannot identify
-            return "undecodable_image", f"{type(err).__name__}: {err}"[:200]
+            return "undecodable_image", _error_text(err)
         with image:
             problem = _header_problem(image)
             if problem:
@@ -184,7 +179,7 @@ def image_problem(data: bytes) -> Problem | None:
                 image.draft("RGB", (1, 1))
                 image.load()
             except Exception as err:  # and many types for corrupt data
-                return "undecodable_image", f"{image.format}: {type(err).__name__}: {err}"[:200]
+                return "undecodable_image", f"{image.format}: {_error_text(err)}"[:200]
     return None
 
 

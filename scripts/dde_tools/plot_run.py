@@ -9,12 +9,19 @@ Figures:
   from the per-pair records (config ``logging.per_sample: true``);
 - ``eval.png``: held-out implicit accuracy (fraction of pairs with Delta < 0) and the method's loss
   over steps, per t bin and overall, from the ``kind: eval`` records (config ``data.eval_index``).
+
+A record that does not parse or lacks a field is an error naming the file and line (exit 2); a
+last line cut short (the run is writing it) is skipped. The figures folder must be absent, empty
+or an earlier plot_run output (common.MARKER); each figure is written as NAME.tmp and renamed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +30,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dde_tools.common import ToolError, check_output, run_main, write_marker  # noqa: E402
+
+TOOL = "plot_run"
+FIGURES = ("training.png", "correction.png", "credit.png", "eval.png")
+# Fields each kind of record must carry (as dde_train writes them), with their types.
+NUMBER = (int, float)
+REQUIRED = {
+    "step": {"step": int, "loss": NUMBER},
+    "pair": {"t": NUMBER},
+    "eval": {"step": int, "t_bins": list, "implicit_acc_by_t": list, "loss_by_t": list, "implicit_acc": NUMBER,
+             "loss": NUMBER, "pairs": int, "method": str},
+}
+
+
+def _check_record(record: object, where: str) -> None:
+    if not isinstance(record, dict):
+        raise ToolError(where, "not a JSON object", "one metrics record a line", type(record).__name__,
+                        "Fix or remove the line.")
+    for key, kind in REQUIRED.get(record.get("kind", "step"), {}).items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ToolError(where, f"a {record.get('kind', 'step')} record without a valid {key!r}",
+                            f"{key} of type {getattr(kind, '__name__', 'number')}", repr(value)[:60],
+                            "Fix or remove the line (was metrics.jsonl written by another program?).")
+    if record.get("kind") == "eval" and not len(record["t_bins"]) == len(record["implicit_acc_by_t"]) == \
+            len(record["loss_by_t"]):
+        raise ToolError(where, "an eval record whose per-t lists differ in length", "equal lengths",
+                        f"{len(record['t_bins'])}, {len(record['implicit_acc_by_t'])}, {len(record['loss_by_t'])}",
+                        "Fix or remove the line.")
+
 
 def read_records(run_dir: Path) -> dict[str, list[dict]]:
     """The records of ``metrics.jsonl`` by kind ("step", "pair", "eval")."""
@@ -30,10 +67,25 @@ def read_records(run_dir: Path) -> dict[str, list[dict]]:
     if not path.is_file():
         raise SystemExit(f"plot_run: {path} not found: is {run_dir} a dde_train run directory?")
     by_kind: dict[str, list[dict]] = {"step": [], "pair": [], "eval": []}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ToolError(path, "not UTF-8 text", "JSON lines", str(err)[:120], "Pass a dde_train run folder.") from err
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            by_kind.setdefault(record.get("kind", "step"), []).append(record)
+        except ValueError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                print(f"plot_run: {path}:{number}: skipping a last line cut short (the run is writing it)",
+                      file=sys.stderr)
+                continue
+            raise ToolError(f"{path}:{number}", "a line that is not JSON", "one JSON object a line", str(err),
+                            "Fix or remove the line.") from err
+        _check_record(record, f"{path}:{number}")
+        by_kind.setdefault(record.get("kind", "step"), []).append(record)
     return by_kind
 
 
@@ -48,7 +100,18 @@ def latest_correction(run_dir: Path) -> dict | None:
     complete = sorted(p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
     if not complete:
         return None
-    return json.loads((complete[-1] / "correction_ema.json").read_text())
+    path = complete[-1] / "correction_ema.json"
+    try:
+        correction = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ToolError(path, "cannot read the correction array", "JSON with step and E", str(err)[:160],
+                        "The checkpoint is damaged; plot an earlier run or remove that step.") from err
+    if not isinstance(correction, dict) or not isinstance(correction.get("E"), list) or \
+            not all(isinstance(e, (int, float)) and math.isfinite(e) for e in correction["E"]) or \
+            not isinstance(correction.get("step"), int):
+        raise ToolError(path, "not a correction array", "{\"step\": N, \"E\": [finite numbers]}",
+                        str(correction)[:80], "The checkpoint is damaged; remove that step or plot another run.")
+    return correction
 
 
 def binned_mean(t: np.ndarray, values: np.ndarray, num_timesteps: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,14 +126,26 @@ def binned_mean(t: np.ndarray, values: np.ndarray, num_timesteps: int, bins: int
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
+def _legacy_output(folder: Path) -> bool:
+    """Figures written before the output marker: only figure files."""
+    return all(name in FIGURES for name in os.listdir(folder))
+
+
 def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
-    steps, pairs = read_metrics(run_dir)
+    if bins < 1:
+        raise ToolError("--bins", "out of range", ">= 1", str(bins), "Pass a positive number of t bins.")
+    records = read_records(run_dir)
+    steps, pairs = records["step"], records["pair"]
+    check_output(TOOL, out_dir, inputs=[run_dir], own_patterns=(*FIGURES, "*.tmp"), legacy=_legacy_output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, TOOL, FIGURES)
     written = []
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -107,7 +182,7 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
         ax.set_title("credit: no per-pair records (logging.per_sample)")
     ax.set(xlabel="t", ylabel="mean credit weight")
     written.append(_save(fig, out_dir / "credit.png"))
-    written.append(plot_eval(read_records(run_dir)["eval"], out_dir / "eval.png"))
+    written.append(plot_eval(records["eval"], out_dir / "eval.png"))
     return written
 
 
@@ -154,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/figures")
     parser.add_argument("--bins", type=int, default=20)
     args = parser.parse_args(argv)
-    for path in plot_run(args.run_dir, args.out or args.run_dir / "figures", args.bins):
-        print(path)
-    return 0
+
+    def body() -> int:
+        for path in plot_run(args.run_dir, args.out or args.run_dir / "figures", args.bins):
+            print(path)
+        return 0
+
+    return run_main(TOOL, body)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,27 @@ For each input file, OUT/<same name> holds the same rows and columns in the same
   best_image_uid       the new winner's uid, "" on a tie (when the column exists)
   human_label_0, human_label_1, human_best_image_uid   the original values
   score_0, score_1     the annotator's scores of (jpg_0, caption) and (jpg_1, caption)
-Rows that cannot be scored (an image null, empty or undecodable, an empty caption) keep their
-labels and get null scores; export_pickapic rejects them as it would have. The margin is in the
-annotator's units (PickScore ~20, HPS ~0.27, CLIP ~30). Agreement = among the scored pairs whose
-human and new labels are both decided (not ties), the fraction where they pick the same image;
-printed and written to OUT/relabel_summary.json. Reads one parquet row group at a time, relabels
-it in record batches of --batch-size rows and decodes --score-batch-size images at a time, so
-memory is bounded by a row group (ParquetFile.iter_batches is not: on pyarrow 26 it kept most of
-a file's image bytes allocated, see bench/README.md); each output is written as NAME.tmp and
-renamed when complete. Exit codes: 0 done, 2 bad input.
+Rows that cannot be scored keep their labels and get null scores, counted by reason in
+relabel_summary.json's `unscored`: missing_image (null or empty), image_too_large (the header
+announces more than Pillow's 89,478,485 pixels: refused before any pixel is decoded, so memory
+stays bounded; export_pickapic rejects such a row too), undecodable_image (Pillow cannot decode
+it), empty_caption. Running out of memory is an error, never an "undecodable" row. The margin is
+in the annotator's units (PickScore ~20, HPS ~0.27, CLIP ~30). Agreement = among the scored
+pairs whose human and new labels are both decided (not ties), the fraction where they pick the
+same image; printed and written to OUT/relabel_summary.json. Reads one parquet row group at a
+time, relabels it in record batches of --batch-size rows and decodes --score-batch-size images
+at a time, so memory is bounded by a row group (ParquetFile.iter_batches is not: on pyarrow 26
+it kept most of a file's image bytes allocated, see bench/README.md). A row group that cannot be
+read (a corrupt file) stops the run with exit 2, naming the file, the row group and its rows.
+
+OUT is written as a staging folder next to it and renamed into place when every file is done;
+an existing OUT must be an earlier relabel output (common.MARKER) or empty. Exit codes: 0 done,
+1 a write failed or memory ran out, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -39,12 +43,23 @@ from PIL import Image
 
 from dde_tools import annotators as ann
 from dde_tools.annotators import ToolError
-from dde_tools.common import write_json_atomic
+from dde_tools.common import (
+    MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    StagedOutput,
+    check_output,
+    open_image_rgb,
+    run_main,
+    write_json_atomic,
+    writing,
+)
 from dde_tools.export_pickapic import DataError, open_parquet
 
+TOOL = "relabel"
 NEW_COLUMNS = ("human_label_0", "human_label_1", "score_0", "score_1")
-UNSCORED = ("missing_image", "undecodable_image", "empty_caption")
+UNSCORED = ("missing_image", "image_too_large", "undecodable_image", "empty_caption")
 SUMMARY_FILE = "relabel_summary.json"
+OWN_PATTERNS = ("*.parquet", "*.parquet.tmp", SUMMARY_FILE, SUMMARY_FILE + ".tmp")
 
 
 @dataclass
@@ -58,12 +73,16 @@ class Counts:
 
 
 def decode(data: bytes | None) -> Image.Image | str:
-    """The RGB image, or the reason it cannot be scored."""
+    """The RGB image, or the reason it cannot be scored. The pixel count is checked from the header
+    before any pixel is decoded; a MemoryError is raised, not taken for corrupt data."""
     if not data:
         return "missing_image"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+        return open_image_rgb(data, MAX_IMAGE_PIXELS)
+    except ImageTooLarge:
+        return "image_too_large"
+    except MemoryError:
+        raise
     except Exception:  # Pillow raises many types for corrupt data
         return "undecodable_image"
 
@@ -168,10 +187,18 @@ def check_inputs(paths: list[Path], out: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def iter_tables(parquet: pq.ParquetFile, batch_size: int) -> Iterator[pa.Table]:
+def iter_tables(parquet: pq.ParquetFile, batch_size: int, source: Path) -> Iterator[pa.Table]:
     """Tables of at most `batch_size` rows, in file order, reading one row group at a time."""
+    first_row = 0
     for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group)
+        rows = parquet.metadata.row_group(group).num_rows
+        try:
+            table = parquet.read_row_group(group)
+        except (pa.ArrowException, OSError) as err:
+            raise ToolError(source, f"row group {group} (rows {first_row}..{first_row + rows - 1}) cannot be read",
+                            "a readable parquet row group", f"{type(err).__name__}: {err}".replace("\n", " ")[:200],
+                            "The file is damaged: download or copy it again.") from err
+        first_row += rows
         for start in range(0, table.num_rows, batch_size):
             yield table.slice(start, batch_size)
 
@@ -179,24 +206,22 @@ def iter_tables(parquet: pq.ParquetFile, batch_size: int) -> Iterator[pa.Table]:
 def relabel_file(source: Path, target: Path, annotator: ann.Annotator, args: argparse.Namespace,
                  counts: Counts) -> None:
     parquet = pq.ParquetFile(source)
-    tmp = target.with_name(target.name + ".tmp")
     pairs_per_forward = max(1, args.score_batch_size // 2)
     writer = None
     try:
-        for batch in iter_tables(parquet, args.batch_size):
+        for batch in iter_tables(parquet, args.batch_size, source):
             table = relabel_table(batch, annotator, args.margin, pairs_per_forward, counts)
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            with writing(target):
+                writer = writer or pq.ParquetWriter(target, table.schema)
+                writer.write_table(table)
     finally:
         if writer is not None:
-            writer.close()
+            with writing(target):
+                writer.close()
     if writer is None:  # no rows: an empty file with the output schema
         empty = relabel_table(parquet.schema_arrow.empty_table(), annotator, args.margin, 1, counts)
-        pq.write_table(empty, tmp)
-    os.replace(tmp, target)
+        with writing(target):
+            pq.write_table(empty, target)
 
 
 def summary(counts: Counts, spec: ann.AnnotatorSpec, args: argparse.Namespace, files: list[dict]) -> dict:
@@ -207,24 +232,38 @@ def summary(counts: Counts, spec: ann.AnnotatorSpec, args: argparse.Namespace, f
             "agreement": counts.agreed / counts.decided if counts.decided else None}
 
 
+def _legacy_output(folder: Path) -> bool:
+    """A relabel output written before the output marker: its relabel_summary.json."""
+    import json
+
+    try:
+        return json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8")).get("format") == "dde-relabel-summary"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def relabel(args: argparse.Namespace) -> dict:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--margin", args.margin, 0)):
-        if not value >= low:
+        if not value >= low or value == float("inf"):
             raise ToolError(flag, "out of range", f">= {low}", str(value), f"Pass {flag} >= {low}.")
     specs = ann.specs_from_args(args)
     if len(specs) != 1:
         raise ToolError("annotator flags", "relabel uses exactly one annotator", "the files of one of "
                         f"{ann.KINDS}", str([s.name for s in specs]), "Name one annotator's files.")
     pairs = check_inputs(args.parquet, args.out)
+    out = check_output(TOOL, args.out, inputs=[*map(Path, args.parquet), specs[0].path], own_patterns=OWN_PATTERNS,
+                       legacy=_legacy_output)
     annotator = ann.load(specs[0], ann.resolve_device(args.device))
-    args.out.mkdir(parents=True, exist_ok=True)
     counts, files = Counts(), []
-    for source, target in pairs:
-        before = counts.rows
-        relabel_file(source, target, annotator, args, counts)
-        files.append({"source": str(source.resolve()), "output": str(target.resolve()), "rows": counts.rows - before})
-    result = summary(counts, specs[0], args, files)
-    write_json_atomic(args.out / SUMMARY_FILE, result)
+    with StagedOutput(TOOL, out) as stage:
+        for source, target in pairs:
+            before = counts.rows
+            relabel_file(source, stage.folder / target.name, annotator, args, counts)
+            files.append({"source": str(source.resolve()), "output": str(out / target.name),
+                          "rows": counts.rows - before})
+        result = summary(counts, specs[0], args, files)
+        write_json_atomic(stage.folder / SUMMARY_FILE, result)
+        stage.publish()
     return result
 
 
@@ -237,17 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda, cuda:N")
     ann.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         result = relabel(args)
-    except ToolError as err:
-        print(f"relabel: error: {err}", file=sys.stderr)
-        return 2
-    agreement = "n/a" if result["agreement"] is None else f"{result['agreement']:.3f}"
-    print(f"relabel: {result['rows']} rows, {result['scored']} scored with {result['annotator']} "
-          f"(unscored {result['unscored']}); new labels {result['new_labels']} (margin {result['margin']}); "
-          f"agreement with the human labels {agreement} over {result['agreement_pairs']} decided pairs "
-          f"-> {args.out / SUMMARY_FILE}")
-    return 0
+        agreement = "n/a" if result["agreement"] is None else f"{result['agreement']:.3f}"
+        print(f"relabel: {result['rows']} rows, {result['scored']} scored with {result['annotator']} "
+              f"(unscored {result['unscored']}); new labels {result['new_labels']} (margin {result['margin']}); "
+              f"agreement with the human labels {agreement} over {result['agreement_pairs']} decided pairs "
+              f"-> {args.out / SUMMARY_FILE}")
+        return 0
+
+    return run_main(TOOL, body, on_os_error=f"; {args.out} was left as it was")
 
 
 if __name__ == "__main__":

@@ -192,3 +192,65 @@ def test_an_unreadable_unet_config_is_named(sd15_checkpoint, tmp_path):
     config = sd15_checkpoint / "unet" / "config.json"
     config.write_text('{"_class_name": "UNet2DConditionModel",')
     _expect_refused(sd15_checkpoint, tmp_path / "out", str(config), "not a readable diffusers UNet config")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder as --checkpoint; what --out may be (tests/python/test_tool_bad_input.py has the rest)
+
+def _snapshot(folder: Path) -> dict[str, bytes | str]:
+    return {str(p.relative_to(folder)): ("dir" if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(dde_train, fixtures, tmp_path_factory) -> Path:
+    """A real sd15 run with complete checkpoints at steps 1 and 2."""
+    run = tmp_path_factory.mktemp("two_steps") / "run"
+    sets = tiny_overrides(fixtures, "sd15", run) + ["train.max_steps=2", "checkpoint.every=1"]
+    result = run_train(dde_train, "tiny_dde.yaml", sets)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (run / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    return run
+
+
+@pytest.mark.parametrize("given", ["", "latest", "checkpoints/latest"])
+def test_a_run_folder_exports_its_newest_complete_step(two_step_run, fixtures, tmp_path, given):
+    out = tmp_path / "pipeline"
+    result = export_diffusers("--checkpoint", two_step_run / given if given else two_step_run, "--out", out,
+                              "--pipeline", fixtures / "source" / "sd15")
+    assert result.returncode == 0, result.stdout + result.stderr
+    step = two_step_run / "checkpoints" / "step-00000002"
+    assert f"exporting {step} (the newest complete step of {two_step_run})" in result.stdout
+    info = json.loads((out / "dde_export.json").read_text())
+    assert info["step"] == 2 and Path(info["checkpoint"]) == step.resolve()
+    saved = load_file(str(step / "unet" / WEIGHTS))
+    assert all(torch.equal(t, saved[n]) for n, t in load_file(str(out / "unet" / WEIGHTS)).items())
+    DiffusionPipeline.from_pretrained(out)
+
+
+def test_the_run_folder_as_out_is_refused_and_kept(two_step_run, tmp_path):
+    """The bug of issue 16: --out RUN deleted the run's checkpoints and exited 0."""
+    before = _snapshot(two_step_run)
+    for checkpoint in (two_step_run, two_step_run / "checkpoints" / "step-00000001"):
+        result = export_diffusers("--checkpoint", checkpoint, "--out", two_step_run)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "--out holds an input" in result.stderr and "Traceback" not in result.stderr
+    other = tmp_path / "other"
+    shutil.copytree(two_step_run, other)
+    result = export_diffusers("--checkpoint", two_step_run, "--out", other)
+    assert result.returncode == 2 and "--out holds a dde run (metrics.jsonl)" in result.stderr
+    assert _snapshot(two_step_run) == before and _snapshot(other) == before
+    assert sorted(p.name for p in two_step_run.parent.iterdir()) == ["run"]  # no staging folder left
+
+
+def test_only_the_components_of_the_source_pipeline_are_copied(two_step_run, fixtures, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(fixtures / "source" / "sd15", source)
+    (source / "v1-5-pruned.ckpt").write_bytes(os.urandom(2_000_000))
+    (source / "vae" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(os.urandom(500_000))
+    out = tmp_path / "pipeline"
+    result = export_diffusers("--checkpoint", two_step_run, "--out", out, "--pipeline", source)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (out / "v1-5-pruned.ckpt").exists()
+    assert not (out / "vae" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert not (out / "dde_fixture.json").exists()  # not a component: the fixture's stamp stays behind
+    DiffusionPipeline.from_pretrained(out)

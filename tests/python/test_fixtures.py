@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import CLIPTokenizer, CLIPTokenizerFast
 
 from dde_tools import fixtures
+from dde_tools.common import ToolError
 
 EDGE_CAPTIONS = [
     "",
@@ -182,3 +183,30 @@ def test_planted_preference_makes_winners_brighter(tmp_path: Path) -> None:
     assert len(gaps) == planted["preferred"] and len(unplanted) == 180 - planted["preferred"]
     assert min(gaps) > 0 and np.mean(gaps) > 60
     assert abs(np.mean(unplanted)) < 25  # random labels: no systematic gap
+
+
+def test_a_part_fixtures_did_not_write_is_never_removed(tmp_path: Path, capsys) -> None:
+    part = tmp_path / "sd15"
+    part.mkdir()
+    (part / "mine.txt").write_text("keep me")
+    with pytest.raises(ToolError, match="a folder fixtures did not write"):
+        fixtures._build_once(part, 0, lambda target: None)
+    assert fixtures.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"fixtures: error: {part}: a folder fixtures did not write" in err and "mine.txt" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd15"] and (part / "mine.txt").read_text() == "keep me"
+    (part / fixtures.STAMP_FILE).write_text("{not json")
+    with pytest.raises(ToolError, match="no readable dde_fixture.json"):
+        fixtures._build_once(part, 0, lambda target: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert fixtures._build_once(empty, 0, lambda target: (target / "data").write_text("x")) is True
+
+
+def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
+    assert fixtures.main(["--out", str(tmp_path), "--seed", "-1"]) == 2
+    assert "fixtures: error: --seed: out of range" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert fixtures.main(["--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "a part of the path is a file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from dde_tools import export_pickapic, fixtures, hostile_rows, pickapic_rows
@@ -198,3 +200,102 @@ def test_rows_repeated_across_files_are_duplicates(fixture_dir: Path, tmp_path: 
     assert index["rejected"]["duplicate_pair"] == rows and sum(index["rejected"].values()) == rows
     assert index["rejected_rows"][0] == {"source": f"{source.name}:0", "reason": "duplicate_pair",
                                          "detail": f"same image_0_uid, image_1_uid and caption as {source.name}:0"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties of the row checks (hypothesis, a small example budget: a few seconds)
+
+LABELS = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.none(), st.floats(allow_nan=True, allow_infinity=True))
+CAPTIONS = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["", "   \t", "a red cat"]))
+
+
+@st.composite
+def images(draw) -> bytes | None:
+    """Image bytes as rows carry them: absent, garbage, or an encoded image, maybe damaged."""
+    kind = draw(st.sampled_from(["none", "empty", "garbage"] + ["image"] * 9))
+    if kind == "none":
+        return None
+    if kind == "empty":
+        return b""
+    if kind == "garbage":
+        return draw(st.binary(min_size=1, max_size=64))
+    width, height = draw(st.integers(1, 48)), draw(st.sampled_from([1, 2, 24, 48, 1000]))
+    fmt = draw(st.sampled_from(["JPEG", "PNG", "PNG", "WEBP", "GIF", "BMP"]))
+    mode = draw(st.sampled_from(["RGB", "L"] + (["CMYK"] if fmt == "JPEG" else ["RGBA", "P"] if fmt == "PNG" else [])))
+    colour = draw(st.integers(0, 255))
+    data = hostile_rows.encode(Image.new(mode, (width, height), colour), fmt)
+    damage = draw(st.sampled_from(["none", "none", "none", "truncate", "flip"]))
+    if damage == "truncate":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif damage == "flip":
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+    return data
+
+
+@st.composite
+def rows(draw) -> dict:
+    """Mostly rows whose cheap fields are valid (so that the image checks are reached), some not."""
+    if draw(st.integers(0, 3)):
+        label_0 = draw(st.sampled_from([0.0, 0.5, 1.0]))
+        return {"jpg_0": draw(images()), "jpg_1": draw(images()), "caption": "a red cat", "label_0": label_0,
+                "label_1": 1.0 - label_0}
+    label_0 = draw(LABELS)
+    label_1 = draw(st.one_of(st.just(None if label_0 is None else 1.0 - label_0), LABELS))
+    return {"jpg_0": draw(images()), "jpg_1": draw(images()), "caption": draw(CAPTIONS),
+            "label_0": label_0, "label_1": label_1}
+
+
+def _decodes_as_the_trainer_needs(data: bytes) -> bool:
+    with pickapic_rows._strict_pillow(), Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        ok = image.format in pickapic_rows.ACCEPTED_FORMATS and width * height <= pickapic_rows.MAX_PIXELS and \
+            max(width, height) <= pickapic_rows.MAX_ASPECT_RATIO * min(width, height)
+        image.load()
+        return ok and image.mode != "CMYK"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(rows())
+def test_check_row_property(row: dict) -> None:
+    """check_row never raises; a kept row is one the trainer can use; the cheap reasons come first,
+    in the documented order; the same row gets the same answer."""
+    problem = pickapic_rows.check_row(dict(row))
+    assert problem == pickapic_rows.check_row(dict(row))
+    if any(not row[side] for side in ("jpg_0", "jpg_1")):
+        assert problem[0] == "missing_image"
+        return
+    if row["caption"] is None or not row["caption"].strip():
+        assert problem[0] == "empty_caption"
+        return
+    label_0, label_1 = row["label_0"], row["label_1"]
+    if label_0 not in (0.0, 0.5, 1.0) or label_1 is None or label_1 != 1.0 - label_0:
+        assert problem[0] == "bad_label"
+        return
+    if problem is None:
+        assert all(_decodes_as_the_trainer_needs(row[side]) for side in ("jpg_0", "jpg_1"))
+    else:
+        reason, detail = problem
+        assert reason in pickapic_rows.REASONS and reason not in ("missing_image", "empty_caption", "bad_label")
+        assert isinstance(detail, str) and detail.startswith(("jpg_0: ", "jpg_1: "))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.fixed_dictionaries({name: st.one_of(st.binary(max_size=12), st.text(max_size=12).map(str.encode))
+                              for name in pickapic_rows.TEXT_FIELDS}))
+def test_decode_text_property(raw: dict) -> None:
+    """decode_text flags exactly the rows with a field that is not UTF-8, and decodes the others."""
+    row = dict(raw)
+    problem = pickapic_rows.decode_text(row)
+    def valid(b):
+        try:
+            b.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+    if all(valid(b) for b in raw.values()):
+        assert problem is None and row == {k: v.decode("utf-8") for k, v in raw.items()}
+    else:
+        first_bad = next(k for k in pickapic_rows.TEXT_FIELDS if not valid(raw[k]))
+        assert problem[0] == ("bad_caption_encoding" if first_bad == "caption" else "bad_field_encoding")
+        assert problem[1].startswith(f"{first_bad} is not valid UTF-8")

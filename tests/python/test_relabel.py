@@ -19,6 +19,7 @@ from PIL import Image
 
 from dde_tools import export_pickapic, fixtures, relabel
 from dde_tools.annotator_fixtures import TINY_ARCH
+from dde_tools.common import MARKER
 
 KINDS = ("missing_image", "undecodable_image", "empty_caption")
 
@@ -130,7 +131,7 @@ def test_labels_follow_the_scores_and_the_margin(run_name: str, request) -> None
 def test_unscorable_rows_pass_through_unchanged(source, hps_run) -> None:
     original = pq.read_table(source).to_pylist()
     unscored = [i for i, row in enumerate(hps_run.table.to_pylist()) if row["score_0"] is None]
-    assert len(unscored) == 3 and hps_run.summary["unscored"] == dict.fromkeys(KINDS, 1)
+    assert len(unscored) == 3 and hps_run.summary["unscored"] == dict.fromkeys(KINDS, 1) | {"image_too_large": 0}
     for i in unscored:
         row = hps_run.table.slice(i, 1).to_pylist()[0]
         assert row["score_1"] is None
@@ -228,3 +229,86 @@ def test_bad_input_is_reported(source, hps_run, annotator_flags, tmp_path) -> No
         assert not out.exists()
     code, _, stderr = run(["--parquet", str(source), "--out", str(source.parent), *hps])
     assert code == 2 and "output would overwrite the input" in stderr
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / source.name).write_text("not mine")
+    code, _, stderr = run(["--parquet", str(source), "--out", str(notes), *hps])
+    assert code == 2 and "--out is not an output of relabel" in stderr and "Traceback" not in stderr
+    assert (notes / source.name).read_text() == "not mine"
+
+
+def test_a_rerun_replaces_its_own_output_only(source, hps_run, annotator_flags, tmp_path) -> None:
+    out = tmp_path / "out"
+    relabel_with(source, out, annotator_flags["hps"])
+    assert json.loads((out / MARKER).read_text())["tool"] == "relabel"
+    again = relabel_with(source, out, annotator_flags["hps"], "--margin", "0.5")
+    assert again.summary["new_labels"]["tie"] == 117 and sorted(p.name for p in out.iterdir()) == [
+        MARKER, "relabel_summary.json", source.name]
+    (out / "mine.txt").write_text("x")
+    code, _, stderr = run(["--parquet", str(source), "--out", str(out), *annotator_flags["hps"]])
+    assert code == 2 and "--out holds files relabel did not write" in stderr and "mine.txt" in stderr
+    assert not list(tmp_path.glob("out.dde-staging-*"))
+
+
+def corrupt_row_group(path: Path, target: Path, group: int) -> None:
+    """A copy of `path` whose row group `group` has its jpg_0 page header overwritten."""
+    column = next(c for c in (pq.ParquetFile(path).metadata.row_group(group).column(i) for i in range(19))
+                  if c.path_in_schema == "jpg_0")
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 32] = b"\xff" * 32
+    target.write_bytes(bytes(data))
+
+
+def test_a_corrupt_row_group_is_named(source, annotator_flags, tmp_path) -> None:
+    bad = tmp_path / "damaged.parquet"
+    corrupt_row_group(source, bad, 1)
+    out = tmp_path / "out"
+    code, _, stderr = run(["--parquet", str(bad), "--out", str(out), "--device", "cpu", *annotator_flags["hps"]])
+    assert code == 2, stderr
+    assert f"relabel: error: {bad}: row group 1 (rows 50..99) cannot be read" in stderr
+    assert "Couldn't deserialize thrift" in stderr and "Traceback" not in stderr and stderr.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob("out.dde-staging-*"))
+
+
+def big_png() -> bytes:
+    """A valid 9500 x 9500 PNG (90.25 megapixels, over Pillow's 89,478,485) of a few kilobytes:
+    decoded as RGB it would take 270 MB."""
+    buffer = io.BytesIO()
+    Image.new("1", (9500, 9500)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_oversized_image_is_counted_without_decoding(source, annotator_flags, tmp_path, monkeypatch) -> None:
+    table = pq.read_table(source).slice(0, 12)
+    png = big_png()
+    assert len(png) < 100_000
+    jpg_1 = table.column("jpg_1").to_pylist()
+    jpg_1[5] = png
+    table = table.set_column(table.schema.get_field_index("jpg_1"), "jpg_1", pa.array(jpg_1, pa.binary()))
+    path = tmp_path / "big.parquet"
+    pq.write_table(table, path)
+    decoded = []
+    original = Image.Image.load
+
+    def recording_load(self):
+        decoded.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(Image.Image, "load", recording_load)
+    result = relabel_with(path, tmp_path / "out", annotator_flags["hps"])
+    assert result.summary["unscored"]["image_too_large"] == 1
+    assert result.table.column("score_0").to_pylist()[5] is None
+    assert result.summary["scored"] == 12 - 1 - sum(v for k, v in result.summary["unscored"].items()
+                                                  if k != "image_too_large")
+    assert (9500, 9500) not in decoded  # refused from the header
+
+
+def test_memory_error_is_not_an_undecodable_row(source, annotator_flags, tmp_path, monkeypatch) -> None:
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "convert", no_memory)
+    out = tmp_path / "out"
+    code, _, stderr = run(["--parquet", str(source), "--out", str(out), "--device", "cpu", *annotator_flags["hps"]])
+    assert code == 1 and "relabel: error: out of memory" in stderr and "Traceback" not in stderr
+    assert not out.exists()
