@@ -16,8 +16,11 @@ out="${DDE_FIXTURES_DIR:-$root/fixtures}"
 "$py" -m dde_tools.fixtures --out "$out/source"
 for family in sd15 sdxl; do
   # Re-export whenever the source fixtures were rebuilt (their stamp is newer).
+  # ... or the exporter changed since (an export is the exporter's output as much as the source's).
   if [ ! -f "$out/export/$family/manifest.json" ] || \
      [ "$out/source/$family/dde_fixture.json" -nt "$out/export/$family/manifest.json" ] || \
+     [ scripts/dde_tools/export_models.py -nt "$out/export/$family/manifest.json" ] || \
+     [ scripts/dde_tools/unet_blocks.py -nt "$out/export/$family/manifest.json" ] || \
      ! grep -q '"push_output"' "$out/export/$family/manifest.json"; then
     rm -rf "$out/export/$family" "$out/shards/$family" "$out/shards/${family}_eval"
     "$py" -m dde_tools.export_models --pipeline "$out/source/$family" --out "$out/export/$family"

@@ -393,8 +393,13 @@ const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
 }
 
 FakeHooks g_hooks;
+// Registered as the process's accelerator (c10's getAccelerator prefers a registered PrivateUse1
+// backend over CUDA, which a CUDA build would otherwise report, e.g. for autograd's streams).
 struct RegisterHooks {
-  RegisterHooks() { at::RegisterPrivateUse1HooksInterface(&g_hooks); }
+  RegisterHooks() {
+    c10::register_privateuse1_backend("privateuseone");
+    at::RegisterPrivateUse1HooksInterface(&g_hooks);
+  }
 } g_register_hooks;
 
 }  // namespace
@@ -411,6 +416,18 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("as_strided", at::native::as_strided_tensorimpl);
   m.impl("set_.source_Storage", at::native::set_);
   m.impl("set_.source_Storage_storage_offset", at::native::set_storage_cpu_);
+  // Convolutions: ATen's composite picks the backend from the device type and would call
+  // convolution_overrideable for ours; run the whole op (and its backward) as the CPU does.
+  m.impl("convolution", torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  m.impl("convolution_backward", torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  // Normalisations: without a kernel of ours ATen would pick its composite (math) versions, which
+  // fail on channels-last inputs that the CPU and CUDA kernels take; run the CPU kernels instead.
+  // (Only ops with their own autograd formula: a kernel for a composite op would hide its
+  // decomposition from autograd.)
+  for (const char* op : {"native_group_norm", "native_group_norm_backward", "native_layer_norm",
+                         "native_layer_norm_backward"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  }
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {

@@ -41,7 +41,9 @@ TEST(TensorBoardWriter, RecordsAreFramedWithTheirLengthsAndChecksums) {
     uint32_t data_crc = 0;
     std::memcpy(&data_crc, bytes.data() + at + 12 + length, 4);
     EXPECT_EQ(data_crc, dde::train::masked_crc32c(event));
-    if (records == 1) EXPECT_NE(event.find("train/loss"), std::string::npos);
+    if (records == 1) {
+      EXPECT_NE(event.find("train/loss"), std::string::npos);
+    }
     at += 12 + length + 4;
     ++records;
   }
