@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "dde/util/error.hpp"
 #include "dde/util/transfer.hpp"
@@ -31,17 +32,61 @@ void check_pending(const torch::Tensor& x, int64_t T, const torch::Device& devic
   }
 }
 
+// n of a checkpoint as [T] int64: empty is all zero; else length T with 0 <= n[k] <= updates (one
+// update per apply() at most). With debias, an E[k] != 0 needs n[k] >= 1, or C_t would drop it.
+torch::Tensor checked_counts(const CorrectionEma::State& state, int64_t T, bool debias,
+                             const std::string& where) {
+  auto counts = torch::zeros({T}, torch::kInt64);
+  if (!state.counts.empty()) {
+    if (static_cast<int64_t>(state.counts.size()) != T) {
+      throw Error({"correction EMA length mismatch", where + ": counts",
+                   "length T = " + std::to_string(T) + " (or none)",
+                   std::to_string(state.counts.size()),
+                   "the checkpoint was written with a different noise schedule"});
+    }
+    for (const int64_t n : state.counts) {
+      if (n < 0 || n > state.updates) {
+        throw Error({"corrupt correction EMA", where + ": counts",
+                     "0 <= n[k] <= updates = " + std::to_string(state.updates), std::to_string(n),
+                     "the checkpoint is damaged; resume from an earlier one"});
+      }
+    }
+    counts = torch::tensor(state.counts, torch::kInt64);
+  }
+  if (debias) {
+    for (size_t k = 0; k < state.E.size(); ++k) {
+      if (state.E[k] != 0.0 && (state.counts.empty() || state.counts[k] == 0)) {
+        throw Error({"correction EMA without update counts", where + ": counts",
+                     "n[k] >= 1 wherever E[k] != 0 (method.ema_debias reads them)",
+                     "E[" + std::to_string(k) + "] != 0 with n = 0",
+                     "the checkpoint predates ema_debias or was resumed from one; resume with "
+                     "method.ema_debias: false"});
+      }
+    }
+  }
+  return counts;
+}
+
+// Ê[k] = E[k] / (1 - mu^n[k]) for n[k] >= 1, 0 for n[k] = 0 (§7.2).
+double debiased(double e, int64_t n, double momentum) {
+  return n == 0 ? 0.0 : e / (1.0 - std::pow(momentum, static_cast<double>(n)));
+}
+
 }  // namespace
 
 CorrectionEma::CorrectionEma(int64_t num_timesteps, double momentum,
-                             const torch::Device& pending_device)
-    : num_timesteps_(num_timesteps), momentum_(momentum), pending_device_(pending_device) {
+                             const torch::Device& pending_device, bool debias)
+    : num_timesteps_(num_timesteps),
+      momentum_(momentum),
+      pending_device_(pending_device),
+      debias_(debias) {
   if (num_timesteps < 1) {
     throw Error({"bad EMA length", "CorrectionEma: num_timesteps", ">= 1",
                  std::to_string(num_timesteps), ""});
   }
   check_momentum(momentum, "CorrectionEma: momentum");
   E_ = torch::zeros({num_timesteps}, kFloat64Cpu);
+  counts_ = torch::zeros({num_timesteps}, torch::kInt64);
   suffix_ = torch::zeros({num_timesteps}, kFloat64Cpu);
   pending_sum_ = torch::zeros({num_timesteps}, kFloat64Cpu.device(pending_device));
   pending_count_ = torch::zeros({num_timesteps}, kFloat64Cpu.device(pending_device));
@@ -80,6 +125,7 @@ void CorrectionEma::apply() {
   const auto seen = count > 0;
   const auto mean = sum / count.clamp_min(1.0);
   E_ = torch::where(seen, momentum_ * E_ + (1.0 - momentum_) * mean, E_);
+  counts_ += seen.to(torch::kInt64);
   recompute_suffix();
   clear_pending();
   ++updates_;
@@ -91,21 +137,26 @@ void CorrectionEma::clear_pending() {
 }
 
 void CorrectionEma::recompute_suffix() {
-  // suffix[t] = sum_{k=t+1}^{T-1} E[k]: one reverse pass in float64, O(T).
+  // suffix[t] = sum_{k=t+1}^{T-1} E[k] (Ê[k] with debias): one reverse pass in float64, O(T).
   const auto E = E_.contiguous();
+  const auto counts = counts_.contiguous();
   const double* e = E.data_ptr<double>();
+  const int64_t* n = counts.data_ptr<int64_t>();
   double* out = suffix_.data_ptr<double>();
   double running = 0.0;
   for (int64_t t = num_timesteps_ - 1; t >= 0; --t) {
     out[t] = running;
-    running += e[t];
+    running += debias_ ? debiased(e[t], n[t], momentum_) : e[t];
   }
 }
 
 CorrectionEma::State CorrectionEma::state() const {
   const auto E = E_.contiguous();
+  const auto counts = counts_.contiguous();
   return {std::vector<double>(E.data_ptr<double>(), E.data_ptr<double>() + num_timesteps_),
-          momentum_, updates_};
+          momentum_, updates_,
+          std::vector<int64_t>(counts.data_ptr<int64_t>(),
+                               counts.data_ptr<int64_t>() + num_timesteps_)};
 }
 
 void CorrectionEma::load_state(const State& state) {
@@ -131,7 +182,9 @@ void CorrectionEma::load_state(const State& state) {
     throw Error(
         {"corrupt correction EMA", where + ": updates", ">= 0", std::to_string(state.updates), ""});
   }
+  auto counts = checked_counts(state, num_timesteps_, debias_, where);
   E_ = torch::tensor(state.E, kFloat64Cpu);
+  counts_ = std::move(counts);
   updates_ = state.updates;
   recompute_suffix();
   clear_pending();

@@ -12,13 +12,14 @@ namespace dde::objective {
 
 namespace {
 
-constexpr std::array<std::pair<Method, const char*>, 6> kMethodNames = {{
+constexpr std::array<std::pair<Method, const char*>, 7> kMethodNames = {{
     {Method::kSft, "sft"},
     {Method::kUniform, "uniform"},
     {Method::kDiscounted, "discounted"},
     {Method::kDdeSingle, "dde_single"},
     {Method::kDdeStep, "dde_step"},
     {Method::kDde, "dde"},
+    {Method::kUniformCt, "uniform_ct"},
 }};
 
 // softplus(x) = log(1 + e^x) switches to x above the threshold; at 40 the dropped term e^-40 is
@@ -123,8 +124,14 @@ bool uses_reference(Method method) { return method != Method::kSft; }
 bool uses_correction(Method method) { return method == Method::kDdeStep || method == Method::kDde; }
 
 TimestepDistribution method_distribution(Method method) {
-  return method == Method::kDiscounted ? TimestepDistribution::kDiscounted
-                                       : TimestepDistribution::kUniform;
+  switch (method) {
+    case Method::kDiscounted:
+      return TimestepDistribution::kDiscounted;
+    case Method::kUniformCt:
+      return TimestepDistribution::kProportionalToCt;
+    default:
+      return TimestepDistribution::kUniform;
+  }
 }
 
 torch::Tensor delta(const PairErrors& errors) {
@@ -172,6 +179,7 @@ MethodOutput compute_method(Method method, const PairErrors& errors, const torch
       return sft(errors);
     case Method::kUniform:
     case Method::kDiscounted:
+    case Method::kUniformCt:
       return uniform(errors, params);
     case Method::kDdeSingle:
       return dde_single(errors, gather_table(schedule, schedule.single_shot, t, device), params);
@@ -180,7 +188,7 @@ MethodOutput compute_method(Method method, const PairErrors& errors, const torch
     case Method::kDde:
       return dde(errors, gather_table(schedule, schedule.single_shot, t, device), C_t, params);
   }
-  throw Error({"unknown method", where, "one of the six methods", "an invalid enum value", ""});
+  throw Error({"unknown method", where, "one of the seven methods", "an invalid enum value", ""});
 }
 
 torch::Tensor transition_estimate(const PairErrors& errors, const torch::Tensor& t,
@@ -211,6 +219,33 @@ torch::Tensor credit_weight(Method method, const MethodOutput& output, const tor
     weight = weight * gather_table(schedule, schedule.stepwise, t, z.device());
   }
   return weight;
+}
+
+double single_shot_geometric_mean(const NoiseSchedule& schedule, int64_t t_lo, int64_t t_hi) {
+  const std::string where = "objective::single_shot_geometric_mean";
+  const int64_t T = schedule.num_timesteps;
+  if (t_lo < 0 || t_hi > T || t_lo >= t_hi) {
+    throw Error({"bad timestep window", where + ": [t_lo, t_hi)",
+                 "0 <= t_lo < t_hi <= T = " + std::to_string(T),
+                 "[" + std::to_string(t_lo) + ", " + std::to_string(t_hi) + ")",
+                 "pass the timestep sampler's window (method.t_lo / method.t_hi)"});
+  }
+  if (static_cast<int64_t>(schedule.single_shot.size()) != T) {
+    throw Error({"bad noise schedule", where + ": schedule.single_shot",
+                 "length T = " + std::to_string(T), std::to_string(schedule.single_shot.size()),
+                 "build the schedule with NoiseSchedule::scaled_linear"});
+  }
+  // Mean of ln c_t in float64; c_t > 0 for every t of a valid schedule.
+  double sum_log = 0.0;
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    sum_log += std::log(schedule.single_shot[static_cast<size_t>(t)]);
+  }
+  return std::exp(sum_log / static_cast<double>(t_hi - t_lo));
+}
+
+double calibrated_beta(double beta, const NoiseSchedule& schedule, int64_t t_lo, int64_t t_hi) {
+  check_params({beta, 0.0}, "objective::calibrated_beta");
+  return beta / single_shot_geometric_mean(schedule, t_lo, t_hi);
 }
 
 }  // namespace dde::objective

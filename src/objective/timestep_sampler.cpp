@@ -10,6 +10,24 @@ namespace dde::objective {
 
 namespace {
 
+void check_single_shot(const TimestepSamplerOptions& o) {
+  const std::string where = "TimestepSampler: single_shot";
+  if (static_cast<int64_t>(o.single_shot.size()) != o.num_timesteps) {
+    throw Error({"bad timestep sampler option", where,
+                 "c_t, length T = " + std::to_string(o.num_timesteps),
+                 "length " + std::to_string(o.single_shot.size()),
+                 "p(t) proportional to c_t needs the noise schedule's single_shot table"});
+  }
+  for (size_t t = 0; t < o.single_shot.size(); ++t) {
+    const double c = o.single_shot[t];
+    if (!std::isfinite(c) || c <= 0.0) {
+      throw Error({"bad timestep sampler option", where + "[" + std::to_string(t) + "]",
+                   "finite > 0", std::to_string(c),
+                   "pass NoiseSchedule::single_shot, c_t = (1 - abar_t) / abar_t"});
+    }
+  }
+}
+
 void check_options(const TimestepSamplerOptions& o) {
   const std::string where = "TimestepSampler";
   if (o.num_timesteps < 1) {
@@ -32,22 +50,38 @@ void check_options(const TimestepSamplerOptions& o) {
                    std::to_string(o.sampler_steps), "the number of steps of the sampler, e.g. 50"});
     }
   }
+  if (o.distribution == TimestepDistribution::kProportionalToCt) {
+    check_single_shot(o);
+  }
+}
+
+// Unnormalised p(t) for t in the window. Discounted: log p(t) = (T-1-t) (K/T) log gamma up to a
+// constant, taken relative to t_hi - 1 (the window's largest weight) so nothing under/overflows.
+double window_weight(const TimestepSamplerOptions& o, int64_t t) {
+  switch (o.distribution) {
+    case TimestepDistribution::kUniform:
+      return 1.0;
+    case TimestepDistribution::kDiscounted: {
+      const double per_step =
+          static_cast<double>(o.sampler_steps) / static_cast<double>(o.num_timesteps);
+      return std::exp(static_cast<double>(o.t_hi - 1 - t) * per_step * std::log(o.gamma));
+    }
+    case TimestepDistribution::kProportionalToCt:
+      return o.single_shot[static_cast<size_t>(t)];
+  }
+  throw Error({"unknown timestep distribution", "TimestepSampler", "uniform, discounted or c_t",
+               "an invalid enum value", ""});
 }
 
 }  // namespace
 
-TimestepSampler::TimestepSampler(TimestepSamplerOptions options) : options_(options) {
+TimestepSampler::TimestepSampler(TimestepSamplerOptions options) : options_(std::move(options)) {
   check_options(options_);
   const int64_t T = options_.num_timesteps;
   probabilities_.assign(static_cast<size_t>(T), 0.0);
-  // log p(t) = (T-1-t) (K/T) log gamma up to a constant; uniform is gamma = 1.
-  const double log_gamma =
-      options_.distribution == TimestepDistribution::kDiscounted ? std::log(options_.gamma) : 0.0;
-  const double per_step = static_cast<double>(options_.sampler_steps) / static_cast<double>(T);
-  // Largest weight in the window is at t_hi - 1; normalise there so nothing under/overflows.
   double total = 0.0;
   for (int64_t t = options_.t_lo; t < options_.t_hi; ++t) {
-    const double w = std::exp(static_cast<double>(options_.t_hi - 1 - t) * per_step * log_gamma);
+    const double w = window_weight(options_, t);
     probabilities_[static_cast<size_t>(t)] = w;
     total += w;
   }

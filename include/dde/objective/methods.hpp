@@ -1,7 +1,7 @@
-// The six training objectives of docs/method.md §3: one small pure function per row of the
-// method table. Inputs are per-pair errors e[model, side] ([B] each, any float dtype, any device);
-// everything is computed in float64 and autograd flows back to the inputs. Losses are per pair;
-// the trainer takes the mean.
+// The training objectives of docs/method.md §3 and the control uniform_ct of §7.3: one small pure
+// function per row of the method table. Inputs are per-pair errors e[model, side] ([B] each, any
+// float dtype, any device); everything is computed in float64 and autograd flows back to the
+// inputs. Losses are per pair; the trainer takes the mean.
 #pragma once
 
 #include <torch/torch.h>
@@ -13,14 +13,17 @@
 
 namespace dde::objective {
 
-enum class Method { kSft, kUniform, kDiscounted, kDdeSingle, kDdeStep, kDde };
+// kUniformCt (§7.3): uniform's z with t drawn from p(t) ∝ c_t, a control for where the credit goes.
+enum class Method { kSft, kUniform, kDiscounted, kDdeSingle, kDdeStep, kDde, kUniformCt };
 
-// "sft", "uniform", "discounted", "dde_single", "dde_step", "dde"; anything else throws dde::Error.
+// "sft", "uniform", "discounted", "dde_single", "dde_step", "dde", "uniform_ct"; anything else
+// throws dde::Error.
 Method parse_method(const std::string& name);
 const char* method_name(Method method);
-bool uses_reference(Method method);                       // every method but sft
-bool uses_correction(Method method);                      // dde_step and dde read C_t
-TimestepDistribution method_distribution(Method method);  // discounted: kDiscounted, else kUniform
+bool uses_reference(Method method);   // every method but sft
+bool uses_correction(Method method);  // dde_step and dde read C_t
+// discounted: kDiscounted, uniform_ct: kProportionalToCt, else kUniform.
+TimestepDistribution method_distribution(Method method);
 
 // e = mean over latent elements of (eps - eps_model)^2, one number per image, each [B].
 // ref_w / ref_l may be undefined for sft.
@@ -40,7 +43,7 @@ struct MethodOutput {
 
 // loss = e[policy,w]: plain denoising loss on winners, no reference model.
 MethodOutput sft(const PairErrors& errors);
-// Diffusion-DPO: z = -0.5 beta Delta. Also the discounted method (only its sampling differs).
+// Diffusion-DPO: z = -0.5 beta Delta. Also discounted and uniform_ct (only their sampling differs).
 MethodOutput uniform(const PairErrors& errors, const MethodParams& params);
 // z = -0.5 beta c_t Delta. c_t: [B].
 MethodOutput dde_single(const PairErrors& errors, const torch::Tensor& c_t,
@@ -67,9 +70,18 @@ torch::Tensor transition_estimate(const PairErrors& errors, const torch::Tensor&
                                   const NoiseSchedule& schedule);
 
 // Credit weight k_t sigmoid(-z) (section 5): dL/d e[policy,w] = 0.5 beta k_t sigmoid(-z), with k_t
-// = 1 (uniform, discounted), c_t (dde_single, dde), lambda_t (dde_step). For sft, where
+// = 1 (uniform, discounted, uniform_ct), c_t (dde_single, dde), lambda_t (dde_step). For sft, where
 // dL/d e[policy,w] = 1, the weight is 1. [B] float64, detached.
 torch::Tensor credit_weight(Method method, const MethodOutput& output, const torch::Tensor& t,
                             const NoiseSchedule& schedule);
+
+// Calibrated temperature (§7.1, method.temperature: calibrated), for dde_single and dde only (the
+// config refuses it for the other methods): beta / G, G = exp(mean over t in [t_lo, t_hi) of
+// ln c_t), the geometric mean of c_t over the timesteps the sampler can draw, so that the
+// trajectory's middle (c_t = G) runs at the configured beta. Pass the sampler's window (all T:
+// [0, T)). Throws dde::Error on beta not finite > 0 or a window outside [0, T].
+double calibrated_beta(double beta, const NoiseSchedule& schedule, int64_t t_lo, int64_t t_hi);
+// G alone (e.g. for the start-up log); same window rules.
+double single_shot_geometric_mean(const NoiseSchedule& schedule, int64_t t_lo, int64_t t_hi);
 
 }  // namespace dde::objective

@@ -181,6 +181,158 @@ TEST(CorrectionEma, NonFiniteStepMustBeSkippedNotApplied) {
   EXPECT_TRUE(torch::equal(ema.values(), before));
 }
 
+// Section 7.2's worked value: one update with d = x at t gives E[t] = 0.1 x, n[t] = 1, Ê[t] = x.
+TEST(CorrectionEma, DebiasWorkedValue) {
+  const double x = 0.37;
+  CorrectionEma plain(1000, 0.9);
+  CorrectionEma debiased(1000, 0.9, torch::kCPU, /*debias=*/true);
+  EXPECT_FALSE(plain.debias());
+  EXPECT_TRUE(debiased.debias());
+  for (CorrectionEma* ema : {&plain, &debiased}) {
+    ema->accumulate(steps({100}), f64({x}));
+    ema->apply();
+    EXPECT_NEAR(at(ema->values(), 100), 0.1 * x, 1e-16);  // E is updated the same either way
+    EXPECT_EQ(ema->update_counts()[100].item<int64_t>(), 1);
+  }
+  const auto t = steps({0, 99, 100});
+  const auto C_plain = plain.correction(t);
+  const auto C_debiased = debiased.correction(t);
+  EXPECT_NEAR(at(C_plain, 1), 0.1 * x, 1e-16);  // C_99
+  EXPECT_DOUBLE_EQ(at(C_debiased, 1), x);       // C_99 = Ê[100] = x
+  EXPECT_DOUBLE_EQ(at(C_debiased, 0), x);       // C_0: every other n[k] = 0 reads as 0
+  EXPECT_EQ(at(C_debiased, 2), 0.0);            // C_100: the sum over k > 100 is empty
+}
+
+TEST(CorrectionEma, DebiasedConstantInputIsTheInput) {
+  // E[k] after n updates with the same d is (1 - mu^n) d: Ê[k] = d for every n, where E lags.
+  CorrectionEma ema(1000, 0.9, torch::kCPU, /*debias=*/true);
+  for (int step = 1; step <= 5; ++step) {
+    ema.accumulate(steps({10, 10}), f64({1.5, 2.5}));  // mean 2 at t = 10
+    if (step % 2 == 1) {
+      ema.accumulate(steps({20}), f64({-1.0}));  // at t = 20 on odd steps only
+    }
+    ema.apply();
+    EXPECT_NEAR(at(ema.values(), 10), (1.0 - std::pow(0.9, step)) * 2.0, 1e-14);
+    EXPECT_NEAR(at(ema.correction(steps({15})), 0), -1.0, 1e-14) << "step " << step;  // Ê[20]
+    EXPECT_NEAR(at(ema.correction(steps({5})), 0), 2.0 - 1.0, 1e-14) << "step " << step;
+  }
+}
+
+TEST(CorrectionEma, WorkedExampleUnchangedWithDebiasOff) {
+  CorrectionEma ema(1000, 0.9, torch::kCPU, /*debias=*/false);
+  accumulate_worked_step(ema);
+  ema.apply();
+  const auto C = ema.correction(steps({0, 7}));
+  w::expect_worked_value("C_0 (debias off)", at(C, 0), 6.3972060e-04, kTol);
+  w::expect_worked_value("C_7 (debias off)", at(C, 1), 2.2928609e-07, kTol);
+  // With debias, one update each: Ê = E / 0.1.
+  CorrectionEma debiased(1000, 0.9, torch::kCPU, /*debias=*/true);
+  accumulate_worked_step(debiased);
+  debiased.apply();
+  EXPECT_TRUE(torch::equal(debiased.values(), ema.values()));
+  EXPECT_NEAR(at(debiased.correction(steps({0})), 0), 6.3972060e-03, 1e-10);
+}
+
+TEST(CorrectionEma, UpdateCountsCountAppliesPerTimestep) {
+  CorrectionEma ema(1000, 0.9);
+  const auto& n = ema.update_counts();
+  EXPECT_EQ(n.scalar_type(), torch::kInt64);
+  EXPECT_EQ(n.sizes(), torch::IntArrayRef({1000}));
+  EXPECT_EQ(n.count_nonzero().item<int64_t>(), 0);
+  ema.accumulate(steps({3, 3, 5}), f64({1.0, 2.0, 3.0}));  // t = 3 twice: one update
+  ema.apply();
+  ema.accumulate(steps({5, 7}), f64({1.0, 1.0}));
+  ema.accumulate(steps({5}), f64({1.0}));  // a second micro-batch of the same step
+  ema.apply();
+  ema.apply();  // a step without pairs
+  ema.accumulate(steps({999}), f64({1.0}));
+  ema.clear_pending();  // a skipped step
+  ema.apply();
+  EXPECT_EQ(ema.updates(), 4);
+  EXPECT_EQ(ema.update_counts()[3].item<int64_t>(), 1);
+  EXPECT_EQ(ema.update_counts()[5].item<int64_t>(), 2);
+  EXPECT_EQ(ema.update_counts()[7].item<int64_t>(), 1);
+  EXPECT_EQ(ema.update_counts().sum().item<int64_t>(), 4);
+  // A refused apply() leaves the counts alone.
+  ema.accumulate(steps({3}), f64({std::nan("")}));
+  EXPECT_THROW(ema.apply(), dde::Error);
+  EXPECT_EQ(ema.update_counts()[3].item<int64_t>(), 1);
+}
+
+TEST(CorrectionEma, StateRoundTripsUpdateCounts) {
+  CorrectionEma ema(1000, 0.9, torch::kCPU, /*debias=*/true);
+  accumulate_worked_step(ema);
+  ema.apply();
+  ema.accumulate(steps({7, 500}), f64({1e-3, -2e-3}));
+  ema.apply();
+  const auto state = ema.state();
+  ASSERT_EQ(state.counts.size(), 1000u);
+  EXPECT_EQ(state.counts[7], 2);
+  EXPECT_EQ(state.counts[100], 1);
+  EXPECT_EQ(state.counts[500], 1);
+  EXPECT_EQ(state.counts[0], 0);
+  CorrectionEma restored(1000, 0.9, torch::kCPU, /*debias=*/true);
+  restored.load_state(state);
+  EXPECT_TRUE(torch::equal(restored.update_counts(), ema.update_counts()));
+  const auto t = torch::arange(1000, torch::kInt64);
+  EXPECT_TRUE(torch::equal(restored.correction(t), ema.correction(t)));
+  // Both continue identically.
+  ema.accumulate(steps({7}), f64({5e-4}));
+  restored.accumulate(steps({7}), f64({5e-4}));
+  ema.apply();
+  restored.apply();
+  EXPECT_TRUE(torch::equal(restored.correction(t), ema.correction(t)));
+  EXPECT_EQ(restored.update_counts()[7].item<int64_t>(), 3);
+}
+
+TEST(CorrectionEma, StateWithoutCountsLoadsAsZeros) {
+  // A checkpoint written before section 7.2: E and updates only.
+  CorrectionEma ema(1000, 0.9);
+  accumulate_worked_step(ema);
+  ema.apply();
+  auto old = ema.state();
+  old.counts.clear();
+  CorrectionEma restored(1000, 0.9);
+  restored.load_state(old);
+  EXPECT_EQ(restored.update_counts().count_nonzero().item<int64_t>(), 0);
+  EXPECT_TRUE(torch::equal(restored.values(), ema.values()));
+  const auto t = torch::arange(1000, torch::kInt64);
+  EXPECT_TRUE(torch::equal(restored.correction(t), ema.correction(t)));
+  // With debias it would read C_t = 0 where E says otherwise: refused, naming the way out.
+  CorrectionEma debiased(1000, 0.9, torch::kCPU, /*debias=*/true);
+  expect_error_mentions([&] { debiased.load_state(old); },
+                        {"without update counts", "E[7]", "ema_debias: false"});
+  // An all-zero E without counts is a fresh start either way.
+  debiased.load_state(CorrectionEma(1000, 0.9).state());
+  old = CorrectionEma(1000, 0.9).state();
+  old.counts.clear();
+  debiased.load_state(old);
+  EXPECT_EQ(debiased.update_counts().count_nonzero().item<int64_t>(), 0);
+}
+
+TEST(CorrectionEma, RejectsBadUpdateCounts) {
+  CorrectionEma ema(1000, 0.9);
+  accumulate_worked_step(ema);
+  ema.apply();
+  CorrectionEma target(1000, 0.9);
+  auto state = ema.state();
+  ASSERT_EQ(state.counts.size(), 1000u);
+  state.counts.resize(500);
+  expect_error_mentions([&] { target.load_state(state); }, {"counts", "length T = 1000", "500"});
+  state = ema.state();
+  state.counts[3] = -1;
+  expect_error_mentions([&] { target.load_state(state); }, {"counts", "0 <= n[k] <= updates"});
+  state = ema.state();
+  state.counts[3] = 2;  // more updates of E[3] than apply() calls
+  expect_error_mentions([&] { target.load_state(state); }, {"updates = 1", "2"});
+  // Counts that miss a nonzero E[k] are refused with debias only.
+  state = ema.state();
+  state.counts[7] = 0;
+  target.load_state(state);
+  CorrectionEma debiased(1000, 0.9, torch::kCPU, /*debias=*/true);
+  expect_error_mentions([&] { debiased.load_state(state); }, {"E[7]", "n[k] >= 1"});
+}
+
 TEST(CorrectionEma, RejectsBadArguments) {
   expect_error_mentions([] { CorrectionEma(1000, 1.0); }, {"momentum", "[0, 1)"});
   expect_error_mentions([] { CorrectionEma(1000, -0.1); }, {"momentum"});

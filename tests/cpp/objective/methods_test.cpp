@@ -16,9 +16,10 @@ namespace {
 namespace w = worked;
 
 const std::vector<Method> kAllMethods = {Method::kSft,       Method::kUniform, Method::kDiscounted,
-                                         Method::kDdeSingle, Method::kDdeStep, Method::kDde};
+                                         Method::kDdeSingle, Method::kDdeStep, Method::kDde,
+                                         Method::kUniformCt};
 const std::vector<Method> kDpoMethods = {Method::kUniform, Method::kDiscounted, Method::kDdeSingle,
-                                         Method::kDdeStep, Method::kDde};
+                                         Method::kDdeStep, Method::kDde,        Method::kUniformCt};
 
 const NoiseSchedule& schedule() {
   static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
@@ -40,6 +41,8 @@ TEST(Methods, NamesRoundTrip) {
     EXPECT_EQ(parse_method(method_name(m)), m);
   }
   EXPECT_STREQ(method_name(Method::kDdeSingle), "dde_single");
+  EXPECT_STREQ(method_name(Method::kUniformCt), "uniform_ct");
+  EXPECT_EQ(parse_method("uniform_ct"), Method::kUniformCt);
   expect_error_mentions([] { parse_method("dpo"); },
                         {"unknown method", "'dpo'", "sft, uniform, discounted, dde_single"});
 }
@@ -53,6 +56,10 @@ TEST(Methods, Properties) {
   EXPECT_TRUE(uses_correction(Method::kDdeStep));
   EXPECT_FALSE(uses_correction(Method::kDdeSingle));
   EXPECT_FALSE(uses_correction(Method::kUniform));
+  EXPECT_TRUE(uses_reference(Method::kUniformCt));
+  EXPECT_FALSE(uses_correction(Method::kUniformCt));
+  EXPECT_EQ(method_distribution(Method::kUniformCt), TimestepDistribution::kProportionalToCt);
+  EXPECT_EQ(method_distribution(Method::kUniform), TimestepDistribution::kUniform);
   EXPECT_EQ(method_distribution(Method::kDiscounted), TimestepDistribution::kDiscounted);
   EXPECT_EQ(method_distribution(Method::kDde), TimestepDistribution::kUniform);
   EXPECT_EQ(method_distribution(Method::kSft), TimestepDistribution::kUniform);
@@ -104,6 +111,7 @@ TEST(Methods, WorkedPairThroughTheDispatcherInFloat32) {
   for (const Row& row :
        {Row{Method::kUniform, 1.7500000, 0.16022415},
         Row{Method::kDiscounted, 1.7500000, 0.16022415},
+        Row{Method::kUniformCt, 1.7500000, 0.16022415},
         Row{Method::kDdeSingle, 0.20700520, 0.59499144},
         Row{Method::kDdeStep, 1.0229286, 0.30714673}, Row{Method::kDde, 1.2070052, 0.26166530}}) {
     const auto out = compute_method(row.method, e, t, C, params, schedule());
@@ -198,6 +206,7 @@ TEST(Methods, CreditWeightUsesTheMethodsCoefficient) {
   };
   const auto sig = [](double z) { return 1.0 / (1.0 + std::exp(z)); };  // sigmoid(-z)
   EXPECT_NEAR(weight(Method::kUniform), sig(1.75), 1e-12);
+  EXPECT_NEAR(weight(Method::kUniformCt), sig(1.75), 1e-12);  // k_t = 1 (section 7.3)
   EXPECT_NEAR(weight(Method::kDdeSingle), s.single_shot[100] * sig(0.2070052049216116), 1e-12);
   EXPECT_NEAR(weight(Method::kDdeStep), s.stepwise[100] * sig(1.022928609183992), 1e-12);
   EXPECT_NEAR(weight(Method::kDde), s.single_shot[100] * sig(1.2070052049216116), 1e-12);
@@ -266,6 +275,40 @@ TEST(Methods, RejectsBadArguments) {
                         {"objective::dde: C_t"});
   expect_error_mentions([&] { credit_weight(Method::kDde, MethodOutput{}, t, s); },
                         {"output.z", "undefined"});
+}
+
+// Section 7.1 prints G and beta / G to 7 significant digits: rounding allows 5e-7 relative.
+constexpr double kCalibratedTol = 5e-7;
+
+TEST(Methods, CalibratedBetaMatchesWorkedValues) {
+  const auto& s = schedule();
+  w::expect_worked_value("G over all T", single_shot_geometric_mean(s, 0, 1000), 2.628785,
+                         kCalibratedTol);
+  w::expect_worked_value("calibrated beta, all T", calibrated_beta(w::kBeta, s, 0, 1000), 1902.019,
+                         kCalibratedTol);
+  w::expect_worked_value("G over [200, 700)", single_shot_geometric_mean(s, 200, 700), 1.890212,
+                         kCalibratedTol);
+  w::expect_worked_value("calibrated beta, [200, 700)", calibrated_beta(w::kBeta, s, 200, 700),
+                         2645.206, kCalibratedTol);
+  // A one-timestep window: G is c_t itself.
+  EXPECT_NEAR(single_shot_geometric_mean(s, 501, 502), s.single_shot[501], 1e-15);
+  // "The middle of the trajectory (c_t = G at t ~ 501)".
+  EXPECT_LT(s.single_shot[500], single_shot_geometric_mean(s, 0, 1000));
+  EXPECT_GT(s.single_shot[502], single_shot_geometric_mean(s, 0, 1000));
+}
+
+TEST(Methods, CalibratedBetaRejectsBadArguments) {
+  const auto& s = schedule();
+  expect_error_mentions([&] { calibrated_beta(w::kBeta, s, 700, 200); },
+                        {"[700, 200)", "t_lo < t_hi <= T = 1000"});
+  expect_error_mentions([&] { calibrated_beta(w::kBeta, s, 0, 1001); }, {"[0, 1001)"});
+  expect_error_mentions([&] { calibrated_beta(w::kBeta, s, -1, 10); }, {"[-1, 10)"});
+  expect_error_mentions([&] { calibrated_beta(0.0, s, 0, 1000); }, {"calibrated_beta: beta"});
+  expect_error_mentions([&] { calibrated_beta(std::nan(""), s, 0, 1000); }, {"beta", "finite"});
+  NoiseSchedule broken = s;
+  broken.single_shot.resize(10);
+  expect_error_mentions([&] { single_shot_geometric_mean(broken, 0, 1000); },
+                        {"single_shot", "length T = 1000", "10"});
 }
 
 TEST(Methods, RunsOnCuda) {

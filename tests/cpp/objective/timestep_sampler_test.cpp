@@ -5,8 +5,10 @@
 #include <cmath>
 #include <numeric>
 
+#include "dde/objective/schedule.hpp"
 #include "dde/util/error.hpp"
 #include "objective/worked_values.hpp"
+#include "util/expect_error.hpp"
 
 namespace dde::objective {
 namespace {
@@ -21,6 +23,21 @@ TimestepSamplerOptions discounted(int64_t t_lo = 0, int64_t t_hi = 1000) {
 
 TimestepSamplerOptions uniform(int64_t t_lo = 0, int64_t t_hi = 1000) {
   TimestepSamplerOptions o;
+  o.t_lo = t_lo;
+  o.t_hi = t_hi;
+  return o;
+}
+
+const NoiseSchedule& schedule() {
+  static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
+  return s;
+}
+
+// uniform_ct's p(t) ∝ c_t (section 7.3).
+TimestepSamplerOptions proportional_to_ct(int64_t t_lo = 0, int64_t t_hi = 1000) {
+  TimestepSamplerOptions o;
+  o.distribution = TimestepDistribution::kProportionalToCt;
+  o.single_shot = schedule().single_shot;
   o.t_lo = t_lo;
   o.t_hi = t_hi;
   return o;
@@ -75,6 +92,34 @@ TEST(TimestepSampler, DiscountedRatioMatchesWorkedValue) {
   EXPECT_NEAR(p[979] / p[999], 0.9, 1e-12);
 }
 
+TEST(TimestepSampler, ProportionalToCtRatioMatchesWorkedValue) {
+  const TimestepSampler s(proportional_to_ct());
+  const auto& p = s.probabilities();
+  ASSERT_EQ(p.size(), 1000u);
+  EXPECT_NEAR(sum(p), 1.0, 1e-12);
+  // Section 7.3 gives 251066.1 (7 significant digits: rounding allows 2e-7).
+  worked::expect_worked_value("p(999)/p(0) uniform_ct", p[999] / p[0], 251066.1, 2e-7);
+  for (size_t t = 0; t < p.size(); ++t) {
+    ASSERT_NEAR(p[t] / p[500], schedule().single_shot[t] / schedule().single_shot[500], 1e-12)
+        << "t = " << t;
+  }
+}
+
+TEST(TimestepSampler, ProportionalToCtWindowRestrictsAndRenormalises) {
+  const TimestepSampler window(proportional_to_ct(200, 700));
+  const auto& p = window.probabilities();
+  EXPECT_NEAR(sum(p), 1.0, 1e-12);
+  double window_ct = 0.0;
+  for (int64_t t = 200; t < 700; ++t) {
+    window_ct += schedule().single_shot[static_cast<size_t>(t)];
+  }
+  for (size_t t = 0; t < 1000; ++t) {
+    const double expected =
+        t < 200 || t >= 700 ? 0.0 : schedule().single_shot[t] / window_ct;  // c_t / sum
+    ASSERT_NEAR(p[t], expected, 1e-15) << "t = " << t;
+  }
+}
+
 TEST(TimestepSampler, GammaOneIsUniform) {
   auto o = discounted();
   o.gamma = 1.0;
@@ -111,6 +156,28 @@ TEST(TimestepSampler, DiscountedSamplesMatchProbabilities) {
   expect_histogram_matches(TimestepSampler(discounted()), 400000, 2);
 }
 
+TEST(TimestepSampler, ProportionalToCtSamplesMatchProbabilities) {
+  expect_histogram_matches(TimestepSampler(proportional_to_ct(200, 700)), 200000, 6);
+  // Over all T most bins expect under one draw, too few for Pearson's test: check the mean of t
+  // against sum_t t c_t / sum_t c_t within 6 standard errors instead.
+  const auto& c = schedule().single_shot;
+  const double total = sum(c);
+  double mean = 0.0;
+  double second = 0.0;
+  for (size_t t = 0; t < c.size(); ++t) {
+    mean += static_cast<double>(t) * c[t] / total;
+    second += static_cast<double>(t * t) * c[t] / total;
+  }
+  const TimestepSampler s(proportional_to_ct());
+  const int64_t n = 400000;
+  auto gen = at::detail::createCPUGenerator(7);
+  const auto t = s.sample(n, gen);
+  EXPECT_GE(t.min().item<int64_t>(), 0);
+  EXPECT_LT(t.max().item<int64_t>(), 1000);
+  const double standard_error = std::sqrt((second - mean * mean) / static_cast<double>(n));
+  EXPECT_NEAR(t.to(torch::kFloat64).mean().item<double>(), mean, 6.0 * standard_error);
+}
+
 TEST(TimestepSampler, WindowedSamplesNeverLeaveTheWindow) {
   expect_histogram_matches(TimestepSampler(uniform(200, 700)), 200000, 3);
   expect_histogram_matches(TimestepSampler(discounted(200, 700)), 200000, 4);
@@ -129,6 +196,13 @@ TEST(TimestepSampler, SameSeedSameDraws) {
   EXPECT_TRUE(torch::equal(ta, s.sample(256, b)));
   EXPECT_FALSE(torch::equal(ta, s.sample(256, c)));
   EXPECT_EQ(s.sample(0, a).numel(), 0);
+  const TimestepSampler ct(proportional_to_ct(200, 700));
+  auto d = at::detail::createCPUGenerator(42);
+  auto e = at::detail::createCPUGenerator(42);
+  auto f = at::detail::createCPUGenerator(43);
+  const auto td = ct.sample(256, d);
+  EXPECT_TRUE(torch::equal(td, ct.sample(256, e)));
+  EXPECT_FALSE(torch::equal(td, ct.sample(256, f)));
 }
 
 TEST(TimestepSampler, RejectsBadOptions) {
@@ -157,6 +231,15 @@ TEST(TimestepSampler, RejectsBadOptions) {
   const TimestepSampler s(uniform());
   auto gen = at::detail::createCPUGenerator(0);
   EXPECT_THROW(s.sample(-1, gen), dde::Error);
+  o = proportional_to_ct();
+  o.single_shot.clear();
+  expect_error_mentions([&] { const TimestepSampler sampler(o); },
+                        {"single_shot", "length T = 1000", "0"});
+  o = proportional_to_ct();
+  o.single_shot[17] = 0.0;
+  expect_error_mentions([&] { const TimestepSampler sampler(o); }, {"single_shot[17]", "> 0"});
+  o.single_shot[17] = std::nan("");
+  expect_error_mentions([&] { const TimestepSampler sampler(o); }, {"single_shot[17]", "finite"});
 }
 
 }  // namespace
