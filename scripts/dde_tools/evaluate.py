@@ -244,9 +244,13 @@ def prepare_folder(stage: Path, previous: Path | None, pipeline: Pipeline, setti
 
 
 def sample(pipeline: Pipeline, prompts: list[str], args: argparse.Namespace, device: torch.device,
-           dtype: torch.dtype, stage: Path, done: dict) -> list[dict]:
-    """Draw the images of one pipeline not in `done` into stage/images/NAME; one record per image."""
+           dtype: torch.dtype, stage: Path | None = None, done: dict | None = None) -> list[dict]:
+    """Draw the images of one pipeline not in `done` into stage/images/NAME (stage: args.out by
+    default, as experiments/miniature calls it); one record per image."""
+    stage = Path(args.out) if stage is None else stage
+    done = {} if done is None else done
     folder = stage / "images" / pipeline.name
+    folder.mkdir(parents=True, exist_ok=True)
     items = [(i, j) for i in range(len(prompts)) for j in range(args.images_per_prompt)]
     todo = [item for item in items if item not in done]
     progress = Progress(len(items), f"{TOOL}: {pipeline.name}", initial=len(items) - len(todo))
