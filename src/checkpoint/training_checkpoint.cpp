@@ -19,6 +19,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr const char* kCorrectionKey = "correction.E";
+constexpr const char* kCorrectionCountsKey = "correction.n";
 
 std::string rank_file(const std::string& dir, int64_t rank) {
   return (fs::path(dir) / fmt::format("rank-{:05d}.json", rank)).string();
@@ -107,6 +108,9 @@ void write_shared_state(const std::string& dir, const SharedState& s) {
                    {{"format", "pt"}});
   NamedTensors training_state = s.optimizer;
   training_state.emplace_back(kCorrectionKey, s.correction);
+  if (s.correction_counts.defined()) {
+    training_state.emplace_back(kCorrectionCountsKey, s.correction_counts);
+  }
   save_safetensors(training_state_path(dir), training_state);
   const json trainer_state = {
       {"format", "dde-checkpoint"},
@@ -183,6 +187,8 @@ SharedState read_shared_state(const std::string& dir) {
   for (auto& [name, tensor] : load_safetensors(training_state_path(dir)).tensors) {
     if (name == kCorrectionKey) {
       s.correction = tensor;
+    } else if (name == kCorrectionCountsKey) {
+      s.correction_counts = tensor;
     } else {
       s.optimizer.emplace_back(name, tensor);
     }

@@ -123,8 +123,8 @@ Rule non_empty_list(Rule each) {
   return each;
 }
 
-const std::vector<std::string> kMethodNames = {"sft",        "uniform",  "discounted",
-                                               "dde_single", "dde_step", "dde"};
+const std::vector<std::string> kMethodNames = {"sft",      "uniform", "discounted", "dde_single",
+                                               "dde_step", "dde",     "uniform_ct"};
 
 // ---------------------------------------------------------------------------------------------
 // The field table: every key of every section, in file order. A visitor is called as
@@ -172,6 +172,9 @@ void for_each_field(Visitor&& v) {
   v("method", &C::method, "sampler_steps", &MethodConfig::sampler_steps, at_least(1));
   v("method", &C::method, "t_lo", &MethodConfig::t_lo, at_least(0));
   v("method", &C::method, "t_hi", &MethodConfig::t_hi, at_least(-1));
+  v("method", &C::method, "temperature", &MethodConfig::temperature,
+    one_of({"paper", "calibrated"}));
+  v("method", &C::method, "ema_debias", &MethodConfig::ema_debias, any());
 
   v("optim", &C::optim, "name", &OptimConfig::name, one_of({"adamw", "adafactor"}));
   v("optim", &C::optim, "lr", &OptimConfig::lr, above(0));
@@ -416,6 +419,13 @@ void validate_impl(const TrainConfig& c, const Locate& locate) {
                  std::to_string(c.method.t_hi), "the window is [method.t_lo, method.t_hi)"});
   }
   check_data_memory(c, locate);
+  if (c.method.temperature == "calibrated" && c.method.name != "dde_single" &&
+      c.method.name != "dde") {
+    throw Error({"calibrated temperature for a method without c_t", locate("method.temperature"),
+                 "method.temperature: calibrated with method.name dde_single or dde",
+                 "method.name: " + c.method.name,
+                 "use method.temperature: paper (the calibration divides c_t's scale out)"});
+  }
   if (!c.data.cache.empty() && c.data.random_crop) {
     throw Error({"random crop with a latent cache", locate("data.random_crop"),
                  "data.random_crop: false with data.cache (the cache holds center crops)",

@@ -63,6 +63,9 @@ nlohmann::json EvalResult::to_json(const std::string& method) const {
           {"implicit_acc_by_t", implicit_acc_by_t},
           {"loss_by_t", loss_by_t},
           {"delta_by_t", delta_by_t},
+          {"misranked_by_t", misranked_by_t},
+          {"credit_by_t", credit_by_t},
+          {"z_by_t", z_by_t},
           {"seconds", seconds}};
 }
 
@@ -211,9 +214,10 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
   bool stopped = !d.encoded_ready && !d.encode_all();
   torch::NoGradGuard no_grad;
   const auto nb = static_cast<int64_t>(d.bins().size());
-  // sums[k][j] over this rank's pairs at bin j: k = 0 Delta < 0, 1 loss, 2 Delta, 3 pairs.
+  // sums[k][j] over this rank's pairs at bin j: k = 0 Delta < 0, 1 loss, 2 Delta, 3 pairs,
+  // 4 Delta > 0 (misranked), 5 credit k_t sigmoid(-z), 6 z (docs/method.md §7.4).
   // On the training device: they are all-reduced (NCCL takes device tensors only).
-  torch::Tensor sums = torch::zeros({4, nb}, torch::dtype(torch::kFloat64).device(d.ctx.device));
+  torch::Tensor sums = torch::zeros({7, nb}, torch::dtype(torch::kFloat64).device(d.ctx.device));
   for (size_t i = 0; i < d.encoded.size() && !stopped; ++i) {
     d.test_hooks.before_eval_batch(rank, step, static_cast<int64_t>(i));
     stopped = stop_requested();  // an atomic load, as before every training micro-batch
@@ -238,6 +242,9 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
       sums[1][j] += out.loss.sum().to(torch::kFloat64);
       sums[2][j] += delta.sum().to(torch::kFloat64);
       sums[3][j] += static_cast<double>(B);
+      sums[4][j] += (delta > 0).sum().to(torch::kFloat64);
+      sums[5][j] += objective::credit_weight(d.ctx.method, out, t, *d.ctx.schedule).sum();
+      if (out.z.defined()) sums[6][j] += out.z.detach().sum();
     }
   }
   // As in a training step: a rank that was not signalled finishes first, then the ranks agree.
@@ -252,7 +259,11 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
   r.t_bins = d.bins();
   const torch::Tensor by_t = sums.slice(0, 0, 3) / sums[3];  // [3, nb]
   const torch::Tensor overall = sums.slice(0, 0, 3).sum(1) / sums[3].sum();
+  const torch::Tensor diagnostics = sums.slice(0, 4, 7) / sums[3];  // [3, nb]
   for (int64_t j = 0; j < nb; ++j) {
+    r.misranked_by_t.push_back(diagnostics[0][j].item<double>());
+    r.credit_by_t.push_back(diagnostics[1][j].item<double>());
+    r.z_by_t.push_back(diagnostics[2][j].item<double>());
     r.implicit_acc_by_t.push_back(by_t[0][j].item<double>());
     r.loss_by_t.push_back(by_t[1][j].item<double>());
     r.delta_by_t.push_back(by_t[2][j].item<double>());

@@ -138,6 +138,25 @@ void create_writable_dir(const std::string& dir, const std::string& key) {
   fs::remove(probe, ec);
 }
 
+// The step's per-t-bin figures (docs/method.md §7.4) from the all-reduced sums [4, 10]: pairs,
+// and per bin the fraction ranked the wrong way (Delta > 0), the mean credit and the mean z
+// (null where a bin had no pair, or the method has no reference / no z).
+json t_bin_record(const torch::Tensor& sums, bool has_z, bool has_reference) {
+  const auto a = sums.accessor<double, 2>();
+  json pairs = json::array(), misranked = json::array(), credit = json::array(), z = json::array();
+  for (int64_t b = 0; b < sums.size(1); ++b) {
+    const double n = a[objective::kTBinPairs][b];
+    const auto mean = [&](int64_t row, bool defined) {
+      return n > 0 && defined ? json(a[row][b] / n) : json(nullptr);
+    };
+    pairs.push_back(static_cast<int64_t>(n));
+    misranked.push_back(mean(objective::kTBinMisranked, has_reference));
+    credit.push_back(mean(objective::kTBinCredit, true));
+    z.push_back(mean(objective::kTBinZ, has_z));
+  }
+  return {{"pairs", pairs}, {"misranked", misranked}, {"credit", credit}, {"z", z}};
+}
+
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
   const auto s = static_cast<int64_t>(seconds);
@@ -202,6 +221,7 @@ struct Trainer::Impl {
   struct MicroResult {
     torch::Tensor loss_sum;  // scalar float64, sum over pairs of the micro-batch
     torch::Tensor rows;      // [B, kPairColumns] float64, per-pair record values
+    torch::Tensor t_bins;    // [4, 10] float64 on the device: objective::t_bin_sums
     objective::PairErrors errors;
     bool has_z = false;
   };
@@ -228,7 +248,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
       schedule(objective::NoiseSchedule::scaled_linear(manifest.num_train_timesteps,
                                                        manifest.beta_start, manifest.beta_end)),
       method(objective::parse_method(cfg.method.name)),
-      ema(manifest.num_train_timesteps, cfg.method.ema_momentum, device),
+      ema(manifest.num_train_timesteps, cfg.method.ema_momentum, device, cfg.method.ema_debias),
       store((fs::path(cfg.run.output_dir) / "checkpoints").string(), cfg.checkpoint.keep) {
   log::set_rank(static_cast<int>(env.rank));
   const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, cfg.data.workers);
@@ -237,6 +257,14 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
                                     cfg.dist.force_process_group);
   config::validate_against_timesteps(cfg, manifest.num_train_timesteps);
   method_params.beta = cfg.method.beta;
+  if (cfg.method.temperature == "calibrated") {  // docs/method.md §7.1
+    const int64_t t_hi = config::effective_t_hi(cfg.method, manifest.num_train_timesteps);
+    method_params.beta = objective::calibrated_beta(cfg.method.beta, schedule, cfg.method.t_lo, t_hi);
+    log::info("method.temperature calibrated: beta {} / G {:.6g} = {:.6g} over t in [{}, {})",
+              cfg.method.beta,
+              objective::single_shot_geometric_mean(schedule, cfg.method.t_lo, t_hi),
+              method_params.beta, cfg.method.t_lo, t_hi);
+  }
   method_params.correction_scale = cfg.method.correction_scale;
   resolution = cfg.data.resolution > 0 ? cfg.data.resolution : manifest.resolution;
   if (resolution % manifest.latent_downsample != 0) {
@@ -250,6 +278,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   sampler_options.distribution = objective::method_distribution(method);
   sampler_options.num_timesteps = manifest.num_train_timesteps;
   sampler_options.gamma = cfg.method.gamma;
+  sampler_options.single_shot = schedule.single_shot;  // uniform_ct: p(t) proportional to c_t
   sampler_options.sampler_steps = cfg.method.sampler_steps;
   sampler_options.t_lo = cfg.method.t_lo;
   sampler_options.t_hi = config::effective_t_hi(cfg.method, manifest.num_train_timesteps);
@@ -454,6 +483,10 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   }
 
   MicroResult r;
+  const torch::Tensor credit = objective::credit_weight(method, out, t, schedule);
+  r.t_bins = objective::t_bin_sums(
+      to_device(t), reference ? objective::delta(errors).detach() : torch::Tensor(), credit,
+      out.z.defined() ? out.z.detach() : torch::Tensor(), manifest.num_train_timesteps);
   r.loss_sum = out.loss.sum();
   r.errors = errors;
   r.has_z = out.z.defined();
@@ -468,7 +501,7 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
       {f64(batch.pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
        errors.ref_w.defined() ? f64(errors.ref_w) : nan,
        errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(C_t), r.has_z ? f64(out.z) : nan,
-       f64(out.loss), f64(objective::credit_weight(method, out, t, schedule))},
+       f64(out.loss), f64(credit)},
       1);
   if (objective::uses_reference(method)) {
     ema.accumulate(t, objective::transition_estimate(errors, t, schedule));
@@ -508,6 +541,7 @@ TrainOutcome Trainer::Impl::run() {
     // Rows (and the EMA's pending sums) stay on the device: no host sync inside this loop,
     // which run.cuda_sync_debug: error enforces on a GPU.
     std::vector<torch::Tensor> rows;
+    torch::Tensor t_bins;  // [4, 10]: the step's per-t-bin sums (docs/method.md §7.4)
     bool has_z = false;
     bool stopped = false;  // this rank saw the stop flag before one of its micro-batches
     const data::PairLoaderState position_at_start = loader->state();  // what a stop saves
@@ -529,6 +563,7 @@ TrainOutcome Trainer::Impl::run() {
         loss.backward();
         has_z = r.has_z;
         rows.push_back(r.rows);
+        t_bins = t_bins.defined() ? t_bins + r.t_bins : r.t_bins;
       }
     }
     // Every rank must take the same branch: one collective per step, before the gradient reduce.
@@ -547,7 +582,7 @@ TrainOutcome Trainer::Impl::run() {
 
     // ---- reduce: gradients (all-reduced, or reduce-scattered when sharded), figures ----
     optimizer->reduce_gradients();
-    std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count()};
+    std::vector<torch::Tensor> reduced{stats, ema.pending_sum(), ema.pending_count(), t_bins};
     comm->all_reduce_sum(reduced, kBucketBytes);
     // The rows reach the host once per step (rank 0 writes them).
     const torch::Tensor all_rows =
@@ -614,6 +649,7 @@ TrainOutcome Trainer::Impl::run() {
                   {"epoch", loader->state().epoch}};
       rec["implicit_acc"] = has_z ? json(figure[2] / pairs) : json(nullptr);
       rec["mse_ref"] = reference ? json(figure[4] / pairs) : json(nullptr);
+      rec["t_bins"] = t_bin_record(t_bins.to(torch::kCPU), has_z, reference != nullptr);
       if (cfg.logging.per_sample) write_pair_records(all_rows);
       metrics->write(rec);
       if (cfg.logging.progress && (step % cfg.logging.every == 0 || step == max_steps)) {
@@ -768,6 +804,7 @@ checkpoint::SharedState Trainer::Impl::shared_state() const {
   s.optimizer_sharded = optimizer->sharded();
   if (!optimizer->sharded()) s.optimizer = optimizer->state();
   s.correction = ema.values();
+  s.correction_counts = ema.update_counts();
   s.correction_momentum = ema.momentum();
   s.correction_updates = ema.updates();
   s.unet_config_json = manifest.unet_config_json;
@@ -812,6 +849,10 @@ void Trainer::Impl::load_weights_and_state(const std::string& dir,
   correction.E.assign(E.data_ptr<double>(), E.data_ptr<double>() + E.numel());
   correction.momentum = saved.correction_momentum;
   correction.updates = saved.correction_updates;
+  if (saved.correction_counts.defined()) {
+    const torch::Tensor n = saved.correction_counts.to(torch::kInt64).contiguous();
+    correction.counts.assign(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + n.numel());
+  }
   ema.load_state(correction);
   weight_norm = global_norm(policy->parameters()).item<double>();
 }

@@ -31,6 +31,8 @@ struct SharedState {
   bool optimizer_sharded = false;
   NamedTensors optimizer;    // the whole optimizer state; empty when sharded
   torch::Tensor correction;  // E, float64 [T]
+  // n, int64 [T]: updates each E[k] received ("correction.n"; undefined in older checkpoints)
+  torch::Tensor correction_counts;
   double correction_momentum = 0.0;
   int64_t correction_updates = 0;
   std::string unet_config_json;

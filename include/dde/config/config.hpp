@@ -63,7 +63,8 @@ struct DataConfig {
 };
 
 struct MethodConfig {
-  std::string name = "dde";       // sft | uniform | discounted | dde_single | dde_step | dde
+  // sft | uniform | discounted | dde_single | dde_step | dde | uniform_ct (docs/method.md §7.3)
+  std::string name = "dde";
   double beta = 5000.0;           // > 0, DPO temperature (Diffusion-DPO default)
   double correction_scale = 1.0;  // s: weight of C_t in dde_step / dde (any finite value)
   double ema_momentum = 0.9;      // mu in [0, 1) of the delayed E update (docs/method.md §4)
@@ -71,6 +72,10 @@ struct MethodConfig {
   int64_t sampler_steps = 50;     // > 0: K, sampler steps the discount counts in
   int64_t t_lo = 0;               // >= 0: timestep window [t_lo, t_hi)
   int64_t t_hi = -1;              // -1 = num_train_timesteps; else t_lo < t_hi <= T
+  // paper | calibrated (dde_single and dde only): every beta in z becomes beta / G, G the
+  // geometric mean of c_t over the sampleable t (docs/method.md §7.1).
+  std::string temperature = "paper";
+  bool ema_debias = false;  // C_t from E[k] / (1 - mu^n[k]) (docs/method.md §7.2)
 };
 
 struct OptimConfig {
