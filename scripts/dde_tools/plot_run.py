@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from dde_tools.common import ToolError, check_output, run_main, write_marker  # noqa: E402
 
 TOOL = "plot_run"
-FIGURES = ("training.png", "correction.png", "credit.png", "eval.png")
+FIGURES = ("training.png", "correction.png", "credit.png", "eval.png", "t_bins.png")
 # Fields each kind of record must carry (as dde_train writes them), with their types.
 NUMBER = (int, float)
 REQUIRED = {
@@ -150,20 +150,34 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     x = [r["step"] for r in steps]
-    ax_loss.plot(x, [r["loss"] for r in steps])
+    loss = np.asarray([r["loss"] for r in steps], dtype=np.float64)
+    ax_loss.plot(x, loss, color="C0", alpha=0.25, lw=0.8, label="per step")
+    ax_loss.plot(x, ema(loss), color="C0", lw=2, label=f"EMA ({EMA_WEIGHT})")
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="loss")
-    acc = [r.get("implicit_acc") for r in steps]
-    if any(a is not None for a in acc):
-        ax_acc.plot(x, [np.nan if a is None else a for a in acc])
-    ax_acc.set(xlabel="optimizer step", ylabel="implicit accuracy", title="implicit accuracy", ylim=(-0.05, 1.05))
+    if steps:
+        ax_loss.legend(fontsize=7)
+    acc = np.asarray([np.nan if r.get("implicit_acc") is None else r["implicit_acc"] for r in steps])
+    if np.isfinite(acc).any():
+        ax_acc.plot(x, acc, color="C1", alpha=0.25, lw=0.8)
+        ax_acc.plot(x, ema(acc), color="C1", lw=2)
+    ax_acc.set(xlabel="optimizer step", ylabel="implicit accuracy", title="implicit accuracy (the method's z > 0)",
+               ylim=(-0.05, 1.05))
     written.append(_save(fig, out_dir / "training.png"))
+    written.append(plot_t_bins(steps, out_dir / "t_bins.png"))
 
     correction = latest_correction(run_dir)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if correction is not None:
         E = np.asarray(correction["E"], dtype=np.float64)
-        ax.plot(np.arange(E.size), E)
-        ax.set_title(f"correction E over t (step {correction['step']})")
+        C = np.concatenate([np.cumsum(E[::-1])[::-1][1:], [0.0]])  # C_t = sum_{k>t} E[k]
+        ax.plot(np.arange(E.size), E, lw=1, label="E[t]")
+        ax.plot(np.arange(E.size), C, lw=2, label="C_t")
+        # E spans orders of magnitude (largest at small t): a symmetric log scale shows its shape.
+        scale = float(np.abs(np.concatenate([E, C])).max()) if E.size else 0.0
+        if scale > 0:
+            ax.set_yscale("symlog", linthresh=scale * 1e-4)
+        ax.legend(fontsize=7)
+        ax.set_title(f"correction E and C_t over t (step {correction['step']})")
     else:
         ax.set_title("correction E: no checkpoint yet")
     ax.set(xlabel="t", ylabel="E[t]")
@@ -184,6 +198,43 @@ def plot_run(run_dir: Path, out_dir: Path, bins: int = 20) -> list[Path]:
     written.append(_save(fig, out_dir / "credit.png"))
     written.append(plot_eval(records["eval"], out_dir / "eval.png"))
     return written
+
+
+EMA_WEIGHT = 0.9
+
+
+def ema(values: np.ndarray, weight: float = EMA_WEIGHT) -> np.ndarray:
+    """TensorBoard-style smoothing, debiased at the start; NaN entries are skipped."""
+    out = np.full(values.shape, np.nan)
+    acc, norm = 0.0, 0.0
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            acc = weight * acc + (1 - weight) * v
+            norm = weight * norm + (1 - weight)
+        if norm > 0:
+            out[i] = acc / norm
+    return out
+
+
+def plot_t_bins(steps: list[dict], path: Path) -> Path:
+    """Where the credit goes over training (docs/method.md 7.4): heat maps, step x bin of t, of the
+    mean credit and of the fraction of pairs ranked the wrong way (Delta > 0)."""
+    fig, (ax_credit, ax_mis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    with_bins = [r for r in steps if isinstance(r.get("t_bins"), dict)]
+    if with_bins:
+        def grid(key: str) -> np.ndarray:
+            return np.asarray([[np.nan if v is None else v for v in r["t_bins"][key]] for r in with_bins],
+                              dtype=np.float64).T
+        extent = (with_bins[0]["step"] - 0.5, with_bins[-1]["step"] + 0.5, 0, 1000)
+        for ax, key, title in ((ax_credit, "credit", "mean credit k_t sigmoid(-z)"),
+                               (ax_mis, "misranked", "fraction misranked (Delta > 0)")):
+            image = ax.imshow(grid(key), aspect="auto", origin="lower", extent=extent, interpolation="nearest",
+                              cmap="viridis")
+            fig.colorbar(image, ax=ax)
+            ax.set(xlabel="optimizer step", ylabel="t (10 bins)", title=title)
+    else:
+        ax_credit.set_title("no t_bins in the step records (older run)")
+    return _save(fig, path)
 
 
 def plot_eval(evals: list[dict], path: Path) -> Path:

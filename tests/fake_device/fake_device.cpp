@@ -133,6 +133,10 @@ class FakeHooks final : public at::PrivateUse1HooksInterface {
     return at::detail::getDefaultCPUGenerator();
   }
   at::Device getDeviceFromPtr(void* /*data*/) const override { return kDevice; }
+  // A non-blocking copy to the host asks the accelerator for page-locked memory; ours is host
+  // memory already, so plain host memory stands in (and the copy is synchronous).
+  at::Allocator* getPinnedMemoryAllocator() const override { return c10::GetCPUAllocator(); }
+  bool isPinnedPtr(const void* /*data*/) const override { return false; }
   void resizePrivateUse1Bytes(const c10::Storage& storage, size_t bytes) const override;
 };
 

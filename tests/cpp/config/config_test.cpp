@@ -130,8 +130,16 @@ TEST(ConfigDefaults, FillEverythingTheFileLeavesOut) {
 TEST(ConfigErrors, UnknownKeyNamesPathAllowedKeysAndSuggestion) {
   error_of([] { from_text(std::string(kMinimal) + "optim:\n  lrr: 1e-4\n"); },
            {"unknown config key", "<test>:8:3: optim.lrr", "'lrr'",
-            "name, lr, warmup_steps, beta1, beta2, weight_decay, eps, grad_clip",
+            "name, lr, warmup_steps, schedule, min_lr_ratio, beta1, beta2, weight_decay, eps, "
+            "grad_clip",
             "did you mean 'optim.lr'?"});
+  // The peers' flag names get their key here, not the closest spelling in the section.
+  error_of([] { from_text(std::string(kMinimal) + "optim:\n  learning_rate: 1e-4\n"); },
+           {"unknown config key", "optim.learning_rate", "the peers' name: here it is optim.lr"});
+  error_of([] { from_text(std::string(kMinimal) + "train:\n  gradient_accumulation_steps: 4\n"); },
+           {"unknown config key", "train.global_batch (accumulation = global_batch"});
+  error_of([] { from_text(std::string(kMinimal) + "method:\n  beta_dpo: 2500\n"); },
+           {"unknown config key", "method.beta", "its 2500 is our 5000"});
   error_of([] { from_text(std::string(kMinimal) + "  worker: 2\n"); },
            {"unknown config key", "data.worker", "did you mean 'data.workers'?"});
 }
@@ -183,7 +191,7 @@ TEST(ConfigErrors, OutOfRangeNamesKeyValueAndRange) {
            {"not allowed", "method.name",
             "one of sft, uniform, discounted, dde_single, dde_step, dde", "'dpo'"});
   error_of([] { from_text(std::string(kMinimal) + "train:\n  precision: fp16\n"); },
-           {"not allowed", "train.precision", "one of fp32, bf16", "did you mean"});
+           {"not allowed", "train.precision", "one of fp32, bf16", "use bf16", "GradScaler"});
   error_of([] { from_text(std::string(kMinimal) + "dist:\n  backend: mpi\n"); },
            {"not allowed", "dist.backend", "auto, gloo, nccl"});
   error_of([] { from_text(std::string(kMinimal) + "optim:\n  name: lion\n"); },

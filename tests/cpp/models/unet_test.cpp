@@ -124,9 +124,14 @@ INSTANTIATE_TEST_SUITE_P(Families, UNetBlocks,
 
 // A test that fails if autocast were silently off: under the scope the UNet's convolutions and
 // matmuls run in bf16, so the output moves away from fp32 by bf16 rounding (and not further).
+// With fp32_output_head (the default) the output head runs in fp32: the prediction stays float32
+// and its error against fp32 is the body's bf16 rounding only; without it, the output is bf16.
 TEST(UNetPrecision, AutocastScopeRunsTheUNetInBf16) {
+  for (const bool fp32_head : {true, false}) {
   const Manifest m = fixture_manifest("sd15");
-  UNet unet(m, torch::kCPU, UNetOptions{});
+  UNetOptions options;
+  options.fp32_output_head = fp32_head;
+  UNet unet(m, torch::kCPU, options);
   const Inputs in = make_inputs(m, 2, 8);
   torch::NoGradGuard no_grad;
   const torch::Tensor fp32 = unet.predict_noise(in.x, in.t, in.cond);
@@ -137,10 +142,11 @@ TEST(UNetPrecision, AutocastScopeRunsTheUNetInBf16) {
     bf16 = unet.predict_noise(in.x, in.t, in.cond);
   }
   EXPECT_FALSE(at::autocast::is_autocast_enabled(torch::kCPU));
-  EXPECT_EQ(bf16.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(bf16.scalar_type(), fp32_head ? torch::kFloat32 : torch::kBFloat16);
   const double err = relative_error(bf16.to(torch::kFloat32), fp32);
   EXPECT_GT(err, 1e-4) << "bf16 autocast did not change the result: is it on?";
   EXPECT_LT(err, 5e-2);
+  }
 }
 
 // model.frozen_dtype: bf16 holds the weights in bf16 and still runs (under its own autocast).
