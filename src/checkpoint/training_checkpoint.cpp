@@ -152,11 +152,11 @@ void require_finite(const NamedTensors& tensors, const std::string& file) {
     if (!t.is_floating_point()) continue;
     const torch::Tensor finite = torch::isfinite(t);
     if (finite.all().item<bool>()) continue;
-    throw Error({"non-finite values in a checkpoint", file + ": " + name, "finite values",
-                 fmt::format("{} of {} elements NaN or Inf", (~finite).sum().item<int64_t>(),
-                             t.numel()),
-                 "it was written by a diverging run or is damaged: resume from an earlier "
-                 "checkpoint (move this step-* folder aside), or start again"});
+    throw Error(
+        {"non-finite values in a checkpoint", file + ": " + name, "finite values",
+         fmt::format("{} of {} elements NaN or Inf", (~finite).sum().item<int64_t>(), t.numel()),
+         "it was written by a diverging run or is damaged: resume from an earlier "
+         "checkpoint (move this step-* folder aside), or start again"});
   }
 }
 }  // namespace

@@ -135,8 +135,7 @@ void for_each_field(Visitor&& v) {
   using C = TrainConfig;
   v("run", &C::run, "output_dir", &RunConfig::output_dir, required());
   v("run", &C::run, "seed", &RunConfig::seed, any());
-  v("run", &C::run, "device", &RunConfig::device,
-    one_of({"auto", "cpu", "cuda", "privateuseone"}));
+  v("run", &C::run, "device", &RunConfig::device, one_of({"auto", "cpu", "cuda", "privateuseone"}));
   v("run", &C::run, "threads", &RunConfig::threads, at_most(at_least(0), 4096));
   v("run", &C::run, "cuda_sync_debug", &RunConfig::cuda_sync_debug,
     one_of({"off", "warn", "error"}));
@@ -290,7 +289,8 @@ const std::map<std::string, std::string>& peer_synonyms() {
       {"no_hflip", "data.random_flip: false"},
       {"pretrained_model_name_or_path",
        "model.manifest (export the pipeline first: python -m dde_tools.export_models)"},
-      {"dataset_name", "data.index (export the parquet first: python -m dde_tools.export_pickapic)"},
+      {"dataset_name",
+       "data.index (export the parquet first: python -m dde_tools.export_pickapic)"},
       {"report_to", "logging.* (metrics.jsonl; TensorBoard: see the README)"},
   };
   return m;
@@ -346,9 +346,8 @@ void check_field(const std::string& path, const T& value, const T& default_value
     }
     if (!rule.choices.empty() &&
         std::find(rule.choices.begin(), rule.choices.end(), value) == rule.choices.end()) {
-      const bool fp16 = value == "fp16" &&
-                        std::find(rule.choices.begin(), rule.choices.end(), "bf16") !=
-                            rule.choices.end();
+      const bool fp16 = value == "fp16" && std::find(rule.choices.begin(), rule.choices.end(),
+                                                     "bf16") != rule.choices.end();
       throw Error({"config value not allowed", locate(path), "one of " + join(rule.choices),
                    value_text(value),
                    fp16 ? std::string("use bf16: fp16 needs loss scaling (a GradScaler), which "
@@ -854,14 +853,16 @@ void check_input_files(const TrainConfig& config) {
     const bool dangling = !fs::exists(status) && fs::is_symlink(fs::symlink_status(*path, ec));
     throw Error({folder ? "a folder where a file is expected" : "input file not found",
                  std::string(key) + " = " + *path + " (" + absolute + ")", "a readable file",
-                 folder ? "a folder" : dangling ? "a dangling symbolic link" : "no such file",
-                 folder ? std::string("name the file inside it (e.g. ") +
-                              (std::string(key).find("manifest") != std::string::npos
-                                   ? "manifest.json"
-                                   : "index.json") +
-                              ")"
-                        : "relative paths are read from the working directory " +
-                              fs::current_path(ec).string()});
+                 folder     ? "a folder"
+                 : dangling ? "a dangling symbolic link"
+                            : "no such file",
+                 folder
+                     ? std::string("name the file inside it (e.g. ") +
+                           (std::string(key).find("manifest") != std::string::npos ? "manifest.json"
+                                                                                   : "index.json") +
+                           ")"
+                     : "relative paths are read from the working directory " +
+                           fs::current_path(ec).string()});
   }
 }
 

@@ -136,8 +136,8 @@ void HeldOutPairs::Impl::check_tokens(const PairRecord& record) const {
 }
 
 void HeldOutPairs::Impl::leave_out(const PairRecord& record, int64_t id, const BadPairError& e) {
-  bad.push_back(BadPair{e.reason(), reader->path(), static_cast<int64_t>(shard), record.key, id,
-                        e.what()});
+  bad.push_back(
+      BadPair{e.reason(), reader->path(), static_cast<int64_t>(shard), record.key, id, e.what()});
   log::warn("eval: held-out pair {} left out ({}): {}", id, e.reason(), e.what());
   if (static_cast<int64_t>(bad.size()) > options.max_bad_pairs) {
     throw Error({"too many bad held-out pairs", options.index_path,

@@ -562,13 +562,12 @@ void PairLoader::Impl::read_cached(PairSample& sample, const PairTask& task, Sha
   std::vector<torch::Tensor> rows{p.moments.flatten(), p.text.flatten()};
   if (p.pooled.defined()) rows.push_back(p.pooled.flatten());
   if (!torch::isfinite(torch::cat(rows)).all().item<bool>()) {
-    throw BadPairError(
-        "cache_non_finite",
-        {"non-finite values in the latent cache",
-         fmt::format("{}: row {}, key {}", shard.path(), record.position,
-                     escape_preview(record.key, 100)),
-         "finite posterior moments and caption embeddings", "NaN or Inf",
-         "re-encode the cache (dde_encode_cache); the pair is skipped and counted"});
+    throw BadPairError("cache_non_finite",
+                       {"non-finite values in the latent cache",
+                        fmt::format("{}: row {}, key {}", shard.path(), record.position,
+                                    escape_preview(record.key, 100)),
+                        "finite posterior moments and caption embeddings", "NaN or Inf",
+                        "re-encode the cache (dde_encode_cache); the pair is skipped and counted"});
   }
   const auto side = [&](int which, bool flip, CroppedImage& geometry) {
     const auto g = p.geometry.accessor<int64_t, 2>();

@@ -51,7 +51,6 @@ class ProcessGroupCommunicator final : public Communicator {
   int64_t world_size() const override { return world_size_; }
   std::string backend() const override { return backend_; }
 
-
  private:
   void do_barrier(std::optional<std::chrono::seconds> timeout) override {
     const std::chrono::seconds limit = timeout.value_or(timeout_);
@@ -60,12 +59,14 @@ class ProcessGroupCommunicator final : public Communicator {
       c10d::AllreduceOptions options;
       options.timeout = std::chrono::duration_cast<std::chrono::milliseconds>(limit);
       std::vector<torch::Tensor> one{torch::zeros({1}, torch::TensorOptions().device(device()))};
-      run("barrier", [&] { return group_->allreduce(one, options); }, limit);
+      run(
+          "barrier", [&] { return group_->allreduce(one, options); }, limit);
       return;
     }
     c10d::BarrierOptions options;
     options.timeout = std::chrono::duration_cast<std::chrono::milliseconds>(limit);
-    run("barrier", [&] { return group_->barrier(options); }, limit);
+    run(
+        "barrier", [&] { return group_->barrier(options); }, limit);
   }
   void do_broadcast(std::vector<torch::Tensor>& tensors, int64_t root) override {
     for (torch::Tensor& t : tensors) {
@@ -209,9 +210,10 @@ c10::intrusive_ptr<c10d::Store> connect_store(const DistEnvironment& env,
 // instead of tearing the process down (mode 1, TearDown) with a watchdog abort. No flight-recorder
 // dump on timeout (it writes files next to every rank's working directory).
 void set_nccl_error_handling() {
-  for (const auto& [name, value] : {std::pair<const char*, const char*>{"TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"},
-                                    {"TORCH_NCCL_BLOCKING_WAIT", "0"},
-                                    {"TORCH_NCCL_DUMP_ON_TIMEOUT", "0"}}) {
+  for (const auto& [name, value] :
+       {std::pair<const char*, const char*>{"TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"},
+        {"TORCH_NCCL_BLOCKING_WAIT", "0"},
+        {"TORCH_NCCL_DUMP_ON_TIMEOUT", "0"}}) {
     setenv(name, value, /*overwrite=*/0);
     log::info("dist: {}={}", name, std::getenv(name));
   }

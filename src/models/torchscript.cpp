@@ -39,8 +39,7 @@ void require_finite(const torch::jit::Module& module, const std::string& path,
   for (size_t i = 0; i < names.size(); ++i) {
     if (ok[static_cast<int64_t>(i)].item<bool>()) continue;
     throw Error({"non-finite weights in an exported model", path + ": " + names[i],
-                 "finite values in every parameter and buffer of the " + what,
-                 "NaN or Inf values",
+                 "finite values in every parameter and buffer of the " + what, "NaN or Inf values",
                  "re-export the model from a healthy pipeline (dde_tools.export_models)"});
   }
 }
@@ -77,7 +76,6 @@ torch::jit::Module load_component(const std::string& path, const torch::Device& 
   require_finite(module, path, what);
   return module;
 }
-
 
 void set_trainable(torch::jit::Module& module, bool trainable) {
   for (torch::Tensor p : module.parameters(/*recurse=*/true)) {

@@ -18,8 +18,8 @@
 #include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/util/error.hpp"
-#include "dde/util/threads.hpp"
 #include "dde/util/log.hpp"
+#include "dde/util/threads.hpp"
 
 namespace dde::train {
 namespace {

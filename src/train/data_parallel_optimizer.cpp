@@ -87,9 +87,10 @@ class Sharded final : public DataParallelOptimizer {
       chunk_ = std::clamp<int64_t>(bucket_bytes / (element * layout_.world_size), 1,
                                    std::max<int64_t>(1, layout_.segment));
     }
-    log::info("optimizer state sharded over {} ranks: rank {} updates parameters [{}, {}) of {}; "
-              "buckets of {} elements per rank",
-              comm_.world_size(), comm_.rank(), begin_, end_, params_.size(), chunk_);
+    log::info(
+        "optimizer state sharded over {} ranks: rank {} updates parameters [{}, {}) of {}; "
+        "buckets of {} elements per rank",
+        comm_.world_size(), comm_.rank(), begin_, end_, params_.size(), chunk_);
   }
 
   void reduce_gradients() override {
@@ -153,7 +154,8 @@ class Sharded final : public DataParallelOptimizer {
       for (int64_t r = 0; r < world; ++r) {
         if (r == me) continue;
         for_each_piece(r, c0, c0 + n, [&](size_t i, int64_t lo, int64_t hi) {
-          flat_view(params_[i].second, i, lo, hi).copy_(all.slice(0, r * n + lo - c0, r * n + hi - c0));
+          flat_view(params_[i].second, i, lo, hi)
+              .copy_(all.slice(0, r * n + lo - c0, r * n + hi - c0));
         });
       }
     }

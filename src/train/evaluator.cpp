@@ -97,9 +97,10 @@ Evaluator::Impl::Impl(EvaluatorContext context) : ctx(std::move(context)) {
   options.max_bad_pairs = ctx.cfg->eval.max_bad_pairs;
   std::error_code ec;
   if (std::filesystem::equivalent(ctx.cfg->data.eval_index, ctx.cfg->data.index, ec)) {
-    log::warn("eval: data.eval_index is data.index ({}): the \"held-out\" accuracy is measured "
-              "on training pairs and says nothing of generalisation; export a held-out split",
-              ctx.cfg->data.index);
+    log::warn(
+        "eval: data.eval_index is data.index ({}): the \"held-out\" accuracy is measured "
+        "on training pairs and says nothing of generalisation; export a held-out split",
+        ctx.cfg->data.index);
   }
   for (const models::TextEncoderInfo& e : ctx.manifest->text_encoders) {
     options.expected_vocab_sha256.push_back(e.vocab_sha256);

@@ -15,8 +15,8 @@ double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps) 
   return base_lr;
 }
 
-double scheduled_lr(const std::string& schedule, int64_t step, double base_lr,
-                    int64_t warmup_steps, int64_t max_steps, double min_lr_ratio) {
+double scheduled_lr(const std::string& schedule, int64_t step, double base_lr, int64_t warmup_steps,
+                    int64_t max_steps, double min_lr_ratio) {
   if (schedule == "constant" || step < warmup_steps) {
     if (schedule != "constant" && schedule != "cosine" && schedule != "linear") {
       throw Error({"unknown learning-rate schedule", "optim.schedule", "constant, cosine or linear",

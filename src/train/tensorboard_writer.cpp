@@ -43,8 +43,7 @@ void length_delimited(std::string& out, uint32_t field, const std::string& paylo
 }
 
 double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 std::string event_header(double wall_time, int64_t step) {

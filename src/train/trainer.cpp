@@ -192,10 +192,10 @@ struct Trainer::Impl {
   int64_t step = 0;  // optimizer steps attempted so far (skipped ones included)
   int64_t skipped_steps = 0;
   int64_t nonfinite_in_row = 0;
-  std::string failure_cause;    // what failed last: "loss", "gradient", "weights after the update"
-  bool rolled_back = false;     // the held weights were reloaded from last_checkpoint since the
-                                // last step that passed (they are saved there already)
-  double weight_norm = 0;       // the policy's global weight norm after the last passing step
+  std::string failure_cause;  // what failed last: "loss", "gradient", "weights after the update"
+  bool rolled_back = false;   // the held weights were reloaded from last_checkpoint since the
+                              // last step that passed (they are saved there already)
+  double weight_norm = 0;     // the policy's global weight norm after the last passing step
   std::set<int64_t> poisoned_steps;
   std::string last_checkpoint;
   int64_t checkpointed_step = -1;  // the step last_checkpoint holds (-1: none yet)
@@ -229,9 +229,7 @@ struct Trainer::Impl {
   void dump_micro_batch(checkpoint::NamedTensors tensors) const;
   // Host -> device without blocking the host: a DMA from the loader's pinned batches (a pageable
   // source is staged by the driver).
-  torch::Tensor to_device(const torch::Tensor& x) const {
-    return util::to_device_async(x, device);
-  }
+  torch::Tensor to_device(const torch::Tensor& x) const { return util::to_device_async(x, device); }
   torch::Tensor predict(models::UNet& unet, const torch::Tensor& x, const torch::Tensor& t,
                         const models::Conditioning& cond);
 };
@@ -259,7 +257,8 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   method_params.beta = cfg.method.beta;
   if (cfg.method.temperature == "calibrated") {  // docs/method.md §7.1
     const int64_t t_hi = config::effective_t_hi(cfg.method, manifest.num_train_timesteps);
-    method_params.beta = objective::calibrated_beta(cfg.method.beta, schedule, cfg.method.t_lo, t_hi);
+    method_params.beta =
+        objective::calibrated_beta(cfg.method.beta, schedule, cfg.method.t_lo, t_hi);
     log::info("method.temperature calibrated: beta {} / G {:.6g} = {:.6g} over t in [{}, {})",
               cfg.method.beta,
               objective::single_shot_geometric_mean(schedule, cfg.method.t_lo, t_hi),
@@ -497,12 +496,11 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   };
   const torch::Tensor nan = torch::full({B}, std::numeric_limits<double>::quiet_NaN(),
                                         torch::dtype(torch::kFloat64).device(device));
-  r.rows = torch::stack(
-      {f64(batch.pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
-       errors.ref_w.defined() ? f64(errors.ref_w) : nan,
-       errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(C_t), r.has_z ? f64(out.z) : nan,
-       f64(out.loss), f64(credit)},
-      1);
+  r.rows = torch::stack({f64(batch.pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
+                         errors.ref_w.defined() ? f64(errors.ref_w) : nan,
+                         errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(C_t),
+                         r.has_z ? f64(out.z) : nan, f64(out.loss), f64(credit)},
+                        1);
   if (objective::uses_reference(method)) {
     ema.accumulate(t, objective::transition_estimate(errors, t, schedule));
   }
@@ -876,9 +874,10 @@ std::string Trainer::Impl::check_update() {
   }
   const double change = weight_norm > 0 ? std::abs(weights - weight_norm) / weight_norm : 0.0;
   if (change > cfg.optim.max_weight_change) {
-    return fmt::format("the weights' norm changed by {:.3g} of it ({:.6g} -> {:.6g}), more than "
-                       "optim.max_weight_change = {}",
-                       change, weight_norm, weights, cfg.optim.max_weight_change);
+    return fmt::format(
+        "the weights' norm changed by {:.3g} of it ({:.6g} -> {:.6g}), more than "
+        "optim.max_weight_change = {}",
+        change, weight_norm, weights, cfg.optim.max_weight_change);
   }
   weight_norm = weights;
   return "";
@@ -893,9 +892,10 @@ void Trainer::Impl::roll_back(const std::string& why) {
                  "nothing was saved; lower optim.lr (or raise optim.warmup_steps), check the data, "
                  "then start again"});
   }
-  log::warn("step {}: update rejected: {}; weights, optimizer state and E rolled back to {} "
-            "({} failed in a row, limit optim.max_nonfinite_in_row = {})",
-            step + 1, why, last_checkpoint, nonfinite_in_row, cfg.optim.max_nonfinite_in_row);
+  log::warn(
+      "step {}: update rejected: {}; weights, optimizer state and E rolled back to {} "
+      "({} failed in a row, limit optim.max_nonfinite_in_row = {})",
+      step + 1, why, last_checkpoint, nonfinite_in_row, cfg.optim.max_nonfinite_in_row);
   load_weights_and_state(last_checkpoint, checkpoint::read_shared_state(last_checkpoint));
   rolled_back = true;
 }
@@ -903,22 +903,21 @@ void Trainer::Impl::roll_back(const std::string& why) {
 // Too many failed steps in a row: the run stops with the weights of the last step that passed on
 // disk (already there after a roll-back; saved now otherwise), and names what failed.
 void Trainer::Impl::stop_after_failed_steps() {
-  const std::string dir = rolled_back || checkpointed_step == step ? last_checkpoint
-                                                                   : save_checkpoint(loader->state());
+  const std::string dir =
+      rolled_back || checkpointed_step == step ? last_checkpoint : save_checkpoint(loader->state());
   const std::map<std::string, std::string> advice = {
       {"loss", "lower optim.lr, or use train.precision fp32"},
       {"gradient", "lower optim.lr or optim.grad_clip, or use train.precision fp32"},
       {"weights after the update",
        "lower optim.lr (or raise optim.warmup_steps); optim.max_weight_change bounds an update"},
       {"inputs", "check the data: a latent cache or images with NaN or Inf values"}};
-  throw Error({"too many non-finite steps in a row", "step " + std::to_string(step),
-               "fewer than optim.max_nonfinite_in_row = " +
-                   std::to_string(cfg.optim.max_nonfinite_in_row),
-               fmt::format("{} (the last: non-finite or unbounded {})", nonfinite_in_row,
-                           failure_cause),
-               (dir.empty() ? std::string("no step passed, nothing is saved")
-                            : "the weights of the last step that passed are in " + dir) +
-                   "; " + advice.at(failure_cause) + ", then --resume"});
+  throw Error(
+      {"too many non-finite steps in a row", "step " + std::to_string(step),
+       "fewer than optim.max_nonfinite_in_row = " + std::to_string(cfg.optim.max_nonfinite_in_row),
+       fmt::format("{} (the last: non-finite or unbounded {})", nonfinite_in_row, failure_cause),
+       (dir.empty() ? std::string("no step passed, nothing is saved")
+                    : "the weights of the last step that passed are in " + dir) +
+           "; " + advice.at(failure_cause) + ", then --resume"});
 }
 
 // Every rank checks (the folder is shared); rank 0 alone deletes what --overwrite replaces.

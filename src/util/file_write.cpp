@@ -32,8 +32,7 @@ std::pair<std::string, std::string> describe_write_errno(int code) {
   }
 }
 
-void write_file(const std::string& path,
-                const std::vector<std::pair<const void*, size_t>>& parts) {
+void write_file(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     const auto [actual, hint] = describe_write_errno(errno);

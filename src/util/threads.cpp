@@ -39,8 +39,8 @@ ThreadBudget plan_threads(int64_t requested, int64_t decode_workers, int64_t aff
   if (const auto slurm = positive(env("SLURM_CPUS_PER_TASK")); slurm && *slurm < b.cpus) {
     b.cpus = *slurm;
     b.cpus_from = "SLURM_CPUS_PER_TASK";
-  } else if (const auto local = positive(env("LOCAL_WORLD_SIZE")); local && *local > 1 &&
-                                                                    !env("SLURM_CPUS_PER_TASK")) {
+  } else if (const auto local = positive(env("LOCAL_WORLD_SIZE"));
+             local && *local > 1 && !env("SLURM_CPUS_PER_TASK")) {
     b.cpus = std::max<int64_t>(1, b.cpus / *local);
     b.cpus_from = "the affinity mask / LOCAL_WORLD_SIZE " + std::to_string(*local);
   }

@@ -28,8 +28,8 @@
 #include <ATen/ops/set_native.h>
 #include <ATen/ops/view_native.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -154,9 +154,8 @@ c10::Storage storage_view(const c10::Storage& source, c10::Device device,
 }
 
 at::Tensor tensor_on(const c10::Storage& storage, c10::DispatchKey key, const at::Tensor& like) {
-  at::Tensor out =
-      at::detail::make_tensor<c10::TensorImpl>(c10::Storage(storage), c10::DispatchKeySet(key),
-                                               like.dtype());
+  at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(storage),
+                                                            c10::DispatchKeySet(key), like.dtype());
   out.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), like.strides(),
                                                    like.storage_offset());
   return out;
@@ -272,7 +271,8 @@ void for_each_tensor(const c10::IValue& v, F&& f) {
 
 // ---- the fallback --------------------------------------------------------------------------
 
-c10::IValue map_tensors(const c10::IValue& v, const std::function<at::Tensor(const at::Tensor&)>& f) {
+c10::IValue map_tensors(const c10::IValue& v,
+                        const std::function<at::Tensor(const at::Tensor&)>& f) {
   if (v.isTensor()) return f(v.toTensor());
   if (v.isTensorList()) {
     c10::List<at::Tensor> out;
@@ -330,8 +330,8 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/, torch::
   const size_t n_returns = schema.returns().size();
   const size_t returns = stack->size() - n_returns;
   for (size_t i = 0; i < n_returns; ++i) {
-    (*stack)[returns + i] = map_tensors((*stack)[returns + i],
-                                        [&](const at::Tensor& t) { return views.to_device(t); });
+    (*stack)[returns + i] =
+        map_tensors((*stack)[returns + i], [&](const at::Tensor& t) { return views.to_device(t); });
   }
 }
 
@@ -342,13 +342,16 @@ at::Tensor empty_memory_format(c10::IntArrayRef size, std::optional<c10::ScalarT
                                std::optional<c10::Device> /*device*/,
                                std::optional<bool> /*pin_memory*/,
                                std::optional<c10::MemoryFormat> memory_format) {
-  return at::detail::empty_generic(size, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
+  return at::detail::empty_generic(size, &g_allocator,
+                                   c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
                                    c10::dtype_or_default(dtype), memory_format);
 }
 
 at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
-                         std::optional<c10::ScalarType> dtype, std::optional<c10::Layout> /*layout*/,
-                         std::optional<c10::Device> /*device*/, std::optional<bool> /*pin_memory*/) {
+                         std::optional<c10::ScalarType> dtype,
+                         std::optional<c10::Layout> /*layout*/,
+                         std::optional<c10::Device> /*device*/,
+                         std::optional<bool> /*pin_memory*/) {
   return at::detail::empty_strided_generic(size, stride, &g_allocator,
                                            c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
                                            c10::dtype_or_default(dtype));
@@ -387,9 +390,9 @@ const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
   c10::TensorImpl* impl = self.unsafeGetTensorImpl();
   impl->set_sizes_contiguous(size);
   if (memory_format) impl->empty_tensor_restride(*memory_format);
-  const size_t need = at::detail::computeStorageNbytes(
-      self.sizes(), self.strides(), self.dtype().itemsize(),
-      static_cast<size_t>(self.storage_offset()));
+  const size_t need =
+      at::detail::computeStorageNbytes(self.sizes(), self.strides(), self.dtype().itemsize(),
+                                       static_cast<size_t>(self.storage_offset()));
   if (need > self.storage().nbytes()) {
     at::detail::getPrivateUse1Hooks().resizePrivateUse1Bytes(self.storage(), need);
   }

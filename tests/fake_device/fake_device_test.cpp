@@ -1,5 +1,6 @@
-// The fake accelerator behaves like CUDA where it matters to dde (tests/fake_device/fake_device.cpp),
-// and the parts of dde that move tensors between devices work on it.
+// The fake accelerator behaves like CUDA where it matters to dde
+// (tests/fake_device/fake_device.cpp), and the parts of dde that move tensors between devices work
+// on it.
 #include <gtest/gtest.h>
 #include <torch/script.h>
 #include <torch/torch.h>
@@ -51,8 +52,12 @@ TEST(FakeDevice, MixingWithAHostTensorFailsAsOnCuda) {
   for (const auto& op : std::vector<std::function<torch::Tensor()>>{
            [&] { return x + host; },
            [&] { return host * x; },
-           [&] { return torch::cat({x, host}); },
-           [&] { return x.index_select(0, torch::tensor({0, 1})); },
+           [&] {
+             return torch::cat({x, host});
+           },
+           [&] {
+             return x.index_select(0, torch::tensor({0, 1}));
+           },
            [&] { return torch::where(host > 0, x, x); },
        }) {
     try {
@@ -121,7 +126,8 @@ TEST(FakeDevice, AutogradAndRandomness) {
   loss.backward();
   ASSERT_TRUE(w.grad().defined());
   EXPECT_EQ(w.grad().device(), kFake);
-  const torch::Tensor expected = torch::mm(x.cpu().t(), 2 * torch::mm(x.cpu(), w.detach().cpu())) / 8;
+  const torch::Tensor expected =
+      torch::mm(x.cpu().t(), 2 * torch::mm(x.cpu(), w.detach().cpu())) / 8;
   EXPECT_TRUE(torch::allclose(w.grad().cpu(), expected, 1e-5, 1e-6));
   const torch::Tensor r = torch::randn({8}, torch::TensorOptions().device(kFake));
   EXPECT_EQ(r.device(), kFake);
@@ -177,14 +183,16 @@ std::unique_ptr<dde::dist::Communicator> gloo_world_of_one() {
 }
 
 TEST(FakeDeviceCommunicator, RefusesHostTensorsInAWorldOfOneToo) {
-  const auto single =
-      dde::dist::Communicator::create(dde::dist::DistEnvironment{}, "auto", kFake,
-                                      std::chrono::seconds(30));
+  const auto single = dde::dist::Communicator::create(dde::dist::DistEnvironment{}, "auto", kFake,
+                                                      std::chrono::seconds(30));
   std::vector<torch::Tensor> host{torch::zeros({2}, torch::kFloat64)};
   expect_error_mentions([&] { single->all_reduce_sum(host, 1 << 20); },
                         {"tensor on the wrong device", "privateuseone:0", "cpu"});
-  expect_error_mentions([&] { (void)single->all_gather(torch::zeros({2, 3}, torch::kInt64)); },
-                        {"tensor on the wrong device", "all_gather"});
+  expect_error_mentions(
+      [&] {
+        (void)single->all_gather(torch::zeros({2, 3}, torch::kInt64));
+      },
+      {"tensor on the wrong device", "all_gather"});
   const auto gloo = gloo_world_of_one();
   expect_error_mentions([&] { gloo->all_reduce_sum(host, 1 << 20); },
                         {"tensor on the wrong device", "gloo"});
@@ -228,8 +236,8 @@ TEST(FakeDeviceZero1, BucketsBoundTheStepsExtraMemory) {
   }
   dde::config::OptimConfig optim;
   constexpr int64_t kBucketBytes = 64 << 10;
-  auto optimizer = dde::train::DataParallelOptimizer::create(params, optim, /*shard=*/true, *comm,
-                                                             kBucketBytes);
+  auto optimizer =
+      dde::train::DataParallelOptimizer::create(params, optim, /*shard=*/true, *comm, kBucketBytes);
   const auto fill_grads = [&] {
     for (auto& [name, p] : params) p.mutable_grad() = torch::ones_like(p);
   };

@@ -20,8 +20,8 @@ class Node;
 namespace dde::config {
 
 struct RunConfig {
-  std::string output_dir;       // required: checkpoints, metrics.jsonl, logs
-  uint64_t seed = 0;            // seeds every RNG of the run (data order, noise, timesteps)
+  std::string output_dir;  // required: checkpoints, metrics.jsonl, logs
+  uint64_t seed = 0;       // seeds every RNG of the run (data order, noise, timesteps)
   // auto | cpu | cuda | privateuseone; auto = cuda when available. privateuseone: an out-of-tree
   // backend registered as PyTorch's PrivateUse1 (the tests' strict fake accelerator).
   std::string device = "auto";
@@ -79,13 +79,13 @@ struct MethodConfig {
 };
 
 struct OptimConfig {
-  std::string name = "adamw";         // adamw | adafactor (transformers'; uses lr, weight_decay)
-  double lr = 2.048e-5;               // > 0 peak learning rate (1e-8 x 2048, Diffusion-DPO)
-  int64_t warmup_steps = 500;         // >= 0 linear warm-up steps, then the schedule
+  std::string name = "adamw";  // adamw | adafactor (transformers'; uses lr, weight_decay)
+  double lr = 2.048e-5;        // > 0 peak learning rate (1e-8 x 2048, Diffusion-DPO)
+  int64_t warmup_steps = 500;  // >= 0 linear warm-up steps, then the schedule
   // constant | cosine | linear: after warm-up, the lr stays (the paper's), or decays to
   // min_lr_ratio x lr at train.max_steps along a half cosine or a line.
   std::string schedule = "constant";
-  double min_lr_ratio = 0.0;  // in [0, 1]: the decaying schedules' final lr / lr
+  double min_lr_ratio = 0.0;          // in [0, 1]: the decaying schedules' final lr / lr
   double beta1 = 0.9;                 // in [0, 1)
   double beta2 = 0.999;               // in [0, 1)
   double weight_decay = 0.01;         // >= 0, decoupled (AdamW)
@@ -98,10 +98,10 @@ struct OptimConfig {
 };
 
 struct TrainLoopConfig {
-  int64_t global_batch = 2048;          // >= 1 pairs per optimizer step over all ranks
-  int64_t micro_batch = 1;              // >= 1 pairs per forward per rank; accumulation is derived
-  int64_t max_steps = 2000;             // >= 1 optimizer steps
-  std::string precision = "fp32";       // fp32 | bf16 (autocast for the UNets' forward)
+  int64_t global_batch = 2048;     // >= 1 pairs per optimizer step over all ranks
+  int64_t micro_batch = 1;         // >= 1 pairs per forward per rank; accumulation is derived
+  int64_t max_steps = 2000;        // >= 1 optimizer steps
+  std::string precision = "fp32";  // fp32 | bf16 (autocast for the UNets' forward)
   // bf16: the UNets' output head (conv_norm_out, conv_out) of an fp32 model still runs in fp32, so
   // the per-pair errors that form Delta carry fp32 rather than bf16 rounding (bench/README.md).
   bool fp32_output_head = true;
@@ -118,12 +118,12 @@ struct CheckpointConfig {
 };
 
 struct LoggingConfig {
-  int64_t every = 1;        // >= 1 optimizer steps between metrics lines
-  bool per_sample = false;  // also log t, z and loss of every pair
-  bool progress = true;     // progress line on the terminal (rank 0)
+  int64_t every = 1;         // >= 1 optimizer steps between metrics lines
+  bool per_sample = false;   // also log t, z and loss of every pair
+  bool progress = true;      // progress line on the terminal (rank 0)
   bool tensorboard = false;  // also TensorBoard event files in run.output_dir/tensorboard
-  int64_t dump_step = 0;    // >= 0: write the first micro-batch of this step (inputs, noise,
-                            // per-pair errors) to debug/ for parity checks; 0 = never
+  int64_t dump_step = 0;     // >= 0: write the first micro-batch of this step (inputs, noise,
+                             // per-pair errors) to debug/ for parity checks; 0 = never
 };
 
 // Held-out preference accuracy on data.eval_index (src/train/evaluator.cpp): at step 0, every

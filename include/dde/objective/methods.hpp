@@ -84,7 +84,6 @@ double calibrated_beta(double beta, const NoiseSchedule& schedule, int64_t t_lo,
 // G alone (e.g. for the start-up log); same window rules.
 double single_shot_geometric_mean(const NoiseSchedule& schedule, int64_t t_lo, int64_t t_hi);
 
-
 // Where the credit goes, per step (§7.4): per-pair diagnostics summed in equal bins of t. Sums,
 // not means, so that the trainer can add them over micro-batches, all-reduce them and divide by
 // the pair count once.

@@ -44,5 +44,4 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
 // (and total_norm is finite, max_norm > 0).
 void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm, double max_norm);
 
-
 }  // namespace dde::train

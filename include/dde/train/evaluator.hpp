@@ -43,8 +43,8 @@ struct EvalResult {
   std::vector<double> implicit_acc_by_t, loss_by_t, delta_by_t;  // means over the pairs, per t
   // docs/method.md §7.4: the fraction with Delta > 0, the mean credit k_t sigmoid(-z), the mean z
   std::vector<double> misranked_by_t, credit_by_t, z_by_t;
-  double implicit_acc = 0.0, loss = 0.0, delta = 0.0;            // means over pairs and bins
-  double seconds = 0.0;                                          // wall time of the evaluation
+  double implicit_acc = 0.0, loss = 0.0, delta = 0.0;  // means over pairs and bins
+  double seconds = 0.0;                                // wall time of the evaluation
 
   nlohmann::json to_json(const std::string& method) const;  // the record of kind "eval"
 };

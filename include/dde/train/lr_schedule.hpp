@@ -14,7 +14,7 @@ double constant_with_warmup(int64_t step, double base_lr, int64_t warmup_steps);
 // The same warm-up, then `schedule`: "constant" keeps base_lr (the paper's); "cosine" and
 // "linear" decay from base_lr at the end of warm-up to min_lr_ratio * base_lr at max_steps
 // (diffusers get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup, with a floor).
-double scheduled_lr(const std::string& schedule, int64_t step, double base_lr,
-                    int64_t warmup_steps, int64_t max_steps, double min_lr_ratio);
+double scheduled_lr(const std::string& schedule, int64_t step, double base_lr, int64_t warmup_steps,
+                    int64_t max_steps, double min_lr_ratio);
 
 }  // namespace dde::train

@@ -13,9 +13,9 @@ namespace dde::util {
 using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
 
 struct ThreadBudget {
-  int64_t cpus = 1;      // the CPUs this process may use
+  int64_t cpus = 1;       // the CPUs this process may use
   std::string cpus_from;  // where that number came from (for the start-up log)
-  int64_t intra_op = 1;  // LibTorch's intra-op threads
+  int64_t intra_op = 1;   // LibTorch's intra-op threads
   std::string intra_op_from;
 };
 

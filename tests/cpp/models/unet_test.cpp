@@ -128,24 +128,24 @@ INSTANTIATE_TEST_SUITE_P(Families, UNetBlocks,
 // and its error against fp32 is the body's bf16 rounding only; without it, the output is bf16.
 TEST(UNetPrecision, AutocastScopeRunsTheUNetInBf16) {
   for (const bool fp32_head : {true, false}) {
-  const Manifest m = fixture_manifest("sd15");
-  UNetOptions options;
-  options.fp32_output_head = fp32_head;
-  UNet unet(m, torch::kCPU, options);
-  const Inputs in = make_inputs(m, 2, 8);
-  torch::NoGradGuard no_grad;
-  const torch::Tensor fp32 = unet.predict_noise(in.x, in.t, in.cond);
-  torch::Tensor bf16;
-  {
-    const AutocastScope autocast(torch::kCPU, true);
-    EXPECT_TRUE(at::autocast::is_autocast_enabled(torch::kCPU));
-    bf16 = unet.predict_noise(in.x, in.t, in.cond);
-  }
-  EXPECT_FALSE(at::autocast::is_autocast_enabled(torch::kCPU));
-  EXPECT_EQ(bf16.scalar_type(), fp32_head ? torch::kFloat32 : torch::kBFloat16);
-  const double err = relative_error(bf16.to(torch::kFloat32), fp32);
-  EXPECT_GT(err, 1e-4) << "bf16 autocast did not change the result: is it on?";
-  EXPECT_LT(err, 5e-2);
+    const Manifest m = fixture_manifest("sd15");
+    UNetOptions options;
+    options.fp32_output_head = fp32_head;
+    UNet unet(m, torch::kCPU, options);
+    const Inputs in = make_inputs(m, 2, 8);
+    torch::NoGradGuard no_grad;
+    const torch::Tensor fp32 = unet.predict_noise(in.x, in.t, in.cond);
+    torch::Tensor bf16;
+    {
+      const AutocastScope autocast(torch::kCPU, true);
+      EXPECT_TRUE(at::autocast::is_autocast_enabled(torch::kCPU));
+      bf16 = unet.predict_noise(in.x, in.t, in.cond);
+    }
+    EXPECT_FALSE(at::autocast::is_autocast_enabled(torch::kCPU));
+    EXPECT_EQ(bf16.scalar_type(), fp32_head ? torch::kFloat32 : torch::kBFloat16);
+    const double err = relative_error(bf16.to(torch::kFloat32), fp32);
+    EXPECT_GT(err, 1e-4) << "bf16 autocast did not change the result: is it on?";
+    EXPECT_LT(err, 5e-2);
   }
 }
 

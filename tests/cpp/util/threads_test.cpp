@@ -32,8 +32,8 @@ TEST(Threads, SlurmCpusPerTaskCapsTheMask) {
 }
 
 TEST(Threads, TorchrunRanksShareTheNodeAndItsOmpDefaultIsIgnored) {
-  const auto env = env_of({{"LOCAL_WORLD_SIZE", "8"}, {"TORCHELASTIC_RUN_ID", "x"},
-                           {"OMP_NUM_THREADS", "1"}});
+  const auto env =
+      env_of({{"LOCAL_WORLD_SIZE", "8"}, {"TORCHELASTIC_RUN_ID", "x"}, {"OMP_NUM_THREADS", "1"}});
   const auto b = plan_threads(0, 4, 128, env);
   EXPECT_EQ(b.cpus, 16);
   EXPECT_EQ(b.intra_op, 12);  // not torchrun's OMP_NUM_THREADS=1
