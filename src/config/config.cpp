@@ -835,6 +835,17 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) {
 
 bool operator!=(const TrainConfig& a, const TrainConfig& b) { return !(a == b); }
 
+namespace {
+// What writes each input file (for the hint of a missing one).
+std::string input_file_origin(const std::string& key) {
+  if (key.find("manifest") != std::string::npos) {
+    return "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR";
+  }
+  if (key == "data.cache") return "encode it first: build/dde_encode_cache --config ... --out DIR";
+  return "export the pairs first: python -m dde_tools.export_pickapic --parquet ... --out DIR";
+}
+}  // namespace
+
 void check_input_files(const TrainConfig& config) {
   namespace fs = std::filesystem;
   const std::vector<std::pair<const char*, const std::string*>> inputs = {
@@ -851,18 +862,19 @@ void check_input_files(const TrainConfig& config) {
     if (fs::is_regular_file(status)) continue;
     const bool folder = fs::is_directory(status);
     const bool dangling = !fs::exists(status) && fs::is_symlink(fs::symlink_status(*path, ec));
-    throw Error({folder ? "a folder where a file is expected" : "input file not found",
-                 std::string(key) + " = " + *path + " (" + absolute + ")", "a readable file",
-                 folder     ? "a folder"
-                 : dangling ? "a dangling symbolic link"
-                            : "no such file",
-                 folder
-                     ? std::string("name the file inside it (e.g. ") +
-                           (std::string(key).find("manifest") != std::string::npos ? "manifest.json"
-                                                                                   : "index.json") +
-                           ")"
-                     : "relative paths are read from the working directory " +
-                           fs::current_path(ec).string()});
+    throw Error(
+        {folder ? "a folder where a file is expected" : "input file not found",
+         std::string(key) + " = " + *path + " (" + absolute + ")", "a readable file",
+         folder     ? "a folder"
+         : dangling ? "a dangling symbolic link"
+                    : "no such file",
+         (folder ? std::string("name the file inside it (e.g. ") +
+                       (std::string(key).find("manifest") != std::string::npos ? "manifest.json"
+                                                                               : "index.json") +
+                       ")"
+                 : "relative paths are read from the working directory " +
+                       fs::current_path(ec).string()) +
+             "; " + input_file_origin(key)});
   }
 }
 

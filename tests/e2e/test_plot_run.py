@@ -36,12 +36,12 @@ def run_dir(dde_train, fixtures, tmp_path_factory) -> Path:
     return out
 
 
-def test_cli_writes_four_valid_pngs(run_dir):
+def test_cli_writes_five_valid_pngs(run_dir):
     result = run_plot_run(run_dir)
     assert result.returncode == 0, result.stderr
     figures = run_dir / "figures"
-    want = {"training.png": (1000, 350), "correction.png": (500, 350), "credit.png": (500, 350),
-            "eval.png": (1000, 350)}
+    want = {"training.png": (1000, 350), "t_bins.png": (1000, 350), "correction.png": (500, 350),
+            "credit.png": (500, 350), "eval.png": (1000, 350)}
     assert result.stdout.split() == [str(figures / name) for name in want]
     for name, size in want.items():
         path = figures / name
