@@ -62,7 +62,7 @@ ThreadBudget apply_thread_budget(int64_t requested, int64_t decode_workers) {
     const char* v = std::getenv(name.c_str());
     return v == nullptr ? std::nullopt : std::optional<std::string>(v);
   };
-  const ThreadBudget b = plan_threads(requested, decode_workers, affinity_count(), env);
+  ThreadBudget b = plan_threads(requested, decode_workers, affinity_count(), env);
   at::set_num_threads(static_cast<int>(b.intra_op));
   return b;
 }
