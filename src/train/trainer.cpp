@@ -214,7 +214,9 @@ struct Trainer::Impl {
   // optim.max_weight_change of it. "" when it passed, else what failed.
   std::string check_update();
   void roll_back(const std::string& why);
-  void load_weights_and_state(const std::string& dir, const checkpoint::SharedState& saved);
+  // Returns this rank's state as read (its data position), so it is read once.
+  checkpoint::RankState load_weights_and_state(const std::string& dir,
+                                               const checkpoint::SharedState& saved);
   void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
   bool is_main() const { return comm->rank() == 0; }
 
@@ -819,8 +821,7 @@ void Trainer::Impl::restore(const std::string& dir) {
        checkpoint::check_resume_config(dir, saved.config_yaml, cfg)) {
     log::warn("resume: {} changed since the checkpoint: {} -> {}", c.key, c.before, c.after);
   }
-  load_weights_and_state(dir, saved);
-  const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
+  const checkpoint::RankState own = load_weights_and_state(dir, saved);
   step = saved.step;
   skipped_steps = saved.skipped_steps;
   nonfinite_in_row = saved.nonfinite_in_row;
@@ -836,8 +837,8 @@ void Trainer::Impl::restore(const std::string& dir) {
 
 // The policy's weights, this rank's optimizer state and the correction E of checkpoint `dir`
 // (read_shared_state and read_rank_state refuse non-finite tensors, naming the file and tensor).
-void Trainer::Impl::load_weights_and_state(const std::string& dir,
-                                           const checkpoint::SharedState& saved) {
+checkpoint::RankState Trainer::Impl::load_weights_and_state(const std::string& dir,
+                                                            const checkpoint::SharedState& saved) {
   policy->load_parameters(saved.unet, dir);
   const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
   optimizer->load_state(checkpoint::optimizer_state_for(dir, saved, own, optimizer->sharded()),
@@ -853,6 +854,7 @@ void Trainer::Impl::load_weights_and_state(const std::string& dir,
   }
   ema.load_state(correction);
   weight_norm = global_norm(policy->parameters()).item<double>();
+  return own;
 }
 
 // One fused norm over the weights (every rank holds them all, so every rank decides the same)
@@ -896,7 +898,7 @@ void Trainer::Impl::roll_back(const std::string& why) {
       "step {}: update rejected: {}; weights, optimizer state and E rolled back to {} "
       "({} failed in a row, limit optim.max_nonfinite_in_row = {})",
       step + 1, why, last_checkpoint, nonfinite_in_row, cfg.optim.max_nonfinite_in_row);
-  load_weights_and_state(last_checkpoint, checkpoint::read_shared_state(last_checkpoint));
+  (void)load_weights_and_state(last_checkpoint, checkpoint::read_shared_state(last_checkpoint));
   rolled_back = true;
 }
 
