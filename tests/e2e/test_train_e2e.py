@@ -132,9 +132,10 @@ def test_resume_is_bit_exact(dde_train, fixtures, tmp_path):
     steps_a, pairs_a = read_metrics(straight)
     steps_b, pairs_b = read_metrics(halves)
     # The forward's peak lies between what the step held and its own peak. On the CPU these are
-    # the kernel's VmRSS/VmHWM, whose per-thread counters are batched: a few MiB of slack below.
+    # the kernel's VmRSS/VmHWM, whose per-thread counters are batched: a few MiB of slack on both
+    # sides (a forward peak 0.1 MiB above the step's peak was seen once in ~10 runs).
     for s in steps_a:
-        assert s["mem_held_mb"] - 16 <= s["mem_forward_peak_mb"] <= s["mem_peak_mb"], s
+        assert s["mem_held_mb"] - 16 <= s["mem_forward_peak_mb"] <= s["mem_peak_mb"] + 4, s
     assert [{k: v for k, v in s.items() if k not in timing} for s in steps_a] == \
            [{k: v for k, v in s.items() if k not in timing} for s in steps_b]
     assert pairs_a == pairs_b
