@@ -840,7 +840,7 @@ void Trainer::Impl::restore(const std::string& dir) {
 checkpoint::RankState Trainer::Impl::load_weights_and_state(const std::string& dir,
                                                             const checkpoint::SharedState& saved) {
   policy->load_parameters(saved.unet, dir);
-  const checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
+  checkpoint::RankState own = checkpoint::read_rank_state(dir, comm->rank(), saved);
   optimizer->load_state(checkpoint::optimizer_state_for(dir, saved, own, optimizer->sharded()),
                         dir);
   objective::CorrectionEma::State correction;
