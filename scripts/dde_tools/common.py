@@ -55,12 +55,17 @@ def vocab_sha256(tokenizer_dir: Path) -> str:
     return hashlib.sha256((Path(tokenizer_dir) / "vocab.json").read_bytes()).hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path.tmp`, then rename it over `path`."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` as UTF-8 to `path.tmp` (no newline translation), then rename it over `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_bytes(text.encode("utf-8"))
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path.tmp`, then rename it over `path`."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
