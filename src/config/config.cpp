@@ -212,6 +212,12 @@ void for_each_field(Visitor&& v) {
   v("eval", &C::eval, "t_bins", &EvalConfig::t_bins, non_empty_list(at_least(0)));
   v("eval", &C::eval, "seed", &EvalConfig::seed, any());
   v("eval", &C::eval, "max_bad_pairs", &EvalConfig::max_bad_pairs, at_least(0));
+  // A subsection: the YAML map eval: {sample: {...}}, the paths eval.sample.<key>.
+  v("eval.sample", &C::sample, "every", &SampleConfig::every, at_least(0));
+  v("eval.sample", &C::sample, "prompts", &SampleConfig::prompts, at_most(at_least(1), 64));
+  v("eval.sample", &C::sample, "seed", &SampleConfig::seed, any());
+  v("eval.sample", &C::sample, "steps", &SampleConfig::steps, at_most(at_least(1), 1000));
+  v("eval.sample", &C::sample, "guidance", &SampleConfig::guidance, at_most(at_least(0), 100));
 
   v("dist", &C::dist, "backend", &DistConfig::backend, one_of({"auto", "gloo", "nccl"}));
   v("dist", &C::dist, "timeout_s", &DistConfig::timeout_s, at_least(1));
@@ -235,12 +241,33 @@ const std::vector<std::pair<std::string, std::vector<std::string>>>& schema() {
   return sections;
 }
 
+// Top-level section names (a subsection such as eval.sample is a key of its parent).
 std::vector<std::string> section_names() {
   std::vector<std::string> names;
   for (const auto& [section, keys] : schema()) {
-    names.push_back(section);
+    if (section.find('.') == std::string::npos) names.push_back(section);
   }
   return names;
+}
+
+// The keys a section's map may hold: its fields, then its subsections' last names.
+std::vector<std::string> section_keys(const std::string& section) {
+  std::vector<std::string> keys;
+  for (const auto& [name, fields] : schema()) {
+    if (name == section) {
+      keys.insert(keys.end(), fields.begin(), fields.end());
+    } else if (name.rfind(section + ".", 0) == 0 &&
+               name.find('.', section.size() + 1) == std::string::npos) {
+      keys.push_back(name.substr(section.size() + 1));
+    }
+  }
+  return keys;
+}
+
+bool is_section(const std::string& name) {
+  const auto& sections = schema();
+  return std::any_of(sections.begin(), sections.end(),
+                     [&](const auto& s) { return s.first == name; });
 }
 
 size_t edit_distance(const std::string& a, const std::string& b) {
@@ -565,7 +592,15 @@ class TreeReader {
     if (!root.IsDefined() || !root.IsMap()) {
       return entry;
     }
-    const YAML::Node section_node = root[section];
+    YAML::Node section_node = root;  // reset(), not operator=: that would rewrite the tree
+    std::stringstream parts(section);
+    for (std::string part; std::getline(parts, part, '.');) {
+      if (!section_node.IsDefined() || !section_node.IsMap()) return entry;
+      const YAML::Node& parent = section_node;
+      const YAML::Node child = parent[part];  // invalid (not reset()-able) when absent
+      if (!child.IsDefined()) return entry;
+      section_node.reset(child);
+    }
     if (!section_node.IsDefined() || !section_node.IsMap()) {
       return entry;
     }
@@ -593,7 +628,7 @@ class TreeReader {
   }
 
   std::string locate(const YAML::Node& root, const std::string& path) const {
-    const auto dot = path.find('.');
+    const auto dot = path.rfind('.');
     return origin(path, lookup(root, path.substr(0, dot), path.substr(dot + 1)).mark);
   }
 
@@ -604,10 +639,7 @@ class TreeReader {
     std::set<std::string> seen_sections;
     for (const auto& section_entry : root) {
       const std::string section = key_text(section_entry.first, "");
-      const auto& sections = schema();
-      const auto found = std::find_if(sections.begin(), sections.end(),
-                                      [&](const auto& s) { return s.first == section; });
-      if (found == sections.end()) {
+      if (!is_section(section) || section.find('.') != std::string::npos) {
         throw Error({"unknown config section", origin(section, section_entry.first.Mark()),
                      "one of the sections " + join(section_names()), "'" + section + "'",
                      "did you mean '" + closest(section, section_names()) + "'?"});
@@ -616,34 +648,39 @@ class TreeReader {
         throw Error({"duplicate config section", origin(section, section_entry.first.Mark()),
                      "each section once", "'" + section + "' again", "merge the two blocks"});
       }
-      const YAML::Node& body = section_entry.second;
-      if (body.IsNull()) {
-        continue;
+      check_section(section, section_entry.second);
+    }
+  }
+
+  // The keys of one section's map (and of its subsections', recursively).
+  void check_section(const std::string& section, const YAML::Node& body) const {
+    const std::vector<std::string> keys = section_keys(section);
+    if (body.IsNull()) {
+      return;
+    }
+    if (!body.IsMap()) {
+      throw Error({"wrong type for config section", origin(section, body.Mark()),
+                   "a map with keys " + join(keys), node_text(body),
+                   "write '" + section + ":' followed by indented 'key: value' lines"});
+    }
+    std::set<std::string> seen_keys;
+    for (const auto& entry : body) {
+      const std::string key = key_text(entry.first, section + ".");
+      const std::string path = section + "." + key;
+      if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+        const auto synonym = peer_synonyms().find(key);
+        throw Error({"unknown config key", origin(path, entry.first.Mark()),
+                     "one of the " + section + " keys " + join(keys), "'" + key + "'",
+                     synonym != peer_synonyms().end()
+                         ? "'" + key + "' is the peers' name: here it is " + synonym->second
+                         : "did you mean '" + section + "." + closest(key, keys) + "'?"});
       }
-      if (!body.IsMap()) {
-        throw Error({"wrong type for config section", origin(section, body.Mark()),
-                     "a map with keys " + join(found->second), node_text(body),
-                     "write '" + section + ":' followed by indented 'key: value' lines"});
+      if (!seen_keys.insert(key).second) {
+        throw Error({"duplicate config key", origin(path, entry.first.Mark()),
+                     "each key once per section", "'" + key + "' again",
+                     "delete one of the two lines"});
       }
-      std::set<std::string> seen_keys;
-      for (const auto& entry : body) {
-        const std::string key = key_text(entry.first, section + ".");
-        const std::string path = section + "." + key;
-        const auto& keys = found->second;
-        if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
-          const auto synonym = peer_synonyms().find(key);
-          throw Error({"unknown config key", origin(path, entry.first.Mark()),
-                       "one of the " + section + " keys " + join(keys), "'" + key + "'",
-                       synonym != peer_synonyms().end()
-                           ? "'" + key + "' is the peers' name: here it is " + synonym->second
-                           : "did you mean '" + section + "." + closest(key, keys) + "'?"});
-        }
-        if (!seen_keys.insert(key).second) {
-          throw Error({"duplicate config key", origin(path, entry.first.Mark()),
-                       "each key once per section", "'" + key + "' again",
-                       "delete one of the two lines"});
-        }
-      }
+      if (is_section(path)) check_section(path, entry.second);
     }
   }
 
@@ -784,13 +821,7 @@ class Emitter {
 
   template <typename T>
   void field(const std::string& section, const std::string& key, const T& value) {
-    if (section != section_) {
-      if (!section_.empty()) {
-        out_ << YAML::EndMap;
-      }
-      out_ << YAML::Key << section << YAML::Value << YAML::BeginMap;
-      section_ = section;
-    }
+    open(section);
     out_ << YAML::Key << key << YAML::Value;
     if constexpr (std::is_same_v<T, std::string>) {
       out_ << YAML::DoubleQuoted << value;
@@ -814,13 +845,30 @@ class Emitter {
   }
 
   std::string finish() {
-    out_ << YAML::EndMap << YAML::EndMap;
+    for (size_t i = 0; i <= open_.size(); ++i) out_ << YAML::EndMap;
     return std::string(out_.c_str()) + "\n";
   }
 
  private:
+  // Closes the maps of the sections left and opens those entered: "eval" then "eval.sample"
+  // nests sample's map in eval's.
+  void open(const std::string& section) {
+    std::vector<std::string> parts;
+    std::stringstream stream(section);
+    for (std::string part; std::getline(stream, part, '.');) parts.push_back(part);
+    size_t common = 0;
+    while (common < parts.size() && common < open_.size() && parts[common] == open_[common]) {
+      ++common;
+    }
+    for (; open_.size() > common; open_.pop_back()) out_ << YAML::EndMap;
+    for (size_t i = common; i < parts.size(); ++i) {
+      out_ << YAML::Key << parts[i] << YAML::Value << YAML::BeginMap;
+      open_.push_back(parts[i]);
+    }
+  }
+
   YAML::Emitter out_;
-  std::string section_;
+  std::vector<std::string> open_;  // the sections whose maps are open, outermost first
 };
 
 }  // namespace

@@ -17,7 +17,7 @@
 namespace dde::data {
 namespace {
 
-constexpr const char* kReexportHint =
+constexpr const char* kHeldOutReexportHint =
     "re-export the held-out shards with python -m dde_tools.export_pickapic and the model's "
     "tokenizers";
 
@@ -90,7 +90,7 @@ HeldOutPairs::Impl::Impl(HeldOutOptions opts) : options(std::move(opts)) {
     for (const std::string& sha : expected) want += sha + "; ";
     throw Error({"held-out shards were tokenized with other tokenizers than the model's",
                  options.index_path + ": tokenizers", "vocab_sha256 " + want,
-                 actual.empty() ? "none" : actual, kReexportHint});
+                 actual.empty() ? "none" : actual, kHeldOutReexportHint});
   }
   total = index.total_pairs() - index.total_ties();
   if (total < 1) {
@@ -105,14 +105,14 @@ void HeldOutPairs::Impl::check_record(const PairRecord& record) const {
   if (record.input_ids.size() != index.tokenizers.size()) {
     throw Error({"pair has the wrong number of input_ids lists", where,
                  std::to_string(index.tokenizers.size()), std::to_string(record.input_ids.size()),
-                 kReexportHint});
+                 kHeldOutReexportHint});
   }
   for (size_t t = 0; t < record.input_ids.size(); ++t) {
     if (static_cast<int64_t>(record.input_ids[t].size()) != index.tokenizers[t].max_length) {
       throw Error({"pair has input_ids of the wrong length",
                    fmt::format("{}: input_ids[{}]", where, t),
                    std::to_string(index.tokenizers[t].max_length),
-                   std::to_string(record.input_ids[t].size()), kReexportHint});
+                   std::to_string(record.input_ids[t].size()), kHeldOutReexportHint});
     }
   }
 }
@@ -130,7 +130,7 @@ void HeldOutPairs::Impl::check_tokens(const PairRecord& record) const {
            fmt::format("{}: key {}: input_ids[{}][{}]", reader->path(), record.key, t, j),
            limit > 0 ? fmt::format("an id in [0, {}) ({})", limit, index.tokenizers[t].name)
                      : std::string("an id >= 0"),
-           std::to_string(id), kReexportHint});
+           std::to_string(id), kHeldOutReexportHint});
     }
   }
 }
@@ -155,7 +155,7 @@ void HeldOutPairs::Impl::finish_shard() const {
     throw Error({"shard does not match index.json", info.path,
                  fmt::format("{} pairs, {} ties (index.json)", info.pairs, info.ties),
                  fmt::format("{} pairs, {} ties", reader->pairs_read(), ties_in_shard),
-                 kReexportHint});
+                 kHeldOutReexportHint});
   }
 }
 

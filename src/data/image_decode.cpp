@@ -15,13 +15,13 @@
 namespace dde::data {
 namespace {
 
-constexpr const char* kReexportHint =
+constexpr const char* kBadImageHint =
     "the exporter checks every image with Pillow: re-export this shard, or let the trainer "
     "skip the pair (data.max_bad_pairs)";
 
 [[noreturn]] void fail(const char* reason, const std::string& what, const std::string& where,
                        const std::string& expected, const std::string& actual,
-                       const std::string& hint = kReexportHint) {
+                       const std::string& hint = kBadImageHint) {
   throw BadPairError(reason, {what, where, expected, actual, hint});
 }
 

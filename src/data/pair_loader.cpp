@@ -31,9 +31,6 @@
 namespace dde::data {
 namespace {
 
-constexpr const char* kReexportHint =
-    "re-export the shards with python -m dde_tools.export_pickapic";
-
 // splitmix64 (Steele, Lea & Flood 2014): tiny, well mixed, and the same on every platform,
 // unlike the distributions of <random>.
 uint64_t splitmix64(uint64_t x) {

@@ -14,8 +14,6 @@ namespace {
 
 using nlohmann::json;
 
-constexpr const char* kReexportHint =
-    "re-export the shards with python -m dde_tools.export_pickapic";
 constexpr int64_t kMaxMetadataBytes = 1 << 20;  // a caption and token ids: a few KB
 constexpr std::array<const char*, 3> kSuffixes = {".json", ".0.jpg", ".1.jpg"};
 

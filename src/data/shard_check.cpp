@@ -9,15 +9,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "dde/data/data_error.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
 #include "dde/util/error.hpp"
 
 namespace dde::data {
 namespace {
-
-constexpr const char* kReexportHint =
-    "re-export the shards with python -m dde_tools.export_pickapic";
 
 struct KeyOrigin {
   size_t shard = 0;

@@ -18,9 +18,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-constexpr const char* kReexportHint =
-    "re-export the shards with python -m dde_tools.export_pickapic";
-
 std::string type_name(const json& value) { return value.type_name(); }
 
 const json& require(const json& object, const std::string& key, json::value_t type,

@@ -77,6 +77,24 @@ torch::Tensor LatentEncoder::encode(const torch::Tensor& images, const torch::Te
   return sample_latents(mean, logvar, noise, scaling_factor_);
 }
 
+LatentDecoder::LatentDecoder(const Manifest& manifest, const torch::Device& device,
+                             torch::ScalarType dtype)
+    : scaling_factor_(manifest.scaling_factor),
+      device_(device),
+      bf16_(dtype == torch::kBFloat16),
+      decoder_(load_component(manifest.vae_decoder_file, device, "VAE decoder", dtype)) {
+  set_trainable(decoder_, false);
+}
+
+torch::Tensor LatentDecoder::decode(const torch::Tensor& latents) {
+  torch::NoGradGuard no_grad;
+  const AutocastScope autocast(device_.type(), bf16_);
+  // forward(latents / scaling_factor [B,C,h,w]) -> image [B,3,H,W] (docs/formats.md §1)
+  const torch::Tensor z =
+      latents.to(device_, torch::kFloat32, /*non_blocking=*/true) / scaling_factor_;
+  return decoder_.forward({z}).toTensor().to(torch::kFloat32);
+}
+
 torch::Tensor sample_latents(const torch::Tensor& mean, const torch::Tensor& logvar,
                              const torch::Tensor& noise, double scaling_factor) {
   if (noise.sizes() != mean.sizes() || logvar.sizes() != mean.sizes()) {

@@ -1,5 +1,6 @@
 #include "dde/objective/schedule.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -85,6 +86,34 @@ torch::Tensor add_noise(const NoiseSchedule& schedule, const torch::Tensor& x0,
   const auto signal = abar.sqrt().to(x0.options(), /*non_blocking=*/true).view(shape);
   const auto noise = (1.0 - abar).sqrt().to(x0.options(), /*non_blocking=*/true).view(shape);
   return signal * x0 + noise * eps;
+}
+
+std::vector<int64_t> ddim_timesteps(int64_t num_timesteps, int64_t steps) {
+  const int64_t ratio = steps >= 1 ? num_timesteps / steps : 0;
+  if (steps < 1 || ratio < 1 || (steps - 1) * ratio + 1 >= num_timesteps) {
+    throw Error({"DDIM steps outside the schedule", "eval.sample.steps",
+                 "1 <= steps, with (steps - 1) x (T / steps) + 1 < T = " +
+                     std::to_string(num_timesteps) + " (at most T / 2 always works)",
+                 std::to_string(steps), "use fewer sampling steps (20 to 50 is usual)"});
+  }
+  std::vector<int64_t> timesteps;
+  for (int64_t i = steps - 1; i >= 0; --i) timesteps.push_back(i * ratio + 1);
+  return timesteps;
+}
+
+torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tensor& x,
+                        const torch::Tensor& eps, int64_t t, int64_t prev_t) {
+  if (t < 0 || t >= schedule.num_timesteps || prev_t >= t) {
+    throw Error({"DDIM step outside the schedule", "ddim_step",
+                 "0 <= prev_t < t < " + std::to_string(schedule.num_timesteps),
+                 "t " + std::to_string(t) + ", prev_t " + std::to_string(prev_t),
+                 "internal error: timesteps come from ddim_timesteps"});
+  }
+  const double abar = schedule.alphas_cumprod[static_cast<size_t>(t)];
+  const double abar_prev =
+      schedule.alphas_cumprod[static_cast<size_t>(std::max<int64_t>(prev_t, 0))];
+  const torch::Tensor x0 = (x - std::sqrt(1.0 - abar) * eps) / std::sqrt(abar);
+  return std::sqrt(abar_prev) * x0 + std::sqrt(1.0 - abar_prev) * eps;
 }
 
 }  // namespace dde::objective

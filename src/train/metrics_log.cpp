@@ -49,15 +49,40 @@ void MetricsLog::write(const nlohmann::json& record) {
       tensorboard_->add_scalar(prefix + key, value.get<double>(), step);
     }
   }
-  if (kind == "eval" && record.contains("t_bins") && record.contains("implicit_acc_by_t")) {
+  if (kind == "step" && record.contains("t_bins") && record["t_bins"].is_object()) {
+    // train/<figure>_bin<k>: the step's misranked fraction, credit and z in bin k of 10 over t.
+    for (const auto& [figure, values] : record["t_bins"].items()) {
+      if (figure == "pairs" || !values.is_array()) continue;
+      for (size_t k = 0; k < values.size(); ++k) {
+        if (values[k].is_number()) {
+          tensorboard_->add_scalar("train/" + figure + "_bin" + std::to_string(k),
+                                   values[k].get<double>(), step);
+        }
+      }
+    }
+  }
+  if (kind == "eval" && record.contains("t_bins")) {
     const auto& bins = record["t_bins"];
-    const auto& acc = record["implicit_acc_by_t"];
-    for (size_t j = 0; j < bins.size() && j < acc.size(); ++j) {
-      tensorboard_->add_scalar("eval/implicit_acc_t" + std::to_string(bins[j].get<int64_t>()),
-                               acc[j].get<double>(), step);
+    const std::string suffix = "_by_t";
+    for (const auto& [key, values] : record.items()) {
+      if (!values.is_array() || key.size() <= suffix.size() ||
+          key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) {
+        continue;
+      }
+      const std::string figure = key.substr(0, key.size() - suffix.size());
+      for (size_t j = 0; j < bins.size() && j < values.size(); ++j) {
+        if (!values[j].is_number()) continue;  // null where a bin has no pair
+        tensorboard_->add_scalar("eval/" + figure + "_t" + std::to_string(bins[j].get<int64_t>()),
+                                 values[j].get<double>(), step);
+      }
     }
   }
   tensorboard_->flush();
+}
+
+void MetricsLog::add_image(const std::string& tag, const std::string& png, int64_t height,
+                           int64_t width, int64_t step) {
+  if (tensorboard_) tensorboard_->add_image(tag, png, height, width, step);
 }
 
 }  // namespace dde::train

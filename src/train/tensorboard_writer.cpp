@@ -102,6 +102,27 @@ void TensorBoardWriter::add_scalar(const std::string& tag, double value, int64_t
   write_record(e);
 }
 
+void TensorBoardWriter::add_image(const std::string& tag, const std::string& png, int64_t height,
+                                  int64_t width, int64_t step) {
+  std::string image;
+  varint(image, (1 << 3) | 0);  // Summary.Image.height
+  varint(image, static_cast<uint64_t>(height));
+  varint(image, (2 << 3) | 0);  // width
+  varint(image, static_cast<uint64_t>(width));
+  varint(image, (3 << 3) | 0);  // colorspace: 3 = RGB
+  varint(image, 3);
+  length_delimited(image, 4, png);  // encoded_image_string
+  std::string v;
+  length_delimited(v, 1, tag);    // Summary.Value.tag
+  length_delimited(v, 4, image);  // Summary.Value.image
+  std::string summary;
+  length_delimited(summary, 1, v);
+  std::string e = event_header(now_seconds(), step);
+  length_delimited(e, 5, summary);
+  write_record(e);
+  flush();
+}
+
 void TensorBoardWriter::write_record(const std::string& event) {
   std::string header;
   fixed(header, static_cast<uint64_t>(event.size()));

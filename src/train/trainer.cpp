@@ -33,6 +33,7 @@
 #include "dde/train/metrics_log.hpp"
 #include "dde/train/pair_inputs.hpp"
 #include "dde/train/stop_signal.hpp"
+#include "dde/train/validation_images.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
@@ -183,7 +184,8 @@ struct Trainer::Impl {
   std::unique_ptr<models::LatentEncoder> vae;
   torch::Tensor pm1_table;  // data::pm1_table() on the device: uint8 pixels -> [-1, 1]
   std::unique_ptr<data::PairLoader> loader;
-  std::unique_ptr<Evaluator> evaluator;  // held-out accuracy; null without data.eval_index
+  std::unique_ptr<Evaluator> evaluator;       // held-out accuracy; null without data.eval_index
+  std::unique_ptr<ValidationImages> samples;  // rank 0 with eval.sample.every > 0, else null
   std::unique_ptr<DataParallelOptimizer> optimizer;
   checkpoint::CheckpointStore store;
   std::unique_ptr<MetricsLog> metrics;  // rank 0 only
@@ -219,6 +221,9 @@ struct Trainer::Impl {
                                                const checkpoint::SharedState& saved);
   void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
   bool is_main() const { return comm->rank() == 0; }
+  // The periodic work before a step (and after the last): held-out evaluation, validation
+  // images. False when a stop was requested during the evaluation.
+  bool periodic_work();
 
   struct MicroResult {
     torch::Tensor loss_sum;  // scalar float64, sum over pairs of the micro-batch
@@ -356,6 +361,9 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
 
   poisoned_steps = injected_nonfinite_steps();
   prepare_output_dir(start);
+  if (cfg.sample.every > 0 && is_main()) {
+    samples = std::make_unique<ValidationImages>(cfg, manifest, device, resolution, text.get());
+  }
   comm->barrier();
   int64_t keep_metrics_through = -1;
   if (start.resume) {
@@ -527,9 +535,7 @@ TrainOutcome Trainer::Impl::run() {
   const StopTestHooks test_hooks = StopTestHooks::from_environment();
   log::info("training steps {} -> {} ({} pairs per step)", step, max_steps, cfg.train.global_batch);
   while (step < max_steps) {
-    if (evaluator && !evaluator->run_if_due(step, ema, metrics.get())) {
-      return stop_for_requeue(loader->state());
-    }
+    if (!periodic_work()) return stop_for_requeue(loader->state());
     const auto step_start = Clock::now();
     const double wait_before = loader->wait_seconds();
     const double lr = scheduled_lr(cfg.optim.schedule, step, cfg.optim.lr, cfg.optim.warmup_steps,
@@ -689,10 +695,26 @@ TrainOutcome Trainer::Impl::run() {
       }
     }
   }
-  if (evaluator && !evaluator->run_if_due(step, ema, metrics.get())) {
+  if (!periodic_work()) {
     return stop_for_requeue(loader->state());  // the resumed run evaluates the last step again
   }
   return {step, skipped_steps, last_checkpoint, /*preempted=*/false};
+}
+
+bool Trainer::Impl::periodic_work() {
+  if (evaluator && !evaluator->run_if_due(step, ema, metrics.get())) return false;
+  if (samples && samples->due(step)) {
+    const auto start = Clock::now();
+    const std::string path = samples->write(
+        step,
+        [this](const torch::Tensor& x, const torch::Tensor& t, const models::Conditioning& cond) {
+          return predict(*policy, x, t, cond);
+        },
+        metrics.get());
+    log::info("step {}: validation images {} ({:.1f} s)", step, path,
+              std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  return true;
 }
 
 // Every rank's skipped pairs of this step to rank 0, one metrics record each. `in_step` is

@@ -137,6 +137,19 @@ struct EvalConfig {
   int64_t max_bad_pairs = 10;
 };
 
+// Validation images (eval.sample, src/train/validation_images.cpp): at step 0, every `every`
+// steps and at the last step, rank 0 samples the first `prompts` distinct captions of
+// data.eval_index (else data.index) with the policy: DDIM with `steps` steps and classifier-free
+// guidance `guidance` against the empty caption, image i from the noise of seed + i. One PNG grid
+// per evaluation in run.output_dir/samples/ (and TensorBoard's images with logging.tensorboard).
+struct SampleConfig {
+  int64_t every = 0;      // >= 0 optimizer steps between grids; 0 = no validation images
+  int64_t prompts = 4;    // in [1, 64] captions (one image each, four to a row)
+  uint64_t seed = 0;      // image i starts from torch.randn with the seed seed + i
+  int64_t steps = 20;     // in [1, 1000] DDIM steps (diffusers' leading spacing, offset 1)
+  double guidance = 5.0;  // in [0, 100]; <= 1: no classifier-free guidance (as diffusers)
+};
+
 struct DistConfig {
   std::string backend = "auto";  // auto | gloo | nccl; auto = nccl on cuda, else gloo
   int64_t timeout_s = 600;       // > 0 seconds before a collective is declared hung
@@ -157,6 +170,7 @@ struct TrainConfig {
   CheckpointConfig checkpoint;
   LoggingConfig logging;
   EvalConfig eval;
+  SampleConfig sample;  // the YAML section eval.sample
   DistConfig dist;
 };
 

@@ -26,4 +26,8 @@ class BadPairError : public Error {
 // what a message may show of data read from a file (never raw binary).
 std::string escape_preview(const std::string& bytes, size_t max_bytes = 32);
 
+// The hint of a message about a shard's own structure or metadata.
+inline constexpr const char* kReexportHint =
+    "re-export the shards with python -m dde_tools.export_pickapic";
+
 }  // namespace dde::data

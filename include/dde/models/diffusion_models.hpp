@@ -51,6 +51,21 @@ class LatentEncoder {
   torch::jit::Module encoder_;
 };
 
+// Frozen VAE decoder: latents (x scaling factor, as the UNet sees them) -> images in [-1, 1].
+class LatentDecoder {
+ public:
+  LatentDecoder(const Manifest& manifest, const torch::Device& device,
+                torch::ScalarType dtype = torch::kFloat32);
+  // latents: [B, C, h, w] on any device -> [B, 3, H, W] float32 on the decoder's device.
+  torch::Tensor decode(const torch::Tensor& latents);
+
+ private:
+  double scaling_factor_;
+  torch::Device device_;
+  bool bf16_;
+  torch::jit::Module decoder_;
+};
+
 // diffusers DiagonalGaussianDistribution.sample() x scaling factor: (mean + exp(logvar / 2) x
 // noise) x scaling_factor; noise [B, C, h, w] goes to the moments' device.
 torch::Tensor sample_latents(const torch::Tensor& mean, const torch::Tensor& logvar,

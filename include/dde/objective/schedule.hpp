@@ -37,4 +37,15 @@ torch::Tensor add_noise(const NoiseSchedule& schedule, const torch::Tensor& x0,
 torch::Tensor gather_table(const NoiseSchedule& schedule, const std::vector<double>& table,
                            const torch::Tensor& t, const torch::Device& device);
 
+// Sampling (validation images, eval.sample): diffusers' DDIMScheduler as Stable Diffusion's
+// pipelines configure it (timestep_spacing "leading", steps_offset 1, set_alpha_to_one false,
+// epsilon prediction, no clipping, eta 0).
+// The timesteps, first to last: (n-1) r + 1, ..., r + 1, 1 with r = T / n (integer division).
+// Throws dde::Error unless 1 <= n and the first lies below T (n <= T / 2 always does).
+std::vector<int64_t> ddim_timesteps(int64_t num_timesteps, int64_t steps);
+// One step from t to prev_t = t - r: x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t), then
+// sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, with abar_prev = abar_0 when prev_t < 0.
+torch::Tensor ddim_step(const NoiseSchedule& schedule, const torch::Tensor& x,
+                        const torch::Tensor& eps, int64_t t, int64_t prev_t);
+
 }  // namespace dde::objective

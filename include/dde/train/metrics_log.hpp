@@ -21,8 +21,13 @@ class MetricsLog {
   void write(const nlohmann::json& record);
   const std::string& path() const { return path_; }
   // Also writes the numbers of every step and eval record as TensorBoard scalars into `dir`
-  // (train/<key>, eval/<key>, eval/implicit_acc_t<t> per t bin).
+  // (train/<key>, eval/<key>, and per t bin of an eval record eval/<figure>_t<t> for each of
+  // its <figure>_by_t lists: implicit accuracy, loss, delta, misranked, credit, z; and per
+  // bin k of a step record's t_bins train/<figure>_bin<k>: misranked, credit, z).
   void enable_tensorboard(const std::string& dir);
+  // A PNG to TensorBoard (nothing without enable_tensorboard): the validation grids.
+  void add_image(const std::string& tag, const std::string& png, int64_t height, int64_t width,
+                 int64_t step);
 
  private:
   std::string path_;

@@ -16,6 +16,9 @@ class TensorBoardWriter {
   // A new events.out.tfevents.<seconds>.<host>.dde file in `dir` (created if needed).
   explicit TensorBoardWriter(const std::string& dir);
   void add_scalar(const std::string& tag, double value, int64_t step);
+  // An RGB image (Summary.Image: height, width, colorspace 3, the encoded PNG).
+  void add_image(const std::string& tag, const std::string& png, int64_t height, int64_t width,
+                 int64_t step);
   void flush();
   const std::string& path() const { return path_; }
 

@@ -17,7 +17,7 @@ namespace {
 
 using dde::checkpoint::NamedTensors;
 
-fs::path fresh_dir(const std::string& name) {
+fs::path fresh_state_dir(const std::string& name) {
   fs::path p = fs::temp_directory_path() / ("dde_tc_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(p);
   fs::create_directories(p);
@@ -53,7 +53,7 @@ bool same(const NamedTensors& a, const NamedTensors& b) {
 }
 
 TEST(TrainingCheckpoint, SharedAndRankStateRoundTrip) {
-  const fs::path dir = fresh_dir("roundtrip");
+  const fs::path dir = fresh_state_dir("roundtrip");
   const auto written = example_shared(/*sharded=*/false);
   dde::checkpoint::write_shared_state(dir.string(), written);
   dde::checkpoint::RankState own;
@@ -90,7 +90,7 @@ TEST(TrainingCheckpoint, SharedAndRankStateRoundTrip) {
 }
 
 TEST(TrainingCheckpoint, ShardedStateIsReadPerRankOrWhole) {
-  const fs::path dir = fresh_dir("sharded");
+  const fs::path dir = fresh_state_dir("sharded");
   dde::checkpoint::write_shared_state(dir.string(), example_shared(/*sharded=*/true));
   for (int64_t r = 0; r < 2; ++r) {
     dde::checkpoint::RankState own;
@@ -128,7 +128,7 @@ TEST(TrainingCheckpoint, ResumeChecksNameWhatDiffers) {
 }
 
 TEST(TrainingCheckpoint, ForeignTrainerStateIsRefused) {
-  const fs::path dir = fresh_dir("foreign");
+  const fs::path dir = fresh_state_dir("foreign");
   dde::checkpoint::write_shared_state(dir.string(), example_shared(false));
   std::ofstream(dir / "trainer_state.json") << "{\"format\": \"other\", \"version\": 1}";
   EXPECT_THROW(dde::checkpoint::read_shared_state(dir.string()), dde::Error);
@@ -146,7 +146,7 @@ std::string read_error(const fs::path& dir, bool rank_file = false) {
 }
 
 TEST(TrainingCheckpoint, DamagedTrainerStateIsAnErrorNamingTheFile) {
-  const fs::path dir = fresh_dir("damaged");
+  const fs::path dir = fresh_state_dir("damaged");
   dde::checkpoint::write_shared_state(dir.string(), example_shared(false));
   const std::string good = R"("format": "dde-checkpoint", "version": 1, "skipped_steps": 0,
     "nonfinite_in_row": 0, "world_size": 2, "method": "dde",

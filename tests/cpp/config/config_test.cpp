@@ -415,6 +415,46 @@ TEST_F(ConfigFile, TBinsOverrideAndRoundTrip) {
            {"--set eval.t_bins=[1.5]: eval.t_bins", "a list of integers"});
 }
 
+TEST_F(ConfigFile, SampleIsASubsectionOfEval) {
+  const std::string text =
+      std::string(kMinimal) + "eval:\n  every: 5\n  sample:\n    every: 10\n    guidance: 7.5\n";
+  const std::string path = write(text);
+  const auto c = load_config(path);
+  EXPECT_EQ(c.eval.every, 5);
+  EXPECT_EQ(c.sample.every, 10);
+  EXPECT_DOUBLE_EQ(c.sample.guidance, 7.5);
+  EXPECT_EQ(c.sample.prompts, 4);  // a default
+  // The emitted YAML nests it again and reads back equal.
+  const std::string yaml = to_yaml(c);
+  EXPECT_NE(yaml.find("eval:\n  every: 5\n"), std::string::npos) << yaml;
+  EXPECT_NE(yaml.find("  sample:\n    every: 10\n"), std::string::npos) << yaml;
+  EXPECT_EQ(from_text(yaml), c);
+  // --set reaches into it, one key or a map.
+  EXPECT_EQ(load_config(path, {"eval.sample.steps=30"}).sample.steps, 30);
+  const auto both = load_config(path, {"eval.sample={prompts: 2, seed: 3}"});
+  EXPECT_EQ(both.sample.prompts, 2);
+  EXPECT_EQ(both.sample.seed, 3U);
+  EXPECT_EQ(both.sample.every, 10);  // merged key by key
+  // Its errors name the dotted path and where it is.
+  error_of(
+      [&] { load_config(path, {"eval.sample.steps=0"}); },
+      {"config value out of range", "--set eval.sample.steps=0: eval.sample.steps", "[1, 1000]"});
+  error_of([&] { load_config(write(text + "    stepz: 3\n", "typo.yaml")); },
+           {"unknown config key", "eval.sample.stepz", "did you mean 'eval.sample.steps'?"});
+  error_of([&] { load_config(write(std::string(kMinimal) + "eval:\n  sample: 3\n", "t.yaml")); },
+           {"wrong type for config section", "eval.sample", "a map with keys every, prompts"});
+  error_of([&] { load_config(write(std::string(kMinimal) + "eval:\n  sampel: {}\n", "s.yaml")); },
+           {"unknown config key", "did you mean 'eval.sample'?"});
+  // A subsection is not a top-level section.
+  error_of([&] { load_config(write(std::string(kMinimal) + "sample:\n  every: 1\n", "u.yaml")); },
+           {"unknown config section", "'sample'"});
+  auto changed = c;
+  changed.sample.seed = 9;
+  const auto changes = config_changes(c, changed);
+  ASSERT_EQ(changes.size(), 1U);
+  EXPECT_EQ(changes[0].key, "eval.sample.seed");
+}
+
 TEST(ConfigBatch, AccumulationSteps) {
   auto c = from_text(kMinimal);
   EXPECT_EQ(accumulation_steps(c, 8), 256);

@@ -10,13 +10,12 @@
 namespace dde::data {
 namespace {
 
+using testing::kResolution;
+using testing::kTokenizers;
+
 using testing::expect_error;
 using testing::FixturePair;
 using testing::TempDir;
-
-const std::vector<testing::FixtureTokenizer> kTokenizers = {{"tok_a", "sha_a", 4},
-                                                            {"tok_b", "sha_b", 3}};
-constexpr int64_t kResolution = 8;
 
 // 2 shards, 7 pairs, 2 ties (numbers 1 and 5): held-out ids 0..4 are pair numbers 0, 2, 3, 4, 6.
 std::vector<std::vector<FixturePair>> held_out_shards() {

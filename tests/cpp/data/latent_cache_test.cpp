@@ -15,15 +15,14 @@
 namespace dde::data {
 namespace {
 
+using testing::kEmptyPrompt;
+using testing::kResolution;
+using testing::kTokenizers;
+
 namespace fs = std::filesystem;
 using testing::expect_error;
 using testing::FixturePair;
 using testing::TempDir;
-
-const std::vector<testing::FixtureTokenizer> kTokenizers = {{"tok_a", "sha_a", 4},
-                                                            {"tok_b", "sha_b", 3}};
-const std::vector<std::vector<int64_t>> kEmptyPrompt = {{1, 2, 2, 2}, {5, 6, 6}};
-constexpr int64_t kResolution = 8;
 
 // An "identity" cache: the moments of an image are its pixels (mean) and minus them (logvar),
 // the text embedding is tokenizer 0's ids ([4, 1]), the pooled one tokenizer 1's ([3]). A pair

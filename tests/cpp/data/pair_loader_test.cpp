@@ -16,14 +16,13 @@
 namespace dde::data {
 namespace {
 
+using testing::kEmptyPrompt;
+using testing::kResolution;
+using testing::kTokenizers;
+
 using testing::expect_error;
 using testing::FixturePair;
 using testing::TempDir;
-
-const std::vector<testing::FixtureTokenizer> kTokenizers = {{"tok_a", "sha_a", 4},
-                                                            {"tok_b", "sha_b", 3}};
-const std::vector<std::vector<int64_t>> kEmptyPrompt = {{1, 2, 2, 2}, {5, 6, 6}};
-constexpr int64_t kResolution = 8;
 
 // 3 shards, 12 pairs, 2 ties (keys 000000002 and 000000009): 10 usable pairs per epoch.
 std::vector<std::vector<FixturePair>> default_shards() {

@@ -270,4 +270,10 @@ inline std::string write_fixture(const std::filesystem::path& dir,
   return path;
 }
 
+// The two tokenizers, empty prompt and resolution of the data tests' shards.
+inline const std::vector<FixtureTokenizer> kTokenizers = {{"tok_a", "sha_a", 4},
+                                                          {"tok_b", "sha_b", 3}};
+inline const std::vector<std::vector<int64_t>> kEmptyPrompt = {{1, 2, 2, 2}, {5, 6, 6}};
+inline constexpr int64_t kResolution = 8;
+
 }  // namespace dde::data::testing

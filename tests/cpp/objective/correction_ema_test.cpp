@@ -15,11 +15,6 @@ namespace {
 
 namespace w = worked;
 
-const NoiseSchedule& schedule() {
-  static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
-  return s;
-}
-
 torch::Tensor f64(std::initializer_list<double> v) {
   return torch::tensor(std::vector<double>(v), torch::kFloat64);
 }

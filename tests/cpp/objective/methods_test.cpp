@@ -21,11 +21,6 @@ const std::vector<Method> kAllMethods = {Method::kSft,       Method::kUniform, M
 const std::vector<Method> kDpoMethods = {Method::kUniform, Method::kDiscounted, Method::kDdeSingle,
                                          Method::kDdeStep, Method::kDde,        Method::kUniformCt};
 
-const NoiseSchedule& schedule() {
-  static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
-  return s;
-}
-
 torch::Tensor f32(double v) { return torch::tensor({v}, torch::kFloat32); }
 torch::Tensor f64(double v) { return torch::tensor({v}, torch::kFloat64); }
 

@@ -129,4 +129,39 @@ TEST(AddNoise, RejectsBadArguments) {
 }
 
 }  // namespace
+// diffusers' DDIMScheduler(steps_offset=1, timestep_spacing="leading").set_timesteps(n).timesteps
+TEST(Ddim, TimestepsAreDiffusersLeadingSpacing) {
+  EXPECT_EQ(ddim_timesteps(1000, 4), (std::vector<int64_t>{751, 501, 251, 1}));
+  const auto fifty = ddim_timesteps(1000, 50);
+  ASSERT_EQ(fifty.size(), 50U);
+  EXPECT_EQ(fifty.front(), 981);
+  EXPECT_EQ(fifty[1], 961);
+  EXPECT_EQ(fifty.back(), 1);
+  EXPECT_EQ(ddim_timesteps(1000, 3), (std::vector<int64_t>{667, 334, 1}));  // r = 333
+  EXPECT_EQ(ddim_timesteps(1000, 500).front(), 999);
+  EXPECT_THROW(ddim_timesteps(1000, 1000), Error);  // the first would be T
+  EXPECT_THROW(ddim_timesteps(1000, 0), Error);
+}
+
+TEST(Ddim, StepIsTheDeterministicUpdate) {
+  const auto s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
+  const torch::Tensor x = torch::tensor({0.5, -1.0}, torch::kFloat64);
+  const torch::Tensor eps = torch::tensor({0.25, 2.0}, torch::kFloat64);
+  const double a = s.alphas_cumprod[501], ap = s.alphas_cumprod[251];
+  const torch::Tensor x0 = (x - std::sqrt(1 - a) * eps) / std::sqrt(a);
+  const torch::Tensor want = std::sqrt(ap) * x0 + std::sqrt(1 - ap) * eps;
+  EXPECT_TRUE(torch::allclose(ddim_step(s, x, eps, 501, 251), want, 1e-12, 1e-12));
+  // Past t = 0 the last step lands on abar_0 (set_alpha_to_one false): x0 almost exactly.
+  const double a0 = s.alphas_cumprod[0];
+  const torch::Tensor last = ddim_step(s, x, eps, 1, -249);
+  const torch::Tensor x0_at_1 =
+      (x - std::sqrt(1 - s.alphas_cumprod[1]) * eps) / std::sqrt(s.alphas_cumprod[1]);
+  EXPECT_TRUE(
+      torch::allclose(last, std::sqrt(a0) * x0_at_1 + std::sqrt(1 - a0) * eps, 1e-12, 1e-12));
+  // The noise term is kept (eta 0 is not x0 alone): a changed eps changes the result.
+  EXPECT_FALSE(torch::allclose(ddim_step(s, x, eps * 2, 501, 251), want));
+  EXPECT_THROW(ddim_step(s, x, eps, 1000, 900), Error);
+  EXPECT_THROW(ddim_step(s, x, eps, 500, 500), Error);
+}
+
 }  // namespace dde::objective

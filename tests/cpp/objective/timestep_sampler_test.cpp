@@ -28,11 +28,6 @@ TimestepSamplerOptions uniform(int64_t t_lo = 0, int64_t t_hi = 1000) {
   return o;
 }
 
-const NoiseSchedule& schedule() {
-  static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
-  return s;
-}
-
 // uniform_ct's p(t) ∝ c_t (section 7.3).
 TimestepSamplerOptions proportional_to_ct(int64_t t_lo = 0, int64_t t_hi = 1000) {
   TimestepSamplerOptions o;

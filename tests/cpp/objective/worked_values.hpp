@@ -8,6 +8,18 @@
 #include <cstdio>
 #include <string>
 
+#include "dde/objective/schedule.hpp"
+
+namespace dde::objective {
+
+// Stable Diffusion's schedule (T = 1000, scaled_linear 0.00085 .. 0.012), built once.
+inline const NoiseSchedule& schedule() {
+  static const NoiseSchedule s = NoiseSchedule::scaled_linear(1000, 0.00085, 0.012);
+  return s;
+}
+
+}  // namespace dde::objective
+
 namespace dde::objective::worked {
 
 // The pair of section 6: t = 100, C_100 = 2e-4.
