@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "dde/config/config.hpp"
-#include "dde/train/cache_encoder.hpp"
+#include "dde/pairs/cache_encoder.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   CLI::App app{"dde_encode_cache: the latent cache of a training config's shards"};
   std::string config_path;
   std::vector<std::string> overrides;
-  dde::train::CacheEncodeOptions options;
+  dde::pairs::CacheEncodeOptions options;
   app.add_option("--config", config_path, "YAML training config (model.*, data.*, run.device)")
       ->required();
   app.add_option("--set", overrides, "override a config value (repeatable)");
@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   }
   try {
     const dde::config::TrainConfig config = dde::config::load_config(config_path, overrides);
-    const dde::train::CacheEncodeReport r = dde::train::encode_latent_cache(config, options);
+    const dde::pairs::CacheEncodeReport r = dde::pairs::encode_latent_cache(config, options);
     dde::log::info("latent cache {}: {} shards, {} pairs ({} bad), {} bytes, {} bytes per pair",
                    r.index_path, r.shards, r.pairs, r.bad_pairs, r.bytes, r.bytes_per_pair);
     dde::log::flush();

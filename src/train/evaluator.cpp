@@ -1,6 +1,5 @@
 #include "dde/train/evaluator.hpp"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 
 #include <chrono>
@@ -10,7 +9,7 @@
 
 #include "dde/data/held_out_pairs.hpp"
 #include "dde/data/image_tensor.hpp"
-#include "dde/train/pair_inputs.hpp"
+#include "dde/pairs/pair_path.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -19,7 +18,6 @@
 namespace dde::train {
 namespace {
 
-constexpr uint64_t kVaeStream = 0;  // per pair; the eps of bin t uses stream 1 + t
 constexpr int64_t kReduceBucketBytes = 1 << 20;
 
 // One micro-batch of held-out pairs, encoded once (CPU tensors).
@@ -29,10 +27,6 @@ struct EncodedPairs {
   models::Conditioning cond;  // for [x_w; x_l] (2B rows)
   torch::Tensor ref_errors;   // [nb, 2, B] float32: reference e[ref, w|l] per bin
 };
-
-at::Generator pair_generator(uint64_t seed, int64_t pair_id, uint64_t stream) {
-  return at::make_generator<at::CPUGeneratorImpl>(mix_seed(seed, pair_id, stream));
-}
 
 models::Conditioning conditioning_to(const models::Conditioning& c, const torch::Device& device,
                                      int64_t repeats) {
@@ -71,6 +65,7 @@ nlohmann::json EvalResult::to_json(const std::string& method) const {
 
 struct Evaluator::Impl {
   EvaluatorContext ctx;
+  pairs::PairPath path;
   std::unique_ptr<data::HeldOutPairs> reader;  // until the pairs are encoded
   int64_t total_pairs = 0;
   std::vector<EncodedPairs> encoded;
@@ -81,14 +76,13 @@ struct Evaluator::Impl {
   // false when a stop was requested first; a later call goes on where this one stopped.
   bool encode_all();
   EncodedPairs encode(const data::PairBatch& batch);
-  // Noisy latents, eps and t of every bin: [nb * 2B, ...], bin-major, winners then losers.
-  void noised(const EncodedPairs& pairs, torch::Tensor& x_t, torch::Tensor& eps,
-              torch::Tensor& t) const;
   torch::Tensor errors_of(models::UNet& unet, const EncodedPairs& pairs) const;  // [nb, 2, B]
   const std::vector<int64_t>& bins() const { return ctx.cfg->eval.t_bins; }
 };
 
-Evaluator::Impl::Impl(EvaluatorContext context) : ctx(std::move(context)) {
+Evaluator::Impl::Impl(EvaluatorContext context)
+    : ctx(std::move(context)),
+      path(*ctx.manifest, *ctx.schedule, ctx.device, ctx.resolution, ctx.text, ctx.vae) {
   data::HeldOutOptions options;
   options.index_path = ctx.cfg->data.eval_index;
   options.resolution = ctx.resolution;
@@ -114,29 +108,13 @@ Evaluator::Impl::Impl(EvaluatorContext context) : ctx(std::move(context)) {
 }
 
 EncodedPairs Evaluator::Impl::encode(const data::PairBatch& batch) {
-  const int64_t B = batch.winner.size(0);
-  const int64_t h = ctx.resolution / ctx.manifest->latent_downsample;
-  const std::vector<int64_t> shape{ctx.manifest->latent_channels, h, h};
-  std::vector<torch::Tensor> noise_w, noise_l;
-  for (int64_t i = 0; i < B; ++i) {
-    at::Generator g =
-        pair_generator(ctx.cfg->eval.seed, batch.pair_ids[i].item<int64_t>(), kVaeStream);
-    noise_w.push_back(at::randn(shape, g, torch::kFloat32));
-    noise_l.push_back(at::randn(shape, g, torch::kFloat32));
-  }
-  const torch::Tensor noise = torch::cat({torch::stack(noise_w), torch::stack(noise_l)}, 0);
+  const torch::Tensor noise =
+      pairs::draw_eval_vae_noise(batch.pair_ids, ctx.cfg->eval.seed, path.latent_shape());
+  const pairs::EncodedPairs batch_latents = path.encode(batch, noise);
   EncodedPairs out;
   out.pair_ids = batch.pair_ids;
-  const torch::Tensor pixels =
-      data::to_pm1(torch::cat({batch.winner, batch.loser}, 0), data::pm1_table());
-  out.latents = ctx.vae->encode(pixels, noise).cpu();
-  models::Conditioning cond = ctx.text->encode(batch.input_ids);
-  torch::Tensor loser_time_ids;
-  if (ctx.manifest->added_cond) {
-    cond.time_ids = sdxl_time_ids(batch.winner_original_hw, batch.winner_crop_tl, ctx.resolution);
-    loser_time_ids = sdxl_time_ids(batch.loser_original_hw, batch.loser_crop_tl, ctx.resolution);
-  }
-  out.cond = conditioning_to(cond.repeat_for_pair(loser_time_ids), torch::kCPU, 1);
+  out.latents = batch_latents.latents.cpu();
+  out.cond = conditioning_to(batch_latents.cond, torch::kCPU, 1);
   return out;
 }
 
@@ -168,35 +146,24 @@ bool Evaluator::Impl::encode_all() {
   return true;
 }
 
-void Evaluator::Impl::noised(const EncodedPairs& pairs, torch::Tensor& x_t, torch::Tensor& eps,
-                             torch::Tensor& t) const {
+torch::Tensor Evaluator::Impl::errors_of(models::UNet& unet, const EncodedPairs& pairs) const {
+  torch::NoGradGuard no_grad;
+  // Every bin at once, bin-major, winners then losers: [nb * 2B, ...].
   const int64_t B = pairs.pair_ids.size(0);
   const auto nb = static_cast<int64_t>(bins().size());
   std::vector<torch::Tensor> eps_bins, t_bins;
   for (const int64_t bin_t : bins()) {
-    std::vector<torch::Tensor> eps_pairs;
-    for (int64_t i = 0; i < B; ++i) {
-      at::Generator g = pair_generator(ctx.cfg->eval.seed, pairs.pair_ids[i].item<int64_t>(),
-                                       1 + static_cast<uint64_t>(bin_t));
-      eps_pairs.push_back(at::randn(pairs.latents.sizes().slice(1), g, torch::kFloat32));
-    }
-    const torch::Tensor e = torch::stack(eps_pairs);
+    const torch::Tensor e =
+        pairs::draw_eval_eps(pairs.pair_ids, ctx.cfg->eval.seed, bin_t, path.latent_shape());
     eps_bins.push_back(torch::cat({e, e}, 0));  // one eps per pair, shared by winner and loser
     t_bins.push_back(torch::full({2 * B}, bin_t, torch::kLong));
   }
-  eps = torch::cat(eps_bins, 0).to(ctx.device);
-  t = torch::cat(t_bins, 0);
+  const torch::Tensor eps = torch::cat(eps_bins, 0).to(ctx.device);
   const torch::Tensor x0 = pairs.latents.to(ctx.device).repeat({nb, 1, 1, 1});
-  x_t = objective::add_noise(*ctx.schedule, x0, eps, t.to(ctx.device));
-}
-
-torch::Tensor Evaluator::Impl::errors_of(models::UNet& unet, const EncodedPairs& pairs) const {
-  torch::NoGradGuard no_grad;
-  torch::Tensor x_t, eps, t;
-  noised(pairs, x_t, eps, t);
-  const auto nb = static_cast<int64_t>(bins().size());
   const models::Conditioning cond = conditioning_to(pairs.cond, ctx.device, nb);
-  return per_image_mse(ctx.predict(unet, x_t, t, cond), eps).view({nb, 2, -1});
+  const auto predict = [&](const torch::Tensor& x, const torch::Tensor& t,
+                           const models::Conditioning& c) { return ctx.predict(unet, x, t, c); };
+  return path.errors(predict, x0, eps, torch::cat(t_bins, 0), cond).view({nb, 2, -1});
 }
 
 Evaluator::Evaluator(EvaluatorContext context)

@@ -24,14 +24,14 @@
 #include "dde/objective/methods.hpp"
 #include "dde/objective/schedule.hpp"
 #include "dde/objective/timestep_sampler.hpp"
+#include "dde/pairs/cache_encoder.hpp"
+#include "dde/pairs/pair_path.hpp"
 #include "dde/train/adamw.hpp"
-#include "dde/train/cache_encoder.hpp"
 #include "dde/train/data_parallel_optimizer.hpp"
 #include "dde/train/evaluator.hpp"
 #include "dde/train/lr_schedule.hpp"
 #include "dde/train/memory_meter.hpp"
 #include "dde/train/metrics_log.hpp"
-#include "dde/train/pair_inputs.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/train/validation_images.hpp"
 #include "dde/util/error.hpp"
@@ -49,10 +49,6 @@ using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kBucketBytes = 25 << 20;  // gradient all-reduce buckets, as torch DDP
-
-torch::ScalarType frozen_dtype(const config::ModelConfig& model) {
-  return model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
-}
 
 // CUDA kernels: TF32 tensor cores for fp32 matmuls and convolutions (the fp32 master path under
 // autocast and every fp32 run), and cuDNN's autotuner (the shapes are fixed by the config, so the
@@ -182,7 +178,7 @@ struct Trainer::Impl {
   std::unique_ptr<models::UNet> reference;
   std::unique_ptr<models::TextConditioner> text;
   std::unique_ptr<models::LatentEncoder> vae;
-  torch::Tensor pm1_table;  // data::pm1_table() on the device: uint8 pixels -> [-1, 1]
+  std::unique_ptr<pairs::PairPath> pair_path;  // batch -> latents, conditioning, errors
   std::unique_ptr<data::PairLoader> loader;
   std::unique_ptr<Evaluator> evaluator;       // held-out accuracy; null without data.eval_index
   std::unique_ptr<ValidationImages> samples;  // rank 0 with eval.sample.every > 0, else null
@@ -272,12 +268,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
               method_params.beta, cfg.method.t_lo, t_hi);
   }
   method_params.correction_scale = cfg.method.correction_scale;
-  resolution = cfg.data.resolution > 0 ? cfg.data.resolution : manifest.resolution;
-  if (resolution % manifest.latent_downsample != 0) {
-    throw Error({"resolution not divisible by the VAE downsampling", "data.resolution",
-                 "a multiple of " + std::to_string(manifest.latent_downsample),
-                 std::to_string(resolution), ""});
-  }
+  resolution = pairs::resolve_resolution(cfg.data.resolution, manifest);
   accumulation = config::accumulation_steps(cfg, comm->world_size());
 
   objective::TimestepSamplerOptions sampler_options;
@@ -308,7 +299,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   policy_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   policy_options.fp32_output_head = cfg.train.fp32_output_head;
   policy = std::make_unique<models::UNet>(manifest, device, policy_options);
-  const torch::ScalarType frozen = frozen_dtype(cfg.model);
+  const torch::ScalarType frozen = pairs::frozen_dtype(cfg.model.frozen_dtype);
   if (objective::uses_reference(method)) {
     models::UNetOptions reference_options;
     reference_options.dtype = frozen;
@@ -321,6 +312,8 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
     vae = std::make_unique<models::LatentEncoder>(manifest, device, frozen);
   }
 
+  pair_path = std::make_unique<pairs::PairPath>(manifest, schedule, device, resolution, text.get(),
+                                                vae.get());
   optimizer = DataParallelOptimizer::create(policy->named_parameters(), cfg.optim,
                                             cfg.dist.shard_optimizer, *comm, kBucketBytes);
 
@@ -341,14 +334,13 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   lo.max_image_pixels = cfg.data.max_image_pixels;
   lo.verify_sha256 = cfg.data.verify;
   lo.pin_memory = device.is_cuda();
-  pm1_table = data::pm1_table().to(device);
   for (const models::TextEncoderInfo& e : manifest.text_encoders) {
     lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
   }
   if (!cfg.data.cache.empty()) {
     lo.cache_index = cfg.data.cache;
-    lo.cache_expected = cache_expectation(cfg, manifest, resolution);
+    lo.cache_expected = pairs::cache_expectation(cfg, manifest, resolution);
   }
   loader = std::make_unique<data::PairLoader>(lo);
   if (!cfg.data.eval_index.empty()) {
@@ -398,62 +390,29 @@ torch::Tensor Trainer::Impl::predict(models::UNet& unet, const torch::Tensor& x,
 
 Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batch, bool dump) {
   const int64_t B = batch.pair_ids.size(0);
-  const int64_t h = resolution / manifest.latent_downsample;
-  const std::vector<int64_t> latent_shape{manifest.latent_channels, h, h};
-
   // Per-pair randomness from (seed, pair id): the same pair gets the same t and noise whatever
   // the world size, micro-batch or resume point. One t and one eps per pair, shared by winner
   // and loser (Diffusion-DPO); the VAE posterior is sampled per image.
-  std::vector<torch::Tensor> ts, eps_list, vae_w, vae_l;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t id = batch.pair_ids[i].item<int64_t>();
-    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(mix_seed(cfg.run.seed, id, 0));
-    ts.push_back(sampler->sample(1, g));
-    eps_list.push_back(at::randn(latent_shape, g, torch::kFloat32));
-    vae_w.push_back(at::randn(latent_shape, g, torch::kFloat32));
-    vae_l.push_back(at::randn(latent_shape, g, torch::kFloat32));
-  }
-  const torch::Tensor t = torch::cat(ts);  // [B] int64, CPU
-  const torch::Tensor eps_pair = to_device(torch::stack(eps_list));
-  const torch::Tensor vae_noise = torch::cat({torch::stack(vae_w), torch::stack(vae_l)}, 0);
-
-  // One VAE call for both sides: [x_w; x_l], [2B, 3, H, W] -> latents [2B, C, h, w]; from a
-  // latent cache, the same sample of the cached posterior moments [2B, 2 (mean, logvar), C, h, w].
-  torch::Tensor latents;
-  models::Conditioning cond;
-  if (batch.winner_moments.defined()) {
-    const torch::Tensor m =
-        torch::cat({to_device(batch.winner_moments), to_device(batch.loser_moments)}, 0);
-    latents =
-        models::sample_latents(m.select(1, 0), m.select(1, 1), vae_noise, manifest.scaling_factor);
-    cond.text = to_device(batch.text_hidden);
-    if (batch.text_pooled.defined()) cond.pooled = to_device(batch.text_pooled);
-  } else {
-    const torch::Tensor pixels = torch::cat({to_device(batch.winner), to_device(batch.loser)}, 0);
-    latents = vae->encode(data::to_pm1(pixels, pm1_table), vae_noise);
-    cond = text->encode(batch.input_ids);
-  }
-  torch::Tensor loser_time_ids;
-  if (manifest.added_cond) {
-    cond.time_ids =
-        to_device(sdxl_time_ids(batch.winner_original_hw, batch.winner_crop_tl, resolution));
-    loser_time_ids =
-        to_device(sdxl_time_ids(batch.loser_original_hw, batch.loser_crop_tl, resolution));
-  }
-  const models::Conditioning pair_cond = cond.repeat_for_pair(loser_time_ids);
-
+  const pairs::TrainingDraws draws =
+      pairs::draw_training(batch.pair_ids, cfg.run.seed, *sampler, pair_path->latent_shape());
+  const torch::Tensor& t = draws.t;  // [B] int64, stays on the host (no device sync)
+  const torch::Tensor eps_pair = to_device(draws.eps);
+  const pairs::EncodedPairs encoded = pair_path->encode(batch, draws.vae_noise);
   const torch::Tensor eps = torch::cat({eps_pair, eps_pair}, 0);
   const torch::Tensor t2 = torch::cat({t, t}, 0);
-  // t stays on the host: the objective checks and indexes its tables there (no device sync).
-  const torch::Tensor x_t = objective::add_noise(schedule, latents, eps, t2);
+  const auto errors_of = [&](models::UNet& unet) {
+    return pair_path->errors([&](const torch::Tensor& x, const torch::Tensor& tt,
+                                 const models::Conditioning& c) { return predict(unet, x, tt, c); },
+                             encoded.latents, eps, t2, encoded.cond);
+  };
 
   objective::PairErrors errors;
-  const torch::Tensor e_policy = per_image_mse(predict(*policy, x_t, t2, pair_cond), eps);
+  const torch::Tensor e_policy = errors_of(*policy);
   errors.policy_w = e_policy.slice(0, 0, B);
   errors.policy_l = e_policy.slice(0, B, 2 * B);
   if (reference) {
     torch::NoGradGuard no_grad;
-    const torch::Tensor e_ref = per_image_mse(predict(*reference, x_t, t2, pair_cond), eps);
+    const torch::Tensor e_ref = errors_of(*reference);
     errors.ref_w = e_ref.slice(0, 0, B);
     errors.ref_l = e_ref.slice(0, B, 2 * B);
   }
@@ -474,7 +433,7 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
         {"pair_ids", batch.pair_ids},
         {"t", t},
         {"eps", eps_pair},
-        {"vae_noise", vae_noise},
+        {"vae_noise", draws.vae_noise},
         {"e_policy_w", errors.policy_w},
         {"e_policy_l", errors.policy_l}};
     for (size_t i = 0; i < batch.input_ids.size(); ++i) {
@@ -485,8 +444,8 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
       d.emplace_back("e_ref_l", errors.ref_l);
     }
     if (manifest.added_cond) {
-      d.emplace_back("time_ids_w", cond.time_ids);
-      d.emplace_back("time_ids_l", loser_time_ids);
+      d.emplace_back("time_ids_w", encoded.winner_time_ids);
+      d.emplace_back("time_ids_l", encoded.loser_time_ids);
     }
     dump_micro_batch(std::move(d));
   }

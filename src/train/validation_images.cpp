@@ -13,7 +13,7 @@
 
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
-#include "dde/train/pair_inputs.hpp"
+#include "dde/pairs/pair_path.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
@@ -49,8 +49,8 @@ models::Conditioning prompt_conditioning(models::TextConditioner& text,
   }
   models::Conditioning cond = text.encode(ids);
   if (manifest.added_cond) {  // original = target size, no crop (the pipelines' defaults)
-    cond.time_ids = sdxl_time_ids(torch::full({2, 2}, resolution, torch::kLong),
-                                  torch::zeros({2, 2}, torch::kLong), resolution)
+    cond.time_ids = models::sdxl_time_ids(torch::full({2, 2}, resolution, torch::kLong),
+                                          torch::zeros({2, 2}, torch::kLong), resolution)
                         .to(cond.text.device());
   }
   return cond;
@@ -125,16 +125,15 @@ ValidationImages::ValidationImages(const config::TrainConfig& config,
                      resolution / manifest.latent_downsample}),
       schedule_(objective::NoiseSchedule::scaled_linear(manifest.num_train_timesteps,
                                                         manifest.beta_start, manifest.beta_end)),
-      decoder_(manifest, device,
-               config.model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32) {
+      decoder_(manifest, device, pairs::frozen_dtype(config.model.frozen_dtype)) {
   objective::ddim_timesteps(schedule_.num_timesteps, options_.steps);  // checks the step count
   const std::string& source =
       config.data.eval_index.empty() ? config.data.index : config.data.eval_index;
   prompts_ = read_sample_prompts(source, options_.prompts, manifest);
   std::unique_ptr<models::TextConditioner> own;
   if (text == nullptr) {  // a latent cache without held-out pairs: encode once, then release
-    own = std::make_unique<models::TextConditioner>(
-        manifest, device, config.model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32);
+    own = std::make_unique<models::TextConditioner>(manifest, device,
+                                                    pairs::frozen_dtype(config.model.frozen_dtype));
     text = own.get();
   }
   for (const SamplePrompt& prompt : prompts_) {

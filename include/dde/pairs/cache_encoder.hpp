@@ -11,7 +11,7 @@
 #include "dde/data/latent_cache.hpp"
 #include "dde/models/manifest.hpp"
 
-namespace dde::train {
+namespace dde::pairs {
 
 struct CacheEncodeOptions {
   std::string out_dir;         // created; must not exist
@@ -39,4 +39,4 @@ std::vector<data::CacheModelFile> cache_model_files(const models::Manifest& mani
 data::CacheExpectation cache_expectation(const config::TrainConfig& cfg,
                                          const models::Manifest& manifest, int64_t resolution);
 
-}  // namespace dde::train
+}  // namespace dde::pairs

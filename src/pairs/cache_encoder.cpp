@@ -1,4 +1,4 @@
-#include "dde/train/cache_encoder.hpp"
+#include "dde/pairs/cache_encoder.hpp"
 
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
@@ -17,11 +17,12 @@
 #include "dde/dist/device.hpp"
 #include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
+#include "dde/pairs/pair_path.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/threads.hpp"
 
-namespace dde::train {
+namespace dde::pairs {
 namespace {
 
 namespace fs = std::filesystem;
@@ -246,12 +247,7 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
                  "remove it or choose another --out"});
   }
   const models::Manifest manifest = models::load_manifest(cfg.model.manifest);
-  const int64_t resolution = cfg.data.resolution > 0 ? cfg.data.resolution : manifest.resolution;
-  if (resolution % manifest.latent_downsample != 0) {
-    throw Error({"resolution not divisible by the VAE downsampling", "data.resolution",
-                 "a multiple of " + std::to_string(manifest.latent_downsample),
-                 std::to_string(resolution), ""});
-  }
+  const int64_t resolution = resolve_resolution(cfg.data.resolution, manifest);
   if (cfg.data.random_crop)
     log::warn("cache: data.random_crop ignored, the cache holds center crops");
   const data::ShardIndex index = data::ShardIndex::load(cfg.data.index);
@@ -268,8 +264,7 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
       env, cfg.dist.backend, device, std::chrono::seconds(cfg.dist.timeout_s),
       /*force_process_group=*/false);
   const int64_t rank = comm->rank(), world = comm->world_size();
-  const torch::ScalarType frozen =
-      cfg.model.frozen_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  const torch::ScalarType frozen = frozen_dtype(cfg.model.frozen_dtype);
   models::LatentEncoder vae(manifest, device, frozen);
   models::TextConditioner text(manifest, device, frozen);
 
@@ -341,4 +336,4 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   return report;
 }
 
-}  // namespace dde::train
+}  // namespace dde::pairs
