@@ -71,11 +71,7 @@ void Adafactor::update(torch::Tensor& p, const torch::Tensor& grad_in, ParamStat
   if (low_precision) p.copy_(p32);
 }
 
-void Adafactor::zero_grad() {
-  for (auto& [name, p] : params_) {
-    if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
-  }
-}
+void Adafactor::zero_grad() { drop_grads(params_); }
 
 NamedTensors Adafactor::state() const {
   NamedTensors out;

@@ -39,13 +39,7 @@ void AdamW::step(double lr) {
                     /*amsgrad=*/false, /*maximize=*/false);
 }
 
-void AdamW::zero_grad() {
-  for (auto& [name, p] : params_) {
-    if (p.grad().defined()) {
-      p.mutable_grad() = torch::Tensor();
-    }
-  }
-}
+void AdamW::zero_grad() { drop_grads(params_); }
 
 NamedTensors AdamW::state() const {
   NamedTensors out;
@@ -69,30 +63,6 @@ void AdamW::load_state(const NamedTensors& state, const std::string& where) {
 
 int64_t AdamW::steps_taken() const {
   return steps_.empty() ? 0 : static_cast<int64_t>(steps_.front().item<float>());
-}
-
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
-  std::vector<torch::Tensor> grads;
-  for (const torch::Tensor& p : params) {
-    if (p.grad().defined()) grads.push_back(p.grad());
-  }
-  if (grads.empty()) return 0.0;
-  torch::NoGradGuard no_grad;
-  const std::vector<torch::Tensor> norms = torch::_foreach_norm(grads, 2);
-  const torch::Tensor total =
-      torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64);
-  const double total_norm = total.item<double>();
-  scale_to_max_norm(grads, total_norm, max_norm);
-  return total_norm;
-}
-
-void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm,
-                       double max_norm) {
-  if (grads.empty() || max_norm <= 0.0 || !std::isfinite(total_norm)) return;
-  // torch.nn.utils.clip_grad_norm_: coef = max_norm / (total + 1e-6), clamped to 1.
-  const double coef = std::min(1.0, max_norm / (total_norm + 1e-6));
-  torch::NoGradGuard no_grad;
-  if (coef < 1.0) torch::_foreach_mul_(grads, coef);
 }
 
 }  // namespace dde::train

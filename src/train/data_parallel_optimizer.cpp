@@ -122,16 +122,8 @@ class Sharded final : public DataParallelOptimizer {
 
   double clip_grad_norm(double max_norm) override {
     const std::vector<torch::Tensor> grads = defined_grads(params_, begin_, end_);
-    torch::NoGradGuard no_grad;
     // Sum of squares of this rank's gradients, summed over ranks: the global norm squared.
-    torch::Tensor squares = torch::zeros({1}, options().dtype(torch::kFloat64));
-    if (!grads.empty()) {
-      const std::vector<torch::Tensor> norms = torch::_foreach_norm(grads, 2);
-      squares = torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat64)
-                    .pow(2)
-                    .reshape({1});
-    }
-    std::vector<torch::Tensor> reduced{squares};
+    std::vector<torch::Tensor> reduced{grad_norm_squared(grads, options())};
     comm_.all_reduce_sum(reduced, /*bucket_bytes=*/8);
     const double total_norm = std::sqrt(reduced[0].item<double>());
     scale_to_max_norm(grads, total_norm, max_norm);
@@ -163,9 +155,7 @@ class Sharded final : public DataParallelOptimizer {
 
   void zero_grad() override {
     optimizer_->zero_grad();
-    for (auto& [name, p] : params_) {
-      if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
-    }
+    drop_grads(params_);  // the full gradients of the parameters this rank does not own
   }
   NamedTensors state() const override { return optimizer_->state(); }
   void load_state(const NamedTensors& state, const std::string& where) override {

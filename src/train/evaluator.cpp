@@ -11,6 +11,7 @@
 #include "dde/data/image_tensor.hpp"
 #include "dde/pairs/pair_path.hpp"
 #include "dde/train/stop_signal.hpp"
+#include "dde/train/test_seam.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/seed.hpp"
@@ -70,7 +71,7 @@ struct Evaluator::Impl {
   int64_t total_pairs = 0;
   std::vector<EncodedPairs> encoded;
   bool encoded_ready = false;
-  StopTestHooks test_hooks = StopTestHooks::from_environment();
+  TestSeam test_hooks = TestSeam::from_environment();
 
   explicit Impl(EvaluatorContext context);
   // false when a stop was requested first; a later call goes on where this one stopped.

@@ -19,8 +19,9 @@
 #include "dde/util/log.hpp"
 
 namespace dde::train {
-namespace fs = std::filesystem;
 namespace {
+
+namespace fs = std::filesystem;
 
 constexpr int64_t kPerRow = 4;
 

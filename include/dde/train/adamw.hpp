@@ -37,11 +37,4 @@ class AdamW final : public Optimizer {
   std::vector<torch::Tensor> exp_avg_, exp_avg_sq_, steps_;
 };
 
-// torch.nn.utils.clip_grad_norm_: returns the total 2-norm before clipping (float64);
-// max_norm <= 0 only measures.
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
-// Its second half: scales `grads` by max_norm / (total_norm + 1e-6) when that is below 1
-// (and total_norm is finite, max_norm > 0).
-void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm, double max_norm);
-
 }  // namespace dde::train

@@ -43,4 +43,19 @@ using StateByName = std::map<std::string, torch::Tensor>;
 void load_state_entry(const StateByName& by_name, const std::string& key, torch::Tensor& into,
                       const std::string& where);
 
+// Drops the gradient of every parameter (set to undefined: zero_grad(set_to_none=True)).
+void drop_grads(NamedTensors& params);
+
+// The squared global 2-norm of `grads` as a float64 tensor [1] (zero for none): one fused
+// reduction (_foreach_norm), on the gradients' device.
+torch::Tensor grad_norm_squared(const std::vector<torch::Tensor>& grads,
+                                const torch::TensorOptions& options);
+
+// torch.nn.utils.clip_grad_norm_: returns the total 2-norm before clipping (float64);
+// max_norm <= 0 only measures.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+// Its second half: scales `grads` by max_norm / (total_norm + 1e-6) when that is below 1
+// (and total_norm is finite, max_norm > 0).
+void scale_to_max_norm(const std::vector<torch::Tensor>& grads, double total_norm, double max_norm);
+
 }  // namespace dde::train

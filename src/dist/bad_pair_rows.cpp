@@ -1,10 +1,10 @@
-#include "dde/data/bad_pair_rows.hpp"
+#include "dde/dist/bad_pair_rows.hpp"
 
 #include <string>
 
 #include "dde/util/error.hpp"
 
-namespace dde::data {
+namespace dde::dist {
 namespace {
 
 // Columns: rank (-1 = padding), pair_id, then three strings of kChars bytes each, zero padded.
@@ -28,7 +28,7 @@ std::string get(torch::TensorAccessor<int64_t, 1> row, int64_t column) {
 
 }  // namespace
 
-torch::Tensor bad_pair_rows(const std::vector<BadPair>& bad, int64_t rank, int64_t rows) {
+torch::Tensor bad_pair_rows(const std::vector<data::BadPair>& bad, int64_t rank, int64_t rows) {
   if (rows < static_cast<int64_t>(bad.size())) {
     throw Error({"too few rows for the bad pairs", "bad_pair_rows",
                  ">= " + std::to_string(bad.size()), std::to_string(rows), "this is a bug"});
@@ -40,7 +40,7 @@ torch::Tensor bad_pair_rows(const std::vector<BadPair>& bad, int64_t rank, int64
       a[r][kRank] = -1;
       continue;
     }
-    const BadPair& b = bad[static_cast<size_t>(r)];
+    const data::BadPair& b = bad[static_cast<size_t>(r)];
     a[r][kRank] = rank;
     a[r][kPairId] = b.pair_id;
     put(a[r], kReason, b.reason);
@@ -69,4 +69,4 @@ std::vector<RankedBadPair> bad_pairs_from_rows(const torch::Tensor& rows) {
   return out;
 }
 
-}  // namespace dde::data
+}  // namespace dde::dist
