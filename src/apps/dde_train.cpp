@@ -1,9 +1,11 @@
 // dde_train: fine-tunes a Stable Diffusion UNet on preference pairs (DDE and baselines).
 //   dde_train --config FILE [--set key=value ...] [--resume | --overwrite] [--dry-run]
+//   dde_train --config-reference   (every config key as markdown: docs/config.md)
 // Exit status: 0 done, 1 error (message logged), 2 usage, 3 stopped by SIGTERM/SIGUSR1/SIGINT
 // after checkpointing the last complete step (requeue and --resume).
 #include <CLI/CLI.hpp>
 #include <exception>
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,18 @@ namespace {
 constexpr int kExitOk = 0;
 constexpr int kExitError = 1;
 constexpr int kExitUsage = 2;
+
+// --config-reference prints docs/config.md and exits 0. A callback, as --version's: it runs before
+// --config's requirement is checked.
+void add_config_reference_flag(CLI::App& app) {
+  app.add_flag_callback(
+      "--config-reference",
+      [] {
+        std::cout << dde::config::config_reference_markdown();
+        throw CLI::Success();
+      },
+      "print every config key (type, default, allowed values) as markdown and exit");
+}
 
 }  // namespace
 
@@ -42,6 +56,7 @@ int main(int argc, char** argv) {
                "and metrics.jsonl first (without it, or --resume, such a folder is refused)")
       ->excludes(resume);
   app.add_flag("--dry-run", dry_run, "validate the config, print it and exit");
+  add_config_reference_flag(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
