@@ -53,6 +53,55 @@ std::string header_prefix(const json& header) {
   return out + text;
 }
 
+// The JSON header's text, after its 8-byte little-endian length; `in` is open on a file of
+// `file_size` bytes.
+std::string read_safetensors_header_text(std::ifstream& in, const std::string& path,
+                                         int64_t file_size) {
+  in.seekg(0);
+  unsigned char len[8];
+  if (file_size < 8 || !in.read(reinterpret_cast<char*>(len), 8)) {
+    throw Error({"truncated safetensors file", path, ">= 8 bytes",
+                 std::to_string(file_size) + " bytes", ""});
+  }
+  uint64_t header_len = 0;
+  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
+  if (header_len > static_cast<uint64_t>(file_size - 8)) {
+    throw Error({"bad safetensors header length", path, "<= " + std::to_string(file_size - 8),
+                 std::to_string(header_len), "the file is truncated or not safetensors"});
+  }
+  std::string text(header_len, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(header_len));
+  return text;
+}
+
+// One tensor of the header, its shape and data offsets checked against the file.
+SafetensorsEntry safetensors_entry(const std::string& name, const json& info,
+                                   const std::string& where, int64_t data_start,
+                                   int64_t file_size) {
+  SafetensorsEntry e;
+  e.name = name;
+  e.dtype = dtype_from_name(info.at("dtype").get<std::string>(), where);
+  e.shape = info.at("shape").get<std::vector<int64_t>>();
+  const auto offsets = info.at("data_offsets").get<std::vector<int64_t>>();
+  int64_t numel = 1;
+  for (const int64_t d : e.shape) {
+    if (d < 0 || (d > 0 && numel > (int64_t{1} << 50) / d)) {
+      throw Error({"bad tensor shape", where, "sizes >= 0", info.at("shape").dump(), ""});
+    }
+    numel *= d;
+  }
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(e.dtype));
+  if (offsets.size() != 2 || offsets[0] < 0 || offsets[1] - offsets[0] != bytes ||
+      offsets[1] > file_size - data_start) {
+    throw Error({"bad data offsets", where,
+                 std::to_string(bytes) + " bytes inside " + std::to_string(file_size - data_start),
+                 info.at("data_offsets").dump(), "the file is truncated or corrupt"});
+  }
+  e.begin = data_start + offsets[0];
+  e.end = data_start + offsets[1];
+  return e;
+}
+
 }  // namespace
 
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
@@ -84,20 +133,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw Error({"cannot open safetensors file", path, "a readable file", "", ""});
   const int64_t file_size = static_cast<int64_t>(in.tellg());
-  in.seekg(0);
-  unsigned char len[8];
-  if (file_size < 8 || !in.read(reinterpret_cast<char*>(len), 8)) {
-    throw Error({"truncated safetensors file", path, ">= 8 bytes",
-                 std::to_string(file_size) + " bytes", ""});
-  }
-  uint64_t header_len = 0;
-  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
-  if (header_len > static_cast<uint64_t>(file_size - 8)) {
-    throw Error({"bad safetensors header length", path, "<= " + std::to_string(file_size - 8),
-                 std::to_string(header_len), "the file is truncated or not safetensors"});
-  }
-  std::string text(header_len, '\0');
-  in.read(text.data(), static_cast<std::streamsize>(header_len));
+  const std::string text = read_safetensors_header_text(in, path, file_size);
+  const uint64_t header_len = text.size();
   json header;
   try {
     header = json::parse(text);
@@ -148,22 +185,8 @@ SafetensorsHeader read_safetensors_header(const std::string& path) {
   if (!in) throw Error({"cannot open safetensors file", path, "a readable file", "", ""});
   SafetensorsHeader result;
   result.file_size = static_cast<int64_t>(in.tellg());
-  in.seekg(0);
-  unsigned char len[8];
-  if (result.file_size < 8 || !in.read(reinterpret_cast<char*>(len), 8)) {
-    throw Error({"truncated safetensors file", path, ">= 8 bytes",
-                 std::to_string(result.file_size) + " bytes", ""});
-  }
-  uint64_t header_len = 0;
-  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
-  if (header_len > static_cast<uint64_t>(result.file_size - 8)) {
-    throw Error({"bad safetensors header length", path,
-                 "<= " + std::to_string(result.file_size - 8), std::to_string(header_len),
-                 "the file is truncated or not safetensors"});
-  }
-  std::string text(header_len, '\0');
-  in.read(text.data(), static_cast<std::streamsize>(header_len));
-  const int64_t data_start = 8 + static_cast<int64_t>(header_len);
+  const std::string text = read_safetensors_header_text(in, path, result.file_size);
+  const int64_t data_start = 8 + static_cast<int64_t>(text.size());
   try {
     const json header = json::parse(text);
     for (const auto& [name, info] : header.items()) {
@@ -171,30 +194,8 @@ SafetensorsHeader read_safetensors_header(const std::string& path) {
         for (const auto& [k, v] : info.items()) result.metadata[k] = v.get<std::string>();
         continue;
       }
-      const std::string where = path + ": " + name;
-      SafetensorsEntry e;
-      e.name = name;
-      e.dtype = dtype_from_name(info.at("dtype").get<std::string>(), where);
-      e.shape = info.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = info.at("data_offsets").get<std::vector<int64_t>>();
-      int64_t numel = 1;
-      for (const int64_t d : e.shape) {
-        if (d < 0 || (d > 0 && numel > (int64_t{1} << 50) / d)) {
-          throw Error({"bad tensor shape", where, "sizes >= 0", info.at("shape").dump(), ""});
-        }
-        numel *= d;
-      }
-      const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(e.dtype));
-      if (offsets.size() != 2 || offsets[0] < 0 || offsets[1] - offsets[0] != bytes ||
-          offsets[1] > result.file_size - data_start) {
-        throw Error({"bad data offsets", where,
-                     std::to_string(bytes) + " bytes inside " +
-                         std::to_string(result.file_size - data_start),
-                     info.at("data_offsets").dump(), "the file is truncated or corrupt"});
-      }
-      e.begin = data_start + offsets[0];
-      e.end = data_start + offsets[1];
-      result.entries.push_back(std::move(e));
+      result.entries.push_back(
+          safetensors_entry(name, info, path + ": " + name, data_start, result.file_size));
     }
   } catch (const json::exception& e) {
     throw Error({"bad safetensors header", path, "a JSON object of tensors", e.what(),

@@ -100,6 +100,81 @@ bool is_zero_block(const Block& block) {
   return std::all_of(block.begin(), block.end(), [](unsigned char c) { return c == 0; });
 }
 
+std::string tar_member_where(const std::string& path, const TarMember& member) {
+  return fmt::format("{}: member {} '{}' at offset {}", path, member.index,
+                     escape_preview(member.name, 100), member.header_offset);
+}
+
+// The member a header at `offset` describes, but its size.
+TarMember header_member(const Block& block, int64_t index, int64_t offset) {
+  TarMember member;
+  member.index = index;
+  member.header_offset = offset;
+  member.data_offset = offset + kTarBlockSize;
+  member.name = field_string(block, kNameOffset, kNameLength);
+  const std::string prefix = field_string(block, kPrefixOffset, kPrefixLength);
+  if (!prefix.empty()) {
+    member.name = prefix + "/" + member.name;
+  }
+  return member;
+}
+
+// The header's checksum, magic and type: a regular file of a POSIX ustar archive.
+void check_tar_header(const Block& block, const std::string& path, const TarMember& member) {
+  const std::optional<int64_t> stored_checksum =
+      parse_octal(block, kChecksumOffset, kChecksumLength);
+  int64_t unsigned_sum = 0;
+  int64_t signed_sum = 0;  // some old writers summed signed chars
+  for (int i = 0; i < kTarBlockSize; ++i) {
+    const bool in_field = i >= kChecksumOffset && i < kChecksumOffset + kChecksumLength;
+    const unsigned char c = in_field ? ' ' : block[i];
+    unsigned_sum += c;
+    signed_sum += static_cast<signed char>(c);
+  }
+  if (!stored_checksum || (*stored_checksum != unsigned_sum && *stored_checksum != signed_sum)) {
+    throw Error({"tar header checksum mismatch", tar_member_where(path, member),
+                 fmt::format("{}", unsigned_sum),
+                 stored_checksum
+                     ? fmt::format("{}", *stored_checksum)
+                     : "'" + printable_field(block, kChecksumOffset, kChecksumLength) + "'",
+                 "the shard is corrupt: " + std::string(kHint)});
+  }
+  if (std::memcmp(block.data() + kMagicOffset,
+                  "ustar\0"
+                  "00",
+                  8) != 0) {
+    throw Error({"not a POSIX ustar header", tar_member_where(path, member),
+                 "magic 'ustar\\x00' version '00'",
+                 "'" + printable_field(block, kMagicOffset, 8) + "'", kHint});
+  }
+  const char typeflag = static_cast<char>(block[kTypeflagOffset]);
+  if (typeflag != '0' && typeflag != '\0') {
+    throw Error({"tar member is not a regular file", tar_member_where(path, member),
+                 "typeflag '0' (regular file)",
+                 fmt::format("typeflag '{}' ({})", typeflag, typeflag_name(typeflag)), kHint});
+  }
+}
+
+// The member's size field, checked against the end of the file.
+int64_t tar_member_size(const Block& block, const std::string& path, const TarMember& member,
+                        int64_t file_size) {
+  if (block[kSizeOffset] & 0x80) {
+    throw Error({"unsupported tar size encoding", tar_member_where(path, member), "octal size",
+                 "GNU base-256 size", kHint});
+  }
+  const std::optional<int64_t> size = parse_octal(block, kSizeOffset, kSizeLength);
+  if (!size) {
+    throw Error({"bad tar size field", tar_member_where(path, member), "octal digits",
+                 "'" + printable_field(block, kSizeOffset, kSizeLength) + "'", kHint});
+  }
+  if (member.data_offset + *size > file_size) {
+    throw Error({"tar file truncated inside a member", tar_member_where(path, member),
+                 fmt::format("{} data bytes from offset {}", *size, member.data_offset),
+                 fmt::format("file ends at offset {}", file_size), kHint});
+  }
+  return *size;
+}
+
 }  // namespace
 
 TarReader::TarReader(std::string path) : path_(std::move(path)) {
@@ -111,11 +186,6 @@ TarReader::TarReader(std::string path) : path_(std::move(path)) {
   file_.seekg(0, std::ios::end);
   file_size_ = static_cast<int64_t>(file_.tellg());
   file_.seekg(0, std::ios::beg);
-}
-
-std::string TarReader::where(const TarMember& member) const {
-  return fmt::format("{}: member {} '{}' at offset {}", path_, member.index,
-                     escape_preview(member.name, 100), member.header_offset);
 }
 
 std::optional<TarMember> TarReader::next() {
@@ -144,61 +214,9 @@ std::optional<TarMember> TarReader::next() {
     return std::nullopt;  // end-of-archive marker (a second zero block follows)
   }
 
-  TarMember member;
-  member.index = members_seen_;
-  member.header_offset = offset;
-  member.data_offset = offset + kTarBlockSize;
-  member.name = field_string(block, kNameOffset, kNameLength);
-  const std::string prefix = field_string(block, kPrefixOffset, kPrefixLength);
-  if (!prefix.empty()) {
-    member.name = prefix + "/" + member.name;
-  }
-
-  const std::optional<int64_t> stored_checksum =
-      parse_octal(block, kChecksumOffset, kChecksumLength);
-  int64_t unsigned_sum = 0;
-  int64_t signed_sum = 0;  // some old writers summed signed chars
-  for (int i = 0; i < kTarBlockSize; ++i) {
-    const bool in_field = i >= kChecksumOffset && i < kChecksumOffset + kChecksumLength;
-    const unsigned char c = in_field ? ' ' : block[i];
-    unsigned_sum += c;
-    signed_sum += static_cast<signed char>(c);
-  }
-  if (!stored_checksum || (*stored_checksum != unsigned_sum && *stored_checksum != signed_sum)) {
-    throw Error({"tar header checksum mismatch", where(member), fmt::format("{}", unsigned_sum),
-                 stored_checksum
-                     ? fmt::format("{}", *stored_checksum)
-                     : "'" + printable_field(block, kChecksumOffset, kChecksumLength) + "'",
-                 "the shard is corrupt: " + std::string(kHint)});
-  }
-  if (std::memcmp(block.data() + kMagicOffset,
-                  "ustar\0"
-                  "00",
-                  8) != 0) {
-    throw Error({"not a POSIX ustar header", where(member), "magic 'ustar\\x00' version '00'",
-                 "'" + printable_field(block, kMagicOffset, 8) + "'", kHint});
-  }
-  const char typeflag = static_cast<char>(block[kTypeflagOffset]);
-  if (typeflag != '0' && typeflag != '\0') {
-    throw Error({"tar member is not a regular file", where(member), "typeflag '0' (regular file)",
-                 fmt::format("typeflag '{}' ({})", typeflag, typeflag_name(typeflag)), kHint});
-  }
-  if (block[kSizeOffset] & 0x80) {
-    throw Error(
-        {"unsupported tar size encoding", where(member), "octal size", "GNU base-256 size", kHint});
-  }
-  const std::optional<int64_t> size = parse_octal(block, kSizeOffset, kSizeLength);
-  if (!size) {
-    throw Error({"bad tar size field", where(member), "octal digits",
-                 "'" + printable_field(block, kSizeOffset, kSizeLength) + "'", kHint});
-  }
-  member.size = *size;
-  if (member.data_offset + member.size > file_size_) {
-    throw Error({"tar file truncated inside a member", where(member),
-                 fmt::format("{} data bytes from offset {}", member.size, member.data_offset),
-                 fmt::format("file ends at offset {}", file_size_), kHint});
-  }
-
+  TarMember member = header_member(block, members_seen_, offset);
+  check_tar_header(block, path_, member);
+  member.size = tar_member_size(block, path_, member, file_size_);
   const int64_t padded = (member.size + kTarBlockSize - 1) / kTarBlockSize * kTarBlockSize;
   next_header_offset_ = member.data_offset + padded;
   ++members_seen_;

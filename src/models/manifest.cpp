@@ -150,11 +150,7 @@ std::vector<UNetBlockInfo> read_unet_blocks(const Reader& r, const json& blocks,
   return out;
 }
 
-}  // namespace
-
-const char* family_name(Family family) { return family == Family::kSd15 ? "sd15" : "sdxl"; }
-
-Manifest load_manifest(const std::string& path) {
+json parse_manifest_file(const std::string& path) {
   std::error_code ec;
   const std::string absolute = fs::absolute(path, ec).lexically_normal().string();
   if (fs::is_directory(path, ec)) {
@@ -175,11 +171,11 @@ Manifest load_manifest(const std::string& path) {
   } catch (const json::parse_error& e) {
     throw Error({"manifest is not valid JSON", path, "JSON", e.what(), "re-export the model"});
   }
-  const Reader r(path);
-  const fs::path dir = fs::absolute(fs::path(path)).parent_path();
-  Manifest m;
-  m.path = path;
-  m.directory = dir.string();
+  return root;
+}
+
+// format, version, family and resolution.
+void read_manifest_header(const Reader& r, const json& root, Manifest& m) {
   if (r.string_at(root, "format", "format") != "dde-manifest") {
     r.fail("not a dde manifest", "format", "\"dde-manifest\"", root.at("format").dump());
   }
@@ -201,7 +197,10 @@ Manifest load_manifest(const std::string& path) {
     r.fail("unknown model family", "family", "\"sd15\" or \"sdxl\"", family);
   }
   m.resolution = r.positive_int_at(root, "resolution", "resolution");
+}
 
+// The VAE's latent space and the noise schedule.
+void read_manifest_latent_schedule(const Reader& r, const json& root, Manifest& m) {
   const json& latent = r.at(root, "latent", "latent");
   m.latent_channels = r.positive_int_at(latent, "channels", "latent.channels");
   m.latent_downsample = r.positive_int_at(latent, "downsample", "latent.downsample");
@@ -227,7 +226,9 @@ Manifest load_manifest(const std::string& path) {
   if (prediction != "epsilon") {
     r.fail("unsupported prediction type", "schedule.prediction_type", "\"epsilon\"", prediction);
   }
+}
 
+void read_manifest_unet(const Reader& r, const json& root, const fs::path& dir, Manifest& m) {
   const json& unet = r.at(root, "unet", "unet");
   m.unet_blocks = read_unet_blocks(r, r.at(unet, "blocks", "unet.blocks"), dir);
   m.cross_attention_dim =
@@ -243,35 +244,46 @@ Manifest load_manifest(const std::string& path) {
     r.fail("added conditioning does not fit the family", "unet.added_cond",
            m.family == Family::kSdxl ? "an object for sdxl" : "null for sd15", added.dump());
   }
+}
 
+TextEncoderInfo read_text_encoder(const Reader& r, const json& e, const std::string& f,
+                                  const fs::path& dir) {
+  TextEncoderInfo info;
+  info.name = r.string_at(e, "name", f + ".name");
+  info.file = r.file_at(e, "file", f + ".file", dir);
+  info.hidden_output = r.string_at(e, "hidden_output", f + ".hidden_output");
+  if (info.hidden_output != "last" && info.hidden_output != "penultimate") {
+    r.fail("unknown hidden output", f + ".hidden_output", "\"last\" or \"penultimate\"",
+           info.hidden_output);
+  }
+  info.hidden_size = r.positive_int_at(e, "hidden_size", f + ".hidden_size");
+  info.pooled_size = r.positive_int_at(e, "pooled_size", f + ".pooled_size");
+  info.max_length = r.positive_int_at(e, "max_length", f + ".max_length");
+  info.vocab_sha256 = r.string_at(e, "vocab_sha256", f + ".vocab_sha256");
+  const json& empty = r.at(e, "empty_prompt_ids", f + ".empty_prompt_ids");
+  if (!empty.is_array() || static_cast<int64_t>(empty.size()) != info.max_length) {
+    r.fail("bad empty prompt ids", f + ".empty_prompt_ids",
+           std::to_string(info.max_length) + " token ids", empty.dump());
+  }
+  info.empty_prompt_ids = empty.get<std::vector<int64_t>>();
+  return info;
+}
+
+void read_manifest_text_encoders(const Reader& r, const json& root, const fs::path& dir,
+                                 Manifest& m) {
   const json& encoders = r.at(root, "text_encoders", "text_encoders");
   if (!encoders.is_array() || encoders.empty()) {
     r.fail("no text encoders", "text_encoders", "a non-empty array", encoders.dump());
   }
   for (size_t i = 0; i < encoders.size(); ++i) {
-    const json& e = encoders[i];
-    const std::string f = "text_encoders[" + std::to_string(i) + "]";
-    TextEncoderInfo info;
-    info.name = r.string_at(e, "name", f + ".name");
-    info.file = r.file_at(e, "file", f + ".file", dir);
-    info.hidden_output = r.string_at(e, "hidden_output", f + ".hidden_output");
-    if (info.hidden_output != "last" && info.hidden_output != "penultimate") {
-      r.fail("unknown hidden output", f + ".hidden_output", "\"last\" or \"penultimate\"",
-             info.hidden_output);
-    }
-    info.hidden_size = r.positive_int_at(e, "hidden_size", f + ".hidden_size");
-    info.pooled_size = r.positive_int_at(e, "pooled_size", f + ".pooled_size");
-    info.max_length = r.positive_int_at(e, "max_length", f + ".max_length");
-    info.vocab_sha256 = r.string_at(e, "vocab_sha256", f + ".vocab_sha256");
-    const json& empty = r.at(e, "empty_prompt_ids", f + ".empty_prompt_ids");
-    if (!empty.is_array() || static_cast<int64_t>(empty.size()) != info.max_length) {
-      r.fail("bad empty prompt ids", f + ".empty_prompt_ids",
-             std::to_string(info.max_length) + " token ids", empty.dump());
-    }
-    info.empty_prompt_ids = empty.get<std::vector<int64_t>>();
-    m.text_encoders.push_back(std::move(info));
+    m.text_encoders.push_back(
+        read_text_encoder(r, encoders[i], "text_encoders[" + std::to_string(i) + "]", dir));
   }
+}
 
+// The concatenated text embedding (its width against the encoders and the UNet) and the
+// encoder whose pooled output feeds sdxl's added conditioning.
+void read_manifest_text_embedding(const Reader& r, const json& root, Manifest& m) {
   const json& embedding = r.at(root, "text_embedding", "text_embedding");
   const int64_t dim = r.positive_int_at(embedding, "dim", "text_embedding.dim");
   int64_t concat_dim = 0;
@@ -303,7 +315,24 @@ Manifest load_manifest(const std::string& path) {
     r.fail("sdxl needs a pooled embedding", "text_embedding.pooled_from", "an encoder name",
            "null");
   }
+}
 
+}  // namespace
+
+const char* family_name(Family family) { return family == Family::kSd15 ? "sd15" : "sdxl"; }
+
+Manifest load_manifest(const std::string& path) {
+  const json root = parse_manifest_file(path);
+  const Reader r(path);
+  const fs::path dir = fs::absolute(fs::path(path)).parent_path();
+  Manifest m;
+  m.path = path;
+  m.directory = dir.string();
+  read_manifest_header(r, root, m);
+  read_manifest_latent_schedule(r, root, m);
+  read_manifest_unet(r, root, dir, m);
+  read_manifest_text_encoders(r, root, dir, m);
+  read_manifest_text_embedding(r, root, m);
   const json& vae = r.at(root, "vae", "vae");
   m.vae_encoder_file = r.file_at(vae, "encoder", "vae.encoder", dir);
   m.vae_decoder_file = r.file_at(vae, "decoder", "vae.decoder", dir);

@@ -37,8 +37,6 @@ class TarReader {
   int64_t file_size() const { return file_size_; }
 
  private:
-  std::string where(const TarMember& member) const;
-
   std::string path_;
   std::ifstream file_;
   int64_t file_size_ = 0;
