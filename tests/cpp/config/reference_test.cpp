@@ -7,7 +7,7 @@
 #include <sstream>
 #include <string>
 
-#include "../../../src/config/field_table.hpp"
+#include "config/field_table.hpp"  // src/config: the private field table
 #include "dde/config/config.hpp"
 
 namespace dde::config {
