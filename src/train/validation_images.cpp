@@ -120,7 +120,6 @@ ValidationImages::ValidationImages(const config::TrainConfig& config,
       max_steps_(config.train.max_steps),
       dir_((fs::path(config.run.output_dir) / "samples").string()),
       device_(device),
-      resolution_(resolution),
       sdxl_(manifest.added_cond.has_value()),
       latent_shape_({1, manifest.latent_channels, resolution / manifest.latent_downsample,
                      resolution / manifest.latent_downsample}),
@@ -183,7 +182,7 @@ std::string ValidationImages::write(int64_t step, const NoisePredictor& predict,
                                     MetricsLog* metrics) {
   const torch::Tensor grid = image_grid(sample(predict), kPerRow);
   const std::string png = encode_png(grid);
-  const std::string path = (fs::path(dir_) / fmt::format("step-{:08d}.png", step)).string();
+  std::string path = (fs::path(dir_) / fmt::format("step-{:08d}.png", step)).string();
   util::write_file(path + ".tmp", {{png.data(), png.size()}});
   fs::rename(path + ".tmp", path);
   if (metrics != nullptr) metrics->add_image("samples", png, grid.size(0), grid.size(1), step);

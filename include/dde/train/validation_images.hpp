@@ -58,7 +58,6 @@ class ValidationImages {
   int64_t max_steps_;
   std::string dir_;
   torch::Device device_;
-  int64_t resolution_;
   bool sdxl_;
   std::vector<int64_t> latent_shape_;  // [1, C, h, w]
   objective::NoiseSchedule schedule_;
