@@ -12,9 +12,14 @@ cd "$root"
 py=".venv/bin/python"
 export PYTHONPATH="$root/scripts${PYTHONPATH:+:$PYTHONPATH}"
 out="${DDE_FIXTURES_DIR:-$root/fixtures}"
+# The families to export (the quick start needs sd15 only): DDE_FIXTURE_FAMILIES="sd15 sdxl".
+read -r -a families <<< "${DDE_FIXTURE_FAMILIES:-sd15 sdxl}"
+for family in "${families[@]}"; do
+  case "$family" in sd15|sdxl) ;; *) echo "prepare_tiny: unknown family '$family' in DDE_FIXTURE_FAMILIES (sd15, sdxl)" >&2; exit 2;; esac
+done
 
 "$py" -m dde_tools.fixtures --out "$out/source"
-for family in sd15 sdxl; do
+for family in "${families[@]}"; do
   # Re-export whenever the source fixtures were rebuilt (their stamp is newer).
   # ... or the exporter changed since (an export is the exporter's output as much as the source's).
   if [ ! -f "$out/export/$family/manifest.json" ] || \

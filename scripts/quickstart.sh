@@ -7,10 +7,16 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 echo "quickstart: 1/4 set-up (Debian packages, .venv with the pinned wheels)"
 bash scripts/setup.sh
-echo "quickstart: 2/4 build dde_train only (the tests and probes are scripts/test.sh's)"
-bash scripts/build.sh dde_train
-echo "quickstart: 3/4 tiny fixtures (pipelines, Pick-a-Pic-like pairs, exports)"
-bash scripts/prepare_tiny.sh
+# The C++ build and the fixtures (Python, mostly one core) run side by side.
+echo "quickstart: 2/4 build dde_train only (the tests and probes are scripts/test.sh's), and"
+echo "quickstart: 3/4 the tiny SD1.5 fixtures (pipeline, Pick-a-Pic-like pairs, exports) beside it"
+(set -o pipefail; bash scripts/build.sh dde_train 2>&1 | sed -u 's/^/[build] /') &
+build_pid=$!
+DDE_FIXTURE_FAMILIES=sd15 bash scripts/prepare_tiny.sh 2>&1 | sed -u 's/^/[fixtures] /'
+if ! wait "$build_pid"; then
+  echo "quickstart: the build failed (above)" >&2
+  exit 1
+fi
 echo "quickstart: 4/4 train configs/tiny_dde.yaml"
 rm -rf runs/tiny_dde
 # One intra-op thread: the tiny models are overhead-bound, and on a busy 2-core machine two

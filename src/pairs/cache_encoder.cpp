@@ -234,9 +234,9 @@ data::CacheExpectation cache_expectation(const config::TrainConfig& cfg,
   return e;
 }
 
-CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
-                                      const CacheEncodeOptions& options) {
-  const torch::ScalarType dtype = data::cache_dtype(options.dtype, "--dtype");
+namespace {
+
+void check_cache_options(const CacheEncodeOptions& options) {
   if (options.batch < 1 || options.batch > kMaxCacheBatch) {
     throw Error({"bad cache batch", "--batch", fmt::format("in [1, {}]", kMaxCacheBatch),
                  std::to_string(options.batch), "pairs per encoder call: 4 images each"});
@@ -246,35 +246,92 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
                  options.out_dir.empty() ? "an empty path" : "an existing path",
                  "remove it or choose another --out"});
   }
+}
+
+// Launched by torchrun or srun, each rank encodes every world_size-th shard on its own GPU.
+struct EncoderProcess {
+  dist::DistEnvironment env;
+  torch::Device device = torch::kCPU;
+  std::unique_ptr<dist::Communicator> comm;
+};
+
+EncoderProcess start_process(const config::TrainConfig& cfg) {
+  EncoderProcess p;
+  p.env = dist::detect_environment(cfg.dist.init_method);
+  log::set_rank(static_cast<int>(p.env.rank));
+  // Decoding runs on the intra-op threads here (no decode workers): all the CPUs given.
+  const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, 0);
+  log::info("threads: {} CPUs ({}), {} intra-op ({})", threads.cpus, threads.cpus_from,
+            threads.intra_op, threads.intra_op_from);
+  p.device = dist::select_device(cfg.run.device, p.env.local_rank);
+  p.comm = dist::Communicator::create(p.env, cfg.dist.backend, p.device,
+                                      std::chrono::seconds(cfg.dist.timeout_s),
+                                      /*force_process_group=*/false);
+  return p;
+}
+
+// The embedding of "" (caption dropout), which also gives the text shapes.
+models::Conditioning empty_caption(models::TextConditioner& text,
+                                   const models::Manifest& manifest) {
+  std::vector<torch::Tensor> empty_ids;
+  for (const models::TextEncoderInfo& e : manifest.text_encoders) {
+    empty_ids.push_back(torch::tensor(e.empty_prompt_ids).view({1, -1}));
+  }
+  return text.encode(empty_ids);
+}
+
+data::LatentCacheIndex new_cache_index(const config::TrainConfig& cfg,
+                                       const models::Manifest& manifest,
+                                       const CacheEncodeOptions& options, const EncodeContext& c,
+                                       int64_t resolution) {
+  data::LatentCacheIndex cache;
+  cache.family = models::family_name(manifest.family);
+  cache.resolution = resolution;
+  cache.dtype = options.dtype;
+  cache.encoder_dtype = cfg.model.frozen_dtype;
+  cache.shape = c.shape;
+  cache.model_files = cache_model_files(manifest, /*hash=*/true);
+  cache.bytes_per_pair = data::cache_bytes_per_pair(c.shape, c.dtype);
+  return cache;
+}
+
+// This rank's shards, then the counts of every rank (the collective also waits for them all).
+CacheEncodeReport encode_shards(const data::ShardIndex& index, const std::string& staging,
+                                const EncodeContext& c, EncoderProcess& p) {
+  CacheEncodeReport report;
+  const int64_t rank = p.comm->rank(), world = p.comm->world_size();
+  for (auto i = static_cast<size_t>(rank); i < index.shards.size(); i += world) {
+    const data::ShardInfo& shard = index.shards[i];
+    encode_shard(shard, staging, c, report);
+    log::info("cache: {} -> {} ({} pairs)", shard.file, cache_file_name(shard), shard.pairs);
+  }
+  std::vector<torch::Tensor> counts{
+      torch::tensor({report.pairs, report.bad_pairs}, torch::dtype(torch::kInt64)).to(p.device)};
+  p.comm->all_reduce_sum(counts, 1 << 20);
+  const torch::Tensor total = counts[0].cpu();
+  report.pairs = total[0].item<int64_t>();
+  report.bad_pairs = total[1].item<int64_t>();
+  return report;
+}
+
+}  // namespace
+
+CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
+                                      const CacheEncodeOptions& options) {
+  const torch::ScalarType dtype = data::cache_dtype(options.dtype, "--dtype");
+  check_cache_options(options);
   const models::Manifest manifest = models::load_manifest(cfg.model.manifest);
   const int64_t resolution = resolve_resolution(cfg.data.resolution, manifest);
   if (cfg.data.random_crop)
     log::warn("cache: data.random_crop ignored, the cache holds center crops");
   const data::ShardIndex index = data::ShardIndex::load(cfg.data.index);
   data::check_shards(index, cfg.data.verify);
-  // Launched by torchrun or srun, each rank encodes every world_size-th shard on its own GPU.
-  const dist::DistEnvironment env = dist::detect_environment(cfg.dist.init_method);
-  log::set_rank(static_cast<int>(env.rank));
-  // Decoding runs on the intra-op threads here (no decode workers): all the CPUs given.
-  const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, 0);
-  log::info("threads: {} CPUs ({}), {} intra-op ({})", threads.cpus, threads.cpus_from,
-            threads.intra_op, threads.intra_op_from);
-  const torch::Device device = dist::select_device(cfg.run.device, env.local_rank);
-  const std::unique_ptr<dist::Communicator> comm = dist::Communicator::create(
-      env, cfg.dist.backend, device, std::chrono::seconds(cfg.dist.timeout_s),
-      /*force_process_group=*/false);
-  const int64_t rank = comm->rank(), world = comm->world_size();
+  EncoderProcess p = start_process(cfg);
   const torch::ScalarType frozen = frozen_dtype(cfg.model.frozen_dtype);
-  models::LatentEncoder vae(manifest, device, frozen);
-  models::TextConditioner text(manifest, device, frozen);
-
-  // The embedding of "" (caption dropout), which also gives the text shapes.
-  std::vector<torch::Tensor> empty_ids;
-  for (const models::TextEncoderInfo& e : manifest.text_encoders) {
-    empty_ids.push_back(torch::tensor(e.empty_prompt_ids).view({1, -1}));
-  }
-  const models::Conditioning empty = text.encode(empty_ids);
-  EncodeContext c{
+  models::LatentEncoder vae(manifest, p.device, frozen);
+  models::TextConditioner text(manifest, p.device, frozen);
+  const models::Conditioning empty = empty_caption(text, manifest);
+  const EncodeContext c{
       &index,
       &vae,
       &text,
@@ -289,47 +346,29 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   fs::path out = options.out_dir;
   if (!out.has_filename()) out = out.parent_path();  // "CACHE/"
   const fs::path staging = out.string() + ".staging";
-  if (rank == 0) {
+  const bool rank0 = p.comm->rank() == 0;
+  if (rank0) {
     fs::remove_all(staging);
     fs::create_directories(staging);
   }
-  data::LatentCacheIndex cache;
-  cache.family = models::family_name(manifest.family);
-  cache.resolution = resolution;
-  cache.dtype = options.dtype;
-  cache.encoder_dtype = cfg.model.frozen_dtype;
-  cache.shape = c.shape;
-  cache.model_files = cache_model_files(manifest, /*hash=*/true);
-  cache.bytes_per_pair = data::cache_bytes_per_pair(c.shape, dtype);
-  if (rank == 0) {
+  data::LatentCacheIndex cache = new_cache_index(cfg, manifest, options, c, resolution);
+  if (rank0) {
     data::save_empty_caption(
         (staging / cache.empty_caption).string(),
         {empty.text[0], empty.pooled.defined() ? empty.pooled[0] : torch::Tensor()});
   }
-  comm->barrier();
-  CacheEncodeReport report;
-  for (auto i = static_cast<size_t>(rank); i < index.shards.size(); i += world) {
-    const data::ShardInfo& shard = index.shards[i];
-    encode_shard(shard, staging.string(), c, report);
-    log::info("cache: {} -> {} ({} pairs)", shard.file, cache_file_name(shard), shard.pairs);
-  }
-  // The counts of every rank; the collective also waits for every rank's shards.
-  std::vector<torch::Tensor> counts{
-      torch::tensor({report.pairs, report.bad_pairs}, torch::dtype(torch::kInt64)).to(device)};
-  comm->all_reduce_sum(counts, 1 << 20);
-  const torch::Tensor total = counts[0].cpu();
-  report.pairs = total[0].item<int64_t>();
-  report.bad_pairs = total[1].item<int64_t>();
+  p.comm->barrier();
+  CacheEncodeReport report = encode_shards(index, staging.string(), c, p);
   for (const data::ShardInfo& shard : index.shards) {
     cache.shards.push_back(shard_info(shard, staging.string()));
     report.bytes += cache.shards.back().bytes;
   }
-  comm->barrier();  // every rank has read the sizes before rank 0 moves the folder
-  if (rank == 0) {
+  p.comm->barrier();  // every rank has read the sizes before rank 0 moves the folder
+  if (rank0) {
     cache.save((staging / "index.json").string());
     fs::rename(staging, out);
   }
-  comm->barrier();  // every rank returns once the cache is in place
+  p.comm->barrier();  // every rank returns once the cache is in place
   report.shards = static_cast<int64_t>(cache.shards.size());
   report.bytes_per_pair = cache.bytes_per_pair;
   report.index_path = (fs::path(options.out_dir) / "index.json").string();

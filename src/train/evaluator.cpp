@@ -44,6 +44,31 @@ models::Conditioning conditioning_to(const models::Conditioning& c, const torch:
   return out;
 }
 
+// The record of an evaluation from the all-reduced sums (host) [7, nb]: means per bin and over
+// all (the evaluated pairs: bad ones are left out).
+EvalResult result_from_sums(const torch::Tensor& sums, int64_t step,
+                            const std::vector<int64_t>& bins) {
+  EvalResult r;
+  r.step = step;
+  r.pairs = static_cast<int64_t>(sums[3][0].item<double>());
+  r.t_bins = bins;
+  const torch::Tensor by_t = sums.slice(0, 0, 3) / sums[3];  // [3, nb]
+  const torch::Tensor overall = sums.slice(0, 0, 3).sum(1) / sums[3].sum();
+  const torch::Tensor diagnostics = sums.slice(0, 4, 7) / sums[3];  // [3, nb]
+  for (int64_t j = 0; j < static_cast<int64_t>(bins.size()); ++j) {
+    r.misranked_by_t.push_back(diagnostics[0][j].item<double>());
+    r.credit_by_t.push_back(diagnostics[1][j].item<double>());
+    r.z_by_t.push_back(diagnostics[2][j].item<double>());
+    r.implicit_acc_by_t.push_back(by_t[0][j].item<double>());
+    r.loss_by_t.push_back(by_t[1][j].item<double>());
+    r.delta_by_t.push_back(by_t[2][j].item<double>());
+  }
+  r.implicit_acc = overall[0].item<double>();
+  r.loss = overall[1].item<double>();
+  r.delta = overall[2].item<double>();
+  return r;
+}
+
 }  // namespace
 
 nlohmann::json EvalResult::to_json(const std::string& method) const {
@@ -78,6 +103,9 @@ struct Evaluator::Impl {
   bool encode_all();
   EncodedPairs encode(const data::PairBatch& batch);
   torch::Tensor errors_of(models::UNet& unet, const EncodedPairs& pairs) const;  // [nb, 2, B]
+  // Adds one batch's figures at every bin to sums [7, nb] (see run()).
+  void add_sums(const EncodedPairs& pairs, const objective::CorrectionEma& ema,
+                torch::Tensor& sums) const;
   const std::vector<int64_t>& bins() const { return ctx.cfg->eval.t_bins; }
 };
 
@@ -176,6 +204,32 @@ bool Evaluator::due(int64_t step) const {
   return step % cfg.eval.every == 0 || step == cfg.train.max_steps;
 }
 
+void Evaluator::Impl::add_sums(const EncodedPairs& pairs, const objective::CorrectionEma& ema,
+                               torch::Tensor& sums) const {
+  const int64_t B = pairs.pair_ids.size(0);
+  const torch::Tensor policy = errors_of(*ctx.policy, pairs);
+  const torch::Tensor ref = pairs.ref_errors.to(ctx.device);
+  for (int64_t j = 0; j < static_cast<int64_t>(bins().size()); ++j) {
+    objective::PairErrors e;
+    e.policy_w = policy[j][0];
+    e.policy_l = policy[j][1];
+    e.ref_w = ref[j][0];
+    e.ref_l = ref[j][1];
+    const torch::Tensor t = torch::full({B}, bins()[static_cast<size_t>(j)], torch::kLong);
+    const torch::Tensor t_dev = t.to(ctx.device);
+    const objective::MethodOutput out = objective::compute_method(
+        ctx.method, e, t_dev, ema.correction(t).to(ctx.device), ctx.method_params, *ctx.schedule);
+    const torch::Tensor delta = objective::delta(e);
+    sums[0][j] += (delta < 0).sum().to(torch::kFloat64);
+    sums[1][j] += out.loss.sum().to(torch::kFloat64);
+    sums[2][j] += delta.sum().to(torch::kFloat64);
+    sums[3][j] += static_cast<double>(B);
+    sums[4][j] += (delta > 0).sum().to(torch::kFloat64);
+    sums[5][j] += objective::credit_weight(ctx.method, out, t, *ctx.schedule).sum();
+    if (out.z.defined()) sums[6][j] += out.z.detach().sum();
+  }
+}
+
 std::optional<EvalResult> Evaluator::run(int64_t step, const objective::CorrectionEma& ema) {
   Impl& d = *impl_;
   const auto start = std::chrono::steady_clock::now();
@@ -191,30 +245,7 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
     d.test_hooks.before_eval_batch(rank, step, static_cast<int64_t>(i));
     stopped = stop_requested();  // an atomic load, as before every training micro-batch
     if (stopped) break;
-    const EncodedPairs& pairs = d.encoded[i];
-    const int64_t B = pairs.pair_ids.size(0);
-    const torch::Tensor policy = d.errors_of(*d.ctx.policy, pairs);
-    const torch::Tensor ref = pairs.ref_errors.to(d.ctx.device);
-    for (int64_t j = 0; j < nb; ++j) {
-      objective::PairErrors e;
-      e.policy_w = policy[j][0];
-      e.policy_l = policy[j][1];
-      e.ref_w = ref[j][0];
-      e.ref_l = ref[j][1];
-      const torch::Tensor t = torch::full({B}, d.bins()[static_cast<size_t>(j)], torch::kLong);
-      const torch::Tensor t_dev = t.to(d.ctx.device);
-      const objective::MethodOutput out =
-          objective::compute_method(d.ctx.method, e, t_dev, ema.correction(t).to(d.ctx.device),
-                                    d.ctx.method_params, *d.ctx.schedule);
-      const torch::Tensor delta = objective::delta(e);
-      sums[0][j] += (delta < 0).sum().to(torch::kFloat64);
-      sums[1][j] += out.loss.sum().to(torch::kFloat64);
-      sums[2][j] += delta.sum().to(torch::kFloat64);
-      sums[3][j] += static_cast<double>(B);
-      sums[4][j] += (delta > 0).sum().to(torch::kFloat64);
-      sums[5][j] += objective::credit_weight(d.ctx.method, out, t, *d.ctx.schedule).sum();
-      if (out.z.defined()) sums[6][j] += out.z.detach().sum();
-    }
+    d.add_sums(d.encoded[i], ema, sums);
   }
   // As in a training step: a rank that was not signalled finishes first, then the ranks agree.
   if (d.ctx.comm->any(stopped)) return std::nullopt;
@@ -222,24 +253,7 @@ std::optional<EvalResult> Evaluator::run(int64_t step, const objective::Correcti
   d.ctx.comm->all_reduce_sum(reduced, kReduceBucketBytes);
   sums = sums.to(torch::kCPU);
 
-  EvalResult r;
-  r.step = step;
-  r.pairs = static_cast<int64_t>(sums[3][0].item<double>());  // evaluated: bad ones left out
-  r.t_bins = d.bins();
-  const torch::Tensor by_t = sums.slice(0, 0, 3) / sums[3];  // [3, nb]
-  const torch::Tensor overall = sums.slice(0, 0, 3).sum(1) / sums[3].sum();
-  const torch::Tensor diagnostics = sums.slice(0, 4, 7) / sums[3];  // [3, nb]
-  for (int64_t j = 0; j < nb; ++j) {
-    r.misranked_by_t.push_back(diagnostics[0][j].item<double>());
-    r.credit_by_t.push_back(diagnostics[1][j].item<double>());
-    r.z_by_t.push_back(diagnostics[2][j].item<double>());
-    r.implicit_acc_by_t.push_back(by_t[0][j].item<double>());
-    r.loss_by_t.push_back(by_t[1][j].item<double>());
-    r.delta_by_t.push_back(by_t[2][j].item<double>());
-  }
-  r.implicit_acc = overall[0].item<double>();
-  r.loss = overall[1].item<double>();
-  r.delta = overall[2].item<double>();
+  EvalResult r = result_from_sums(sums, step, d.bins());
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }

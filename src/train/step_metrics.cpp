@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "dde/objective/methods.hpp"
 #include "dde/util/transfer.hpp"
@@ -11,6 +12,23 @@
 namespace dde::train {
 
 using nlohmann::json;
+
+torch::Tensor pair_rows(const torch::Tensor& pair_ids, const torch::Tensor& t,
+                        const objective::PairErrors& errors, const torch::Tensor& correction,
+                        const objective::MethodOutput& out, const torch::Tensor& credit,
+                        const torch::Device& device) {
+  const auto f64 = [&](const torch::Tensor& x) {
+    return x.detach().to(device, torch::kFloat64, /*non_blocking=*/true);
+  };
+  const torch::Tensor nan =
+      torch::full({pair_ids.size(0)}, std::numeric_limits<double>::quiet_NaN(),
+                  torch::dtype(torch::kFloat64).device(device));
+  return torch::stack({f64(pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
+                       errors.ref_w.defined() ? f64(errors.ref_w) : nan,
+                       errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(correction),
+                       out.z.defined() ? f64(out.z) : nan, f64(out.loss), f64(credit)},
+                      1);
+}
 
 StepFigures StepFigures::from_stats(const torch::Tensor& stats) {
   const torch::Tensor host = stats.to(torch::kCPU);

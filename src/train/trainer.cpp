@@ -8,8 +8,6 @@
 #include <limits>
 #include <utility>
 
-#include "dde/data/image_tensor.hpp"
-#include "dde/dist/bad_pair_rows.hpp"
 #include "dde/dist/device.hpp"
 #include "dde/models/autocast.hpp"
 #include "dde/train/lr_schedule.hpp"
@@ -22,7 +20,6 @@
 // trainer_setup.cpp, checkpoints and guards trainer_state.cpp, the pair path src/pairs/.
 namespace dde::train {
 namespace {
-namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 }  // namespace
 
@@ -241,35 +238,7 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   const objective::MethodOutput out =
       objective::compute_method(method, errors, t, C_t, method_params, schedule);
 
-  if (dump) {
-    // Everything an independent recomputation needs (tests/e2e/test_forward_parity.py).
-    // From a cache: the posterior moments in place of the images.
-    const bool cached = batch.winner_moments.defined();
-    const auto image = [&](const torch::Tensor& pixels) {
-      return data::to_pm1(pixels, data::pm1_table());  // as the VAE took them
-    };
-    checkpoint::NamedTensors d{
-        {cached ? "winner_moments" : "winner", cached ? batch.winner_moments : image(batch.winner)},
-        {cached ? "loser_moments" : "loser", cached ? batch.loser_moments : image(batch.loser)},
-        {"pair_ids", batch.pair_ids},
-        {"t", t},
-        {"eps", eps_pair},
-        {"vae_noise", draws.vae_noise},
-        {"e_policy_w", errors.policy_w},
-        {"e_policy_l", errors.policy_l}};
-    for (size_t i = 0; i < batch.input_ids.size(); ++i) {
-      d.emplace_back("input_ids_" + std::to_string(i), batch.input_ids[i]);
-    }
-    if (reference) {
-      d.emplace_back("e_ref_w", errors.ref_w);
-      d.emplace_back("e_ref_l", errors.ref_l);
-    }
-    if (manifest.added_cond) {
-      d.emplace_back("time_ids_w", encoded.winner_time_ids);
-      d.emplace_back("time_ids_l", encoded.loser_time_ids);
-    }
-    dump_micro_batch(std::move(d));
-  }
+  if (dump) dump_micro_batch(batch, draws, encoded, errors);
 
   MicroResult r;
   const torch::Tensor credit = objective::credit_weight(method, out, t, schedule);
@@ -281,62 +250,11 @@ Trainer::Impl::MicroResult Trainer::Impl::micro_step(const data::PairBatch& batc
   r.has_z = out.z.defined();
   // The rows stay on the device (host columns go there without a sync); run() copies them to
   // the host once per optimizer step.
-  const auto f64 = [&](const torch::Tensor& x) {
-    return x.detach().to(device, torch::kFloat64, /*non_blocking=*/true);
-  };
-  const torch::Tensor nan = torch::full({B}, std::numeric_limits<double>::quiet_NaN(),
-                                        torch::dtype(torch::kFloat64).device(device));
-  r.rows = torch::stack({f64(batch.pair_ids), f64(t), f64(errors.policy_w), f64(errors.policy_l),
-                         errors.ref_w.defined() ? f64(errors.ref_w) : nan,
-                         errors.ref_l.defined() ? f64(errors.ref_l) : nan, f64(C_t),
-                         r.has_z ? f64(out.z) : nan, f64(out.loss), f64(credit)},
-                        1);
+  r.rows = pair_rows(batch.pair_ids, t, errors, C_t, out, credit, device);
   if (objective::uses_reference(method)) {
     ema.accumulate(t, objective::transition_estimate(errors, t, schedule));
   }
   return r;
-}
-
-void Trainer::Impl::dump_micro_batch(checkpoint::NamedTensors tensors) const {
-  const fs::path dir = fs::path(cfg.run.output_dir) / "debug";
-  fs::create_directories(dir);
-  for (auto& [name, tensor] : tensors) tensor = tensor.detach();
-  const fs::path file =
-      dir / fmt::format("step-{:08d}-rank-{:05d}.safetensors", step + 1, comm->rank());
-  checkpoint::save_safetensors(file.string(), tensors, {{"step", std::to_string(step + 1)}});
-  log::info("dumped micro-batch 0 of step {} to {}", step + 1, file.string());
-}
-
-// Every rank's skipped pairs of this step to rank 0, one metrics record each. `in_step` is
-// the global count (all-reduced), so every rank takes the same branch.
-void Trainer::Impl::report_bad_pairs(int64_t total, int64_t in_step,
-                                     const std::vector<data::BadPair>& local) {
-  if (in_step == 0) return;
-  // The rows cross as a device tensor, as every collective's input (NCCL takes no host tensor).
-  const torch::Tensor rows =
-      comm->all_gather(to_device(dist::bad_pair_rows(local, comm->rank(), in_step)));
-  if (!is_main()) return;
-  for (const dist::RankedBadPair& b : dist::bad_pairs_from_rows(rows)) {
-    ++bad_pairs_by_reason[b.pair.reason];
-    metrics->write({{"kind", "bad_pair"},
-                    {"step", step + 1},
-                    {"rank", b.rank},
-                    {"pair_id", b.pair.pair_id},
-                    {"reason", b.pair.reason},
-                    {"shard", b.pair.shard},
-                    {"key", b.pair.key}});
-  }
-  log::warn("step {}: {} bad pairs skipped ({} in the run, limit data.max_bad_pairs = {})",
-            step + 1, in_step, total, cfg.data.max_bad_pairs);
-}
-
-void Trainer::Impl::write_pair_records(const torch::Tensor& all_rows) {
-  // all_rows: [world * n, kPairColumns], rank r's rows at [r * n, (r + 1) * n).
-  const int64_t per_rank = all_rows.size(0) / comm->world_size();
-  const torch::Tensor rows = all_rows.contiguous();
-  for (int64_t i = 0; i < rows.size(0); ++i) {
-    metrics->write(pair_record(rows[i].data_ptr<double>(), step, i / per_rank));
-  }
 }
 
 }  // namespace dde::train

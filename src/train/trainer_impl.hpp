@@ -2,6 +2,7 @@
 //   trainer.cpp        the loop: one optimizer step top to bottom
 //   trainer_setup.cpp  the builder: models, data, optimizer, outputs, from the config
 //   trainer_state.cpp  checkpoints, resume, the update guard and roll-back, stops
+//   trainer_outputs.cpp  per-pair records, bad-pair records, the debug dump of a micro-batch
 #pragma once
 
 #include <torch/torch.h>
@@ -131,7 +132,9 @@ struct Trainer::Impl {
     bool has_z = false;
   };
   MicroResult micro_step(const data::PairBatch& batch, bool dump);
-  void dump_micro_batch(checkpoint::NamedTensors tensors) const;
+  void dump_micro_batch(const data::PairBatch& batch, const pairs::TrainingDraws& draws,
+                        const pairs::EncodedPairs& encoded,
+                        const objective::PairErrors& errors) const;
   void report_bad_pairs(int64_t total, int64_t in_step, const std::vector<data::BadPair>& local);
   void write_pair_records(const torch::Tensor& all_rows);
   // Host -> device without blocking the host: a DMA from the loader's pinned batches (a pageable

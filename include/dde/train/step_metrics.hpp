@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "dde/objective/methods.hpp"
 #include "dde/train/memory_meter.hpp"
 
 namespace dde::train {
@@ -26,6 +27,13 @@ enum PairColumn : int64_t {
   kCredit,
   kPairColumns
 };
+
+// One micro-batch's per-pair rows [B, kPairColumns] float64 on `device` (NaN where the method has
+// no such value): host columns go there without a sync.
+torch::Tensor pair_rows(const torch::Tensor& pair_ids, const torch::Tensor& t,
+                        const objective::PairErrors& errors, const torch::Tensor& correction,
+                        const objective::MethodOutput& out, const torch::Tensor& credit,
+                        const torch::Device& device);
 
 // A step's figures over every rank, summed: what step_stats() holds, read on the host.
 struct StepFigures {
