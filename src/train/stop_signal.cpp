@@ -1,15 +1,7 @@
 #include "dde/train/stop_signal.hpp"
 
 #include <atomic>
-#include <chrono>
 #include <csignal>
-#include <cstdlib>
-#include <sstream>
-#include <string>
-#include <thread>
-#include <vector>
-
-#include "dde/util/error.hpp"
 
 namespace dde::train {
 namespace {
