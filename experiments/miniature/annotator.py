@@ -7,6 +7,13 @@ The caption is parsed back into (colour, shape, quadrant) triples. Each quadrant
   bounding box (square 1, circle pi/4, triangle 1/2);
 - an unnamed quadrant: 1 - min(1, foreground area / MIN_AREA) (nothing should be there).
 The score is the mean over the four quadrants; it is continuous, so ties between images are rare.
+It pays for blank space: an empty image scores (unnamed quadrants) / 4, e.g. 0.75 for one object.
+
+The content annotator (v2) scores what the caption names and nothing else:
+    content = (sum over named quadrants of their score - sum over unnamed quadrants of presence) / named
+so an image that draws every named object and nothing else scores as the world annotator's named
+quadrants do (about 0.99 on rendered scenes), an empty image scores exactly 0, and every unnamed
+quadrant that is drawn on costs up to 1 / named. Its range is [-3, 1].
 Foreground: pixels farther than FOREGROUND_DISTANCE from the background colour (max over channels).
 """
 
@@ -81,6 +88,14 @@ def score_image(image: Image.Image, text: str) -> float:
     return float(np.mean(named + empty))
 
 
+def content_score(image: Image.Image, text: str) -> float:
+    """The content annotator's score of one image for one caption (module docstring)."""
+    named, empty = quadrant_scores(image, text)
+    if not named:
+        raise ValueError(f"content annotator: the caption names no object: {text!r}")
+    return float((sum(named) - sum(1.0 - e for e in empty)) / len(named))
+
+
 class WorldAnnotator:
     """dde_tools.annotators.Annotator for the world, usable by dde_tools.relabel."""
 
@@ -89,3 +104,16 @@ class WorldAnnotator:
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """One score per (image, prompt)."""
         return np.asarray([score_image(i, p) for i, p in zip(images, prompts)], dtype=np.float64)
+
+
+class ContentAnnotator:
+    """The content annotator as a dde_tools.annotators.Annotator (dde_tools.relabel can use it)."""
+
+    name = "content"
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
+        """One score per (image, prompt)."""
+        return np.asarray([content_score(i, p) for i, p in zip(images, prompts)], dtype=np.float64)
+
+
+ANNOTATORS = {"world": WorldAnnotator, "content": ContentAnnotator}

@@ -1,8 +1,6 @@
-"""The world's tiny Stable Diffusion 1.5-shaped pipeline and its Pick-a-Pic parquet files.
+"""The world's images and pairs as Pick-a-Pic parquet files (dde_tools.export_pickapic reads them).
 
-The pipeline is built like dde_tools.fixtures builds the sd15 fixture: the fixture's tokenizer
-and tiny CLIP text encoder (fixtures/source/sd15, frozen, random weights), a fresh tiny UNet of
-the fixture's architecture (8 x 8 latents), the DDIM scheduler, and the world's trained VAE.
+The base pipeline itself is built by miniature.pretrain.
 """
 
 from __future__ import annotations
@@ -14,25 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from dde_tools import fixtures
-
-
-def make_pipeline(vae: AutoencoderKL, fixture_sd15: Path, out: Path, seed: int) -> Path:
-    """Save the world's initial pipeline (random UNet from `seed`) into `out`."""
-    tokenizer = CLIPTokenizer.from_pretrained(fixture_sd15 / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(fixture_sd15 / "text_encoder")
-    torch.manual_seed(seed)
-    unet = fixtures._unet(cross_attention_dim=text_encoder.config.hidden_size)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=fixtures._scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def png(image: Image.Image) -> bytes:

@@ -1,7 +1,6 @@
-"""The miniature world's smoke version: every stage of experiments/miniature/run.py at tiny sizes
-(a few minutes on a CPU) through the real dde_train binary, export and evaluation path.
-
-The full experiment (docs/miniature.md) is not part of the test command; this is.
+"""The miniature world v2: its annotators, its statistics, and `bash experiments/miniature/run.sh
+--smoke`, every stage at tiny sizes through the real pretraining, export, dde_train and evaluation
+path (docs/miniature.md). The full experiment is not part of the test command; this is.
 """
 
 from __future__ import annotations
@@ -10,54 +9,138 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from conftest import ROOT
-from miniature import world
-from miniature.annotator import WorldAnnotator
-from miniature.run import SMOKE, variants
+from miniature import report, world
+from miniature.annotator import ContentAnnotator, WorldAnnotator, content_score
+from miniature.run import CONTRASTS, SMOKE, chosen_betas, run_dir
+
+
+def _scenes(count: int, seed: int) -> list[world.Scene]:
+    rng = np.random.default_rng(seed)
+    return [world.sample_scene(rng) for _ in range(count)]
 
 
 def test_annotator_prefers_the_described_image() -> None:
     """Originals score near 1 for their caption, lower for a one-attribute change, lower still for
-    another scene's caption."""
+    another scene's caption (both annotators)."""
     rng = np.random.default_rng(7)
-    annotator = WorldAnnotator()
-    scenes = [world.sample_scene(rng) for _ in range(50)]
+    scenes = _scenes(50, 8)
     images = [world.render(s) for s in scenes]
-    own = annotator.score(images, [world.caption(s) for s in scenes])
-    changed = annotator.score(images, [world.caption(world.corrupt(s, rng)) for s in scenes])
-    other = annotator.score(images, [world.caption(world.sample_scene(rng)) for _ in scenes])
-    assert own.min() > 0.9
-    assert (own > changed).all()
-    assert own.mean() - other.mean() > 0.4
+    for annotator in (WorldAnnotator(), ContentAnnotator()):
+        own = annotator.score(images, [world.caption(s) for s in scenes])
+        changed = annotator.score(images, [world.caption(world.corrupt(s, rng)) for s in scenes])
+        other = annotator.score(images, [world.caption(world.sample_scene(rng)) for _ in scenes])
+        assert own.min() > 0.9, annotator.name
+        assert (own > changed).all(), annotator.name
+        assert own.mean() - other.mean() > 0.4, annotator.name
 
 
-def test_smoke_run_yields_every_row(dde_train: Path, fixtures: Path, tmp_path: Path) -> None:
+def test_content_annotator_pays_nothing_for_blank_space() -> None:
+    """An empty image scores 0 (the world annotator pays it for every unnamed quadrant); leaving a
+    named object out costs its share; drawing in an unnamed quadrant costs up to 1 / named."""
+    scene = (world.WorldObject("red", "square", 0), world.WorldObject("blue", "circle", 3))
+    text = world.caption(scene)
+    empty = world.render(())
+    assert content_score(empty, text) == 0.0
+    assert WorldAnnotator().score([empty], [text])[0] == pytest.approx(0.5)
+    full = content_score(world.render(scene), text)
+    half = content_score(world.render(scene[:1]), text)
+    assert full > 0.9 and half == pytest.approx(full / 2, abs=0.02)
+    cluttered = content_score(world.render((*scene, world.WorldObject("green", "square", 1))), text)
+    assert full - 0.5 - 0.01 <= cluttered < full - 0.4  # the stray square covers > MIN_AREA pixels
+    with pytest.raises(ValueError, match="names no object"):
+        content_score(empty, "nothing at all")
+
+
+def test_paired_difference_pairs_by_seed_and_resamples_seeds_and_prompts() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=(5, 40, 2))
+    a = b + 0.3 + 0.01 * rng.normal(size=b.shape)  # a shared per-seed/prompt level cancels in a - b
+    entry = report.paired_difference(a, b)
+    assert entry["delta"] == pytest.approx(0.3, abs=0.01)
+    assert entry["ci95"][0] < 0.3 < entry["ci95"][1] and entry["ci95"][1] - entry["ci95"][0] < 0.02
+    assert entry["seeds"] == 5 and len(entry["per_seed"]) == 5
+    unpaired = report.paired_difference(a, b[::-1])  # the wrong pairing loses the cancellation
+    assert unpaired["ci95"][1] - unpaired["ci95"][0] > 0.1
+
+
+def test_held_out_summary_averages_the_last_evaluations() -> None:
+    evals = [{"step": 9, "t_bins": [100, 900], "implicit_acc": 0.6, "misranked_by_t": [0.2, None]},
+             {"step": 9, "t_bins": [100, 900], "implicit_acc": 0.8, "misranked_by_t": [0.4, 0.5]}, None]
+    summary = report.held_out_summary(evals)
+    assert summary["runs"] == 2 and summary["implicit_acc"] == pytest.approx(0.7)
+    assert summary["misranked_by_t"] == pytest.approx([0.3, 0.5])
+    assert report.held_out_summary([None]) is None
+
+
+def test_training_ranking_pools_pairs_over_the_last_steps() -> None:
+    def record(pairs: list[int], misranked: list[float | None]) -> dict:
+        return {"kind": "step", "t_bins": {"pairs": pairs, "misranked": misranked}}
+
+    steps = [record([4, 0], [1.0, None]), record([2, 2], [0.5, 0.0]), record([2, 6], [0.0, 0.5])]
+    ranking = report.training_ranking(steps, last=2)  # the first step is left out
+    assert ranking["steps"] == 2 and ranking["pairs_by_bin"] == [4, 8]
+    assert ranking["misranked_by_bin"] == pytest.approx([0.25, 3 / 8])
+    assert ranking["misranked"] == pytest.approx(4 / 12)
+    assert report.training_ranking([{"kind": "step"}], last=5) is None
+
+
+def _smoke(out: Path, dde_train: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "experiments" / "miniature" / "run.sh"), "--smoke", "--out", str(out),
+         "--bin", str(dde_train), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path: Path) -> None:
     out = tmp_path / "miniature"
-    result = subprocess.run(
-        [sys.executable, "-m", "miniature.run", "--smoke", "--out", str(out), "--bin", str(dde_train)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PYTHONPATH": f"{ROOT / 'scripts'}:{ROOT / 'experiments'}", "OMP_NUM_THREADS": "1"},
-    )
+    result = _smoke(out, dde_train)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["variants"]) == set(variants(SMOKE))
+    # the sweep: every swept variant at every factor, and a chosen beta from among them
+    assert {(r["variant"], r["beta"]) for r in results["sweep"]} == {
+        (n, SMOKE.beta0 * f) for n in SMOKE.sweep for f in SMOKE.factors}
+    chosen = chosen_betas(out, SMOKE)
+    assert set(chosen) == set(SMOKE.sweep)
+    for name, entry in chosen.items():
+        best = max(entry["val_means"], key=entry["val_means"].get)
+        assert float(best) == entry["beta"], name
+    # every variant at every seed, both annotators, intervals around their estimates
+    assert set(results["variants"]) == set(SMOKE.variants)
     for name, entry in results["variants"].items():
-        for key in ("mean", "delta", "win_rate", *[f"{k}_ci95" for k in ("delta", "win")]):
-            values = entry[key] if isinstance(entry[key], list) else [entry[key]]
-            assert all(math.isfinite(v) for v in values), (name, key, entry[key])
-        assert entry["delta_ci95"][0] <= entry["delta"] <= entry["delta_ci95"][1]
+        for annotator in ("content", "world"):
+            e = entry[annotator]
+            assert e["seeds"] == len(SMOKE.seeds), name
+            values = [e["mean"], e["delta"], e["win_rate"], *e["delta_ci95"], *e["win_ci95"]]
+            assert all(math.isfinite(v) for v in values), (name, annotator, e)
+            assert e["delta_ci95"][0] <= e["delta"] <= e["delta_ci95"][1]
+        held = results["held_out"][name]
+        assert len(held["misranked_by_t"]) == len(SMOKE.eval_t_bins) and 0 <= held["implicit_acc"] <= 1
+        ranking = results["training_ranking"][name]
+        assert len(ranking["misranked_by_bin"]) == 10 and sum(ranking["pairs_by_bin"]) > 0
+    expected = {f"{a} - {b}" for a, b in CONTRASTS if a in SMOKE.variants and b in SMOKE.variants}
+    assert set(results["contrasts"]) == expected and expected
+    # a variant that borrows its beta (uniform_ct from uniform) ran at the chosen one
+    assert results["betas"]["uniform_ct"] == chosen["uniform"]["beta"]
+    assert (run_dir(out, "uniform_ct", chosen["uniform"]["beta"], SMOKE.seeds[-1]) / "eval.json").is_file()
+    # the named-quadrant figures, the base's too
+    assert 0 <= results["base"]["test"]["named"] <= 1
     table = (out / "results.md").read_text()
-    for method in ("uniform", "discounted", "dde", "dde_single", "dde_step", "sft"):
-        assert f"| {method} |" in table
-    vae = json.loads((out / "vae_report.json").read_text())
-    assert math.isfinite(vae["reconstruction_mean"]) and 0.9 < vae["original_mean"] <= 1.0
-    # the trained runs wrote per-pair records and the correction array the figures read
-    pairs = [json.loads(line) for line in (out / "runs" / "dde" / "seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert any(p.get("kind") == "pair" and p.get("credit") is not None for p in pairs)
-    for figure in ("credit_methods.png", "correction_methods.png", "credit_windows.png", "samples.png"):
-        assert (out / "figures" / figure).stat().st_size > 0
+    for name in SMOKE.variants:
+        assert f"| {name} |" in table
+    assert "| dde - uniform |" in table and "misranked" in table
+    for figure in ("credit_heatmaps.png", "misranked_by_t.png", "credit_methods.png", "samples.png"):
+        assert Image.open(out / "figures" / figure).size[0] > 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"base pretraining and export", "pairs", "preference runs (wall)"} <= set(timings)
+    # resumable: a second invocation trains nothing and rewrites the same tables
+    again = _smoke(out, dde_train)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "trained in" not in again.stdout and "pretrain: step" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["variants"] == results["variants"]
