@@ -177,9 +177,9 @@ def sweep_rows(scores_by_job: Sequence[tuple[str, float, int, dict]], annotators
              "named": float(np.mean(val["named"]))} for name, beta, seed, val in scores_by_job]
 
 
-def _ci(entry: dict, key: str = "delta", ci: str = "delta_ci95") -> str:
+def _ci(entry: dict, key: str = "delta", ci: str = "delta_ci95", spec: str = "+.3f") -> str:
     low, high = entry[ci]
-    return f"{entry[key]:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f"{entry[key]:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def _base_lines(results: dict, annotators: Sequence[str]) -> list[str]:
@@ -214,7 +214,7 @@ def _variant_lines(results: dict, names: Sequence[str], annotators: Sequence[str
         v, acc = results["variants"][name], held.get(name)
         lines.append(f"| {name} | {results['betas'][name]:g} | {v[annotators[0]]['seeds']} | "
                      + " | ".join(f"{v[a]['mean']:.3f} | {_ci(v[a])}" for a in annotators)
-                     + f" | {v['named']:.3f} | {_ci(v[annotators[0]], 'win_rate', 'win_ci95')} | "
+                     + f" | {v['named']:.3f} | {_ci(v[annotators[0]], 'win_rate', 'win_ci95', '.3f')} | "
                      + (f"{acc['implicit_acc']:.3f}" if acc else "-") + " |")
     return lines + [""]
 

@@ -61,6 +61,7 @@ class Variant:
     name: str
     sets: tuple[str, ...]
     beta_from: str  # a swept variant (itself when swept)
+    epochs_factor: float = 1.0  # x Settings.epochs
 
 
 def _window(method: str, lo: int, hi: int) -> Variant:
@@ -81,11 +82,15 @@ VARIANTS = (
     _window("uniform", 0, 100),
     _window("uniform", 900, 1000),
     _window("dde", 200, 700),
+    # The regime probe: does a 4x longer run rank the training pairs (first seed only)?
+    Variant("uniform_long", ("method.name=uniform",), "uniform", 4.0),
+    Variant("dde_long", ("method.name=dde",), "dde", 4.0),
 )
 # (a, b): the paired differences a - b the report gives intervals for.
 CONTRASTS = (("dde", "uniform"), ("dde_single", "uniform"), ("dde", "dde_single"),
              ("dde_calibrated", "dde"), ("dde_single_calibrated", "dde_single"), ("dde_debias", "dde"),
-             ("uniform_ct", "uniform"), ("dde_t200-700", "dde"), ("dde_t200-700", "uniform_t200-700"))
+             ("uniform_ct", "uniform"), ("dde_t200-700", "dde"), ("dde_t200-700", "uniform_t200-700"),
+             ("dde_long", "uniform_long"), ("uniform_long", "uniform"), ("dde_long", "dde"))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class Settings:
     sweep: tuple[str, ...] = ("uniform", "dde", "dde_single", "dde_calibrated", "dde_single_calibrated")
     factors: tuple[float, ...] = (0.25, 1.0, 4.0)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS if v.epochs_factor == 1.0)
+    long_variants: tuple[str, ...] = ("uniform_long", "dde_long")
     eval_t_bins: tuple[int, ...] = (100, 300, 500, 700, 900)
     parallel: int = 2
 
@@ -124,7 +130,8 @@ SMOKE = replace(FULL, val_prompts=4, test_prompts=6, images_per_prompt=1, vae_im
                 recon_images=32, base_rows=128, base=pretrain.PretrainSettings(steps=4, batch=16), pair_prompts=40,
                 eval_pair_prompts=8, sample_steps=3, epochs=0.5, batch=8, sweep=("uniform", "dde", "dde_single"),
                 factors=(0.25, 1.0), seeds=(0, 1), eval_t_bins=(100, 500, 900),
-                variants=("uniform", "dde", "dde_single", "dde_calibrated", "uniform_ct", "uniform_t200-700"))
+                variants=("uniform", "dde", "dde_single", "dde_calibrated", "uniform_ct", "uniform_t200-700"),
+                long_variants=("uniform_long",))
 
 
 def log(message: str) -> None:
@@ -310,8 +317,10 @@ def run_dir(out: Path, name: str, beta: float, seed: int) -> Path:
     return out / "runs" / name / f"beta{beta:g}" / f"seed{seed}"
 
 
-def steps_for(out: Path, s: Settings) -> int:
-    return max(1, math.ceil(s.epochs * training_pairs(out) / s.batch))
+def steps_for(out: Path, s: Settings, name: str = "uniform") -> int:
+    """Optimizer steps of a run: Settings.epochs over the pairs, times the variant's factor."""
+    standard = max(1, math.ceil(s.epochs * training_pairs(out) / s.batch))
+    return math.ceil(variant(name).epochs_factor * standard)
 
 
 def train(binary: Path, run: Path, sets: list[str], steps: int) -> Path:
@@ -343,8 +352,9 @@ def run_one(out: Path, s: Settings, binary: Path, job: tuple[str, float, int], p
     if result.is_file():
         return result
     start = time.perf_counter()
-    steps = steps_for(out, s)
-    eval_sets = [f"data.eval_index={out / 'eval_pairs' / 'shards' / 'index.json'}", f"eval.every={steps}",
+    steps = steps_for(out, s, name)
+    eval_sets = [f"data.eval_index={out / 'eval_pairs' / 'shards' / 'index.json'}",
+                 f"eval.every={steps_for(out, s)}",  # a long run is evaluated at every standard length
                  "eval.t_bins=[" + ", ".join(str(t) for t in s.eval_t_bins) + "]"]
     checkpoint = train(binary, folder, [
         f"model.manifest={out / 'base' / 'export' / 'manifest.json'}",
@@ -402,6 +412,7 @@ def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Tim
     report.write_json(out / "chosen_beta.json", chosen)
     log("chosen beta: " + ", ".join(f"{n} {c['beta']:g}" for n, c in chosen.items()))
     finals = [(name, beta_of(name, chosen, s), seed) for seed in s.seeds for name in s.variants]
+    finals += [(name, beta_of(name, chosen, s), s.seeds[0]) for name in s.long_variants]
     with ThreadPoolExecutor(max_workers=s.parallel) as pool:
         for future in [pool.submit(job, *j) for j in finals]:
             future.result()
@@ -415,7 +426,7 @@ def final_runs(out: Path, s: Settings) -> dict[str, list[Path]]:
     chosen = chosen_betas(out, s)
     return {name: [run_dir(out, name, beta_of(name, chosen, s), seed) for seed in s.seeds
                    if (run_dir(out, name, beta_of(name, chosen, s), seed) / "eval.json").is_file()]
-            for name in s.variants}
+            for name in (*s.variants, *s.long_variants)}
 
 
 def load_scores(folders: list[Path], split: str, key: str) -> np.ndarray:
@@ -467,11 +478,11 @@ def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
         [r for d in dirs for r in plot_run.read_records(d)["step"][-epoch_steps:]], epoch_steps * len(dirs))
         for name, dirs in runs.items() if dirs}
     results["chosen_beta"] = chosen
-    results["betas"] = {name: beta_of(name, chosen, s) for name in s.variants}
+    results["betas"] = {name: beta_of(name, chosen, s) for name in (*s.variants, *s.long_variants)}
     results["sweep"] = report.sweep_rows(sweep_scores(out, s), ANNOTATOR_NAMES)
     results["settings"] = asdict(s)
     report.write_json(out / "results.json", results)
-    text = report.markdown_v2(results, s.variants, ANNOTATOR_NAMES, s.labeller)
+    text = report.markdown_v2(results, (*s.variants, *s.long_variants), ANNOTATOR_NAMES, s.labeller)
     (out / "results.md").write_text(text, encoding="utf-8")
     if figures:
         write_figures(out, s, runs)

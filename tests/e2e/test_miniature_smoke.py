@@ -112,11 +112,11 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
         best = max(entry["val_means"], key=entry["val_means"].get)
         assert float(best) == entry["beta"], name
     # every variant at every seed, both annotators, intervals around their estimates
-    assert set(results["variants"]) == set(SMOKE.variants)
+    assert set(results["variants"]) == set(SMOKE.variants) | set(SMOKE.long_variants)
     for name, entry in results["variants"].items():
         for annotator in ("content", "world"):
             e = entry[annotator]
-            assert e["seeds"] == len(SMOKE.seeds), name
+            assert e["seeds"] == (1 if name in SMOKE.long_variants else len(SMOKE.seeds)), name
             values = [e["mean"], e["delta"], e["win_rate"], *e["delta_ci95"], *e["win_ci95"]]
             assert all(math.isfinite(v) for v in values), (name, annotator, e)
             assert e["delta_ci95"][0] <= e["delta"] <= e["delta_ci95"][1]
@@ -124,11 +124,19 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
         assert len(held["misranked_by_t"]) == len(SMOKE.eval_t_bins) and 0 <= held["implicit_acc"] <= 1
         ranking = results["training_ranking"][name]
         assert len(ranking["misranked_by_bin"]) == 10 and sum(ranking["pairs_by_bin"]) > 0
-    expected = {f"{a} - {b}" for a, b in CONTRASTS if a in SMOKE.variants and b in SMOKE.variants}
+    names = {*SMOKE.variants, *SMOKE.long_variants}
+    expected = {f"{a} - {b}" for a, b in CONTRASTS if a in names and b in names}
     assert set(results["contrasts"]) == expected and expected
     # a variant that borrows its beta (uniform_ct from uniform) ran at the chosen one
     assert results["betas"]["uniform_ct"] == chosen["uniform"]["beta"]
     assert (run_dir(out, "uniform_ct", chosen["uniform"]["beta"], SMOKE.seeds[-1]) / "eval.json").is_file()
+    # the regime probe trains 4x the standard length, evaluated at every standard length
+    standard = json.loads((run_dir(out, "uniform", chosen["uniform"]["beta"], 0) / "eval.json").read_text())["steps"]
+    long = run_dir(out, "uniform_long", chosen["uniform"]["beta"], 0)
+    assert json.loads((long / "eval.json").read_text())["steps"] == 4 * standard
+    records = [json.loads(line) for line in (long / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [0, standard, 2 * standard, 3 * standard, 4 * standard]
     # the named-quadrant figures, the base's too
     assert 0 <= results["base"]["test"]["named"] <= 1
     table = (out / "results.md").read_text()
