@@ -129,7 +129,7 @@ FULL = Settings()
 SMOKE = replace(FULL, val_prompts=4, test_prompts=6, images_per_prompt=1, vae_images=256, vae_steps=20,
                 recon_images=32, base_rows=128, base=pretrain.PretrainSettings(steps=4, batch=16), pair_prompts=40,
                 eval_pair_prompts=8, sample_steps=3, epochs=0.5, batch=8, sweep=("uniform", "dde", "dde_single"),
-                factors=(0.25, 1.0), seeds=(0, 1), eval_t_bins=(100, 500, 900),
+                factors=(0.25, 4.0), seeds=(0, 1), eval_t_bins=(100, 500, 900),
                 variants=("uniform", "dde", "dde_single", "dde_calibrated", "uniform_ct", "uniform_t200-700"),
                 long_variants=("uniform_long",))
 
@@ -401,6 +401,8 @@ def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Tim
     lock, table_lock = threading.Lock(), threading.Lock()
 
     def job(name: str, beta: float, seed: int) -> None:
+        if (run_dir(out, name, beta, seed) / "eval.json").is_file():
+            return  # done by an earlier invocation: its tables were written then
         run_one(out, s, binary, (name, beta, seed), prompts, lock, timings)
         with table_lock:
             write_report(out, s, figures=False)
@@ -455,7 +457,8 @@ def write_figures(out: Path, s: Settings, runs: dict[str, list[Path]]) -> None:
     folder.mkdir(exist_ok=True)
     methods = [n for n in ("uniform", "uniform_ct", "dde", "dde_calibrated", "dde_debias", "dde_single",
                            "dde_single_calibrated") if runs.get(n)]
-    report.credit_heatmaps({n: runs[n] for n in methods}, folder / "credit_heatmaps.png")
+    report.credit_heatmaps({n: runs[n] for n in (*methods, "dde_t200-700", *s.long_variants) if runs.get(n)},
+                           folder / "credit_heatmaps.png")
     report.misranked_by_t({n: runs[n] for n in runs}, folder / "misranked_by_t.png")
     report.credit_figure({n: runs[n] for n in methods}, folder / "credit_methods.png")
     report.correction_figure({n: runs[n] for n in methods if n.startswith("dde")},

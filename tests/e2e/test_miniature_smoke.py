@@ -127,7 +127,8 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
     names = {*SMOKE.variants, *SMOKE.long_variants}
     expected = {f"{a} - {b}" for a, b in CONTRASTS if a in names and b in names}
     assert set(results["contrasts"]) == expected and expected
-    # a variant that borrows its beta (uniform_ct from uniform) ran at the chosen one
+    # a variant that borrows its beta (uniform_ct from uniform) ran at the chosen one (the smoke
+    # sweep leaves beta0 out, so falling back to beta0 would show)
     assert results["betas"]["uniform_ct"] == chosen["uniform"]["beta"]
     assert (run_dir(out, "uniform_ct", chosen["uniform"]["beta"], SMOKE.seeds[-1]) / "eval.json").is_file()
     # the regime probe trains 4x the standard length, evaluated at every standard length
