@@ -437,8 +437,7 @@ def load_scores(folders: list[Path], split: str, key: str) -> np.ndarray:
 
 def held_out_eval(folder: Path) -> dict | None:
     """The last dde_train eval record of a run (held-out implicit accuracy, misranked by t)."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    evals = plot_run.read_records(folder)["eval"]
     return evals[-1] if evals else None
 
 
