@@ -222,7 +222,8 @@ def base_stage(out: Path, s: Settings, prompts: dict[str, list[str]]) -> Path:
 
 def sample(pipeline_dir: Path, name: str, prompts: list[str], images_per_prompt: int, folder: Path,
            s: Settings, seed: int) -> list[dict]:
-    """dde_tools.evaluate.sample (image j of prompt i from seed + 1000 i + j), scored by both annotators."""
+    """dde_tools.evaluate.sample (image j of prompt i from seed + 1000 i + j), scored by both annotators
+    and by the named-quadrant score ("named")."""
     args = argparse.Namespace(out=folder, images_per_prompt=images_per_prompt, sample_batch_size=64, seed=seed,
                               steps=s.sample_steps, height=None, width=None)
     entry = evaluate.Pipeline(name, pipeline_dir, "StableDiffusionPipeline", s.guidance)
@@ -232,6 +233,8 @@ def sample(pipeline_dir: Path, name: str, prompts: list[str], images_per_prompt:
     for annotator in ANNOTATOR_NAMES:
         for record, value in zip(records, ANNOTATORS[annotator]().score(images, texts)):
             record[annotator] = float(value)
+    for record, image, text in zip(records, images, texts):
+        record["named"] = float(np.mean(quadrant_scores(image, text)[0]))
     return records
 
 
@@ -252,9 +255,6 @@ def evaluate_pipeline(pipeline_dir: Path, model: str, prompts: dict[str, list[st
     for split in splits:
         folder = out / "eval" / split
         records = sample(pipeline_dir, model, prompts[split], s.images_per_prompt, folder, s, seed=0)
-        for r in records:
-            named, _ = quadrant_scores(Image.open(folder / r["image"]), r["prompt"])
-            r["named"] = float(np.mean(named))
         result[split] = score_tables(records, (len(prompts[split]), s.images_per_prompt))
     return result
 
