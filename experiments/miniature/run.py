@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from dde_tools import evaluate, export_diffusers, export_models, export_pickapic, plot_run, relabel
+from dde_tools import eval_report, evaluate, export_diffusers, export_models, export_pickapic, plot_run, relabel
 from dde_tools.export_models import quiet_torchscript
 from miniature import pipeline as pipe_io
 from miniature import pretrain, report, vae as vae_io, world
@@ -238,16 +238,6 @@ def sample(pipeline_dir: Path, name: str, prompts: list[str], images_per_prompt:
     return records
 
 
-def score_tables(records: list[dict], shape: tuple[int, int]) -> dict[str, list]:
-    """Annotator -> scores [prompts, images per prompt]; also the named-quadrant means [prompts, images]."""
-    tables = {a: np.full(shape, np.nan) for a in (*ANNOTATOR_NAMES, "named")}
-    for r in records:
-        for annotator in ANNOTATOR_NAMES:
-            tables[annotator][r["prompt_index"], r["image_index"]] = r[annotator]
-        tables["named"][r["prompt_index"], r["image_index"]] = r["named"]
-    return {k: v.tolist() for k, v in tables.items()}
-
-
 def evaluate_pipeline(pipeline_dir: Path, model: str, prompts: dict[str, list[str]], out: Path, s: Settings,
                       splits: tuple[str, ...] = SPLITS) -> dict:
     """Scores of one pipeline per split: {split: {annotator: [[...]]}}; named = named-quadrant score."""
@@ -255,7 +245,9 @@ def evaluate_pipeline(pipeline_dir: Path, model: str, prompts: dict[str, list[st
     for split in splits:
         folder = out / "eval" / split
         records = sample(pipeline_dir, model, prompts[split], s.images_per_prompt, folder, s, seed=0)
-        result[split] = score_tables(records, (len(prompts[split]), s.images_per_prompt))
+        shape = (len(prompts[split]), s.images_per_prompt)
+        result[split] = {key: eval_report.score_table(records, model, key, shape).tolist()
+                         for key in (*ANNOTATOR_NAMES, "named")}
     return result
 
 
