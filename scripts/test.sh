@@ -18,6 +18,11 @@ echo "== fuzzing: data parsers and image decoder (libFuzzer, ~1 min; regressions
 bash scripts/fuzz.sh
 echo "== Python and end-to-end tests (pytest)"
 .venv/bin/python -m pytest -q tests/python tests/e2e
+echo "== numeric end-to-end tests again under this processor's other CPU kernel sets (ATEN_CPU_CAPABILITY)"
+# LibTorch picks its CPU kernels by the processor's features and each set sums in its own order: a
+# bound measured on one processor fails on another. Running the numeric comparisons under every set
+# this processor can execute makes such a bound fail here too (scripts/kernel_sets.sh).
+bash scripts/kernel_sets.sh
 echo "== Slurm: a single-node cluster on this machine, sbatch, preemption, a killed rank"
 .venv/bin/python -m pytest -q tests/slurm
 echo "== style: clang-format and clang-tidy"

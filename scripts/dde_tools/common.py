@@ -50,6 +50,15 @@ class ToolError(InputError):
         super().__init__(f"{where}: {what}: expected {expected}; found {actual}. {todo}")
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces (a model file may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def vocab_sha256(tokenizer_dir: Path) -> str:
     """sha256 of a tokenizer folder's vocab.json bytes (how formats.md identifies a vocabulary)."""
     return hashlib.sha256((Path(tokenizer_dir) / "vocab.json").read_bytes()).hexdigest()

@@ -49,7 +49,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dde_tools.common import vocab_sha256, write_json_atomic
+from dde_tools.common import file_sha256, vocab_sha256, write_json_atomic
 from dde_tools.unet_blocks import UnsupportedUNet, block_inputs, run_blocks, split_unet
 
 MANIFEST_VERSION = 2  # 2: the UNet as separately traced blocks (unet_blocks.py)
@@ -803,6 +803,9 @@ def export_pipeline(pipeline: Path, out: Path, resolution: int | None = None, li
 
     for entry in encoders:
         shutil.copytree(pipeline / entry["tokenizer"], out / entry["tokenizer"], dirs_exist_ok=True)
+    # The components' identity: a latent cache records the encoders it was made with, and the
+    # trainer compares that record with this one (docs/formats.md section 6).
+    manifest["sha256"] = {path.name: file_sha256(path) for path in sorted(out.glob("*.pt"))}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 

@@ -11,6 +11,7 @@
 #include "dde/config/config.hpp"
 #include "dde/pairs/cache_encoder.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/exception_report.hpp"
 #include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
 
@@ -43,7 +44,7 @@ int main(int argc, char** argv) {
   } catch (const dde::Error& e) {
     dde::log::error("{}", e.what());
   } catch (const std::exception& e) {
-    dde::log::error("unexpected error: {}", e.what());
+    dde::log::error("{}", dde::util::describe_exception(e));
   }
   dde::log::flush();
   return 1;

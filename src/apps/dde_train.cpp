@@ -13,6 +13,7 @@
 #include "dde/train/stop_signal.hpp"
 #include "dde/train/trainer.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/exception_report.hpp"
 #include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
 
@@ -85,7 +86,7 @@ int main(int argc, char** argv) {
   } catch (const dde::Error& e) {
     dde::log::error("{}", e.what());
   } catch (const std::exception& e) {
-    dde::log::error("unexpected error: {}", e.what());
+    dde::log::error("{}", dde::util::describe_exception(e));
   }
   dde::log::flush();
   return kExitError;

@@ -49,8 +49,10 @@ void run_fields(Visitor& v) {
     "auto = cuda when available. privateuseone: an out-of-tree backend registered as PyTorch's "
     "PrivateUse1 (the tests' strict fake accelerator).");
   f("threads", &RunConfig::threads, at_most(at_least(0), 4096),
-    "LibTorch intra-op threads; 0 = from the CPUs this process is given (affinity, Slurm's "
-    "--cpus-per-task) less data.workers, at least 1 (util/threads.hpp). Logged at start-up.");
+    "LibTorch intra-op threads; 0 = every CPU this process is given (affinity, Slurm's "
+    "--cpus-per-task), with the decode workers at a lower priority (nice +10), so that they use "
+    "what the compute leaves idle (util/threads.hpp). Set, it also keeps the workers' priority. "
+    "Logged at start-up.");
   f("cuda_sync_debug", &RunConfig::cuda_sync_debug, one_of({"off", "warn", "error"}),
     "CUDA sync debug mode inside the micro-batch loop: a host sync there warns or throws "
     "(torch.cuda.set_sync_debug_mode). No effect on the CPU.");

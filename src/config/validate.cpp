@@ -170,12 +170,20 @@ void check_input_files(const TrainConfig& config) {
     const fs::file_status status = fs::status(*path, ec);
     if (fs::is_regular_file(status)) continue;
     const bool folder = fs::is_directory(status);
-    const bool dangling = !fs::exists(status) && fs::is_symlink(fs::symlink_status(*path, ec));
+    const bool loop = ec == std::errc::too_many_symbolic_link_levels;
+    std::error_code link_ec;
+    const bool dangling =
+        !loop && !fs::exists(status) && fs::is_symlink(fs::symlink_status(*path, link_ec));
+    const bool other = ec && !loop && ec != std::errc::no_such_file_or_directory;
     throw Error(
-        {folder ? "a folder where a file is expected" : "input file not found",
+        {folder ? "a folder where a file is expected"
+         : loop ? "input path is a symbolic link loop"
+                : "input file not found",
          std::string(key) + " = " + *path + " (" + absolute + ")", "a readable file",
          folder     ? "a folder"
+         : loop     ? "a symbolic link loop (" + ec.message() + ")"
          : dangling ? "a dangling symbolic link"
+         : other    ? ec.message()
                     : "no such file",
          (folder ? std::string("name the file inside it (e.g. ") +
                        (std::string(key).find("manifest") != std::string::npos ? "manifest.json"

@@ -19,6 +19,7 @@
 #include "dde/data/shard_index.hpp"
 #include "dde/data/tar_reader.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/threads.hpp"
 #include "pair_loader_impl.hpp"
 
 namespace dde::data {
@@ -43,6 +44,7 @@ std::ifstream& ShardFile::open(const std::string& shard_path) {
 }  // namespace pair_loader_detail
 
 void PairLoader::Impl::run_worker() {
+  util::lower_this_thread_priority(options.worker_nice);  // best effort
   ShardFile file;
   for (;;) {
     PairTask task;

@@ -317,6 +317,23 @@ void read_manifest_text_embedding(const Reader& r, const json& root, Manifest& m
   }
 }
 
+// Optional (export_models writes it since the latent cache was pinned to its encoders): the
+// sha256 of each component file, by file name.
+std::map<std::string, std::string> read_manifest_sha256(const Reader& r, const json& root) {
+  std::map<std::string, std::string> out;
+  if (!root.contains("sha256")) return out;
+  const json& files = root.at("sha256");
+  if (!files.is_object()) r.fail("wrong type", "sha256", "an object {file: sha256}", files.dump());
+  for (const auto& [file, hash] : files.items()) {
+    const bool hex = hash.is_string() && hash.get<std::string>().size() == 64 &&
+                     hash.get<std::string>().find_first_not_of("0123456789abcdef") ==
+                         std::string::npos;
+    if (!hex) r.fail("bad sha256", "sha256." + file, "64 lowercase hex digits", hash.dump());
+    out[file] = hash.get<std::string>();
+  }
+  return out;
+}
+
 }  // namespace
 
 const char* family_name(Family family) { return family == Family::kSd15 ? "sd15" : "sdxl"; }
@@ -336,6 +353,7 @@ Manifest load_manifest(const std::string& path) {
   const json& vae = r.at(root, "vae", "vae");
   m.vae_encoder_file = r.file_at(vae, "encoder", "vae.encoder", dir);
   m.vae_decoder_file = r.file_at(vae, "decoder", "vae.decoder", dir);
+  m.file_sha256 = read_manifest_sha256(r, root);
   return m;
 }
 

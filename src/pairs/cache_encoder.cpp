@@ -18,6 +18,7 @@
 #include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/pairs/pair_path.hpp"
+#include "cache_output.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/threads.hpp"
@@ -37,15 +38,30 @@ struct EncodeContext {
   int64_t batch = 4;  // pairs per encoder call (4 images each)
 };
 
-data::CacheModelFile model_file(const std::string& role, const std::string& path, bool hash) {
+// The file's identity: its size, and its sha256 as the manifest recorded it at export, or as
+// hashed now (`hash`, or a manifest exported before it recorded them).
+data::CacheModelFile model_file(const std::string& role, const std::string& path,
+                                const models::Manifest& manifest, bool hash) {
   std::error_code ec;
   const auto bytes = fs::file_size(path, ec);
   if (ec) {
     throw Error({"cannot read a model file", path, "a readable file", ec.message(),
                  "check model.manifest"});
   }
-  return {role, fs::path(path).filename().string(), static_cast<int64_t>(bytes),
-          hash ? data::file_sha256(path) : std::string()};
+  const std::string name = fs::path(path).filename().string();
+  const auto recorded = manifest.file_sha256.find(name);
+  std::string sha256;
+  if (hash || recorded == manifest.file_sha256.end()) {
+    sha256 = data::file_sha256(path);
+    if (recorded != manifest.file_sha256.end() && recorded->second != sha256) {
+      throw Error({"model file changed since export", path,
+                   "sha256 " + recorded->second + " (" + manifest.path + ")", "sha256 " + sha256,
+                   "re-export the model with python -m dde_tools.export_models"});
+    }
+  } else {
+    sha256 = recorded->second;
+  }
+  return {role, name, static_cast<int64_t>(bytes), sha256};
 }
 
 // The loader's check of the token ids (lengths, vocabulary): the text encoder must not see ids
@@ -213,9 +229,9 @@ void encode_shard(const data::ShardInfo& shard, const std::string& dir, const En
 
 std::vector<data::CacheModelFile> cache_model_files(const models::Manifest& manifest, bool hash) {
   std::vector<data::CacheModelFile> files{
-      model_file("vae_encoder", manifest.vae_encoder_file, hash)};
+      model_file("vae_encoder", manifest.vae_encoder_file, manifest, hash)};
   for (const models::TextEncoderInfo& e : manifest.text_encoders) {
-    files.push_back(model_file(e.name, e.file, hash));
+    files.push_back(model_file(e.name, e.file, manifest, hash));
   }
   return files;
 }
@@ -229,7 +245,9 @@ data::CacheExpectation cache_expectation(const config::TrainConfig& cfg,
   e.latent_size = resolution / manifest.latent_downsample;
   e.text_dim = manifest.cross_attention_dim;
   e.pooled = manifest.pooled_from.has_value();
-  e.compare_sha256 = cfg.data.verify;
+  // The encoders' identity is always compared: from the manifest's record (cheap), or hashed
+  // (data.verify, or a manifest without the record).
+  e.compare_sha256 = true;
   e.model_files = cache_model_files(manifest, cfg.data.verify);
   return e;
 }
@@ -241,11 +259,10 @@ void check_cache_options(const CacheEncodeOptions& options) {
     throw Error({"bad cache batch", "--batch", fmt::format("in [1, {}]", kMaxCacheBatch),
                  std::to_string(options.batch), "pairs per encoder call: 4 images each"});
   }
-  if (options.out_dir.empty() || fs::exists(options.out_dir)) {
-    throw Error({"cache folder exists", "--out " + options.out_dir, "a new folder",
-                 options.out_dir.empty() ? "an empty path" : "an existing path",
-                 "remove it or choose another --out"});
+  if (options.out_dir.empty()) {
+    throw Error({"no cache folder", "--out", "a new folder", "an empty path", "name a folder"});
   }
+  check_new_output(cache_out_path(options.out_dir), "--out");
 }
 
 // Launched by torchrun or srun, each rank encodes every world_size-th shard on its own GPU.
@@ -327,6 +344,7 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   const data::ShardIndex index = data::ShardIndex::load(cfg.data.index);
   data::check_shards(index, cfg.data.verify);
   EncoderProcess p = start_process(cfg);
+  CacheOutput output(options.out_dir, *p.comm, p.device);  // locked from here on
   const torch::ScalarType frozen = frozen_dtype(cfg.model.frozen_dtype);
   models::LatentEncoder vae(manifest, p.device, frozen);
   models::TextConditioner text(manifest, p.device, frozen);
@@ -342,15 +360,8 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
       dtype,
       options.batch};
 
-  // Written in a staging folder, renamed into place when complete.
-  fs::path out = options.out_dir;
-  if (!out.has_filename()) out = out.parent_path();  // "CACHE/"
-  const fs::path staging = out.string() + ".staging";
+  const fs::path staging = output.begin_staging();
   const bool rank0 = p.comm->rank() == 0;
-  if (rank0) {
-    fs::remove_all(staging);
-    fs::create_directories(staging);
-  }
   data::LatentCacheIndex cache = new_cache_index(cfg, manifest, options, c, resolution);
   if (rank0) {
     data::save_empty_caption(
@@ -366,7 +377,7 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   p.comm->barrier();  // every rank has read the sizes before rank 0 moves the folder
   if (rank0) {
     cache.save((staging / "index.json").string());
-    fs::rename(staging, out);
+    output.publish();
   }
   p.comm->barrier();  // every rank returns once the cache is in place
   report.shards = static_cast<int64_t>(cache.shards.size());

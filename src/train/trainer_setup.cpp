@@ -118,6 +118,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
       memory(device) {
   log::set_rank(static_cast<int>(env.rank));
   const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, cfg.data.workers);
+  decode_worker_nice = threads.worker_nice;
   comm = dist::Communicator::create(env, cfg.dist.backend, device,
                                     std::chrono::seconds(cfg.dist.timeout_s),
                                     cfg.dist.force_process_group);
@@ -186,8 +187,9 @@ void Trainer::Impl::load_models() {
 }
 
 void Trainer::Impl::make_loader() {
-  loader =
-      std::make_unique<data::PairLoader>(loader_options(cfg, manifest, resolution, *comm, device));
+  data::PairLoaderOptions options = loader_options(cfg, manifest, resolution, *comm, device);
+  options.worker_nice = decode_worker_nice;
+  loader = std::make_unique<data::PairLoader>(options);
 }
 
 void Trainer::Impl::make_evaluator() {

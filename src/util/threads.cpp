@@ -2,8 +2,12 @@
 
 #include <ATen/Parallel.h>
 #include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <thread>
 
@@ -51,8 +55,12 @@ ThreadBudget plan_threads(int64_t requested, int64_t decode_workers, int64_t aff
     b.intra_op = *omp;
     b.intra_op_from = "OMP_NUM_THREADS";
   } else {
-    b.intra_op = std::max<int64_t>(1, b.cpus - decode_workers);
-    b.intra_op_from = "CPUs - data.workers";
+    b.intra_op = b.cpus;
+    b.intra_op_from = "every CPU";
+    if (decode_workers > 0) {
+      b.worker_nice = kDecodeWorkerNice;
+      b.intra_op_from += "; decode workers at nice +" + std::to_string(kDecodeWorkerNice);
+    }
   }
   return b;
 }
@@ -65,6 +73,15 @@ ThreadBudget apply_thread_budget(int64_t requested, int64_t decode_workers) {
   ThreadBudget b = plan_threads(requested, decode_workers, affinity_count(), env);
   at::set_num_threads(static_cast<int>(b.intra_op));
   return b;
+}
+
+bool lower_this_thread_priority(int increment) {
+  if (increment <= 0) return true;
+  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
+  errno = 0;
+  const int now = getpriority(PRIO_PROCESS, tid);
+  if (errno != 0) return false;
+  return setpriority(PRIO_PROCESS, tid, std::min(19, now + increment)) == 0;
 }
 
 }  // namespace dde::util

@@ -67,7 +67,33 @@ def run_train(binary: Path, config: str, sets: list[str], *, resume: bool = Fals
     cmd = train_command(binary, config, sets, resume=resume, flags=flags)
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    skip_on_forced_capability_bug(r)
+    return r
+
+
+# PyTorch's bf16 CPU attention packs with VNNI when the processor has AVX-512 even under a forced
+# lower ATEN_CPU_CAPABILITY, then refuses: an inconsistency of PyTorch's, not of this project.
+FORCED_CAPABILITY_BUG = "pack_vnni2 is only supported when avx512 is supported"
+
+
+def skip_on_forced_capability_bug(r: subprocess.CompletedProcess) -> None:
+    """Skips (saying why) a test whose run hit FORCED_CAPABILITY_BUG under a forced
+    ATEN_CPU_CAPABILITY; anything else is left to the test's own assertions."""
+    if r.returncode != 0 and os.environ.get("ATEN_CPU_CAPABILITY") and FORCED_CAPABILITY_BUG in r.stderr:
+        pytest.skip(f"PyTorch's bf16 CPU attention under ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} "
+                    f"on an AVX-512 processor: '{FORCED_CAPABILITY_BUG}' (a PyTorch inconsistency; the fp32 "
+                    "comparisons still run)")
+
+
+def other_kernels_env() -> dict:
+    """An environment whose LibTorch runs another CPU kernel set than this process's: the scalar
+    'default' set, or 'avx2' when this one is the scalar set. Each set sums in its own order, so
+    the same run under it measures the float32 rounding noise of that run on this processor."""
+    import torch
+
+    current = torch.backends.cpu.get_cpu_capability()
+    return {"ATEN_CPU_CAPABILITY": "avx2" if current == "DEFAULT" else "default"}
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict]:

@@ -77,7 +77,8 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return steps, bad
 
 
-def train(dde_train: Path, fixtures: Path, export: Path, out: Path, *sets: str, resume: bool = False):
+def train(dde_train: Path, fixtures: Path, export: Path, out: Path, *sets: str, resume: bool = False,
+          env: dict | None = None):
     args = tiny_overrides(fixtures, "sd15", out) + [
         f"data.index={export / 'index.json'}",
         f"train.max_steps={STEPS}",
@@ -86,7 +87,7 @@ def train(dde_train: Path, fixtures: Path, export: Path, out: Path, *sets: str, 
         "data.shuffle_buffer=1",  # shard order: the broken pairs come early
         *sets,
     ]
-    return run_train(dde_train, "tiny_dde.yaml", args, resume=resume)
+    return run_train(dde_train, "tiny_dde.yaml", args, resume=resume, env=env)
 
 
 def break_three_pairs(fixtures: Path, tmp_path: Path) -> Path:

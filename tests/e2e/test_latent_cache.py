@@ -1,8 +1,10 @@
 """The latent cache (docs/formats.md section 6): dde_encode_cache encodes the tiny shards once, and
 a run with data.cache must compute the same first step as a run from the images at the same seed
-(same pairs, t, flips, caption dropout, posterior noise): the four per-pair errors agree within a
-relative 1e-5. The encoder batches pairs (--batch): any batch size gives the same cache, and a bad
-pair inside a batch is left out without moving its neighbours. Also: random_crop with a cache and a
+(same pairs, t, flips, caption dropout, posterior noise): the four per-pair errors agree within 10
+float32 noise floors (the floor: the run from the images repeated on another CPU kernel set, which
+sums in another order; measured in the test). The encoder batches pairs (--batch): any batch size
+gives the same cache (within 10 floors: batch 1 encoded again on another kernel set), and a bad pair
+inside a batch is left out without moving its neighbours. Also: random_crop with a cache and a
 stale cache are errors that say so."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, build_dir, read_metrics, run_train, tiny_overrides
+from conftest import ROOT, build_dir, other_kernels_env, read_metrics, run_train, tiny_overrides
 from test_data_robustness import break_three_pairs, read_records, train
 
 CONFIGS = {"sd15": "tiny_dde.yaml", "sdxl": "tiny_sdxl_dde.yaml"}
@@ -26,16 +28,21 @@ ONE_STEP = [
     "data.caption_dropout=0.5", "logging.per_sample=true", "run.seed=7",
 ]
 ERRORS = ("mse_policy_w", "mse_policy_l", "mse_ref_w", "mse_ref_l")
+FLOORS = 10
 
 
-def encode_cache(family: str, sets: list[str], out: Path, *flags: str) -> subprocess.CompletedProcess:
+def max_rel(a: list[dict], b: list[dict], fields=ERRORS) -> float:
+    return max(abs(x[f] - y[f]) / abs(x[f]) for x, y in zip(a, b) for f in fields)
+
+
+def encode_cache(family: str, sets: list[str], out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     binary = build_dir() / "dde_encode_cache"
     if not binary.is_file():
         pytest.fail(f"{binary} not built: run scripts/build.sh (or set DDE_BUILD_DIR)")
     cmd = [str(binary), "--config", str(ROOT / "configs" / CONFIGS[family]), "--out", str(out), *flags]
     for s in sets:
         cmd += ["--set", s]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 def build_cache(fixtures: Path, family: str, tmp_path: Path) -> Path:
@@ -49,22 +56,20 @@ def build_cache(fixtures: Path, family: str, tmp_path: Path) -> Path:
 def test_first_step_from_the_cache_equals_the_one_from_images(dde_train, fixtures, tmp_path, family):
     cache = build_cache(fixtures, family, tmp_path)
     runs = {}
-    for name, extra in (("images", []), ("cache", [f"data.cache={cache}"])):
+    for name, extra, env in (("images", [], None), ("cache", [f"data.cache={cache}"], None),
+                             ("images_other", [], other_kernels_env())):
         out = tmp_path / name
-        r = run_train(dde_train, CONFIGS[family], tiny_overrides(fixtures, family, out) + ONE_STEP + extra)
+        r = run_train(dde_train, CONFIGS[family], tiny_overrides(fixtures, family, out) + ONE_STEP + extra, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = read_metrics(out)[1]
     assert "latent cache" in (tmp_path / "cache" / "train.log").read_text()
     images, cached = runs["images"], runs["cache"]
     assert len(images) == len(cached) == 4
-    worst = 0.0
     for a, b in zip(images, cached):
         assert (a["pair_id"], a["t"]) == (b["pair_id"], b["t"])
-        for key in ERRORS:
-            rel = abs(a[key] - b[key]) / abs(a[key])
-            worst = max(worst, rel)
-            assert rel <= 1e-5, (key, a, b)
-    print(f"[ latent cache ] {family}: max relative difference of the per-pair errors {worst:.3e}")
+    worst, floor = max_rel(images, cached), max_rel(images, runs["images_other"])
+    print(f"[ latent cache ] {family}: max relative difference of the per-pair errors {worst:.3e} (floor {floor:.3e})")
+    assert 0 < floor and worst <= FLOORS * floor
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -106,20 +111,23 @@ def test_a_stale_cache_is_an_error(dde_train, fixtures, tmp_path):
     assert again.returncode != 0 and "cache folder exists" in again.stderr
 
 
-def assert_same_cache(one: Path, two: Path) -> float:
-    """The same files, rows and integers; floats within 1e-5 (a convolution may sum in another order
-    with another batch size or thread count). Returns the largest float difference, relative to the
-    field's largest magnitude."""
+def assert_same_cache(one: Path, two: Path, floor_of: Path) -> float:
+    """The same files, rows and integers; floats within FLOORS noise floors of each field (a
+    convolution may sum in another order with another batch size or thread count; the floor is
+    `floor_of`, the same cache as `one` encoded on another CPU kernel set). Returns the largest float
+    difference, relative to the field's largest magnitude."""
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     assert json.loads((one / "index.json").read_text())["shards"] == json.loads((two / "index.json").read_text())["shards"]
     worst = 0.0
     for path in sorted(one.glob("*.safetensors")):
-        a, b = load_file(str(path)), load_file(str(two / path.name))
+        a, b, c = load_file(str(path)), load_file(str(two / path.name)), load_file(str(floor_of / path.name))
         assert a.keys() == b.keys(), path.name
         for k in a:
             if a[k].dtype.kind == "f":
-                worst = max(worst, float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)))
-                assert np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (path.name, k)
+                scale = np.abs(a[k]).max() + 1e-30
+                diff, floor = np.abs(a[k] - b[k]).max() / scale, np.abs(a[k] - c[k]).max() / scale
+                worst = max(worst, float(diff))
+                assert diff <= FLOORS * floor, (path.name, k, diff, floor)
             else:
                 assert np.array_equal(a[k], b[k]), (path.name, k)
     return worst
@@ -129,11 +137,12 @@ def assert_same_cache(one: Path, two: Path) -> float:
 def test_the_batch_size_does_not_change_the_cache(fixtures, tmp_path, family):
     sets = tiny_overrides(fixtures, family, tmp_path / "unused")
     caches = {}
-    for batch in ("1", "5"):  # 16 pairs per shard: 5 leaves a ragged last batch
-        r = encode_cache(family, sets, tmp_path / f"b{batch}", "--batch", batch)
+    for name, batch, env in (("1", "1", None), ("5", "5", None), ("other", "1", other_kernels_env())):
+        # 16 pairs per shard: 5 leaves a ragged last batch
+        r = encode_cache(family, sets, tmp_path / f"b{name}", "--batch", batch, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
-        caches[batch] = tmp_path / f"b{batch}"
-    worst = assert_same_cache(caches["1"], caches["5"])
+        caches[name] = tmp_path / f"b{name}"
+    worst = assert_same_cache(caches["1"], caches["5"], caches["other"])
     print(f"[ latent cache ] {family}: batch 1 against 5, max difference {worst:.3e} of the field's scale")
 
 
@@ -148,9 +157,10 @@ def test_bad_pairs_inside_a_batch_are_left_out_and_skipped_as_from_the_images(dd
     assert f"({broken} bad)" in r.stderr
 
     runs = {}
-    for name, extra in (("images", []), ("cache", [f"data.cache={cache / 'index.json'}"])):
+    for name, extra, env in (("images", [], None), ("cache", [f"data.cache={cache / 'index.json'}"], None),
+                             ("images_other", [], other_kernels_env())):
         out = tmp_path / name
-        r = train(dde_train, fixtures, export, out, "data.max_bad_pairs=3", "logging.per_sample=true", *extra)
+        r = train(dde_train, fixtures, export, out, "data.max_bad_pairs=3", "logging.per_sample=true", *extra, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = read_records(out) + (read_metrics(out)[1],)
     (steps_i, bad_i, pairs_i), (steps_c, bad_c, pairs_c) = runs["images"], runs["cache"]
@@ -161,9 +171,9 @@ def test_bad_pairs_inside_a_batch_are_left_out_and_skipped_as_from_the_images(dd
     # policy drifted: every pair of every step must match (a row read for its neighbour would not).
     assert [(p["pair_id"], p["t"]) for p in pairs_c] == [(p["pair_id"], p["t"]) for p in pairs_i]
     assert len(pairs_c) == 12
-    for a, b in zip(pairs_i, pairs_c):
-        for key in ("mse_ref_w", "mse_ref_l"):
-            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+    refs = ("mse_ref_w", "mse_ref_l")
+    floor = max_rel(pairs_i, runs["images_other"][2], refs)
+    assert 0 < floor and max_rel(pairs_i, pairs_c, refs) <= FLOORS * floor
 
 
 def test_two_ranks_write_the_cache_one_rank_writes(fixtures, tmp_path):

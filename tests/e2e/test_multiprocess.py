@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, read_metrics, run_train, tiny_overrides
+from conftest import ROOT, other_kernels_env, read_metrics, run_train, tiny_overrides
 from dde_reference import pair_loss, pair_z, replay_correction, schedule
 
 # fp32 summation order differs between 1 rank x 4 pairs and 2 ranks x 2 pairs (all-reduce).
 # Adam divides by sqrt(v): for parameters whose gradient is ~0 that rounding noise is amplified
 # up to a whole lr-sized step, so the test uses optim.eps = 1 (update ~ lr * gradient) to see
 # the gradients' agreement itself. beta = 5000 amplifies forward rounding (batch 4 vs 2 kernels)
-# through Delta, a difference of near-equal errors, so z agrees to ~1e-4 relative, not 1e-7.
-WEIGHT_TOLERANCE = 2e-6  # measured 5.6e-7 (lr 1e-3, 3 steps; weights are O(0.1))
+# through Delta, a difference of near-equal errors. The bounds are FLOORS times the noise floor of
+# the same figure, measured in the test: the one-rank run repeated on another CPU kernel set (each
+# sums in its own order; a bound measured on one processor failed on another).
+FLOORS = 10
 
 
 def free_port() -> int:
@@ -75,10 +77,18 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(dde_train, fixtures
     for rc, err in results:
         assert rc == 0, err[-3000:]
 
-    a, b = unet(one, 3), unet(two, 3)
+    other = tmp_path / "other"
+    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", other) + common + ["train.micro_batch=4"],
+                  env={"OMP_NUM_THREADS": "1", **other_kernels_env()})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    a, b, c = unet(one, 3), unet(two, 3), unet(other, 3)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    print(f"max |w(1 rank x 4) - w(2 ranks x 2)| after 3 steps = {worst:.3e}")
-    assert worst <= WEIGHT_TOLERANCE
+    floor = max(float(np.abs(a[k] - c[k]).max()) for k in a)
+    print(f"max |w(1 rank x 4) - w(2 ranks x 2)| after 3 steps = {worst:.3e} (floor {floor:.3e})")
+    assert 0 < floor and worst <= FLOORS * floor
+    _, pairs_other = read_metrics(other)
+    by_id_other = {(p["step"], p["pair_id"]): p for p in pairs_other}
 
     steps_1, pairs_1 = read_metrics(one)
     steps_2, pairs_2 = read_metrics(two)
@@ -86,20 +96,21 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(dde_train, fixtures
     by_id_1 = {(p["step"], p["pair_id"]): p for p in pairs_1}
     by_id_2 = {(p["step"], p["pair_id"]): p for p in pairs_2}
     assert by_id_1.keys() == by_id_2.keys()  # the same pairs in the same steps
+    rel = lambda x, y: abs(x - y) / max(abs(y), 1e-300)  # noqa: E731
     for key, p in by_id_1.items():
         q = by_id_2[key]
         assert p["t"] == q["t"]
-        # Step 1 starts from identical weights; later steps from weights ~1e-7 apart, which z
+        # Step 1 starts from identical weights; later steps from weights a rounding apart, which z
         # (beta * c_t * Delta) magnifies, so from step 2 on only the errors themselves are compared.
         fields = ("mse_policy_w", "mse_policy_l", "mse_ref_w", "mse_ref_l")
         if key[0] == 1:
             fields += ("z", "loss", "correction")
         for field in fields:
-            assert q[field] == pytest.approx(p[field], rel=1e-4, abs=1e-9), (key, field)
-    assert steps_2[0]["loss"] == pytest.approx(steps_1[0]["loss"], rel=1e-6)
-    for s1, s2 in zip(steps_1, steps_2):
-        assert s2["mse_policy"] == pytest.approx(s1["mse_policy"], rel=1e-5)
-        assert s2["mse_ref"] == pytest.approx(s1["mse_ref"], rel=1e-5)
+            floor = max(rel(by_id_other[k][field], by_id_1[k][field]) for k in by_id_1 if k[0] == key[0])
+            assert rel(q[field], p[field]) <= FLOORS * floor + 1e-12, (key, field)
+    for field in ("loss", "mse_policy", "mse_ref"):
+        for s1, s2, s3 in zip(steps_1, steps_2, read_metrics(other)[0]):
+            assert rel(s2[field], s1[field]) <= FLOORS * rel(s3[field], s1[field]) + 1e-12, (s1["step"], field)
     # As in the single-process case: every rank's records follow the method note, and the E in
     # correction_ema.json is the note's update replayed from all ranks' records.
     tables = schedule()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import struct
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +74,6 @@ def test_a_nan_optimizer_moment_is_refused_at_resume(dde_train, fixtures, tmp_pa
 
 def test_nan_weights_in_an_exported_model_are_named_at_load(dde_train, fixtures, tmp_path):
     export = tmp_path / "export"
-    import shutil
-
     shutil.copytree(fixtures / "export" / "sd15", export)
     manifest = json.loads((export / "manifest.json").read_text())
     block = export / manifest["unet"]["blocks"][1]["file"]
@@ -156,3 +156,86 @@ def test_an_unwritable_output_folder_is_found_at_start(dde_train, fixtures, tmp_
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "unexpected" not in r.stderr, r.stderr[-2000:]
     assert str(blocker) in r.stderr
+
+
+def scale_cache_row(shard: Path, row: int, value: float) -> None:
+    """Writes a finite `value` over every latent mean of `moments` row `row`, in place: a real
+    input (nothing the loader's finiteness check refuses) whose forward pass overflows float32."""
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    info = header["moments"]
+    shape = info["shape"][1:]  # [2 images, 2 flips, 2 (mean, logvar), C, h, h]
+    per_row = int(np.prod(shape)) * 4
+    start = 8 + n + info["data_offsets"][0] + row * per_row
+    moments = np.frombuffer(bytes(data[start : start + per_row]), dtype="<f4").reshape(shape).copy()
+    moments[:, :, 0] = value
+    data[start : start + per_row] = moments.tobytes()
+    shard.write_bytes(bytes(data))
+
+
+def untied_rows(source_shard: Path) -> list[int]:
+    """Positions (in shard order) of the pairs whose labels differ: the pairs a run trains on."""
+    rows, position = [], 0
+    with tarfile.open(source_shard) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                record = json.loads(tar.extractfile(member).read())
+                if record["label_0"] != record["label_1"]:
+                    rows.append(position)
+                position += 1
+    return rows
+
+
+def test_a_real_nonfinite_step_is_skipped_by_the_guard_naming_its_cause(fixtures, dde_train, tmp_path):
+    """No test seam: a cache row with finite but huge latents (1e38) overflows the forward pass of
+    one step, so its loss and gradient are really non-finite. The guard must skip that step in
+    place (no roll-back: there is no checkpoint yet), say why ("non-finite inputs": the frozen
+    reference's errors are non-finite too), and leave the weights and optimizer state exactly as a
+    run that stopped before the bad step has them; the next step trains on."""
+    cache = tmp_path / "cache"
+    sets = tiny_overrides(fixtures, "sd15", tmp_path / "unused")
+    cmd = [str(build_dir() / "dde_encode_cache"), "--config", str(ROOT / "configs" / "tiny_dde.yaml"), "--out", str(cache)]
+    for s in sets:
+        cmd += ["--set", s]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600).returncode == 0
+    clean = tmp_path / "clean_cache"
+    shutil.copytree(cache, clean)
+    index = json.loads((cache / "index.json").read_text())
+    source = json.loads((fixtures / "shards" / "sd15" / "index.json").read_text())
+    # With shuffle_buffer 1 a step reads 4 consecutive trained pairs of the first shard: poison the
+    # 9th trained pair of every shard, whichever the seeded order reads first (step 3).
+    for entry, src in zip(index["shards"], source["shards"]):
+        rows = untied_rows(fixtures / "shards" / "sd15" / src["file"])
+        assert len(rows) > 12, "the tiny shards must hold more than 3 steps of pairs"
+        scale_cache_row(cache / entry["file"], rows[8], 1e38)
+    common = ["data.eval_index=", "data.shuffle_buffer=1", "optim.warmup_steps=0", "optim.schedule=constant",
+              "checkpoint.every=100", "logging.per_sample=false", "train.global_batch=4", "train.micro_batch=4"]
+    bad = tmp_path / "bad"
+    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", bad) + common + [
+        f"data.cache={cache / 'index.json'}", "train.max_steps=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = read_records(bad, "step")
+    assert [s["skipped_steps"] for s in steps] == [0, 0, 1, 1], steps
+    assert "step 3: non-finite inputs" in r.stderr and "update skipped" in r.stderr, r.stderr[-3000:]
+    assert "rolled back" not in r.stderr and "weights after the update" not in r.stderr
+    assert not read_records(bad, "bad_pair")  # a finite row is no bad pair: the guard is what acts
+    # The same steps with the bad step made the last one, against a run that stops before it.
+    last = tmp_path / "bad_last"
+    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", last) + common + [
+        f"data.cache={cache / 'index.json'}", "train.max_steps=3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = tmp_path / "before"
+    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", before) + common + [
+        f"data.cache={clean / 'index.json'}", "train.max_steps=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("unet/diffusion_pytorch_model.safetensors", "training_state.safetensors"):
+        got = load_file(str(last / "checkpoints" / "step-00000003" / name))
+        want = load_file(str(before / "checkpoints" / "step-00000002" / name))
+        assert got.keys() == want.keys(), name
+        changed = [k for k in want if not np.array_equal(got[k], want[k])]
+        # Only the RNG state and counters may differ (the skipped step drew its pairs' noise).
+        assert all(not k.startswith(("exp_avg", "exp_avg_sq")) for k in changed) and (
+            name.startswith("training") or not changed), (name, changed[:5])
+    E = lambda run, s: json.loads((run / "checkpoints" / f"step-{s:08d}" / "correction_ema.json").read_text())["E"]  # noqa: E731
+    assert E(last, 3) == E(before, 2)

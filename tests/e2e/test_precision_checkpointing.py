@@ -1,11 +1,12 @@
 """Gradient checkpointing and precision, through the real binary on both tiny families.
 
-- train.gradient_checkpointing on and off give the same per-pair records (1e-5 relative): in
-  fp32 the four errors at every step, under bf16 autocast at the first step; z and the loss at
-  the first step. (After an update z is not comparable at 1e-5: the engine sums the gradient of the time
-  embedding, shared by every unit, in another order with recomputation, which moves the weights
-  by ~1e-7 relative, and beta * c_t * Delta multiplies that into z; tests/cpp/models/unet_test.cpp
-  compares the gradients themselves, 1e-6 relative.)
+- train.gradient_checkpointing on and off give the same per-pair records. At the first step (same
+  weights, the same forward kernels: recomputation only repeats them) bit for bit, in fp32 and bf16.
+  After an update, in fp32, within 10 noise floors: the engine sums the gradient of the time
+  embedding, shared by every unit, in another order with recomputation, which moves the weights by
+  rounding; the floor is the same checkpointing-off run repeated on another CPU kernel set and
+  thread count (each sums in its own order), measured in the test. (A fixed bound measured on one
+  processor failed on AVX-512, where LibTorch's kernels sum differently.)
 - train.precision: bf16 really runs the UNets in bf16 (the per-pair errors move away from the
   fp32 run's by bf16 rounding: a silently-off autocast would give identical numbers);
 - model.frozen_dtype: bf16 holds the reference in bf16: its errors differ from the fp32
@@ -19,21 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics, run_train, tiny_overrides
+from conftest import other_kernels_env, read_metrics, run_train, tiny_overrides
 
 STEPS = 3
 ERRORS = ("mse_policy_w", "mse_policy_l", "mse_ref_w", "mse_ref_l")
 
 
-def _train(dde_train, fixtures, out: Path, family: str, *sets: str) -> list[dict]:
+def _train(dde_train, fixtures, out: Path, family: str, *sets: str, env: dict | None = None) -> list[dict]:
     base = tiny_overrides(fixtures, family, out) + [
         f"train.max_steps={STEPS}", "logging.per_sample=true", "optim.warmup_steps=0", "method.name=dde",
-        # The tolerances below were measured with 2 intra-op threads; the thread budget would give
-        # these runs 1 (2 CPUs - 2 decode workers), another summation order whose 3-step drift
-        # measured 1.6e-5 instead of 1.6e-6.
         "run.threads=2",
     ]
-    r = run_train(dde_train, "tiny_dde.yaml", base + list(sets))
+    r = run_train(dde_train, "tiny_dde.yaml", base + list(sets), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     steps, pairs = read_metrics(out)
     assert len(steps) == STEPS and all(s["skipped_steps"] == 0 for s in steps)
@@ -57,14 +55,23 @@ def test_checkpointing_on_and_off_agree(dde_train, fixtures, tmp_path, family, p
     on = _train(dde_train, fixtures, tmp_path / "on", family, f"train.precision={precision}",
                 "train.gradient_checkpointing=true")
     first = lambda pairs: [p for p in pairs if p["step"] == 1]  # noqa: E731
-    # bf16: the gradients agree only to bf16 rounding (tests/cpp/models/unet_test.cpp), and Adam's
-    # first steps turn even rounding-level gradient differences into lr-sized updates, so only
-    # the first step (same weights) is compared; fp32 is compared at every step.
-    err = _max_rel(on, off) if precision == "fp32" else _max_rel(first(on), first(off))
-    z_err = _max_rel(first(on), first(off), fields=("z", "loss"))
-    print(f"[ checkpointing ] {family} {precision}: errors max relative difference {err:.3e}, "
-          f"step-1 z/loss {z_err:.3e}")
-    assert err <= 1e-5 and z_err <= 1e-5
+    fields = ERRORS + ("z", "loss")
+    # Step 1: the same weights through the same kernels (recomputation repeats the forward).
+    assert _max_rel(first(on), first(off), fields=fields) == 0.0
+    if precision == "bf16":
+        # The bf16 gradients agree only to bf16 rounding (tests/cpp/models/unet_test.cpp), and
+        # Adam's first steps turn rounding-level gradient differences into lr-sized updates: only
+        # the first step (same weights) is comparable.
+        return
+    later = lambda pairs: [p for p in pairs if p["step"] > 1]  # noqa: E731
+    other = _train(dde_train, fixtures, tmp_path / "other", family, "train.precision=fp32",
+                   "train.gradient_checkpointing=false", "run.threads=1", env=other_kernels_env())
+    floor = _max_rel(later(other), later(off))
+    err = _max_rel(later(on), later(off))
+    print(f"[ checkpointing ] {family} fp32, steps 2-{STEPS}: errors max relative difference {err:.3e}; "
+          f"noise floor (another kernel set and thread count) {floor:.3e}")
+    assert floor > 0.0, "another kernel set and thread count changed nothing: no floor to measure"
+    assert err <= 10 * floor
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -1,12 +1,18 @@
 """The per-block UNet, run by the C++ code (tests/cpp/tools/dde_unet_probe), against diffusers.
 
-Forward parity with UNet2DConditionModel at batch 1 and 3 (limit 1e-5, both tiny families, with
-and without gradient checkpointing), gradients of every parameter against diffusers' autograd,
-and the Python block composition (unet_blocks.run_blocks) the exporter checks itself with.
+Forward parity with UNet2DConditionModel at batch 1 and 3 (both tiny families, with and without
+gradient checkpointing), gradients of every parameter against diffusers' autograd, and the Python
+block composition (unet_blocks.run_blocks) the exporter checks itself with.
+
+Bounds: diffusers runs in float32 and in float64; the C++ float32 result must lie within 8 times
+the float32 noise floor (diffusers float32 against float64, measured in the test on this CPU's
+kernels) of the float64 value. The floor follows the processor's kernel set; a wrong block, order
+or weight is off by orders of magnitude more.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 from pathlib import Path
@@ -21,7 +27,7 @@ from dde_tools import unet_blocks
 REPO = Path(__file__).resolve().parents[2]
 BUILD_DIR = Path(os.environ.get("DDE_BUILD_DIR", REPO / "build"))
 PROBE = BUILD_DIR / "tests" / "cpp" / "dde_unet_probe"
-LIMIT = 1e-5
+FLOORS = 8  # the C++ float32 result lies within this many float32 noise floors of float64
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")
 
@@ -48,6 +54,18 @@ def diffusers_forward(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor
     return unet(inputs["x"], inputs["t"], inputs["text"], **kwargs).sample
 
 
+def as_double(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def exact_and_floor(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """diffusers' output in float64, and the float32 noise floor: max |float32 - float64|."""
+    with torch.no_grad():
+        single = diffusers_forward(unet, inputs)
+        exact = diffusers_forward(copy.deepcopy(unet).double(), as_double(inputs))
+    return exact, (single.double() - exact).abs().max().item()
+
+
 def run_probe(manifest: Path, inputs: dict[str, torch.Tensor], tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:
     if not PROBE.is_file():
         pytest.fail(f"{PROBE} is not built: run `cmake --build {BUILD_DIR} --target dde_unet_probe`")
@@ -70,11 +88,11 @@ def test_cpp_blocks_match_diffusers(exports, tmp_path: Path, family: str, batch:
     inputs = make_inputs(unet, family, batch, size=8, seed=10 + batch)
     flags = ("--backward", "--checkpointing") if checkpointing else ()
     got = run_probe(export.out / "manifest.json", inputs, tmp_path, *flags)["eps"]
-    with torch.no_grad():
-        want = diffusers_forward(unet, inputs)
-    err = (got - want).abs().max().item()
-    print(f"[ unet blocks ] {family} batch {batch} checkpointing {checkpointing}: max abs err {err:.3e}")
-    assert err <= LIMIT
+    exact, floor = exact_and_floor(unet, inputs)
+    err = (got.double() - exact).abs().max().item()
+    print(f"[ unet blocks ] {family} batch {batch} checkpointing {checkpointing}: max abs err to float64 "
+          f"{err:.3e} (diffusers float32: {floor:.3e})")
+    assert err <= FLOORS * floor
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -84,18 +102,28 @@ def test_cpp_block_gradients_match_diffusers(exports, tmp_path: Path, family: st
     unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").train()
     inputs = make_inputs(unet, family, batch=2, size=8, seed=3)
     got = run_probe(export.out / "manifest.json", inputs, tmp_path, "--backward", "--checkpointing")
+    exact_unet = copy.deepcopy(unet).double()
     (diffusers_forward(unet, inputs) * inputs["x"]).sum().backward()
+    exact_inputs = as_double(inputs)
+    (diffusers_forward(exact_unet, exact_inputs) * exact_inputs["x"]).sum().backward()
     names = {f"grad.{n}" for n, _ in unet.named_parameters()}
     assert names == {k for k in got if k.startswith("grad.")}
     # Gradients that are zero analytically (a per-channel bias before a one-channel-per-group
     # GroupNorm) are rounding noise: below 1e-3 of the model's largest, compare at that scale.
-    model_scale = max(p.grad.abs().max().item() for p in unet.parameters())
+    exact = dict(exact_unet.named_parameters())
+    model_scale = max(p.grad.abs().max().item() for p in exact.values())
+    errors, floors = {}, {}
     for name, param in unet.named_parameters():
-        want = param.grad
+        want = exact[name].grad
         own = want.abs().max().item()
         scale = model_scale if own < 1e-3 * model_scale else own
-        err = (got[f"grad.{name}"] - want).abs().max().item() / scale
-        assert err <= 1e-5, name
+        errors[name] = (got[f"grad.{name}"].double() - want).abs().max().item() / scale
+        floors[name] = (param.grad.double() - want).abs().max().item() / scale
+    floor = max(floors.values())  # diffusers' own float32 noise, over every parameter
+    print(f"[ unet blocks ] {family} gradients: worst relative error to float64 {max(errors.values()):.3e} "
+          f"(diffusers float32: {floor:.3e})")
+    for name, err in errors.items():
+        assert err <= FLOORS * floor, name
 
 
 def test_odd_latent_size_uses_explicit_upsample_sizes(exports, tmp_path: Path) -> None:
@@ -104,9 +132,8 @@ def test_odd_latent_size_uses_explicit_upsample_sizes(exports, tmp_path: Path) -
     unet = UNet2DConditionModel.from_pretrained(export.pipeline, subfolder="unet").eval()
     inputs = make_inputs(unet, "sdxl", batch=2, size=7, seed=4)
     got = run_probe(export.out / "manifest.json", inputs, tmp_path)["eps"]
-    with torch.no_grad():
-        want = diffusers_forward(unet, inputs)
-    assert got.shape == want.shape and (got - want).abs().max().item() <= LIMIT
+    exact, floor = exact_and_floor(unet, inputs)
+    assert got.shape == exact.shape and (got.double() - exact).abs().max().item() <= FLOORS * floor
 
 
 def test_frozen_bf16_blocks_stay_close_to_fp32(exports, tmp_path: Path) -> None:
@@ -129,8 +156,8 @@ def test_python_composition_of_reloaded_blocks(exports) -> None:
     inputs = make_inputs(unet, "sd15", batch=3, size=8, seed=6)
     with torch.no_grad():
         got = unet_blocks.run_blocks(loaded, inputs["x"], inputs["t"], inputs["text"])
-        want = diffusers_forward(unet, inputs)
-    assert (got - want).abs().max().item() <= LIMIT
+    exact, floor = exact_and_floor(unet, inputs)
+    assert (got.double() - exact).abs().max().item() <= FLOORS * floor
     traced_names = [block.diffusers_name(name) for block, module in loaded for name, _ in module.named_parameters()]
     assert sorted(traced_names) == sorted(n for n, _ in unet.named_parameters())  # each exactly once
 

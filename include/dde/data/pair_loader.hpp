@@ -43,6 +43,7 @@ struct PairLoaderOptions {
   double caption_dropout = 0.2;
   int64_t shuffle_buffer = 1000;
   int64_t workers = 4;
+  int worker_nice = 0;  // added to each worker thread's niceness (util/threads.hpp)
   int64_t prefetch_batches = 4;
   bool keep_ties = false;
   uint64_t seed = 0;

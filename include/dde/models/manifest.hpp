@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -65,6 +66,9 @@ struct Manifest {
   std::optional<std::string> pooled_from;  // name of the encoder whose pooled output feeds the UNet
   std::string vae_encoder_file;
   std::string vae_decoder_file;
+  // sha256 of component files by file name ("vae_encoder.pt"), as recorded at export; empty for
+  // a manifest exported before it was recorded.
+  std::map<std::string, std::string> file_sha256;
 };
 
 // Reads and validates; every problem is a dde::Error naming the manifest and the field.

@@ -32,7 +32,9 @@ struct CacheEncodeReport {
 CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
                                       const CacheEncodeOptions& options);
 
-// The frozen encoder files of a manifest (VAE encoder, text encoders), with sha256 when `hash`.
+// The frozen encoder files of a manifest (VAE encoder, text encoders) with their sha256: the
+// manifest's record of it, or hashed from the file when `hash` (then also checked against the
+// record) or when the manifest has none.
 std::vector<data::CacheModelFile> cache_model_files(const models::Manifest& manifest, bool hash);
 
 // What a training run with this config and manifest needs of a cache.

@@ -1,11 +1,16 @@
 #include "dde/util/threads.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <map>
+#include <thread>
 
 namespace {
 
+using dde::util::kDecodeWorkerNice;
 using dde::util::plan_threads;
 
 dde::util::EnvLookup env_of(std::map<std::string, std::string> vars) {
@@ -15,19 +20,22 @@ dde::util::EnvLookup env_of(std::map<std::string, std::string> vars) {
   };
 }
 
-TEST(Threads, IntraOpThreadsLeaveTheDecodeWorkersTheirCpus) {
+TEST(Threads, ComputeGetsEveryCpuAndTheDecodeWorkersYield) {
   const auto b = plan_threads(0, /*decode_workers=*/1, /*affinity_cpus=*/2, env_of({}));
   EXPECT_EQ(b.cpus, 2);
-  EXPECT_EQ(b.intra_op, 1);
-  EXPECT_EQ(plan_threads(0, 4, 16, env_of({})).intra_op, 12);
-  EXPECT_EQ(plan_threads(0, 8, 4, env_of({})).intra_op, 1);  // never 0
+  EXPECT_EQ(b.intra_op, 2);
+  EXPECT_EQ(b.worker_nice, kDecodeWorkerNice);
+  EXPECT_EQ(plan_threads(0, 4, 16, env_of({})).intra_op, 16);
+  EXPECT_EQ(plan_threads(0, 8, 4, env_of({})).intra_op, 4);
+  // Without decode workers (the cache encoder) nothing is lowered.
+  EXPECT_EQ(plan_threads(0, 0, 4, env_of({})).worker_nice, 0);
 }
 
 TEST(Threads, SlurmCpusPerTaskCapsTheMask) {
   const auto b = plan_threads(0, 2, 64, env_of({{"SLURM_CPUS_PER_TASK", "8"}}));
   EXPECT_EQ(b.cpus, 8);
   EXPECT_EQ(b.cpus_from, "SLURM_CPUS_PER_TASK");
-  EXPECT_EQ(b.intra_op, 6);
+  EXPECT_EQ(b.intra_op, 8);
   EXPECT_EQ(plan_threads(0, 2, 64, env_of({{"SLURM_CPUS_PER_TASK", "junk"}})).cpus, 64);
 }
 
@@ -36,14 +44,34 @@ TEST(Threads, TorchrunRanksShareTheNodeAndItsOmpDefaultIsIgnored) {
       env_of({{"LOCAL_WORLD_SIZE", "8"}, {"TORCHELASTIC_RUN_ID", "x"}, {"OMP_NUM_THREADS", "1"}});
   const auto b = plan_threads(0, 4, 128, env);
   EXPECT_EQ(b.cpus, 16);
-  EXPECT_EQ(b.intra_op, 12);  // not torchrun's OMP_NUM_THREADS=1
+  EXPECT_EQ(b.intra_op, 16);  // not torchrun's OMP_NUM_THREADS=1
+  EXPECT_EQ(b.worker_nice, kDecodeWorkerNice);
 }
 
-TEST(Threads, AnExplicitChoiceWins) {
-  EXPECT_EQ(plan_threads(3, 4, 128, env_of({{"OMP_NUM_THREADS", "2"}})).intra_op, 3);
+TEST(Threads, AnExplicitChoiceWinsAndKeepsTheWorkersPriority) {
+  const auto chosen = plan_threads(3, 4, 128, env_of({{"OMP_NUM_THREADS", "2"}}));
+  EXPECT_EQ(chosen.intra_op, 3);
+  EXPECT_EQ(chosen.worker_nice, 0);
   const auto b = plan_threads(0, 4, 128, env_of({{"OMP_NUM_THREADS", "2"}}));
   EXPECT_EQ(b.intra_op, 2);
   EXPECT_EQ(b.intra_op_from, "OMP_NUM_THREADS");
+  EXPECT_EQ(b.worker_nice, 0);
+}
+
+int thread_nice() {
+  return getpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)));
+}
+
+TEST(Threads, LoweringOneThreadLeavesTheOthersAlone) {
+  const int before = thread_nice();
+  int inside = before;
+  std::thread worker([&] {
+    ASSERT_TRUE(dde::util::lower_this_thread_priority(kDecodeWorkerNice));
+    inside = thread_nice();
+  });
+  worker.join();
+  EXPECT_EQ(inside, std::min(19, before + kDecodeWorkerNice));
+  EXPECT_EQ(thread_nice(), before);  // the calling (compute) thread keeps its priority
 }
 
 }  // namespace
