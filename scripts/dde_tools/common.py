@@ -420,6 +420,44 @@ def first_nonfinite(module) -> tuple[str, int] | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# TorchScript's deprecation
+
+# torch 2.11 warns on each torch.jit.trace/save/load/script call: "`torch.jit.save` is deprecated.
+# Please switch to `torch.export`." (from Python 3.14: "... is not supported in Python 3.14+ and
+# may break.").
+TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.\w+` is (deprecated|not supported in Python)"
+TORCHSCRIPT_NOTE = ("dde_tools: note: torch says \"{warning}\"; dde pins torch (requirements.txt) and keeps "
+                    "TorchScript as the model format its C++ trainer loads (docs/architecture.md, "
+                    "\"TorchScript: pinned, deprecated\")")
+_torchscript_noted = False
+
+
+@contextlib.contextmanager
+def torchscript_deprecation_noted() -> Iterator[None]:
+    """Show TorchScript's deprecation warnings as one line on stderr, once per process.
+
+    Only DeprecationWarnings whose message matches TORCHSCRIPT_DEPRECATION are taken; every other
+    warning goes on to the filters and handler in place (pytest's recorder included).
+    """
+    import re
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=TORCHSCRIPT_DEPRECATION, category=DeprecationWarning)
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            global _torchscript_noted
+            if not (issubclass(category, DeprecationWarning) and re.match(TORCHSCRIPT_DEPRECATION, str(message))):
+                show_other(message, category, filename, lineno, file, line)
+            elif not _torchscript_noted:
+                _torchscript_noted = True
+                print(TORCHSCRIPT_NOTE.format(warning=str(message).strip()), file=sys.stderr, flush=True)
+
+        warnings.showwarning = show
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
 # Images
 
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS: ~256 MiB as RGB

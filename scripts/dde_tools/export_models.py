@@ -8,11 +8,13 @@ is traced block by block (unet_blocks.py) so that the trainer can checkpoint eac
 reloaded blocks are composed as the trainer composes them and compared with diffusers' whole
 forward (batch 3, and batch 1 at an odd latent size). The measured max abs errors go to stdout
 and into the manifest; any error above the limit
-(default 1e-4) exits 1 without writing manifest.json. Bad input folders exit 2 with one message
-(check_configs runs before any model is built).
+(default 1e-4) exits 1 without writing manifest.json. Each reloaded archive is scanned for
+constants that pin a device (device_free.py: every method of every submodule); one found exits 1
+naming the archive, the module and the node, without writing manifest.json. Bad input folders
+exit 2 with one message (check_configs runs before any model is built).
 
-The traced graphs fix no device and no dtype (tests/python/test_export_device_free.py). The C++
-trainer loads them onto a GPU and may cast frozen models to bf16 and run them under autocast,
+The traced graphs fix no device and no dtype (device_free.py, tests/python/test_export_device_free.py).
+The C++ trainer loads them onto a GPU and may cast frozen models to bf16 and run them under autocast,
 and the tracer turns `device=x.device` into a `prim::Constant` "cpu" and `.to(x.dtype)` into a
 constant float32, neither of which follows the module. Where diffusers/transformers build
 tensors on a device or cast to a traced dtype, the traced code is our own:
@@ -49,7 +51,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dde_tools.common import file_sha256, vocab_sha256, write_json_atomic
+from dde_tools.common import file_sha256, torchscript_deprecation_noted, vocab_sha256, write_json_atomic
+from dde_tools.device_free import device_constants
 from dde_tools.unet_blocks import UnsupportedUNet, block_inputs, run_blocks, split_unet
 
 MANIFEST_VERSION = 2  # 2: the UNet as separately traced blocks (unet_blocks.py)
@@ -66,6 +69,10 @@ class ExportError(Exception):
 
 class ParityError(Exception):
     """A reloaded component differs from diffusers by more than the limit (exit code 1)."""
+
+
+class DeviceConstantError(Exception):
+    """An exported graph holds a constant that would not follow it to the GPU (exit code 1)."""
 
 
 class TextEncoder(nn.Module):
@@ -197,13 +204,13 @@ TRACER_BOOL_WARNING = r"Converting a tensor to a Python boolean might cause the 
 
 @contextlib.contextmanager
 def quiet_torchscript() -> Iterator[None]:
-    """Silence TorchScript's deprecation notices and the expected TracerWarnings (listed above).
+    """Turn TorchScript's deprecation warnings into one line per process and silence the expected
+    TracerWarnings (listed above).
 
     TorchScript is deprecated since torch 2.11, yet torch::jit::load is the only way to load
-    a whole model into C++ (libtorch-notes.md). Any other TracerWarning is shown.
+    a whole model into C++ (docs/architecture.md). Any other TracerWarning is shown.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+    with torchscript_deprecation_noted(), warnings.catch_warnings():
         for module, line in EXPECTED_TRACER_WARNINGS:
             warnings.filterwarnings("ignore", message=TRACER_BOOL_WARNING, category=torch.jit.TracerWarning,
                                     module=module + "$", lineno=line)
@@ -302,6 +309,36 @@ def _trace(module: nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptMod
         if hasattr(sub, "forward") and "forward" in getattr(sub, "_c")._method_names():
             _conv_to_conv2d(sub.graph)
     return traced
+
+
+# What to do about each kind of constant device_free.device_constants finds.
+DEVICE_CONSTANT_TODO = {
+    "device": ("build the tensor from an input or a buffer: torch.zeros_like(x), x.new_zeros(...), or a buffer "
+               "registered in __init__ (`device=x.device` is traced as a constant too)"),
+    "tensor": ("make the tensor a buffer (register_buffer(name, tensor, persistent=False)): buffers move "
+               "with the module"),
+}
+MAX_SHOWN_CONSTANTS = 10
+
+
+def check_device_free(archives: list[tuple[str, torch.jit.ScriptModule]]) -> None:
+    """Raise DeviceConstantError naming every constant of these (file name, reloaded module) pairs
+    that pins a device (device_free.py): the module, the node and what uses it."""
+    found = [(name, constant) for name, module in archives for constant in device_constants(module)]
+    if not found:
+        return
+    files = ", ".join(dict.fromkeys(name for name, _ in found))
+    lines = [f"  {name}: {constant.describe()}" for name, constant in found[:MAX_SHOWN_CONSTANTS]]
+    if len(found) > MAX_SHOWN_CONSTANTS:
+        lines.append(f"  and {len(found) - MAX_SHOWN_CONSTANTS} more")
+    todo = "; ".join(DEVICE_CONSTANT_TODO[kind] for kind in dict.fromkeys(c.kind for _, c in found))
+    raise DeviceConstantError(
+        f"device check failed for {files}: {len(found)} constant(s) fixed to the device the export traced on; "
+        "the C++ trainer moves parameters and buffers to the GPU, not these, so its first GPU step would fail "
+        "(the CPU parity check cannot see them):\n" + "\n".join(lines) + "\n"
+        f"What to do: in the code of the module named, {todo}; or trace a device-free copy of that code, as "
+        "unet_blocks.SinusoidalTimesteps and export_models.TextEncoder do; or export with the diffusers and "
+        "transformers versions pinned in requirements.txt. No manifest.json was written.")
 
 
 def _read_json(path: Path) -> dict:
@@ -619,6 +656,7 @@ def export_unet(pipeline: Path, family: str, resolution: int, downsample: int, o
     del unet
     with quiet_torchscript():
         loaded = [(block, torch.jit.load(str(out / "unet" / f"{block.name}.pt"))) for block in blocks]
+    check_device_free([(f"unet/{block.name}.pt", module) for block, module in loaded])
     parity = {}
     with torch.no_grad():
         for name, inputs in checks.items():
@@ -677,7 +715,7 @@ def max_abs_error(loaded: torch.jit.ScriptModule, component: Component, seed: in
 
 
 def export_component(component: Component, out: Path) -> float:
-    """Trace, save as OUT/<name>.pt, reload and return the measured max abs error."""
+    """Trace, save as OUT/<name>.pt, reload, check it pins no device and return the measured max abs error."""
     component.module.eval()
     remove_dropout(component.module)
     inputs = component.make_inputs(TRACE_BATCH, torch.Generator().manual_seed(0))
@@ -685,6 +723,7 @@ def export_component(component: Component, out: Path) -> float:
     with quiet_torchscript():
         torch.jit.save(_trace(component.module, inputs), str(path))
         loaded = torch.jit.load(str(path))
+    check_device_free([(path.name, loaded)])
     return max_abs_error(loaded, component)
 
 
@@ -763,7 +802,9 @@ def build_manifest(pipeline: Path, family: str, resolution: int) -> dict:
 def export_pipeline(pipeline: Path, out: Path, resolution: int | None = None, limit: float = MAX_ABS_ERR) -> dict:
     """Export every component of `pipeline` into `out`; return the manifest.
 
-    Raises ExportError for a bad input folder and ParityError when a parity check fails.
+    Raises ExportError for a bad input folder, DeviceConstantError when a written graph pins a device
+    (at the first component that does) and ParityError when a parity check fails; none of them
+    leaves a manifest.json.
     """
     pipeline = Path(pipeline)
     family = detect_family(pipeline)
@@ -824,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, UnsupportedUNet) as err:
         print(f"export_models: error: {err}", file=sys.stderr)
         return 2
-    except ParityError as err:
+    except (ParityError, DeviceConstantError) as err:
         print(f"export_models: {err}", file=sys.stderr)
         return 1
     print(f"export_models: {manifest['family']} pipeline {args.pipeline} -> {args.out}/manifest.json")

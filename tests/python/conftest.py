@@ -40,6 +40,7 @@ class Export:
     out: Path
     manifest: dict
     stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +59,7 @@ def exports(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         proc = run_module("export_models", "--pipeline", str(fixture_dir / family), "--out", str(out))
         assert proc.returncode == 0, proc.stderr
         manifest = json.loads((out / "manifest.json").read_text())
-        result[family] = Export(fixture_dir / family, out, manifest, proc.stdout)
+        result[family] = Export(fixture_dir / family, out, manifest, proc.stdout, proc.stderr)
     return result
 
 

@@ -171,6 +171,13 @@ def test_zero_tolerance_reports_every_component_over_it(exports, tmp_path: Path,
         assert f"{name}: max_abs_err=5.000e-05" in err
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_cli_states_torchscript_deprecation_in_one_line(exports, family: str) -> None:
+    lines = exports[family].stderr.splitlines()
+    assert [line for line in lines if "deprecat" in line.lower()] == [line for line in lines if "note:" in line]
+    assert len(lines) == 1 and lines[0].startswith('dde_tools: note: torch says "`torch.jit.trace` is deprecated.')
+
+
 def test_bad_pipeline_folder_exits_2(exports, tmp_path: Path, capsys) -> None:
     pipeline = tmp_path / "pipe"
     shutil.copytree(exports["sd15"].pipeline, pipeline)
