@@ -7,7 +7,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include "dde/util/error.hpp"
 #include "dde/util/file_write.hpp"
@@ -130,14 +129,6 @@ void write_file_atomic(const std::string& path, const std::string& text) {
   util::write_file(tmp, {{text.data(), text.size()}});  // names ENOSPC, EFBIG, ...
   fsync_path(tmp);
   fs::rename(tmp, path);
-}
-
-std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error({"cannot read", path, "a readable file", "", ""});
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 }  // namespace dde::checkpoint

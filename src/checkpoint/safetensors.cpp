@@ -8,6 +8,7 @@
 
 #include "dde/util/error.hpp"
 #include "dde/util/file_write.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::checkpoint {
 namespace {
@@ -65,6 +66,13 @@ std::string read_safetensors_header_text(std::ifstream& in, const std::string& p
   }
   uint64_t header_len = 0;
   for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(len[i]) << (8 * i);
+  if (header_len > static_cast<uint64_t>(util::kMaxSafetensorsHeaderBytes)) {
+    throw Error({"safetensors header too large", path,
+                 "a header of at most " + std::to_string(util::kMaxSafetensorsHeaderBytes) +
+                     " bytes (dde/util/input_limits.hpp)",
+                 "a length field of " + std::to_string(header_len) + " bytes",
+                 "the file is damaged or not safetensors"});
+  }
   if (header_len > static_cast<uint64_t>(file_size - 8)) {
     throw Error({"bad safetensors header length", path, "<= " + std::to_string(file_size - 8),
                  std::to_string(header_len), "the file is truncated or not safetensors"});

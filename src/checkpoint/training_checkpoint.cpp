@@ -11,6 +11,8 @@
 
 #include "dde/checkpoint/checkpoint_store.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::checkpoint {
 namespace {
@@ -47,7 +49,7 @@ Error damaged_file(const std::string& where, const std::string& expected, const 
 json read_json_object(const std::string& path) {
   json doc;
   try {
-    doc = json::parse(read_text_file(path));
+    doc = json::parse(util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"));
   } catch (const json::exception& e) {
     throw damaged_file(path, "a JSON object as dde_train writes it", e.what());
   }
@@ -199,13 +201,15 @@ SharedState read_shared_state(const std::string& dir) {
   }
   require_finite(s.optimizer, training_state_path(dir));
   require_finite({{kCorrectionKey, s.correction}}, training_state_path(dir));
-  s.unet_config_json = read_text_file((fs::path(unet_dir(dir)) / "config.json").string());
+  s.unet_config_json = util::read_text_file((fs::path(unet_dir(dir)) / "config.json").string(),
+                                            util::kMaxCheckpointJsonBytes, "checkpoint JSON");
   s.unet =
       load_safetensors((fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string())
           .tensors;
   require_finite(s.unet,
                  (fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string());
-  s.config_yaml = read_text_file((fs::path(dir) / "config.yaml").string());
+  s.config_yaml = util::read_text_file((fs::path(dir) / "config.yaml").string(),
+                                       util::kMaxConfigFileBytes, "checkpoint config");
   return s;
 }
 
@@ -253,6 +257,7 @@ std::vector<config::ConfigChange> check_resume_config(const std::string& dir,
   const std::string path = (fs::path(dir) / "config.yaml").string();
   YAML::Node root;
   try {
+    config::check_yaml_text(saved_yaml, path);
     root = YAML::Load(saved_yaml);
   } catch (const YAML::Exception& e) {
     throw damaged_file(path, "the YAML config dde_train writes", e.what());

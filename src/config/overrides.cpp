@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 #include "field_table.hpp"
 
 namespace dde::config::detail {
@@ -65,6 +67,9 @@ void set_path(YAML::Node parent, const std::vector<std::string>& parts, size_t i
 
 void apply_override(YAML::Node& root, const std::string& text,
                     std::vector<std::pair<std::string, std::string>>& origins) {
+  util::check_size(static_cast<int64_t>(text.size()), util::kMaxConfigFileBytes, "--set override",
+                   "--set " + text.substr(0, std::min(text.find('='), size_t{80})),
+                   "a --set value is a number, a name or a short list");
   const auto equals = text.find('=');
   if (equals == std::string::npos) {
     bad_override(text, "missing '='");
@@ -83,7 +88,9 @@ void apply_override(YAML::Node& root, const std::string& text,
   }
   YAML::Node value;
   try {
-    value = YAML::Load(text.substr(equals + 1));
+    const std::string value_text = text.substr(equals + 1);
+    check_yaml_text(value_text, "--set " + key);
+    value = YAML::Load(value_text);
   } catch (const YAML::Exception& e) {
     bad_override(text, "the value is not valid YAML: " + e.msg);
   }

@@ -6,7 +6,6 @@
 #include <cctype>
 #include <charconv>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <set>
 #include <sstream>
@@ -16,6 +15,8 @@
 
 #include "dde/config/config.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 #include "field_table.hpp"
 
 namespace dde::config {
@@ -287,15 +288,12 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
                  "paths are relative to the working directory (" +
                      std::filesystem::current_path(ec).string() + ")"});
   }
-  std::ifstream in(path);
-  std::stringstream content;
-  content << in.rdbuf();
-  if (!in) {
-    throw Error({"cannot read config file", path, "", "", "check its permissions"});
-  }
+  const std::string content = util::read_text_file(path, util::kMaxConfigFileBytes, "config file",
+                                                   "a config is a few KB: is this the right file?");
   YAML::Node root;
   try {
-    root = YAML::Load(content.str());
+    check_yaml_text(content, path);
+    root = YAML::Load(content);
   } catch (const YAML::ParserException& e) {
     throw Error(
         {"YAML parse error: " + e.msg,

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "dde/config/config.hpp"
+#include "dde/util/input_limits.hpp"
 #include "field_table.hpp"
 
 namespace dde::config {
@@ -23,6 +24,22 @@ const char* kPreamble =
     "Generated from the field table in `src/config/field_table.hpp`; do not edit by hand. After a\n"
     "change to the table, run `build/dde_train --config-reference > docs/config.md`\n"
     "(`tests/cpp/config/reference_test.cpp` fails until then).\n";
+
+// The YAML a config may hold, with the limits of dde/util/input_limits.hpp.
+std::string yaml_subset_text() {
+  const auto n = [](int64_t v) { return std::to_string(v); };
+  return "\n"
+         "The file is plain YAML: maps, lists and scalars. Anchors and aliases (`&a`, `*a`), "
+         "merge\n"
+         "keys (`<<`), tags (`!!str`, `!custom`) and duplicate keys are refused, each with its\n"
+         "file:line:column: write every value out where it is used. Sizes are checked before\n"
+         "anything is read into memory (`include/dde/util/input_limits.hpp`): the file (and each\n"
+         "`--set` value) at most " +
+         n(util::kMaxConfigFileBytes / util::kMiB) + " MiB, nesting at most " +
+         n(util::kMaxConfigDepth) + " levels, a list at most " + n(util::kMaxConfigListEntries) +
+         " entries,\na map at most " + n(util::kMaxConfigMapEntries) + " keys, a string at most " +
+         n(util::kMaxConfigStringBytes) + " bytes.\n";
+}
 
 // Markdown table cells cannot hold a bare '|'.
 std::string cell(const std::string& text) {
@@ -67,7 +84,7 @@ void section_header(std::string& out, const std::string& section) {
 
 std::string config_reference_markdown() {
   const TrainConfig defaults;
-  std::string out = detail::kPreamble;
+  std::string out = detail::kPreamble + detail::yaml_subset_text();
   std::string section;
   detail::for_each_field([&](const detail::Field& field, auto sp, auto mp) {
     using T = std::decay_t<decltype((defaults.*sp).*mp)>;

@@ -9,6 +9,8 @@
 #include "dde/checkpoint/safetensors.hpp"
 #include "dde/data/data_error.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::data {
 namespace {
@@ -83,15 +85,16 @@ std::string LatentCacheIndex::file_path(const std::string& file) const {
 }
 
 LatentCacheIndex LatentCacheIndex::load(const std::string& index_path) {
-  std::ifstream in(index_path);
-  if (!in) {
+  std::error_code ec;
+  if (!fs::is_regular_file(index_path, ec) || !std::ifstream(index_path)) {
     throw Error({"cannot read the latent cache index", index_path, "a readable index.json", "",
                  "check data.cache, or build the cache with dde_encode_cache"});
   }
   LatentCacheIndex c;
   c.path = index_path;
   try {
-    const json j = json::parse(in);
+    const json j =
+        json::parse(util::read_text_file(index_path, util::kMaxIndexBytes, "latent cache index"));
     if (j.at("format").get<std::string>() != kLatentCacheFormat ||
         j.at("version").get<int64_t>() != kLatentCacheVersion) {
       throw Error(

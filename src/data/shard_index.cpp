@@ -11,6 +11,8 @@
 
 #include "dde/data/data_error.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::data {
 namespace {
@@ -172,15 +174,13 @@ TokenizerInfo parse_tokenizer(const json& entry, const std::string& where) {
 }  // namespace
 
 ShardIndex ShardIndex::load(const std::string& index_path) {
-  std::ifstream in(index_path, std::ios::binary);
-  if (!in) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(index_path, ec) || !std::ifstream(index_path)) {
     throw Error({"cannot open shard index", index_path,
                  "an index.json written by dde_tools.export_pickapic", "the file cannot be opened",
                  "check data.index in the config"});
   }
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return parse(buffer.str(), index_path);
+  return parse(util::read_text_file(index_path, util::kMaxIndexBytes, "shard index"), index_path);
 }
 
 ShardIndex ShardIndex::parse(const std::string& text, const std::string& index_path) {

@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::models {
 namespace {
@@ -158,16 +160,16 @@ json parse_manifest_file(const std::string& path) {
                  "the export's manifest.json", "a folder",
                  "point model.manifest at " + (fs::path(absolute) / "manifest.json").string()});
   }
-  std::ifstream in(path);
-  if (!in) {
+  if (!fs::is_regular_file(path, ec)) {
     throw Error(
         {"cannot open manifest", path + " (" + absolute + ")", "a readable manifest.json",
          fs::exists(path, ec) ? "unreadable" : "no such file",
          "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR"});
   }
+  const std::string text = util::read_text_file(path, util::kMaxManifestBytes, "manifest");
   json root;
   try {
-    root = json::parse(in);
+    root = json::parse(text);
   } catch (const json::parse_error& e) {
     throw Error({"manifest is not valid JSON", path, "JSON", e.what(), "re-export the model"});
   }

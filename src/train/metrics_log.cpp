@@ -1,19 +1,23 @@
 #include "dde/train/metrics_log.hpp"
 
 #include <filesystem>
-#include <sstream>
+#include <fstream>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::train {
 
 MetricsLog::MetricsLog(std::string path, int64_t keep_through_step) : path_(std::move(path)) {
   if (keep_through_step >= 0 && std::filesystem::exists(path_)) {
-    std::istringstream in(checkpoint::read_text_file(path_));
+    std::ifstream in(path_, std::ios::binary);
+    if (!in) throw Error({"cannot read metrics log", path_, "a readable file", "", ""});
     std::string kept;
     std::string line;
-    while (std::getline(in, line)) {
+    // Line by line, each bounded: a damaged log cannot make the resume allocate its size.
+    while (util::read_line(in, line, util::kMaxMetricsLineBytes, path_)) {
       if (line.empty()) continue;
       const auto record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (record.is_discarded()) break;  // a line cut by a crash ends the usable log

@@ -39,6 +39,5 @@ class CheckpointStore {
 
 // Writes `text` to `path` through a temporary file, fsync and rename.
 void write_file_atomic(const std::string& path, const std::string& text);
-std::string read_text_file(const std::string& path);
 
 }  // namespace dde::checkpoint

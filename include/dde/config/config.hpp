@@ -150,6 +150,13 @@ bool operator!=(const TrainConfig& a, const TrainConfig& b);
 // "optim.lr=1e-4", "method.name=uniform") and validates. Throws dde::Error.
 TrainConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 
+// Refuses, before a YAML text (a config file, a --set value, a checkpoint's config.yaml) becomes a
+// tree, what a config does not hold: a text over 1 MiB, nesting deeper than 32 levels, lists over
+// 4096 entries, maps over 1024 keys, strings over 4096 bytes (dde/util/input_limits.hpp), anchors
+// and aliases, tags and merge keys (<<); a dde::Error located at source:line:column. A syntax
+// error is left to YAML::Load (or thrown here as yaml-cpp's YAML::ParserException).
+void check_yaml_text(const std::string& text, const std::string& source);
+
 // The YAML tree (a map of sections, or null for all defaults) over the defaults, then validate().
 // `source_name` names the tree in errors (a file name, "<string>", ...).
 TrainConfig config_from_yaml(const YAML::Node& root, const std::string& source_name);

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "dde/util/file_read.hpp"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -55,7 +57,7 @@ TEST(CheckpointStore, RecommittingAStepReplacesIt) {
   store.commit(10);
   write(fs::path(store.stage(10)) / "payload", "second");
   const fs::path dir = store.commit(10);
-  EXPECT_EQ(dde::checkpoint::read_text_file((dir / "payload").string()), "second");
+  EXPECT_EQ(dde::util::read_text_file((dir / "payload").string(), 64, "payload"), "second");
   fs::remove_all(root);
 }
 

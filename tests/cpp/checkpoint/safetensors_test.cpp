@@ -56,4 +56,27 @@ TEST(Safetensors, GarbageIsAnError) {
   std::filesystem::remove(path);
 }
 
+TEST(Safetensors, HeaderLengthOverTheLimitIsRefusedBeforeAllocating) {
+  const std::string path = temp_path("huge_header.safetensors");
+  std::string bytes(8, '\0');
+  bytes[5] = 1;  // little-endian 2^40: a header length that would allocate 1 TiB
+  std::ofstream(path, std::ios::binary) << bytes << "{}";
+  std::filesystem::resize_file(path, (int64_t{1} << 40) + 16);  // sparse: the length fits the file
+  for (const auto& read :
+       {+[](const std::string& p) { dde::checkpoint::load_safetensors(p); },
+        +[](const std::string& p) { dde::checkpoint::read_safetensors_header(p); }}) {
+    try {
+      read(path);
+      FAIL() << "expected an error";
+    } catch (const dde::Error& e) {
+      const std::string message = e.what();
+      for (const std::string part :
+           {"safetensors header too large", path.c_str(), "100000000", "1099511627776 bytes"}) {
+        EXPECT_NE(message.find(part), std::string::npos) << part << " not in: " << message;
+      }
+    }
+  }
+  std::filesystem::remove(path);
+}
+
 }  // namespace

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dde/util/error.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace fs = std::filesystem;
 
@@ -225,6 +226,21 @@ TEST(TrainingCheckpoint, ResumeConfigThatDoesNotParseNamesTheFile) {
   } catch (const dde::Error& e) {
     EXPECT_NE(std::string(e.what()).find("ck/config.yaml"), std::string::npos) << e.what();
   }
+}
+
+TEST(TrainingCheckpoint, OversizedJsonIsRefusedByItsSize) {
+  const fs::path dir = fresh_state_dir("oversized");
+  dde::checkpoint::write_shared_state(dir.string(), example_shared(false));
+  const fs::path path = dir / "trainer_state.json";
+  fs::resize_file(path, dde::util::kMaxCheckpointJsonBytes + 1);  // sparse
+  const std::string message = read_error(dir);
+  for (const std::string& part :
+       {std::string("checkpoint JSON too large"), path.string(),
+        std::to_string(dde::util::kMaxCheckpointJsonBytes) + " bytes",
+        std::to_string(dde::util::kMaxCheckpointJsonBytes + 1) + " bytes"}) {
+    EXPECT_NE(message.find(part), std::string::npos) << part << " not in: " << message;
+  }
+  fs::remove_all(dir);
 }
 
 }  // namespace

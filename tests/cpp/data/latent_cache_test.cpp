@@ -11,6 +11,7 @@
 #include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_loader.hpp"
 #include "dde/data/pair_record.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::data {
 namespace {
@@ -246,6 +247,17 @@ TEST_F(LatentCacheTest, BadIndexIsAnError) {
   j["format"] = "other";
   testing::write_file(cache_, j.dump());
   expect_error([&] { LatentCacheIndex::load(cache_); }, {"not a latent cache index"});
+}
+
+TEST(LatentCacheIndexFile, OversizedIndexIsRefusedByItsSize) {
+  TempDir dir;
+  const std::string path = dir.file("index.json");
+  testing::write_file(path, "{}");
+  fs::resize_file(path, util::kMaxIndexBytes + 1);  // sparse
+  expect_error(
+      [&] { LatentCacheIndex::load(path); },
+      {"latent cache index too large", path, std::to_string(util::kMaxIndexBytes) + " bytes",
+       std::to_string(util::kMaxIndexBytes + 1) + " bytes"});
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "data/shard_fixture.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::data {
 namespace {
@@ -262,6 +263,16 @@ TEST(CheckShards, Sha256OfAKnownFile) {
   testing::write_file(dir.file("abc"), "abc");  // FIPS 180-2 test vector
   EXPECT_EQ(file_sha256(dir.file("abc")),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+TEST(ShardIndex, OversizedIndexIsRefusedByItsSize) {
+  TempDir dir;
+  const std::string path = dir.file("index.json");
+  write_file(path, "{}");
+  std::filesystem::resize_file(path, util::kMaxIndexBytes + 1);  // sparse
+  expect_error([&] { ShardIndex::load(path); },
+               {"shard index too large", path, std::to_string(util::kMaxIndexBytes) + " bytes",
+                std::to_string(util::kMaxIndexBytes + 1) + " bytes"});
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dde/util/error.hpp"
+#include "dde/util/input_limits.hpp"
 
 namespace dde::models {
 namespace {
@@ -383,6 +384,25 @@ TEST_F(ManifestFile, BadValuesNameTheFieldAndTheValue) {
   path = write(m);
   expect_error([&] { load_manifest(path); },
                {"does not add up", path + ": text_embedding.dim", "64", "48"});
+}
+
+TEST(ManifestSize, OversizedManifestIsRefusedByItsSize) {
+  const fs::path path =
+      fs::temp_directory_path() / ("dde_manifest_size_" + std::to_string(::getpid()) + ".json");
+  std::ofstream(path) << "{}";
+  fs::resize_file(path, util::kMaxManifestBytes + 1);  // sparse
+  try {
+    load_manifest(path.string());
+    ADD_FAILURE() << "expected dde::Error";
+  } catch (const dde::Error& e) {
+    const std::string message = e.what();
+    for (const std::string& part : {std::string("manifest too large"), path.string(),
+                                    std::to_string(util::kMaxManifestBytes) + " bytes",
+                                    std::to_string(util::kMaxManifestBytes + 1) + " bytes"}) {
+      EXPECT_NE(message.find(part), std::string::npos) << part << " not in: " << message;
+    }
+  }
+  fs::remove(path);
 }
 
 }  // namespace
