@@ -191,8 +191,9 @@ def test_a_real_nonfinite_step_is_skipped_by_the_guard_naming_its_cause(fixtures
     """No test seam: a cache row with finite but huge latents (1e38) overflows the forward pass of
     one step, so its loss and gradient are really non-finite. The guard must skip that step in
     place (no roll-back: there is no checkpoint yet), say why ("non-finite inputs": the frozen
-    reference's errors are non-finite too), and leave the weights and optimizer state exactly as a
-    run that stopped before the bad step has them; the next step trains on."""
+    reference's errors are non-finite too), and leave the policy exactly as a run that stopped
+    before the bad step has it: the held-out evaluation after the skipped step equals, figure for
+    figure, that run's last one. The next step trains on."""
     cache = tmp_path / "cache"
     sets = tiny_overrides(fixtures, "sd15", tmp_path / "unused")
     cmd = [str(build_dir() / "dde_encode_cache"), "--config", str(ROOT / "configs" / "tiny_dde.yaml"), "--out", str(cache)]
@@ -207,35 +208,28 @@ def test_a_real_nonfinite_step_is_skipped_by_the_guard_naming_its_cause(fixtures
     # 9th trained pair of every shard, whichever the seeded order reads first (step 3).
     for entry, src in zip(index["shards"], source["shards"]):
         rows = untied_rows(fixtures / "shards" / "sd15" / src["file"])
-        assert len(rows) > 12, "the tiny shards must hold more than 3 steps of pairs"
-        scale_cache_row(cache / entry["file"], rows[8], 1e38)
-    common = ["data.eval_index=", "data.shuffle_buffer=1", "optim.warmup_steps=0", "optim.schedule=constant",
-              "checkpoint.every=100", "logging.per_sample=false", "train.global_batch=4", "train.micro_batch=4"]
+        if len(rows) > 8:  # a shorter shard read first ends within steps 1-2: its successor is read
+            scale_cache_row(cache / entry["file"], rows[8], 1e38)
+    common = tiny_overrides(fixtures, "sd15", tmp_path / "unused", held_out=True)[:-1] + [
+        "data.shuffle_buffer=1", "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.every=100",
+        "logging.per_sample=false", "train.global_batch=4", "train.micro_batch=4", "eval.every=3",
+        "eval.t_bins=[500]"]
     bad = tmp_path / "bad"
-    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", bad) + common + [
-        f"data.cache={cache / 'index.json'}", "train.max_steps=4"])
+    r = run_train(dde_train, "tiny_dde.yaml", common + [f"run.output_dir={bad}", f"data.cache={cache / 'index.json'}",
+                                                        "train.max_steps=4"])
     assert r.returncode == 0, r.stderr[-3000:]
     steps = read_records(bad, "step")
     assert [s["skipped_steps"] for s in steps] == [0, 0, 1, 1], steps
     assert "step 3: non-finite inputs" in r.stderr and "update skipped" in r.stderr, r.stderr[-3000:]
     assert "rolled back" not in r.stderr and "weights after the update" not in r.stderr
     assert not read_records(bad, "bad_pair")  # a finite row is no bad pair: the guard is what acts
-    # The same steps with the bad step made the last one, against a run that stops before it.
-    last = tmp_path / "bad_last"
-    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", last) + common + [
-        f"data.cache={cache / 'index.json'}", "train.max_steps=3"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert steps[3]["loss"] == steps[3]["loss"] and steps[3]["grad_norm"] > 0  # step 4 trained
     before = tmp_path / "before"
-    r = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", before) + common + [
-        f"data.cache={clean / 'index.json'}", "train.max_steps=2"])
+    r = run_train(dde_train, "tiny_dde.yaml", common + [f"run.output_dir={before}", f"data.cache={clean / 'index.json'}",
+                                                        "train.max_steps=2"])
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("unet/diffusion_pytorch_model.safetensors", "training_state.safetensors"):
-        got = load_file(str(last / "checkpoints" / "step-00000003" / name))
-        want = load_file(str(before / "checkpoints" / "step-00000002" / name))
-        assert got.keys() == want.keys(), name
-        changed = [k for k in want if not np.array_equal(got[k], want[k])]
-        # Only the RNG state and counters may differ (the skipped step drew its pairs' noise).
-        assert all(not k.startswith(("exp_avg", "exp_avg_sq")) for k in changed) and (
-            name.startswith("training") or not changed), (name, changed[:5])
-    E = lambda run, s: json.loads((run / "checkpoints" / f"step-{s:08d}" / "correction_ema.json").read_text())["E"]  # noqa: E731
-    assert E(last, 3) == E(before, 2)
+    after_skip = next(e for e in read_records(bad, "eval") if e["step"] == 3)
+    stopped = next(e for e in read_records(before, "eval") if e["step"] == 2)
+    figures = lambda e: {k: v for k, v in e.items() if k not in ("step", "seconds")}  # noqa: E731
+    assert figures(after_skip) == figures(stopped)
+    assert any(d != 0.0 for d in stopped["delta_by_t"])  # two steps moved the policy: the comparison sees it
