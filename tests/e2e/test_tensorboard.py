@@ -30,3 +30,15 @@ def test_tensorboard_reads_the_loss_curve_and_the_evaluation(dde_train, fixtures
     for e, s in zip(loss, steps):
         assert math.isclose(e.value, s["loss"], rel_tol=1e-6)  # float32 in the event
     assert [e.step for e in events.Scalars("eval/implicit_acc")] == [0, 2, 4]
+    # The values are the evaluation's (float32 in the event: 2^-24 relative, so rel 1e-6), overall
+    # and per t bin, and they moved (step 0 scores 0: Delta = 0 before training).
+    evals = {e["step"]: e for e in read_records(out, "eval")}
+    float32 = lambda got, want: math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12)  # noqa: E731
+    for tag, key, index in (("eval/implicit_acc", "implicit_acc", None), ("eval/loss", "loss", None),
+                            ("eval/implicit_acc_t100", "implicit_acc_by_t", 0),
+                            ("eval/implicit_acc_t500", "implicit_acc_by_t", 1)):
+        assert tag in tags, tags
+        for e in events.Scalars(tag):
+            want = evals[e.step][key] if index is None else evals[e.step][key][index]
+            assert float32(e.value, want), (tag, e.step, e.value, want)
+    assert evals[0]["implicit_acc"] == 0.0 and evals[4]["implicit_acc"] > 0.0

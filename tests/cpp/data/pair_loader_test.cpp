@@ -101,14 +101,19 @@ double ramp_direction(const torch::Tensor& images, int64_t b) {
          red.select(1, 0).mean().item<double>();
 }
 
-// With CUDA: batches in page-locked memory, for non-blocking copies. Without: a clear refusal.
-TEST_F(PairLoaderTest, PinMemory) {
+// Without CUDA: pin_memory is refused clearly.
+TEST_F(PairLoaderTest, PinMemoryWithoutCudaIsAClearRefusal) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present: PinMemory runs instead";
   PairLoaderOptions o = options(2);
   o.pin_memory = true;
-  if (!torch::cuda::is_available()) {
-    expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.pin_memory", "a CUDA device"});
-    return;
-  }
+  expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.pin_memory", "a CUDA device"});
+}
+
+// With CUDA: batches in page-locked memory, for non-blocking copies (bench/gpu_check.sh runs it).
+TEST_F(PairLoaderTest, PinMemory) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "needs a CUDA device (page-locked memory)";
+  PairLoaderOptions o = options(2);
+  o.pin_memory = true;
   PairLoader pinned(o);
   PairLoader plain(options(2));
   const PairBatch a = pinned.next(), b = plain.next();
