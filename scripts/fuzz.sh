@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# libFuzzer runs of the data side's parsers and decoder (tests/fuzz/fuzz_*.cpp), built with
-# clang (-fsanitize=fuzzer,address,undefined) from the torch-free sources into build/fuzz/.
+# libFuzzer runs of the parsers of every file dde_train reads (tests/fuzz/fuzz_*.cpp): the data
+# side's (shards, index, images, the latent cache) and the checkpoint's (safetensors headers,
+# trainer_state.json, rank-NNNNN.json), built with clang (-fsanitize=fuzzer,address,undefined)
+# from the torch-free sources into build/fuzz/.
 #   bash scripts/fuzz.sh            # replay tests/fuzz/regressions, then ~12 s per target
 #   bash scripts/fuzz.sh 600        # the long run of bench/README.md (seconds per target)
 #   bash scripts/fuzz.sh 0          # replay only
@@ -21,13 +23,21 @@ declare -A sources=(
   [fuzz_pair_record]="src/data/tar_reader.cpp src/data/pair_record.cpp"
   [fuzz_shard_index]="src/data/shard_index.cpp"
   [fuzz_image_decode]="src/data/image_decode.cpp src/data/image.cpp tests/fuzz/stb_image_impl.cpp"
+  [fuzz_safetensors_header]="src/checkpoint/safetensors_header.cpp"
+  [fuzz_latent_cache]="src/data/latent_cache_format.cpp src/checkpoint/safetensors_header.cpp src/util/file_read.cpp"
+  [fuzz_checkpoint_json]="src/checkpoint/checkpoint_json.cpp"
 )
 declare -A libs=([fuzz_image_decode]="-lturbojpeg")
-targets=(fuzz_tar_reader fuzz_pair_record fuzz_shard_index fuzz_image_decode)
+# libFuzzer dictionaries: the JSON readers' keys and edge numbers (1e400, 2^63, ...).
+declare -A dicts=([fuzz_safetensors_header]=tests/fuzz/json.dict [fuzz_latent_cache]=tests/fuzz/json.dict
+                  [fuzz_checkpoint_json]=tests/fuzz/json.dict)
+targets=(fuzz_tar_reader fuzz_pair_record fuzz_shard_index fuzz_image_decode
+         fuzz_safetensors_header fuzz_latent_cache fuzz_checkpoint_json)
 for t in "${targets[@]}"; do
   # shellcheck disable=SC2206
   files=("tests/fuzz/$t.cpp" ${sources[$t]} "${common[@]}")
-  if [ ! -x "$out/$t" ] || [ -n "$(find "${files[@]}" include/dde/data include/dde/util tests/fuzz \
+  if [ ! -x "$out/$t" ] || [ -n "$(find "${files[@]}" include/dde/data include/dde/util \
+         include/dde/checkpoint tests/fuzz \
          -newer "$out/$t" -print -quit)" ]; then
     echo "fuzz: building $t"
     # fmt comes from torch's headers (header-only), as in the library build.
@@ -48,11 +58,13 @@ for t in "${targets[@]}"; do
   if [ "$seconds" -gt 0 ]; then
     corpus="$out/corpus/$t"
     mkdir -p "$corpus"
+    dict=()
+    if [ -n "${dicts[$t]:-}" ]; then dict=(-dict="$root/${dicts[$t]}"); fi
     echo "fuzz: $t for ${seconds} s"
     # A fixed seed and a fixed number of runs (time only as a bound): the test command's short run
     # explores the same inputs every time, so CI does not pass or fail by chance.
     (cd "$out" && "./$t" -seed=1 -runs=$((seconds * 4000)) -max_total_time=$((seconds * 5)) \
-        -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
+        -rss_limit_mb=2048 -timeout=10 -max_len=65536 "${dict[@]}" \
         -print_final_stats=1 "$corpus" "$root/tests/fuzz/seeds/$t" >"$t.log" 2>&1) \
       || { tail -50 "$out/$t.log"; echo "fuzz: $t found a failure (input in $out)" >&2; exit 1; }
     grep -E "stat::number_of_executed_units|stat::new_units_added" "$out/$t.log" | tr '\n' ' '

@@ -14,7 +14,7 @@ echo "== C++ unit tests (ctest)"
 ctest --test-dir "$DDE_BUILD_DIR" --output-on-failure -j2
 echo "== device correctness without a GPU: the strict fake accelerator (scripts/fake_device_check.sh)"
 DDE_FAKE_CHECK_SKIP_SETUP=1 bash scripts/fake_device_check.sh
-echo "== fuzzing: data parsers and image decoder (libFuzzer, ~1 min; regressions replayed)"
+echo "== fuzzing: file parsers and image decoder (libFuzzer, ~1.5 min; regressions replayed)"
 bash scripts/fuzz.sh
 echo "== Python and end-to-end tests (pytest)"
 .venv/bin/python -m pytest -q tests/python tests/e2e

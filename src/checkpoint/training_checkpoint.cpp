@@ -4,9 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <cmath>
 #include <filesystem>
-#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "dde/checkpoint/checkpoint_store.hpp"
@@ -37,64 +35,6 @@ std::string optimizer_shard_path(const std::string& dir, int64_t rank) {
   return (fs::path(dir) / fmt::format("optimizer-rank-{:05d}.safetensors", rank)).string();
 }
 
-constexpr const char* kDamagedHint =
-    "the checkpoint is damaged: move this step-* directory aside and --resume from the previous "
-    "one";
-
-Error damaged_file(const std::string& where, const std::string& expected, const std::string& got) {
-  return Error({"damaged checkpoint file", where, expected, got, kDamagedHint});
-}
-
-// The JSON object in `path`; anything else (a truncated file, 1e400) is an Error naming the file.
-json read_json_object(const std::string& path) {
-  json doc;
-  try {
-    doc = json::parse(util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"));
-  } catch (const json::exception& e) {
-    throw damaged_file(path, "a JSON object as dde_train writes it", e.what());
-  }
-  if (!doc.is_object()) throw damaged_file(path, "a JSON object", doc.type_name());
-  return doc;
-}
-
-// obj[key] for the readers below; a missing key is an Error naming the file and the key.
-const json& member(const json& obj, const std::string& key, const std::string& path) {
-  if (!obj.is_object() || !obj.contains(key)) {
-    throw damaged_file(path + ": " + key, "the key present", "absent");
-  }
-  return obj.at(key);
-}
-
-// A count (step, epoch, ...): nlohmann's get<int64_t>() would truncate 1.5 and wrap -1 or 2^64.
-int64_t count_at(const json& obj, const std::string& key, const std::string& path) {
-  const json& v = member(obj, key, path);
-  const bool fits = v.is_number_unsigned()
-                        ? v.get<uint64_t>() <= uint64_t{std::numeric_limits<int64_t>::max()}
-                        : v.is_number_integer() && v.get<int64_t>() >= 0;
-  if (!fits) throw damaged_file(path + ": " + key, "an integer >= 0", v.dump());
-  return v.get<int64_t>();
-}
-
-double finite_at(const json& obj, const std::string& key, const std::string& path) {
-  const json& v = member(obj, key, path);
-  if (!v.is_number() || !std::isfinite(v.get<double>())) {
-    throw damaged_file(path + ": " + key, "a finite number", v.dump());
-  }
-  return v.get<double>();
-}
-
-std::string text_at(const json& obj, const std::string& key, const std::string& path) {
-  const json& v = member(obj, key, path);
-  if (!v.is_string()) throw damaged_file(path + ": " + key, "a string", v.dump());
-  return v.get<std::string>();
-}
-
-bool flag_at(const json& obj, const std::string& key, const std::string& path) {
-  const json& v = member(obj, key, path);
-  if (!v.is_boolean()) throw damaged_file(path + ": " + key, "true or false", v.dump());
-  return v.get<bool>();
-}
-
 }  // namespace
 
 const std::vector<std::string> kPositionKeys = {
@@ -114,17 +54,10 @@ void write_shared_state(const std::string& dir, const SharedState& s) {
     training_state.emplace_back(kCorrectionCountsKey, s.correction_counts);
   }
   save_safetensors(training_state_path(dir), training_state);
-  const json trainer_state = {
-      {"format", "dde-checkpoint"},
-      {"version", kCheckpointVersion},
-      {"step", s.step},
-      {"skipped_steps", s.skipped_steps},
-      {"nonfinite_in_row", s.nonfinite_in_row},
-      {"world_size", s.world_size},
-      {"method", s.method},
-      {"optimizer", {{"name", s.optimizer_name}, {"sharded", s.optimizer_sharded}}},
-      {"correction", {{"momentum", s.correction_momentum}, {"updates", s.correction_updates}}}};
-  write_file_atomic((d / "trainer_state.json").string(), trainer_state.dump(2));
+  const TrainerStateFile trainer_state{
+      s.step,           s.skipped_steps,     s.nonfinite_in_row,    s.world_size,        s.method,
+      s.optimizer_name, s.optimizer_sharded, s.correction_momentum, s.correction_updates};
+  write_file_atomic((d / "trainer_state.json").string(), trainer_state_json(trainer_state));
   const torch::Tensor E = s.correction.to(torch::kCPU, torch::kFloat64).contiguous();
   const json correction = {
       {"step", s.step},
@@ -135,12 +68,8 @@ void write_shared_state(const std::string& dir, const SharedState& s) {
 }
 
 void write_rank_state(const std::string& dir, const RankState& s) {
-  const json rank_state = {
-      {"rank", s.rank},
-      {"world_size", s.world_size},
-      {"loader",
-       {{"epoch", s.epoch}, {"pairs_consumed", s.pairs_consumed}, {"bad_pairs", s.bad_pairs}}}};
-  write_file_atomic(rank_file(dir, s.rank), rank_state.dump(2));
+  const RankStateFile rank_state{s.rank, s.world_size, s.epoch, s.pairs_consumed, s.bad_pairs};
+  write_file_atomic(rank_file(dir, s.rank), rank_state_json(rank_state));
   if (!s.optimizer_shard.empty()) {
     save_safetensors(optimizer_shard_path(dir, s.rank), s.optimizer_shard);
   }
@@ -165,27 +94,17 @@ void require_finite(const NamedTensors& tensors, const std::string& file) {
 
 SharedState read_shared_state(const std::string& dir) {
   const std::string path = (fs::path(dir) / "trainer_state.json").string();
-  const json st = read_json_object(path);
-  const json format = st.value("format", json());
-  const json version = st.value("version", json());
-  if (format != "dde-checkpoint" || version != kCheckpointVersion) {
-    throw Error({"not a dde checkpoint of a known version", path,
-                 "format dde-checkpoint, version " + std::to_string(kCheckpointVersion),
-                 "format " + format.dump() + ", version " + version.dump(), kDamagedHint});
-  }
+  const TrainerStateFile st = parse_trainer_state(util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"), path);
   SharedState s;
-  s.step = count_at(st, "step", path);
-  s.skipped_steps = count_at(st, "skipped_steps", path);
-  s.nonfinite_in_row = count_at(st, "nonfinite_in_row", path);
-  s.world_size = count_at(st, "world_size", path);
-  s.method = text_at(st, "method", path);
-  // Checkpoints from before optimizer choice and sharding hold replicated AdamW state.
-  const json optimizer = st.value("optimizer", json{{"name", "adamw"}, {"sharded", false}});
-  s.optimizer_name = text_at(optimizer, "name", path + ": optimizer");
-  s.optimizer_sharded = flag_at(optimizer, "sharded", path + ": optimizer");
-  const json& correction = member(st, "correction", path);
-  s.correction_momentum = finite_at(correction, "momentum", path + ": correction");
-  s.correction_updates = count_at(correction, "updates", path + ": correction");
+  s.step = st.step;
+  s.skipped_steps = st.skipped_steps;
+  s.nonfinite_in_row = st.nonfinite_in_row;
+  s.world_size = st.world_size;
+  s.method = st.method;
+  s.optimizer_name = st.optimizer_name;
+  s.optimizer_sharded = st.optimizer_sharded;
+  s.correction_momentum = st.correction_momentum;
+  s.correction_updates = st.correction_updates;
   for (auto& [name, tensor] : load_safetensors(training_state_path(dir)).tensors) {
     if (name == kCorrectionKey) {
       s.correction = tensor;
@@ -215,15 +134,13 @@ SharedState read_shared_state(const std::string& dir) {
 
 RankState read_rank_state(const std::string& dir, int64_t rank, const SharedState& saved) {
   const std::string path = rank_file(dir, rank);
-  const json rs = read_json_object(path);
+  const RankStateFile rs = parse_rank_state(util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"), path);
   RankState s;
   s.rank = rank;
-  s.world_size = count_at(rs, "world_size", path);
-  const json& loader = member(rs, "loader", path);
-  s.epoch = count_at(loader, "epoch", path + ": loader");
-  s.pairs_consumed = count_at(loader, "pairs_consumed", path + ": loader");
-  // Absent before the bad-pair budget existed.
-  s.bad_pairs = loader.contains("bad_pairs") ? count_at(loader, "bad_pairs", path + ": loader") : 0;
+  s.world_size = rs.world_size;
+  s.epoch = rs.epoch;
+  s.pairs_consumed = rs.pairs_consumed;
+  s.bad_pairs = rs.bad_pairs;
   if (saved.optimizer_sharded) {
     s.optimizer_shard = load_safetensors(optimizer_shard_path(dir, rank)).tensors;
     require_finite(s.optimizer_shard, optimizer_shard_path(dir, rank));
@@ -260,7 +177,7 @@ std::vector<config::ConfigChange> check_resume_config(const std::string& dir,
     config::check_yaml_text(saved_yaml, path);
     root = YAML::Load(saved_yaml);
   } catch (const YAML::Exception& e) {
-    throw damaged_file(path, "the YAML config dde_train writes", e.what());
+    throw damaged_checkpoint_file(path, "the YAML config dde_train writes", e.what());
   }
   const config::TrainConfig saved = config::config_from_yaml(root, path);
   std::vector<config::ConfigChange> harmless;

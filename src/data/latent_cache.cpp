@@ -18,158 +18,34 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-constexpr const char* kRebuildHint =
-    "rebuild the cache with dde_encode_cache from the current data.index and model.manifest";
-
-struct FieldSpec {
-  std::string name;
-  torch::ScalarType dtype;
-  std::vector<int64_t> row_shape;  // one pair's
-};
-
-std::vector<FieldSpec> field_specs(const CacheShape& s, torch::ScalarType dtype) {
-  std::vector<FieldSpec> out{
-      {"moments", dtype, {2, 2, 2, s.latent_channels, s.latent_size, s.latent_size}},
-      {"text", dtype, {s.text_length, s.text_dim}}};
-  if (s.pooled_dim > 0) out.push_back({"pooled", dtype, {s.pooled_dim}});
-  out.push_back({"geometry", torch::kInt64, {2, 4}});
-  out.push_back({"ok", torch::kUInt8, {}});
-  return out;
-}
-
-int64_t row_bytes(const FieldSpec& f) {
-  int64_t n = static_cast<int64_t>(c10::elementSize(f.dtype));
-  for (const int64_t d : f.row_shape) n *= d;
-  return n;
-}
-
 std::string shape_text(const std::vector<int64_t>& shape) { return json(shape).dump(); }
-
-// A plain file name inside the cache folder: no separators, no "." or "..".
-void check_file_name(const std::string& name, const std::string& where) {
-  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
-      name.find('\\') != std::string::npos) {
-    throw Error({"bad file name in the latent cache index", where,
-                 "a plain file name in the cache folder", escape_preview(name, 100), kRebuildHint});
-  }
-}
 
 [[noreturn]] void mismatch(const std::string& what, const std::string& where,
                            const std::string& expected, const std::string& actual) {
-  throw Error({what, where, expected, actual, kRebuildHint});
+  latent_cache_mismatch(what, where, expected, actual);
 }
 
 }  // namespace
 
 torch::ScalarType cache_dtype(const std::string& name, const std::string& where) {
-  if (name == "fp32") return torch::kFloat32;
-  if (name == "bf16") return torch::kBFloat16;
-  if (name == "fp16") return torch::kFloat16;
-  throw Error({"unknown latent cache dtype", where, "fp32 | bf16 | fp16", name, kRebuildHint});
+  return checkpoint::torch_dtype(cache_stored_dtype(name, where));
 }
 
 int64_t cache_bytes_per_pair(const CacheShape& shape, torch::ScalarType dtype) {
   int64_t total = 0;
-  for (const FieldSpec& f : field_specs(shape, dtype)) total += row_bytes(f);
+  for (const CacheFieldSpec& f :
+       cache_field_specs(shape, checkpoint::safetensors_dtype(dtype, ""))) {
+    total += cache_row_bytes(f);
+  }
   return total;
 }
 
 std::vector<std::string> cache_field_names(const CacheShape& shape) {
   std::vector<std::string> names;
-  for (const FieldSpec& f : field_specs(shape, torch::kFloat32)) names.push_back(f.name);
+  for (const CacheFieldSpec& f : cache_field_specs(shape, checkpoint::SafetensorsDtype::kF32)) {
+    names.push_back(f.name);
+  }
   return names;
-}
-
-std::string LatentCacheIndex::file_path(const std::string& file) const {
-  return (fs::path(path).parent_path() / file).string();
-}
-
-LatentCacheIndex LatentCacheIndex::load(const std::string& index_path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(index_path, ec) || !std::ifstream(index_path)) {
-    throw Error({"cannot read the latent cache index", index_path, "a readable index.json", "",
-                 "check data.cache, or build the cache with dde_encode_cache"});
-  }
-  LatentCacheIndex c;
-  c.path = index_path;
-  try {
-    const json j =
-        json::parse(util::read_text_file(index_path, util::kMaxIndexBytes, "latent cache index"));
-    if (j.at("format").get<std::string>() != kLatentCacheFormat ||
-        j.at("version").get<int64_t>() != kLatentCacheVersion) {
-      throw Error(
-          {"not a latent cache index", index_path,
-           fmt::format("format {} version {}", kLatentCacheFormat, kLatentCacheVersion),
-           fmt::format("format {} version {}", j.at("format").dump(), j.at("version").dump()),
-           kRebuildHint});
-    }
-    c.family = j.at("family").get<std::string>();
-    c.resolution = j.at("resolution").get<int64_t>();
-    c.dtype = j.at("dtype").get<std::string>();
-    cache_dtype(c.dtype, index_path + ": dtype");
-    c.encoder_dtype = j.at("encoder_dtype").get<std::string>();
-    const json& s = j.at("shape");
-    c.shape = {s.at("latent_channels").get<int64_t>(), s.at("latent_size").get<int64_t>(),
-               s.at("text_length").get<int64_t>(), s.at("text_dim").get<int64_t>(),
-               s.at("pooled_dim").get<int64_t>()};
-    if (c.shape.latent_channels < 1 || c.shape.latent_size < 1 || c.shape.text_length < 1 ||
-        c.shape.text_dim < 1 || c.shape.pooled_dim < 0) {
-      mismatch("bad latent cache shape", index_path + ": shape", "positive sizes", s.dump());
-    }
-    for (const json& f : j.at("model_files")) {
-      c.model_files.push_back({f.at("role").get<std::string>(), f.at("file").get<std::string>(),
-                               f.at("bytes").get<int64_t>(), f.at("sha256").get<std::string>()});
-    }
-    for (const json& f : j.at("shards")) {
-      LatentCacheShardInfo info{f.at("file").get<std::string>(), f.at("source").get<std::string>(),
-                                f.at("source_sha256").get<std::string>(),
-                                f.at("pairs").get<int64_t>(), f.at("bytes").get<int64_t>()};
-      check_file_name(info.file, index_path + ": shards[].file");
-      c.shards.push_back(std::move(info));
-    }
-    c.empty_caption = j.at("empty_caption").get<std::string>();
-    check_file_name(c.empty_caption, index_path + ": empty_caption");
-    c.bytes_per_pair = j.at("bytes_per_pair").get<int64_t>();
-  } catch (const json::exception& e) {
-    throw Error({"bad latent cache index", index_path, "the fields of docs/formats.md section 6",
-                 e.what(), kRebuildHint});
-  }
-  return c;
-}
-
-void LatentCacheIndex::save(const std::string& index_path) const {
-  json files = json::array();
-  for (const CacheModelFile& f : model_files) {
-    files.push_back({{"role", f.role}, {"file", f.file}, {"bytes", f.bytes}, {"sha256", f.sha256}});
-  }
-  json shard_list = json::array();
-  for (const LatentCacheShardInfo& s : shards) {
-    shard_list.push_back({{"file", s.file},
-                          {"source", s.source},
-                          {"source_sha256", s.source_sha256},
-                          {"pairs", s.pairs},
-                          {"bytes", s.bytes}});
-  }
-  const json j = {{"format", kLatentCacheFormat},
-                  {"version", kLatentCacheVersion},
-                  {"family", family},
-                  {"resolution", resolution},
-                  {"dtype", dtype},
-                  {"encoder_dtype", encoder_dtype},
-                  {"shape",
-                   {{"latent_channels", shape.latent_channels},
-                    {"latent_size", shape.latent_size},
-                    {"text_length", shape.text_length},
-                    {"text_dim", shape.text_dim},
-                    {"pooled_dim", shape.pooled_dim}}},
-                  {"model_files", files},
-                  {"empty_caption", empty_caption},
-                  {"bytes_per_pair", bytes_per_pair},
-                  {"shards", shard_list}};
-  std::ofstream out(index_path, std::ios::trunc);
-  out << j.dump(2) << "\n";
-  out.flush();
-  if (!out) throw Error({"cannot write", index_path, "a writable path", "", "check free space"});
 }
 
 void check_latent_cache(const LatentCacheIndex& cache, const ShardIndex& source,
@@ -233,77 +109,42 @@ void check_latent_cache(const LatentCacheIndex& cache, const ShardIndex& source,
 }
 
 LatentCacheShard::LatentCacheShard(const LatentCacheIndex& cache, size_t shard)
-    : path_(cache.file_path(cache.shards.at(shard).file)) {
-  const LatentCacheShardInfo& info = cache.shards[shard];
-  const checkpoint::SafetensorsHeader header = checkpoint::read_safetensors_header(path_);
-  const auto meta = [&](const std::string& key) {
-    const auto it = header.metadata.find(key);
-    return it == header.metadata.end() ? std::string() : it->second;
-  };
-  if (meta("format") != kLatentCacheShardFormat || meta("source") != info.source) {
-    mismatch("not the cache shard of its source", path_,
-             fmt::format("format {} of source {}", kLatentCacheShardFormat, info.source),
-             fmt::format("format '{}' of source '{}'", meta("format"), meta("source")));
-  }
-  try {
-    keys_ = json::parse(meta("keys")).get<std::vector<std::string>>();
-  } catch (const json::exception& e) {
-    mismatch("cache shard has no key list", path_ + ": __metadata__.keys",
-             "a JSON list of the pairs' keys", e.what());
-  }
-  if (static_cast<int64_t>(keys_.size()) != info.pairs) {
-    mismatch("cache shard has the wrong number of pairs", path_ + ": __metadata__.keys",
-             std::to_string(info.pairs), std::to_string(keys_.size()));
-  }
-  for (const FieldSpec& spec : field_specs(cache.shape, cache_dtype(cache.dtype, cache.path))) {
-    std::vector<int64_t> shape{info.pairs};
-    shape.insert(shape.end(), spec.row_shape.begin(), spec.row_shape.end());
-    const checkpoint::SafetensorsEntry* e = header.find(spec.name);
-    if (e == nullptr) {
-      mismatch("cache shard lacks a tensor", path_ + ": " + spec.name,
-               fmt::format("{} {}", c10::toString(spec.dtype), shape_text(shape)), "absent");
-    }
-    if (e->dtype != spec.dtype || e->shape != shape) {
-      mismatch("cache tensor has the wrong dtype or shape", path_ + ": " + spec.name,
-               fmt::format("{} {}", c10::toString(spec.dtype), shape_text(shape)),
-               fmt::format("{} {}", c10::toString(e->dtype), shape_text(e->shape)));
-    }
-    fields_[spec.name] = Field{e->begin, row_bytes(spec), spec.dtype, spec.row_shape};
-  }
-}
+    : path_(cache.file_path(cache.shards.at(shard).file)),
+      layout_(read_latent_cache_shard_layout(cache, shard, path_)) {}
 
-torch::Tensor LatentCacheShard::read_row(std::ifstream& file, const Field& field,
+torch::Tensor LatentCacheShard::read_row(std::ifstream& file, const CacheShardField& field,
                                          int64_t position) const {
-  torch::Tensor row = torch::empty(field.row_shape, torch::TensorOptions().dtype(field.dtype));
+  torch::Tensor row = torch::empty(
+      field.row_shape, torch::TensorOptions().dtype(checkpoint::torch_dtype(field.dtype)));
   file.clear();
   file.seekg(field.begin + position * field.row_bytes);
   if (!file.read(static_cast<char*>(row.data_ptr()), field.row_bytes)) {
     throw Error({"short read", fmt::format("{}: row {}", path_, position),
                  std::to_string(field.row_bytes) + " bytes", "fewer",
-                 "was the cache changed while training? " + std::string(kRebuildHint)});
+                 "was the cache changed while training? " + std::string(kLatentCacheRebuildHint)});
   }
   return row;
 }
 
 CachedPair LatentCacheShard::read(std::ifstream& file, int64_t position,
                                   const std::string& key) const {
-  if (position < 0 || position >= static_cast<int64_t>(keys_.size()) ||
-      keys_[static_cast<size_t>(position)] != key) {
+  if (position < 0 || position >= static_cast<int64_t>(layout_.keys.size()) ||
+      layout_.keys[static_cast<size_t>(position)] != key) {
     mismatch("cache shard does not match its source shard",
              fmt::format("{}: row {}", path_, position), "key " + escape_preview(key, 100),
-             position >= 0 && position < static_cast<int64_t>(keys_.size())
-                 ? "key " + escape_preview(keys_[static_cast<size_t>(position)], 100)
+             position >= 0 && position < static_cast<int64_t>(layout_.keys.size())
+                 ? "key " + escape_preview(layout_.keys[static_cast<size_t>(position)], 100)
                  : std::string("no such row"));
   }
   CachedPair out;
-  out.ok = read_row(file, fields_.at("ok"), position).item<uint8_t>() != 0;
+  out.ok = read_row(file, layout_.fields.at("ok"), position).item<uint8_t>() != 0;
   if (!out.ok) return out;
-  out.moments = read_row(file, fields_.at("moments"), position).to(torch::kFloat32);
-  out.text = read_row(file, fields_.at("text"), position).to(torch::kFloat32);
-  if (fields_.count("pooled") != 0) {
-    out.pooled = read_row(file, fields_.at("pooled"), position).to(torch::kFloat32);
+  out.moments = read_row(file, layout_.fields.at("moments"), position).to(torch::kFloat32);
+  out.text = read_row(file, layout_.fields.at("text"), position).to(torch::kFloat32);
+  if (layout_.fields.count("pooled") != 0) {
+    out.pooled = read_row(file, layout_.fields.at("pooled"), position).to(torch::kFloat32);
   }
-  out.geometry = read_row(file, fields_.at("geometry"), position);
+  out.geometry = read_row(file, layout_.fields.at("geometry"), position);
   return out;
 }
 
@@ -314,18 +155,19 @@ LatentCacheShardWriter::LatentCacheShardWriter(const std::string& path, const Ca
     : path_(path), dtype_(dtype) {
   std::vector<checkpoint::TensorSpec> specs;
   const auto n = static_cast<int64_t>(keys.size());
-  for (const FieldSpec& f : field_specs(shape, dtype)) {
+  const checkpoint::SafetensorsDtype stored = checkpoint::safetensors_dtype(dtype, path);
+  for (const CacheFieldSpec& f : cache_field_specs(shape, stored)) {
     std::vector<int64_t> full{n};
     full.insert(full.end(), f.row_shape.begin(), f.row_shape.end());
-    specs.push_back({f.name, f.dtype, full});
+    specs.push_back({f.name, checkpoint::torch_dtype(f.dtype), full});
   }
   std::map<std::string, std::string> meta = metadata;
   meta["format"] = kLatentCacheShardFormat;
   meta["version"] = std::to_string(kLatentCacheVersion);
   meta["keys"] = json(keys).dump();
   const checkpoint::SafetensorsHeader header = checkpoint::create_safetensors(path, specs, meta);
-  for (const FieldSpec& f : field_specs(shape, dtype)) {
-    fields_[f.name] = {header.find(f.name)->begin, row_bytes(f)};
+  for (const CacheFieldSpec& f : cache_field_specs(shape, stored)) {
+    fields_[f.name] = {header.find(f.name)->begin, cache_row_bytes(f)};
   }
   out_.open(path, std::ios::binary | std::ios::in | std::ios::out);
   if (!out_) throw Error({"cannot open for writing", path, "a writable file", "", ""});

@@ -11,9 +11,15 @@
 #include <utility>
 #include <vector>
 
+#include "dde/checkpoint/safetensors_header.hpp"
+
 namespace dde::checkpoint {
 
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// The torch dtype of a stored one, and back (an Error naming `where` for one safetensors lacks).
+torch::ScalarType torch_dtype(SafetensorsDtype dtype);
+SafetensorsDtype safetensors_dtype(torch::ScalarType type, const std::string& where);
 
 // Writes tensors (any device; copied to CPU contiguous) in the order given.
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
@@ -27,8 +33,9 @@ struct SafetensorsFile {
 // Reads a whole file; every malformed part is a dde::Error naming the file and tensor.
 SafetensorsFile load_safetensors(const std::string& path);
 
-// Random access for files too large to load whole (the latent cache): the header alone, with
-// every tensor's absolute byte range in the file, checked against the file size.
+// Random access for files too large to load whole: the header alone, with every tensor's
+// absolute byte range in the file, checked against the file size (read_safetensors_layout with
+// torch dtypes).
 struct SafetensorsEntry {
   std::string name;
   torch::ScalarType dtype = torch::kFloat32;

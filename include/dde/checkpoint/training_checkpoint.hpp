@@ -13,12 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "dde/checkpoint/checkpoint_json.hpp"
 #include "dde/checkpoint/safetensors.hpp"
 #include "dde/config/config.hpp"
 
 namespace dde::checkpoint {
-
-constexpr int64_t kCheckpointVersion = 1;
 
 // What rank 0 writes: the state every rank shares.
 struct SharedState {

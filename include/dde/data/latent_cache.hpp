@@ -16,56 +16,10 @@
 #include <utility>
 #include <vector>
 
+#include "dde/data/latent_cache_format.hpp"
 #include "dde/data/shard_index.hpp"
 
 namespace dde::data {
-
-inline constexpr const char* kLatentCacheFormat = "dde-latent-cache";
-inline constexpr const char* kLatentCacheShardFormat = "dde-latent-cache-shard";
-inline constexpr int64_t kLatentCacheVersion = 1;
-
-// A frozen encoder file the cache was made with ("vae_encoder", "text_encoder", ...).
-struct CacheModelFile {
-  std::string role;
-  std::string file;  // file name (the manifest's folder may move)
-  int64_t bytes = 0;
-  std::string sha256;  // of the whole file
-};
-
-// Per pair: moments [2 images, 2 (unflipped, flipped), 2 (mean, logvar), C, h, h],
-// text [L, D], pooled [P] (pooled_dim 0: none, sd15), geometry [2 images, 4] int64
-// (original h, w, crop top, left), ok [] uint8 (0: a bad pair, its rows are zeros).
-struct CacheShape {
-  int64_t latent_channels = 0, latent_size = 0;
-  int64_t text_length = 0, text_dim = 0;
-  int64_t pooled_dim = 0;
-};
-
-struct LatentCacheShardInfo {
-  std::string file;           // cache shard, a plain file name in the cache folder
-  std::string source;         // the source shard's file name in the source index.json
-  std::string source_sha256;  // the source index's sha256 of that shard
-  int64_t pairs = 0;
-  int64_t bytes = 0;  // size of the cache shard
-};
-
-struct LatentCacheIndex {
-  std::string path;  // of index.json
-  std::string family;
-  int64_t resolution = 0;
-  std::string dtype = "fp32";          // stored: fp32 | bf16 | fp16
-  std::string encoder_dtype = "fp32";  // model.frozen_dtype the encoders ran in
-  CacheShape shape;
-  std::vector<CacheModelFile> model_files;
-  std::vector<LatentCacheShardInfo> shards;
-  std::string empty_caption = "empty_caption.safetensors";  // text (+ pooled) of ""
-  int64_t bytes_per_pair = 0;
-
-  // Parses and validates (format, version, fields, plain file names inside the folder).
-  static LatentCacheIndex load(const std::string& index_path);
-  void save(const std::string& index_path) const;
-  std::string file_path(const std::string& file) const;  // resolved against the folder
-};
 
 // "fp32" | "bf16" | "fp16"; anything else is an Error naming `where`.
 torch::ScalarType cache_dtype(const std::string& name, const std::string& where);
@@ -105,16 +59,10 @@ class LatentCacheShard {
   const std::string& path() const { return path_; }
 
  private:
-  struct Field {
-    int64_t begin = 0, row_bytes = 0;
-    torch::ScalarType dtype = torch::kFloat32;
-    std::vector<int64_t> row_shape;
-  };
-  torch::Tensor read_row(std::ifstream& file, const Field& field, int64_t position) const;
+  torch::Tensor read_row(std::ifstream& file, const CacheShardField& field, int64_t position) const;
 
   std::string path_;
-  std::vector<std::string> keys_;
-  std::map<std::string, Field> fields_;
+  LatentCacheShardLayout layout_;
 };
 
 // Writes one cache shard row by row (any order); rows not written stay zero (ok = 0).
