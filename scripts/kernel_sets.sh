@@ -15,8 +15,9 @@ tests=(
   tests/e2e/test_validation_images.py        # step-0 grids against diffusers' sampling
   tests/e2e/test_train_e2e.py                # every method against the note, bit-exact resume
   tests/e2e/test_heldout_eval.py             # the held-out figures against diffusers
-  tests/python/test_unet_blocks.py           # exported blocks against UNet2DConditionModel
 )
+# A separate pytest run: tests/python and tests/e2e each have their own conftest module.
+tool_tests=(tests/python/test_unet_blocks.py)  # exported blocks against UNet2DConditionModel
 native="$(env -u ATEN_CPU_CAPABILITY .venv/bin/python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')"
 case "$native" in
   AVX512) sets=(default avx2) ;;
@@ -28,4 +29,5 @@ echo "kernel sets: this processor runs $native; also running: ${sets[*]:-none}"
 for set in "${sets[@]}"; do
   echo "-- ATEN_CPU_CAPABILITY=$set"
   ATEN_CPU_CAPABILITY="$set" .venv/bin/python -m pytest -q "${tests[@]}" "$@"
+  ATEN_CPU_CAPABILITY="$set" .venv/bin/python -m pytest -q "${tool_tests[@]}" "$@"
 done

@@ -94,7 +94,8 @@ void require_finite(const NamedTensors& tensors, const std::string& file) {
 
 SharedState read_shared_state(const std::string& dir) {
   const std::string path = (fs::path(dir) / "trainer_state.json").string();
-  const TrainerStateFile st = parse_trainer_state(util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"), path);
+  const TrainerStateFile st = parse_trainer_state(
+      util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"), path);
   SharedState s;
   s.step = st.step;
   s.skipped_steps = st.skipped_steps;
@@ -134,7 +135,8 @@ SharedState read_shared_state(const std::string& dir) {
 
 RankState read_rank_state(const std::string& dir, int64_t rank, const SharedState& saved) {
   const std::string path = rank_file(dir, rank);
-  const RankStateFile rs = parse_rank_state(util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"), path);
+  const RankStateFile rs = parse_rank_state(
+      util::read_text_file(path, util::kMaxCheckpointJsonBytes, "checkpoint JSON"), path);
   RankState s;
   s.rank = rank;
   s.world_size = rs.world_size;

@@ -228,12 +228,14 @@ EmptyCaption load_empty_caption(const LatentCacheIndex& cache) {
                  out.pooled.defined() ? ", pooled " + shape_text(out.pooled.sizes().vec()) : ""));
   }
   // Every pair whose caption is dropped shares it: a NaN here would skip good pairs' steps.
-  for (const auto& [name, tensor] : {std::pair{"text", out.text}, std::pair{"pooled", out.pooled}}) {
+  for (const auto& [name, tensor] :
+       {std::pair{"text", out.text}, std::pair{"pooled", out.pooled}}) {
     if (!tensor.defined()) continue;
     const int64_t bad = (~torch::isfinite(tensor)).sum().item<int64_t>();
     if (bad != 0) {
       mismatch("non-finite values in the cached empty-caption embedding", path + ": " + name,
-               "finite values", fmt::format("{} of {} values NaN or infinite", bad, tensor.numel()));
+               "finite values",
+               fmt::format("{} of {} values NaN or infinite", bad, tensor.numel()));
     }
   }
   return out;

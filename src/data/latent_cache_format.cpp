@@ -155,7 +155,8 @@ LatentCacheIndex LatentCacheIndex::load(const std::string& index_path) {
   std::error_code ec;
   if (!fs::is_regular_file(index_path, ec) || !std::ifstream(index_path)) {
     throw Error({"cannot read the latent cache index", index_path, "a readable index.json",
-                 ec ? ec.message() : "", "check data.cache, or build the cache with dde_encode_cache"});
+                 ec ? ec.message() : "",
+                 "check data.cache, or build the cache with dde_encode_cache"});
   }
   return parse(util::read_text_file(index_path, util::kMaxIndexBytes, "latent cache index"),
                index_path);

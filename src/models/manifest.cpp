@@ -327,9 +327,9 @@ std::map<std::string, std::string> read_manifest_sha256(const Reader& r, const j
   const json& files = root.at("sha256");
   if (!files.is_object()) r.fail("wrong type", "sha256", "an object {file: sha256}", files.dump());
   for (const auto& [file, hash] : files.items()) {
-    const bool hex = hash.is_string() && hash.get<std::string>().size() == 64 &&
-                     hash.get<std::string>().find_first_not_of("0123456789abcdef") ==
-                         std::string::npos;
+    const bool hex =
+        hash.is_string() && hash.get<std::string>().size() == 64 &&
+        hash.get<std::string>().find_first_not_of("0123456789abcdef") == std::string::npos;
     if (!hex) r.fail("bad sha256", "sha256." + file, "64 lowercase hex digits", hash.dump());
     out[file] = hash.get<std::string>();
   }

@@ -9,6 +9,7 @@
 #include <optional>
 #include <utility>
 
+#include "cache_output.hpp"
 #include "dde/data/data_error.hpp"
 #include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_record.hpp"
@@ -18,7 +19,6 @@
 #include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
 #include "dde/pairs/pair_path.hpp"
-#include "cache_output.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
 #include "dde/util/threads.hpp"

@@ -18,7 +18,8 @@ fs::path cache_out_path(const std::string& out_dir) {
 namespace {
 
 std::string what_is_there(const fs::path& path, const fs::file_status& link) {
-  if (!fs::is_symlink(link)) return fs::is_directory(link) ? "an existing folder" : "an existing file";
+  if (!fs::is_symlink(link))
+    return fs::is_directory(link) ? "an existing folder" : "an existing file";
   std::error_code ec;
   const fs::file_status target = fs::status(path, ec);
   if (ec == std::errc::too_many_symbolic_link_levels) return "a symbolic link loop";
@@ -48,9 +49,9 @@ void check_new_output(const fs::path& path, const std::string& flag) {
   }
 }
 
-CacheOutput::CacheOutput(const std::string& out_dir, dist::Communicator& comm,
-                         torch::Device device)
-    : out_(cache_out_path(out_dir)), staging_(out_.string() + ".staging"),
+CacheOutput::CacheOutput(const std::string& out_dir, dist::Communicator& comm, torch::Device device)
+    : out_(cache_out_path(out_dir)),
+      staging_(out_.string() + ".staging"),
       rank0_(comm.rank() == 0) {
   std::optional<Error> refused;
   if (rank0_) {

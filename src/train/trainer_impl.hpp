@@ -90,7 +90,7 @@ struct Trainer::Impl {
   int64_t resolution = 0;
   int64_t accumulation = 0;
   int decode_worker_nice = 0;  // from the thread plan (util/threads.hpp)
-  int64_t step = 0;  // optimizer steps attempted so far (skipped ones included)
+  int64_t step = 0;            // optimizer steps attempted so far (skipped ones included)
   int64_t skipped_steps = 0;
   int64_t nonfinite_in_row = 0;
   std::string failure_cause;  // what failed last: "loss", "gradient", "weights after the update"

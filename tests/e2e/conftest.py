@@ -3,10 +3,15 @@ fixtures made by scripts/prepare_tiny.sh (scripts/test.sh runs it first)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
+import tarfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -94,6 +99,27 @@ def other_kernels_env() -> dict:
 
     current = torch.backends.cpu.get_cpu_capability()
     return {"ATEN_CPU_CAPABILITY": "avx2" if current == "DEFAULT" else "default"}
+
+
+def rewrite_shards(index_path: Path, out: Path, change: Callable[[str, bytes], bytes]) -> Path:
+    """A copy of the export of `index_path` in `out` whose tar members are `change(name, data)`,
+    with the sizes and hashes of index.json updated (a valid export). Returns the new index.json."""
+    shutil.copytree(index_path.parent, out)
+    index = json.loads(index_path.read_text())
+    for shard in index["shards"]:
+        path = out / shard["file"]
+        with tarfile.open(path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                data = change(name, data)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        data = path.read_bytes()
+        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (out / "index.json").write_text(json.dumps(index))
+    return out / "index.json"
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict]:

@@ -19,7 +19,6 @@ CPU's kernels, and that a wrong noise draw, pair or weight exceeds by orders of 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -33,7 +32,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel
 
-from conftest import read_metrics, read_records, run_train, tiny_overrides
+from conftest import read_metrics, read_records, rewrite_shards, run_train, tiny_overrides
 from dde_reference import schedule
 from test_multiprocess import finish, launch
 
@@ -59,26 +58,15 @@ def mix_seed(seed: int, pair_id: int, stream: int) -> int:
 
 def png_copy(index_path: Path, out: Path) -> Path:
     """The export with every image member re-encoded as PNG (lossless: the pixels Pillow decodes
-    from the JPEG); sizes and hashes in index.json updated. Returns the new index.json."""
-    out.mkdir(parents=True)
-    index = json.loads(index_path.read_text())
-    for shard in index["shards"]:
-        with tarfile.open(index_path.parent / shard["file"]) as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-        path = out / shard["file"]
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                if not name.endswith(".json"):
-                    png = io.BytesIO()
-                    Image.open(io.BytesIO(data)).convert("RGB").save(png, "PNG")
-                    data = png.getvalue()
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        data = path.read_bytes()
-        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (out / "index.json").write_text(json.dumps(index))
-    return out / "index.json"
+    from the JPEG). Returns the new index.json."""
+    def to_png(name: str, data: bytes) -> bytes:
+        if name.endswith(".json"):
+            return data
+        png = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(png, "PNG")
+        return png.getvalue()
+
+    return rewrite_shards(index_path, out, to_png)
 
 
 def held_out_pairs(index_path: Path) -> list[dict]:

@@ -8,15 +8,11 @@ Run by scripts/fake_device_check.sh (which scripts/test.sh calls)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +22,7 @@ from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from conftest import build_dir, fixtures_dir, read_records, tiny_overrides  # noqa: E402
+from conftest import build_dir, fixtures_dir, read_records, rewrite_shards, tiny_overrides  # noqa: E402
 
 METHODS = ["uniform", "discounted", "dde", "dde_single", "dde_step", "sft", "uniform_ct"]
 FAMILIES = {"sd15": "tiny_dde.yaml", "sdxl": "tiny_sdxl_dde.yaml"}
@@ -53,27 +49,14 @@ def check(r: subprocess.CompletedProcess, what: str) -> None:
 def with_a_bad_pair(family: str, tmp_path: Path) -> Path:
     """The family's shards with pair 5 of every shard's winner replaced by a GIF (skipped and
     counted as a bad pair). With shuffle_buffer 1, step 2 of 2 pairs a step meets it."""
-    export = tmp_path / "shards"
-    shutil.copytree(fixtures_dir() / "shards" / family, export)
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, "GIF")
-    index = json.loads((export / "index.json").read_text())
-    for shard in index["shards"]:
-        path = export / shard["file"]
-        with tarfile.open(path) as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                key, member = name.split(".", 1)
-                if int(key) % 16 == 2 and member == "0.jpg":
-                    data = gif.getvalue()
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        data = path.read_bytes()
-        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (export / "index.json").write_text(json.dumps(index))
-    return export
+
+    def plant(name: str, data: bytes) -> bytes:
+        key, member = name.split(".", 1)
+        return gif.getvalue() if int(key) % 16 == 2 and member == "0.jpg" else data
+
+    return rewrite_shards(fixtures_dir() / "shards" / family / "index.json", tmp_path / "shards", plant).parent
 
 
 def train_args(family: str, method: str, out: Path, *sets: str) -> list[str]:

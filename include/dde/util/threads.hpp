@@ -1,10 +1,10 @@
-// How many threads a process runs. By default LibTorch's intra-op pool gets every CPU the process is
-// given and the data decode workers run at a lower scheduling priority (nice +kDecodeWorkerNice):
-// while the loader keeps up they take only what the compute leaves idle, and when it falls behind
-// the step waits for data, the compute threads sleep and the workers get the CPUs. A fixed split
-// (CPUs - workers for the compute) left the decode workers idle on whole cores while the UNet ran
-// on one thread (bench/README.md, "The thread plan"). A user's run.threads or OMP_NUM_THREADS wins,
-// and then the workers keep the normal priority (the user chose the split).
+// How many threads a process runs. By default LibTorch's intra-op pool gets every CPU the process
+// is given and the data decode workers run at a lower scheduling priority (nice
+// +kDecodeWorkerNice): while the loader keeps up they take only what the compute leaves idle, and
+// when it falls behind the step waits for data, the compute threads sleep and the workers get the
+// CPUs. A fixed split (CPUs - workers for the compute) left the decode workers idle on whole cores
+// while the UNet ran on one thread (bench/README.md, "The thread plan"). A user's run.threads or
+// OMP_NUM_THREADS wins, and then the workers keep the normal priority (the user chose the split).
 #pragma once
 
 #include <cstdint>

@@ -47,11 +47,18 @@ TEST(SafetensorsHeader, ReadsEntriesInFileOrderWithAbsoluteOffsets) {
 
 // Every length and offset is checked against the file before anything is allocated.
 TEST(SafetensorsHeader, HeaderLengthOf2To63IsAnErrorNotAnAllocation) {
+  // Over the header limit (dde/util/input_limits.hpp) before anything else is looked at.
   const std::string path = write_raw("len63", uint64_t{1} << 63, "{}", 0);
   expect_error_mentions([&] { read_safetensors_layout(path); },
-                        {"bad safetensors header length", "9223372036854775808", "<= 2"});
-  expect_error_mentions([&] { load_safetensors(path); }, {"bad safetensors header length"});
+                        {"safetensors header too large", "9223372036854775808", "100000000"});
+  expect_error_mentions([&] { load_safetensors(path); }, {"safetensors header too large"});
   std::filesystem::remove(path);
+  // Within the limit but past the end of the file.
+  const std::string past = write_raw("len_past", uint64_t{1} << 20, "{}", 0);
+  expect_error_mentions([&] { read_safetensors_layout(past); },
+                        {"bad safetensors header length", "1048576", "<= 2"});
+  expect_error_mentions([&] { load_safetensors(past); }, {"bad safetensors header length"});
+  std::filesystem::remove(past);
 }
 
 TEST(SafetensorsHeader, OffsetsPastTheFileAreAnError) {

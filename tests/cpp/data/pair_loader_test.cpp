@@ -103,7 +103,8 @@ double ramp_direction(const torch::Tensor& images, int64_t b) {
 
 // Without CUDA: pin_memory is refused clearly.
 TEST_F(PairLoaderTest, PinMemoryWithoutCudaIsAClearRefusal) {
-  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present: PinMemory runs instead";
+  if (torch::cuda::is_available())
+    GTEST_SKIP() << "a CUDA device is present: PinMemory runs instead";
   PairLoaderOptions o = options(2);
   o.pin_memory = true;
   expect_error([&] { PairLoader loader(o); }, {"PairLoaderOptions.pin_memory", "a CUDA device"});

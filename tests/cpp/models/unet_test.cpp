@@ -103,8 +103,8 @@ TEST_P(UNetBlocks, CheckpointingGivesTheSameOutputsAndGradients) {
   // most 4 times the tensor's largest gradient (the contributions do not cancel beyond that), the
   // bound is 4 k u of the tensor's scale: the same on every CPU kernel set, since only the order of
   // summation differs between the two runs. (Measured on AVX2 and the scalar set: fp32 8.5e-7 and
-  // 8.0e-7, against 4 k u = 2.6e-6 for the tiny fixtures' 11 blocks; bf16 2.3e-2 at most, each block
-  // output rounded to bf16 once more, against 5e-2.)
+  // 8.0e-7, against 4 k u = 2.6e-6 for the tiny fixtures' 11 blocks; bf16 2.3e-2 at most, each
+  // block output rounded to bf16 once more, against 5e-2.)
   const double unit_roundoff = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -24);
   const double blocks = static_cast<double>(m.unet_blocks.size());
   const double tolerance = bf16 ? 5e-2 : 4.0 * blocks * unit_roundoff;

@@ -58,9 +58,7 @@ TEST(Threads, AnExplicitChoiceWinsAndKeepsTheWorkersPriority) {
   EXPECT_EQ(b.worker_nice, 0);
 }
 
-int thread_nice() {
-  return getpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)));
-}
+int thread_nice() { return getpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid))); }
 
 TEST(Threads, LoweringOneThreadLeavesTheOthersAlone) {
   const int before = thread_nice();
