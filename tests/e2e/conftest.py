@@ -3,6 +3,7 @@ fixtures made by scripts/prepare_tiny.sh (scripts/test.sh runs it first)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -89,6 +90,21 @@ def skip_on_forced_capability_bug(r: subprocess.CompletedProcess) -> None:
         pytest.skip(f"PyTorch's bf16 CPU attention under ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} "
                     f"on an AVX-512 processor: '{FORCED_CAPABILITY_BUG}' (a PyTorch inconsistency; the fp32 "
                     "comparisons still run)")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's default dtype set to `dtype` inside: a float64 recomputation needs it, because some
+    library code builds constants with the default dtype (transformers' CLIP causal mask fills a
+    default-dtype tensor with finfo(float64).min). Noise drawn inside must name its dtype."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def other_kernels_env() -> dict:

@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel
 
-from conftest import read_metrics, read_records, rewrite_shards, run_train, tiny_overrides
+from conftest import default_dtype, read_metrics, read_records, rewrite_shards, run_train, tiny_overrides
 from dde_reference import schedule
 from test_multiprocess import finish, launch
 
@@ -116,12 +116,13 @@ def recompute(fixtures: Path, checkpoint: Path, seed: int, index: Path, dtype=to
         images = torch.stack([preprocess(pair["winner"], 64), preprocess(pair["loser"], 64)]).to(dtype)
         dist = vae.encode(images).latent_dist
         g = torch.Generator().manual_seed(mix_seed(seed, pid, 0))
-        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for _ in range(2)]).to(dtype)
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, dtype=torch.float32)
+                             for _ in range(2)]).to(dtype)
         latents = (dist.mean + dist.std * noise) * vae.config.scaling_factor
         cond = text(torch.tensor([pair["ids"]] * 2)).last_hidden_state
         for j, t in enumerate(T_BINS):
             g = torch.Generator().manual_seed(mix_seed(seed, pid, 1 + t))
-            eps = torch.randn(latents.shape[1:], generator=g).to(dtype).expand_as(latents)
+            eps = torch.randn(latents.shape[1:], generator=g, dtype=torch.float32).to(dtype).expand_as(latents)
             abar = TABLES["abar"][t]
             x_t = (math.sqrt(abar) * latents + math.sqrt(1 - abar) * eps).to(dtype)
             steps = torch.full((2,), t)
@@ -187,7 +188,8 @@ def _check_against_recomputation(run: Path, fixtures: Path, index: Path, label: 
     record = read_records(run, "eval")[-1]
     assert record["step"] == STEPS
     checkpoint = run / "checkpoints" / f"step-{STEPS:08d}"
-    want = recompute(fixtures, checkpoint, seed=7, index=index, dtype=torch.float64)
+    with default_dtype(torch.float64):
+        want = recompute(fixtures, checkpoint, seed=7, index=index, dtype=torch.float64)
     single = recompute(fixtures, checkpoint, seed=7, index=index, dtype=torch.float32)
     assert record["pairs"] == want["pairs"]
     # Per bin: the float32 noise floor of a pair's Delta, measured here on this CPU's kernels.
