@@ -117,24 +117,35 @@ def other_kernels_env() -> dict:
     return {"ATEN_CPU_CAPABILITY": "avx2" if current == "DEFAULT" else "default"}
 
 
+def refresh_index(export: Path) -> None:
+    """Rewrites bytes and sha256 of every shard after an edit (what the exporter writes)."""
+    index = json.loads((export / "index.json").read_text())
+    for shard in index["shards"]:
+        data = (export / shard["file"]).read_bytes()
+        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (export / "index.json").write_text(json.dumps(index))
+
+
+def rewrite_members(export: Path, shard: str, edit: Callable[[str, bytes], bytes]) -> None:
+    """Rewrites one shard with edit(name, data) applied to every member, as plain ustar."""
+    path = export / shard
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            data = edit(name, data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    refresh_index(export)
+
+
 def rewrite_shards(index_path: Path, out: Path, change: Callable[[str, bytes], bytes]) -> Path:
     """A copy of the export of `index_path` in `out` whose tar members are `change(name, data)`,
     with the sizes and hashes of index.json updated (a valid export). Returns the new index.json."""
     shutil.copytree(index_path.parent, out)
-    index = json.loads(index_path.read_text())
-    for shard in index["shards"]:
-        path = out / shard["file"]
-        with tarfile.open(path) as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                data = change(name, data)
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        data = path.read_bytes()
-        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (out / "index.json").write_text(json.dumps(index))
+    for shard in json.loads(index_path.read_text())["shards"]:
+        rewrite_members(out, shard["file"], change)
     return out / "index.json"
 
 

@@ -8,18 +8,15 @@ rewritten, token ids, counts, paths and hashes in index.json.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from PIL import Image
 
-from conftest import run_train, tiny_overrides
+from conftest import rewrite_members, run_train, tiny_overrides
 
 STEPS = 3  # 4 pairs per step: 12 of the fixture's pairs
 
@@ -28,29 +25,6 @@ def copy_export(fixtures: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "shards"
     shutil.copytree(fixtures / "shards" / "sd15", dst)
     return dst
-
-
-def refresh_index(export: Path) -> None:
-    """Rewrites bytes and sha256 of every shard after an edit (what the exporter writes)."""
-    index = json.loads((export / "index.json").read_text())
-    for shard in index["shards"]:
-        data = (export / shard["file"]).read_bytes()
-        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (export / "index.json").write_text(json.dumps(index))
-
-
-def rewrite_members(export: Path, shard: str, edit: Callable[[str, bytes], bytes]) -> None:
-    """Rewrites one shard with edit(name, data) applied to every member, as plain ustar."""
-    path = export / shard
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            data = edit(name, data)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    refresh_index(export)
 
 
 def with_jpeg_size(jpeg: bytes, height: int, width: int) -> bytes:
