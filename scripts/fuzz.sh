@@ -17,14 +17,14 @@ mkdir -p "$out"
 fmt_include="$(.venv/bin/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "include"))')"
 flags=(-std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined
        -Iinclude -Itests/fuzz -isystem /usr/include/stb -DFMT_HEADER_ONLY=1)
-common=(src/util/error.cpp src/data/data_error.cpp)
+common=(src/util/error.cpp src/data/data_error.cpp src/util/file_read.cpp)
 declare -A sources=(
   [fuzz_tar_reader]="src/data/tar_reader.cpp"
   [fuzz_pair_record]="src/data/tar_reader.cpp src/data/pair_record.cpp"
   [fuzz_shard_index]="src/data/shard_index.cpp"
   [fuzz_image_decode]="src/data/image_decode.cpp src/data/image.cpp tests/fuzz/stb_image_impl.cpp"
   [fuzz_safetensors_header]="src/checkpoint/safetensors_header.cpp"
-  [fuzz_latent_cache]="src/data/latent_cache_format.cpp src/checkpoint/safetensors_header.cpp src/util/file_read.cpp"
+  [fuzz_latent_cache]="src/data/latent_cache_format.cpp src/checkpoint/safetensors_header.cpp"
   [fuzz_checkpoint_json]="src/checkpoint/checkpoint_json.cpp"
 )
 declare -A libs=([fuzz_image_decode]="-lturbojpeg")

@@ -15,9 +15,9 @@ namespace {
 // A file of the 8-byte length `length`, then `header`, then `data_bytes` zero bytes.
 std::string write_raw(const std::string& name, uint64_t length, const std::string& header,
                       size_t data_bytes) {
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("dde_sth_" + std::to_string(::getpid()) + "_" + name))
-                               .string();
+  std::string path = (std::filesystem::temp_directory_path() /
+                      ("dde_sth_" + std::to_string(::getpid()) + "_" + name))
+                         .string();
   std::string bytes(8, '\0');
   for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((length >> (8 * i)) & 0xFF);
   bytes += header + std::string(data_bytes, '\0');

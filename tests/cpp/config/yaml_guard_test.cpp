@@ -31,7 +31,7 @@ class YamlGuard : public ::testing::Test {
   void TearDown() override { fs::remove_all(dir_); }
 
   std::string write(const std::string& text) const {
-    const std::string path = (dir_ / "cfg.yaml").string();
+    std::string path = (dir_ / "cfg.yaml").string();
     std::ofstream(path, std::ios::binary) << text;
     return path;
   }
