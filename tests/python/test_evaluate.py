@@ -383,7 +383,10 @@ def test_an_interrupted_run_resumes_and_sample_only_then_scores(fixture_dir, pro
     assert len(records) == 12 and all(r["clip"] is not None for r in records)
     assert Image.open(out / "images" / "dde" / "00001_01.png").size == (64, 64)
     # The same images, twice: every pair ties.
-    assert json.loads((out / "summary.json").read_text())["models"]["dde"]["clip"]["vs_base"]["ties"] == 6
+    # Base and dde are the same pipeline: five pairs are images drawn in the same batches, so they
+    # tie exactly; the redrawn image was drawn alone (batch 1 instead of 2), and a convolution may
+    # sum in another order at another batch size on some CPUs, so it ties or nearly ties.
+    assert json.loads((out / "summary.json").read_text())["models"]["dde"]["clip"]["vs_base"]["ties"] in (5, 6)
 
 
 def test_settings_changed_draws_again(fixture_dir, prompt_file, tmp_path, monkeypatch) -> None:
