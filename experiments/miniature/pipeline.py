@@ -55,3 +55,10 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=fixtures.PICKAPIC_SCHEMA), path, row_group_size=512)
     return path
+
+
+def load_pipeline(folder: Path):
+    """A saved miniature pipeline (the base, or a preference run exported by export_diffusers)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

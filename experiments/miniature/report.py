@@ -1,4 +1,4 @@
-"""Tables and figures of the miniature experiment (v2) from the per-run score files.
+"""Tables and figures of the miniature experiment (v3) from the per-run score files.
 
 Each trained model m (a variant at one training seed) and the base are sampled on the same
 prompts with the same sampler seeds (dde_tools.evaluate's layout), so scores pair up:
@@ -131,7 +131,7 @@ def summarize_v2(base: dict, runs: dict[str, list[Path]], annotators: Sequence[s
         if dirs:
             variants[name] = {a: summarize_variant(load(dirs, split, a), np.asarray(base[split][a]))
                               for a in annotators}
-            variants[name]["named"] = float(load(dirs, split, "named").mean())
+            variants[name]["named"] = summarize_variant(load(dirs, split, "named"), np.asarray(base[split]["named"]))
     for a_name, b_name in contrasts:
         common = sorted(set(seeds_of.get(a_name, {})) & set(seeds_of.get(b_name, {})))
         if common:
@@ -139,7 +139,7 @@ def summarize_v2(base: dict, runs: dict[str, list[Path]], annotators: Sequence[s
                 a: paired_difference(load([seeds_of[a_name][k] for k in common], split, a),
                                      load([seeds_of[b_name][k] for k in common], split, a))
                 for a in annotators}
-    base_means = {sp: {k: float(np.mean(v)) for k, v in base[sp].items()} for sp in base}
+    base_means = {sp: {k: float(np.mean(v)) for k, v in base[sp].items()} for sp in base if isinstance(base[sp], dict)}
     return {"split": split, "base": base_means, "variants": variants, "contrasts": pairs}
 
 
@@ -171,10 +171,17 @@ def training_ranking(step_records: Sequence[dict], last: int) -> dict | None:
             "misranked": float(counts.sum() / total.sum()) if total.sum() else None}
 
 
-def sweep_rows(scores_by_job: Sequence[tuple[str, float, int, dict]], annotators: Sequence[str]) -> list[dict]:
-    """One row per finished sweep run (variant, beta, seed, its validation scores): the means."""
-    return [{"variant": name, "beta": beta, "seed": seed, **{a: float(np.mean(val[a])) for a in annotators},
-             "named": float(np.mean(val["named"]))} for name, beta, seed, val in scores_by_job]
+def sweep_rows(scores_by_job: Sequence[tuple[str, float, float, int, dict]],
+               annotators: Sequence[str]) -> list[dict]:
+    """One row per finished sweep run (variant, lr, beta, seed, its validation scores): the means."""
+    return [{"variant": name, "lr": lr, "beta": beta, "seed": seed,
+             **{a: float(np.mean(val[a])) for a in annotators}, "named": float(np.mean(val["named"]))}
+            for name, lr, beta, seed, val in scores_by_job]
+
+
+def interval(entry: dict) -> dict:
+    """{mean, lo, hi} of a summarize_variant entry's delta (results-v3.json's form)."""
+    return {"mean": entry["delta"], "lo": entry["delta_ci95"][0], "hi": entry["delta_ci95"][1]}
 
 
 def _ci(entry: dict, key: str = "delta", ci: str = "delta_ci95", spec: str = "+.3f") -> str:
@@ -191,30 +198,36 @@ def _base_lines(results: dict, annotators: Sequence[str]) -> list[str]:
 
 
 def _sweep_lines(results: dict, annotators: Sequence[str], labeller: str) -> list[str]:
-    lines = [f"## Beta sweep (first seed, validation prompts; the best {labeller} mean is chosen)", "",
-             "| variant | beta | " + " | ".join(annotators) + " | named | chosen |",
-             "| --- | ---: | " + " | ".join("---:" for _ in annotators) + " | ---: | --- |"]
-    chosen = results["chosen_beta"]
+    lines = [f"## Sweep (first seed, validation prompts; the best {labeller} mean is chosen)", "",
+             "| variant | lr | beta | " + " | ".join(annotators) + " | named | chosen |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in annotators) + " | ---: | --- |"]
+    chosen = results["chosen"]
     for row in results["sweep"]:
-        mark = "yes" if chosen.get(row["variant"], {}).get("beta") == row["beta"] else ""
-        lines.append(f"| {row['variant']} | {row['beta']:g} | " + " | ".join(f"{row[a]:.3f}" for a in annotators)
-                     + f" | {row['named']:.3f} | {mark} |")
+        pick = chosen.get(row["variant"], {})
+        mark = "yes" if (pick.get("lr"), pick.get("beta")) == (row["lr"], row["beta"]) else ""
+        lines.append(f"| {row['variant']} | {row['lr']:g} | {row['beta']:g} | "
+                     + " | ".join(f"{row[a]:.3f}" for a in annotators) + f" | {row['named']:.3f} | {mark} |")
     return lines + [""]
 
 
 def _variant_lines(results: dict, names: Sequence[str], annotators: Sequence[str]) -> list[str]:
     split, base, held = results["split"], results["base"], results.get("held_out", {})
-    lines = [f"## Every variant at its beta ({split} prompts; Δ vs the base with 95 % CI over seeds and prompts)",
-             "", "| variant | beta | seeds | " + " | ".join(f"{a} | Δ {a}" for a in annotators)
-             + f" | named | win rate vs base ({annotators[0]}) | held-out acc |",
-             "| --- | ---: | ---: | " + " | ".join("---: | ---" for _ in annotators) + " | ---: | --- | ---: |",
-             "| base | | | " + " | ".join(f"{base[split][a]:.3f} |" for a in annotators)
-             + f" | {base[split]['named']:.3f} | | |"]
+    lines = [f"## Every variant at its setting ({split} prompts; Δ vs the base with 95 % CI over seeds and "
+             "prompts; drift: rise of the denoising error on held-out images over the base's "
+             f"{results['base_denoising_error']:.5f})", "",
+             "| variant | lr | beta | seeds | " + " | ".join(f"{a} | Δ {a}" for a in annotators)
+             + f" | named | Δ named | win rate vs base ({annotators[0]}) | drift | c_t_final | held-out acc |",
+             "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---" for _ in annotators)
+             + " | ---: | --- | --- | ---: | ---: | ---: |",
+             "| base | | | | " + " | ".join(f"{base[split][a]:.3f} |" for a in annotators)
+             + f" | {base[split]['named']:.3f} | | | | | |"]
     for name in [n for n in names if n in results["variants"]]:
-        v, acc = results["variants"][name], held.get(name)
-        lines.append(f"| {name} | {results['betas'][name]:g} | {v[annotators[0]]['seeds']} | "
+        v, acc, setting = results["variants"][name], held.get(name), results["settings_of"][name]
+        c_t = "-" if v.get("c_t_final") is None else f"{v['c_t_final']:.2e}"
+        lines.append(f"| {name} | {setting['lr']:g} | {setting['beta']:g} | {v[annotators[0]]['seeds']} | "
                      + " | ".join(f"{v[a]['mean']:.3f} | {_ci(v[a])}" for a in annotators)
-                     + f" | {v['named']:.3f} | {_ci(v[annotators[0]], 'win_rate', 'win_ci95', '.3f')} | "
+                     + f" | {v['named']['mean']:.3f} | {_ci(v['named'])}"
+                     + f" | {_ci(v[annotators[0]], 'win_rate', 'win_ci95', '.3f')} | {v['drift']:+.5f} | {c_t} | "
                      + (f"{acc['implicit_acc']:.3f}" if acc else "-") + " |")
     return lines + [""]
 
@@ -249,18 +262,53 @@ def _held_out_lines(results: dict, names: Sequence[str]) -> list[str]:
                   "| variant | all t | " + " | ".join(f"{100 * k}-{100 * k + 99}" for k in range(10)) + " |",
                   "| --- | ---: | " + " | ".join("---:" for _ in range(10)) + " |"]
         for name, r in rows:
-            lines.append(f"| {name} | {r['misranked']:.2f} | "
+            overall = "-" if r["misranked"] is None else f"{r['misranked']:.2f}"
+            lines.append(f"| {name} | {overall} | "
                          + " | ".join("-" if m is None else f"{m:.2f}" for m in r["misranked_by_bin"]) + " |")
     return lines + [""]
 
 
-def markdown_v2(results: dict, names: Sequence[str], annotators: Sequence[str], labeller: str) -> str:
-    """results.md: the base, the sweep, every variant, the paired differences, ranking by t."""
-    lines = [f"# Miniature world v2: results ({results['split']} prompts)", ""]
-    lines += _base_lines(results, annotators) + _sweep_lines(results, annotators, labeller)
+def _pair_lines(results: dict) -> list[str]:
+    lines = ["## Pairs (the best and the worst of K base samples per prompt)", "",
+             "| set | prompts | labels | sample score mean | pair gap mean | pair gap median |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for name, st in results.get("pairs", {}).items():
+        lines.append(f"| {name} | {st['prompts']} | {st['labels']} | {st['sample_score_mean']:.3f} | "
+                     f"{st['pair_gap_mean']:.3f} | {st['pair_gap_median']:.3f} |")
+    return lines + [""]
+
+
+def markdown_v3(results: dict, names: Sequence[str], annotators: Sequence[str], labeller: str) -> str:
+    """results.md: the base, the pairs, the sweep, every variant, the paired differences, ranking by t."""
+    lines = [f"# Miniature world v3: results ({results['split']} prompts)", ""]
+    lines += _base_lines(results, annotators) + _pair_lines(results) + _sweep_lines(results, annotators, labeller)
     lines += _variant_lines(results, names, annotators) + _contrast_lines(results, annotators)
     lines += _held_out_lines(results, names)
     return "\n".join(lines)
+
+
+def gain_vs_drift(results: dict, labeller: str, path: Path) -> Path:
+    """Reward against drift: per variant, the test gain of the labeller's score over the base
+    (with its 95 % interval) against the rise of the denoising error on held-out images (the
+    spread over seeds as a bar). A method is better only if it gains more at equal drift."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (name, v) in enumerate(results["variants"].items()):
+        if "drift" not in v:
+            continue
+        gain, (low, high) = v[labeller]["delta"], v[labeller]["delta_ci95"]
+        spread = v["drift_by_seed"]
+        ax.errorbar(v["drift"], gain, yerr=[[gain - low], [high - gain]],
+                    xerr=[[v["drift"] - min(spread)], [max(spread) - v["drift"]]], fmt="o", ms=5, capsize=3,
+                    color=plt.cm.tab10(k % 10), label=name)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(xlabel="drift: denoising error on held-out images - base's", ylabel=f"Δ {labeller} vs base (test)",
+           title="gain against drift")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def credit_heatmaps(run_dirs: dict[str, list[Path]], path: Path) -> Path:

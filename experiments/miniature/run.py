@@ -1,23 +1,26 @@
-"""The miniature world experiment v2, end to end (docs/miniature.md).
+"""The miniature world experiment v3, end to end (docs/miniature.md).
 
     python -m miniature.run [--smoke] [--out DIR] [--bin build/dde_train] [all|prepare|report]
 
 (PYTHONPATH=scripts:experiments; `bash experiments/miniature/run.sh` sets it.) Stages, each
 skipped when its output is already there, so an interrupted run continues where it stopped:
 
- 1. prompts: validation (chooses beta), test (reports), held-out pairs' prompts; none trained on;
+ 1. prompts: one pool of three-object captions split at random into validation (chooses lr and
+    beta), test (reports), training-pair and held-out-pair prompts: one distribution, four
+    disjoint sets, none of them in the pretraining data;
  2. a small VAE trained on world images; the annotators' scores of reconstructions vs originals;
  3. the base (miniature.pretrain): a world tokenizer, text encoder and UNet pretrained together in
     Python on imperfectly captioned images, exported to TorchScript by dde_tools.export_models;
- 4. the base sampled on the validation and test prompts, scored by both annotators;
- 5. pairs: two base samples per prompt labelled by the content annotator (dde_tools.relabel:
-    higher wins, a difference under the margin is a tie), parquet -> shards; a held-out pair set
-    the same way on other prompts (dde_train's eval: implicit accuracy and misranked by t);
- 6. the beta sweep: each swept variant at beta0 x {1/4, 1, 4}, first seed, scored on the
-    validation prompts; the best mean (labelling annotator) is that variant's beta;
- 7. the final runs: every variant at its beta and every seed (the sweep's runs are reused);
- 8. report: results.json, results.md, figures/ (rewritten after every run, so a partial run
-    still yields its tables).
+ 4. the base sampled on the validation and test prompts, scored by both annotators, and its
+    denoising error on held-out images (the zero of the drift axis);
+ 5. pairs: K base samples per prompt, the best and the worst by the content annotator
+    (dde_tools.relabel: higher wins, a difference under the margin is a tie), parquet -> shards;
+    a held-out pair set the same way on other prompts (dde_train's eval);
+ 6. the sweep: each variant at every (lr, beta) of one grid (lr only where beta has no effect),
+    first seed, scored on the validation prompts; the best content mean is that variant's setting;
+ 7. the final runs: every variant at its setting and every seed (the sweep's runs are reused);
+ 8. report: results.json, results.md, figures/, samples.npz (rewritten after every run, so a
+    partial run still yields its tables).
 Every stage's wall time is added to timings.json.
 """
 
@@ -56,46 +59,40 @@ SPLITS = ("val", "test")
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the results: dde_train overrides (all but beta) and whose beta it uses."""
+    """One row of the results: dde_train overrides (all but lr and beta) and whose (lr, beta) it uses."""
 
     name: str
     sets: tuple[str, ...]
-    beta_from: str  # a swept variant (itself when swept)
-    epochs_factor: float = 1.0  # x Settings.epochs
+    tuned_from: str  # a swept variant (itself when swept)
+    uses_beta: bool = True  # False: beta has no effect (sft), the sweep varies lr only
+    has_correction: bool = False  # z carries C_t (dde, dde_step): c_t_final is reported
 
 
-def _window(method: str, lo: int, hi: int) -> Variant:
-    return Variant(f"{method}_t{lo}-{hi}", (f"method.name={method}", f"method.t_lo={lo}", f"method.t_hi={hi}"),
-                   method)
+def _window(method: str, lo: int, hi: int, has_correction: bool) -> Variant:
+    name = f"{method}_t{lo}-{hi}"
+    return Variant(name, (f"method.name={method}", f"method.t_lo={lo}", f"method.t_hi={hi}"), name,
+                   has_correction=has_correction)
 
 
 VARIANTS = (
     Variant("uniform", ("method.name=uniform",), "uniform"),
-    Variant("dde", ("method.name=dde",), "dde"),
+    Variant("sft", ("method.name=sft",), "sft", uses_beta=False),
+    Variant("dde", ("method.name=dde",), "dde", has_correction=True),
     Variant("dde_single", ("method.name=dde_single",), "dde_single"),
-    Variant("dde_calibrated", ("method.name=dde", "method.temperature=calibrated"), "dde_calibrated"),
-    Variant("dde_single_calibrated", ("method.name=dde_single", "method.temperature=calibrated"),
-            "dde_single_calibrated"),
-    Variant("dde_debias", ("method.name=dde", "method.ema_debias=true"), "dde"),
-    Variant("uniform_ct", ("method.name=uniform_ct",), "uniform"),
-    _window("uniform", 200, 700),
-    _window("uniform", 0, 100),
-    _window("uniform", 900, 1000),
-    _window("dde", 200, 700),
-    # The regime probe: does a 4x longer run rank the training pairs (first seed only)?
-    Variant("uniform_long", ("method.name=uniform",), "uniform", 4.0),
-    Variant("dde_long", ("method.name=dde",), "dde", 4.0),
+    Variant("dde_step", ("method.name=dde_step",), "dde_step", has_correction=True),
+    Variant("uniform_ct", ("method.name=uniform_ct",), "uniform_ct"),
+    _window("dde", 200, 700, has_correction=True),
 )
 # (a, b): the paired differences a - b the report gives intervals for.
-CONTRASTS = (("dde", "uniform"), ("dde_single", "uniform"), ("dde", "dde_single"),
-             ("dde_calibrated", "dde"), ("dde_single_calibrated", "dde_single"), ("dde_debias", "dde"),
-             ("uniform_ct", "uniform"), ("dde_t200-700", "dde"), ("dde_t200-700", "uniform_t200-700"),
-             ("dde_long", "uniform_long"), ("uniform_long", "uniform"), ("dde_long", "dde"))
+CONTRASTS = (("sft", "uniform"), ("dde", "uniform"), ("dde_single", "uniform"), ("dde_step", "uniform"),
+             ("uniform_ct", "uniform"), ("dde_t200-700", "uniform"), ("dde", "dde_single"),
+             ("dde_t200-700", "dde"))
 
 
 @dataclass(frozen=True)
 class Settings:
     seed: int = 0
+    prompt_objects: int = 3  # every held-out prompt set is drawn from three-object scenes
     val_prompts: int = 40
     test_prompts: int = 100
     images_per_prompt: int = 2
@@ -106,32 +103,32 @@ class Settings:
     base_rows: int = 20000
     caption_noise: float = 0.2  # fraction of pretraining captions with one attribute changed
     base: pretrain.PretrainSettings = pretrain.PretrainSettings()
-    pair_prompts: int = 640
+    pair_prompts: int = 768
     eval_pair_prompts: int = 96
+    pair_samples: int = 4  # K base samples per pair prompt: the best and the worst make the pair
     labeller: str = "content"
     sample_steps: int = 20  # DDIM
     guidance: float = 3.0
     tie_margin: float = 0.02  # annotator units
-    epochs: float = 4.0  # passes over the training pairs in every preference run
+    epochs: float = 6.0  # passes over the training pairs in every preference run
     batch: int = 32  # pairs per preference step
-    lr: float = 3e-5  # 3e-4 (v1's) wrecked the v2 base: docs/miniature.md
-    beta0: float = 500.0
-    sweep: tuple[str, ...] = ("uniform", "dde", "dde_single", "dde_calibrated", "dde_single_calibrated")
-    factors: tuple[float, ...] = (0.25, 1.0, 4.0)
+    lrs: tuple[float, ...] = (5e-5, 2e-4)  # the grid every variant is tuned on
+    betas: tuple[float, ...] = (500.0, 5000.0)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS if v.epochs_factor == 1.0)
-    long_variants: tuple[str, ...] = ("uniform_long", "dde_long")
+    sweep: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
     eval_t_bins: tuple[int, ...] = (100, 300, 500, 700, 900)
+    drift_images: int = 256  # held-out images whose denoising error measures the drift from the base
+    drift_t: tuple[int, ...] = (100, 300, 500, 700, 900)
     parallel: int = 2
 
 
 FULL = Settings()
 SMOKE = replace(FULL, val_prompts=4, test_prompts=6, images_per_prompt=1, vae_images=256, vae_steps=20,
                 recon_images=32, base_rows=128, base=pretrain.PretrainSettings(steps=4, batch=16), pair_prompts=40,
-                eval_pair_prompts=8, sample_steps=3, epochs=0.5, batch=8, sweep=("uniform", "dde", "dde_single"),
-                factors=(0.25, 4.0), seeds=(0, 1), eval_t_bins=(100, 500, 900),
-                variants=("uniform", "dde", "dde_single", "dde_calibrated", "uniform_ct", "uniform_t200-700"),
-                long_variants=("uniform_long",))
+                eval_pair_prompts=8, pair_samples=3, sample_steps=3, epochs=0.5, batch=8, lrs=(1e-4,),
+                betas=(250.0, 2000.0), seeds=(0, 1), eval_t_bins=(100, 500, 900), drift_images=16,
+                drift_t=(100, 900))
 
 
 def log(message: str) -> None:
@@ -161,15 +158,25 @@ def variant(name: str) -> Variant:
 # --- stages 1-3: prompts, VAE, base -------------------------------------------------------------
 
 
+PROMPT_SETS = ("val", "test", "pairs", "eval_pairs")
+
+
 def prompts_stage(out: Path, s: Settings) -> dict[str, list[str]]:
-    """Validation, test and held-out-pair prompts, mutually distinct."""
+    """Validation, test, training-pair and held-out-pair prompts: one pool of distinct captions of
+    s.prompt_objects-object scenes, shuffled and cut into four disjoint sets of one distribution."""
     path = out / "prompts.json"
     if not path.is_file():
-        val = world.prompts(s.seed + 1, s.val_prompts)
-        test = world.prompts(s.seed + 11, s.test_prompts, exclude=set(val))
-        pairs = world.prompts(s.seed + 12, s.eval_pair_prompts, exclude=set(val) | set(test))
-        report.write_json(path, {"val": val, "test": test, "eval_pairs": pairs})
+        sizes = (s.val_prompts, s.test_prompts, s.pair_prompts, s.eval_pair_prompts)
+        pool = world.prompts(s.seed + 1, sum(sizes), objects=s.prompt_objects)
+        np.random.default_rng(s.seed + 11).shuffle(pool)
+        cuts = np.cumsum((0, *sizes))
+        report.write_json(path, {name: pool[a:b] for name, a, b in zip(PROMPT_SETS, cuts[:-1], cuts[1:])})
     return json.loads(path.read_text())
+
+
+def held_out_prompts(prompts: dict[str, list[str]]) -> set[str]:
+    """Every caption the pretraining data must not contain."""
+    return {p for name in PROMPT_SETS for p in prompts[name]}
 
 
 def vae_stage(out: Path, s: Settings) -> dict:
@@ -207,7 +214,7 @@ def base_stage(out: Path, s: Settings, prompts: dict[str, list[str]]) -> Path:
     if manifest.is_file():
         return manifest
     torch.set_num_threads(max(1, s.parallel))  # nothing else runs beside it
-    exclude = set(prompts["val"]) | set(prompts["test"]) | set(prompts["eval_pairs"])
+    exclude = held_out_prompts(prompts)
     summary = pretrain.build_base(out / "vae", out / "base" / "pipeline", s.base_rows, s.caption_noise, exclude,
                                   s.base, log)
     torch.set_num_threads(1)
@@ -251,15 +258,54 @@ def evaluate_pipeline(pipeline_dir: Path, model: str, prompts: dict[str, list[st
     return result
 
 
+# --- the drift: denoising error on held-out images ---------------------------------------------
+
+
+def drift_probe(out: Path, s: Settings) -> dict:
+    """Fixed held-out world images with their true captions, VAE latents and noise, made once:
+    s.drift_images scenes from a seed no other stage draws from."""
+    path = out / "drift_probe.pt"
+    if not path.is_file():
+        rng = np.random.default_rng(s.seed + 7)
+        scenes = [world.sample_scene(rng) for _ in range(s.drift_images)]
+        vae = vae_io.AutoencoderKL.from_pretrained(out / "vae")
+        latents = pretrain.encode_latents(vae, vae_io.to_tensor([world.render(scene) for scene in scenes]))
+        noise = torch.randn((len(s.drift_t), *latents.shape), generator=torch.Generator().manual_seed(s.seed + 7))
+        torch.save({"latents": latents, "noise": noise, "t": list(s.drift_t),
+                    "captions": [world.caption(scene) for scene in scenes]}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return torch.load(path)
+
+
+@torch.no_grad()
+def denoising_error(pipeline_dir: Path, probe: dict) -> float:
+    """Mean epsilon-prediction MSE of a pipeline's UNet on the probe, over its t: the quantity the
+    base was pretrained to lower. Its rise over the base's is the policy's drift."""
+    loaded = pipe_io.load_pipeline(pipeline_dir)
+    ids = pretrain.token_ids(loaded.tokenizer, probe["captions"])
+    context = loaded.text_encoder(ids).last_hidden_state
+    alphas = loaded.scheduler.alphas_cumprod.float()
+    errors = []
+    for k, t in enumerate(probe["t"]):
+        a = alphas[t]
+        noisy = a.sqrt() * probe["latents"] + (1 - a).sqrt() * probe["noise"][k]
+        steps = torch.full((len(noisy),), t, dtype=torch.long)
+        errors.append(float(((loaded.unet(noisy, steps, context).sample - probe["noise"][k]) ** 2).mean()))
+    return float(np.mean(errors))
+
+
 # --- stage 4: the base's scores; stage 5: pairs -------------------------------------------------
 
 
 def base_eval_stage(out: Path, s: Settings, prompts: dict[str, list[str]]) -> dict:
     path = out / "eval" / "base.json"
     if not path.is_file():
-        report.write_json(path, evaluate_pipeline(out / "base" / "pipeline", "base", prompts, out, s))
+        scores = evaluate_pipeline(out / "base" / "pipeline", "base", prompts, out, s)
+        scores["denoising_error"] = denoising_error(out / "base" / "pipeline", drift_probe(out, s))
+        report.write_json(path, scores)
     scores = json.loads(path.read_text())
-    log("base: " + ", ".join(f"{split} {k} {np.mean(v):.3f}" for split in SPLITS for k, v in scores[split].items()))
+    log("base: " + ", ".join(f"{split} {k} {np.mean(v):.3f}" for split in SPLITS for k, v in scores[split].items())
+        + f", denoising error {scores['denoising_error']:.5f}")
     return scores
 
 
@@ -272,15 +318,21 @@ def shards(parquet: Path, out: Path, tokenizer: Path) -> Path:
 
 
 def labelled_pairs(out: Path, s: Settings, name: str, prompts: list[str], seed: int) -> Path:
-    """Two base samples per prompt, labelled by the labelling annotator, as shards."""
+    """s.pair_samples base samples per prompt; the best and the worst by the labelling annotator make
+    the pair, labelled by it (dde_tools.relabel), as shards."""
     parquet = out / name / "pairs.parquet"
     if not parquet.is_file():
         folder = out / name / "samples"
-        records = sample(out / "base" / "pipeline", "base", prompts, 2, folder, s, seed=seed)
-        by_key = {(r["prompt_index"], r["image_index"]): r for r in records}
-        rows = [pipe_io.pickapic_row(i, p, (folder / by_key[(i, 0)]["image"]).read_bytes(),
-                                     (folder / by_key[(i, 1)]["image"]).read_bytes(), 0.5)
-                for i, p in enumerate(prompts)]
+        records = sample(out / "base" / "pipeline", "base", prompts, s.pair_samples, folder, s, seed=seed)
+        by_prompt: dict[int, list[dict]] = {}
+        for r in records:
+            by_prompt.setdefault(r["prompt_index"], []).append(r)
+        rows = []
+        for i, p in enumerate(prompts):
+            ranked = sorted(by_prompt[i], key=lambda r: (r[s.labeller], -r["image_index"]))
+            best, worst = ranked[-1], ranked[0]
+            rows.append(pipe_io.pickapic_row(i, p, (folder / best["image"]).read_bytes(),
+                                             (folder / worst["image"]).read_bytes(), 0.5))
         table = pa.Table.from_pylist(rows, schema=pipe_io.fixtures.PICKAPIC_SCHEMA)
         counts = relabel.Counts()
         table = relabel.relabel_table(table, ANNOTATORS[s.labeller](), s.tie_margin, 256, counts)
@@ -304,15 +356,21 @@ def training_pairs(out: Path) -> int:
 
 # --- stages 6-7: the preference runs ------------------------------------------------------------
 
-
-def run_dir(out: Path, name: str, beta: float, seed: int) -> Path:
-    return out / "runs" / name / f"beta{beta:g}" / f"seed{seed}"
+Job = tuple[str, float, float, int]  # (variant, lr, beta, seed)
 
 
-def steps_for(out: Path, s: Settings, name: str = "uniform") -> int:
-    """Optimizer steps of a run: Settings.epochs over the pairs, times the variant's factor."""
-    standard = max(1, math.ceil(s.epochs * training_pairs(out) / s.batch))
-    return math.ceil(variant(name).epochs_factor * standard)
+def run_dir(out: Path, name: str, lr: float, beta: float, seed: int) -> Path:
+    return out / "runs" / name / f"lr{lr:g}-beta{beta:g}" / f"seed{seed}"
+
+
+def model_name(name: str, lr: float, beta: float, seed: int) -> str:
+    """The sampler's name of a run's pipeline (its images: eval/<split>/images/<model_name>/)."""
+    return f"{name}-lr{lr:g}-b{beta:g}-s{seed}"
+
+
+def steps_for(out: Path, s: Settings) -> int:
+    """Optimizer steps of a run: Settings.epochs over the pairs."""
+    return max(1, math.ceil(s.epochs * training_pairs(out) / s.batch))
 
 
 def train(binary: Path, run: Path, sets: list[str], steps: int) -> Path:
@@ -333,80 +391,99 @@ def train(binary: Path, run: Path, sets: list[str], steps: int) -> Path:
     return checkpoint
 
 
-def run_one(out: Path, s: Settings, binary: Path, job: tuple[str, float, int], prompts: dict,
-            eval_lock: threading.Lock, timings: Timings) -> Path:
-    """Train one variant at one beta and seed from the base, export it, sample and score the test
-    prompts (and the validation prompts for a sweep run)."""
-    name, beta, seed = job
+def run_one(out: Path, s: Settings, binary: Path, job: Job, prompts: dict, eval_lock: threading.Lock,
+            timings: Timings) -> Path:
+    """Train one variant at one (lr, beta) and seed from the base, export it, sample and score the
+    test prompts (and the validation prompts for a sweep run), and measure its denoising error."""
+    name, lr, beta, seed = job
     splits = SPLITS if job in sweep_jobs(s) else ("test",)
-    folder = run_dir(out, name, beta, seed)
+    folder = run_dir(out, name, lr, beta, seed)
     result = folder / "eval.json"
     if result.is_file():
         return result
     start = time.perf_counter()
-    steps = steps_for(out, s, name)
-    eval_sets = [f"data.eval_index={out / 'eval_pairs' / 'shards' / 'index.json'}",
-                 f"eval.every={steps_for(out, s)}",  # a long run is evaluated at every standard length
+    steps = steps_for(out, s)
+    eval_sets = [f"data.eval_index={out / 'eval_pairs' / 'shards' / 'index.json'}", f"eval.every={steps}",
                  "eval.t_bins=[" + ", ".join(str(t) for t in s.eval_t_bins) + "]"]
     checkpoint = train(binary, folder, [
         f"model.manifest={out / 'base' / 'export' / 'manifest.json'}",
         f"data.index={out / 'pairs' / 'shards' / 'index.json'}", f"run.seed={seed}", f"method.beta={beta:g}",
         f"train.max_steps={steps}", f"checkpoint.every={steps}", f"train.global_batch={s.batch}",
-        f"train.micro_batch={s.batch}", f"optim.lr={s.lr:g}", *eval_sets, *variant(name).sets], steps)
+        f"train.micro_batch={s.batch}", f"optim.lr={lr:g}", *eval_sets, *variant(name).sets], steps)
     trained = time.perf_counter() - start
     with eval_lock:  # one in-process sampler at a time: two heavy processes at most
         pipeline_dir = export_diffusers.export(checkpoint, folder / "pipeline", out / "base" / "pipeline")
-        scores = evaluate_pipeline(pipeline_dir, f"{name}-b{beta:g}-s{seed}", prompts, out, s, splits)
+        scores = evaluate_pipeline(pipeline_dir, model_name(name, lr, beta, seed), prompts, out, s, splits)
+        scores["denoising_error"] = denoising_error(pipeline_dir, drift_probe(out, s))
         shutil.rmtree(pipeline_dir)
-    report.write_json(result, scores | {"name": name, "beta": beta, "seed": seed, "steps": steps,
+    report.write_json(result, scores | {"name": name, "lr": lr, "beta": beta, "seed": seed, "steps": steps,
+                                        "c_t_final": c_t_final(folder, variant(name)),
                                         "train_seconds": trained, "seconds": time.perf_counter() - start})
     timings.add("preference runs (process seconds)", time.perf_counter() - start)
-    log(f"{name} beta {beta:g} seed {seed}: trained in {trained:.0f} s, total {time.perf_counter() - start:.0f} s")
+    log(f"{name} lr {lr:g} beta {beta:g} seed {seed}: trained in {trained:.0f} s, "
+        f"total {time.perf_counter() - start:.0f} s")
     return result
 
 
-def sweep_jobs(s: Settings) -> list[tuple[str, float, int]]:
-    return [(name, s.beta0 * f, s.seeds[0]) for name in s.sweep for f in s.factors]
+def c_t_final(folder: Path, v: Variant) -> float | None:
+    """Mean |C_t| over the per-pair records of a run's last step; None where z carries no C_t."""
+    if not v.has_correction:
+        return None
+    pairs = plot_run.read_records(folder)["pair"]
+    last = max(r["step"] for r in pairs)
+    return float(np.mean([abs(r["correction"]) for r in pairs if r["step"] == last]))
 
 
-def chosen_betas(out: Path, s: Settings) -> dict[str, dict]:
-    """Swept variant -> {beta, val means per beta}: the best validation mean of the labeller."""
+def grid(s: Settings, name: str) -> list[tuple[float, float]]:
+    """The (lr, beta) a swept variant is tried at: the shared grid, lr only where beta does nothing."""
+    betas = s.betas if variant(name).uses_beta else s.betas[:1]
+    return [(lr, beta) for lr in s.lrs for beta in betas]
+
+
+def sweep_jobs(s: Settings) -> list[Job]:
+    return [(name, lr, beta, s.seeds[0]) for name in s.sweep for lr, beta in grid(s, name)]
+
+
+def chosen_settings(out: Path, s: Settings) -> dict[str, dict]:
+    """Swept variant -> {lr, beta, val_means}: the best validation mean of the labeller."""
     chosen = {}
     for name in s.sweep:
         means = {}
-        for _, beta, seed in [j for j in sweep_jobs(s) if j[0] == name]:
-            path = run_dir(out, name, beta, seed) / "eval.json"
+        for _, lr, beta, seed in [j for j in sweep_jobs(s) if j[0] == name]:
+            path = run_dir(out, name, lr, beta, seed) / "eval.json"
             if path.is_file():
-                means[beta] = float(np.mean(json.loads(path.read_text())["val"][s.labeller]))
-        if len(means) == len(s.factors):
-            chosen[name] = {"beta": max(means, key=means.get), "val_means": {f"{b:g}": m for b, m in means.items()}}
+                means[(lr, beta)] = float(np.mean(json.loads(path.read_text())["val"][s.labeller]))
+        if len(means) == len(grid(s, name)):
+            lr, beta = max(means, key=means.get)
+            chosen[name] = {"lr": lr, "beta": beta,
+                            "val_means": {f"lr{a:g}-beta{b:g}": m for (a, b), m in means.items()}}
     return chosen
 
 
-def beta_of(name: str, chosen: dict[str, dict], s: Settings) -> float:
-    source = variant(name).beta_from
-    return chosen[source]["beta"] if source in chosen else s.beta0
+def tuned(name: str, chosen: dict[str, dict]) -> tuple[float, float] | None:
+    """(lr, beta) of a variant once its source's sweep is complete."""
+    source = chosen.get(variant(name).tuned_from)
+    return (source["lr"], source["beta"]) if source else None
 
 
 def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Timings) -> None:
-    """The sweep, then every variant at its beta and every seed; the report after every run."""
+    """The sweep, then every variant at its setting and every seed; the report after every run."""
     lock, table_lock = threading.Lock(), threading.Lock()
 
-    def job(name: str, beta: float, seed: int) -> None:
-        if (run_dir(out, name, beta, seed) / "eval.json").is_file():
+    def job(name: str, lr: float, beta: float, seed: int) -> None:
+        if (run_dir(out, name, lr, beta, seed) / "eval.json").is_file():
             return  # done by an earlier invocation: its tables were written then
-        run_one(out, s, binary, (name, beta, seed), prompts, lock, timings)
+        run_one(out, s, binary, (name, lr, beta, seed), prompts, lock, timings)
         with table_lock:
             write_report(out, s, figures=False)
 
     with ThreadPoolExecutor(max_workers=s.parallel) as pool:
         for future in [pool.submit(job, *j) for j in sweep_jobs(s)]:
             future.result()
-    chosen = chosen_betas(out, s)
-    report.write_json(out / "chosen_beta.json", chosen)
-    log("chosen beta: " + ", ".join(f"{n} {c['beta']:g}" for n, c in chosen.items()))
-    finals = [(name, beta_of(name, chosen, s), seed) for seed in s.seeds for name in s.variants]
-    finals += [(name, beta_of(name, chosen, s), s.seeds[0]) for name in s.long_variants]
+    chosen = chosen_settings(out, s)
+    report.write_json(out / "chosen_settings.json", chosen)
+    log("chosen: " + ", ".join(f"{n} lr {c['lr']:g} beta {c['beta']:g}" for n, c in chosen.items()))
+    finals = [(name, *tuned(name, chosen), seed) for seed in s.seeds for name in s.variants]
     with ThreadPoolExecutor(max_workers=s.parallel) as pool:
         for future in [pool.submit(job, *j) for j in finals]:
             future.result()
@@ -416,11 +493,14 @@ def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Tim
 
 
 def final_runs(out: Path, s: Settings) -> dict[str, list[Path]]:
-    """Variant -> finished run folders at its chosen beta, in seed order."""
-    chosen = chosen_betas(out, s)
-    return {name: [run_dir(out, name, beta_of(name, chosen, s), seed) for seed in s.seeds
-                   if (run_dir(out, name, beta_of(name, chosen, s), seed) / "eval.json").is_file()]
-            for name in (*s.variants, *s.long_variants)}
+    """Variant -> finished run folders at its chosen setting, in seed order."""
+    chosen, found = chosen_settings(out, s), {}
+    for name in s.variants:
+        setting = tuned(name, chosen)
+        found[name] = [] if setting is None else [
+            run_dir(out, name, *setting, seed) for seed in s.seeds
+            if (run_dir(out, name, *setting, seed) / "eval.json").is_file()]
+    return found
 
 
 def load_scores(folders: list[Path], split: str, key: str) -> np.ndarray:
@@ -433,53 +513,95 @@ def held_out_eval(folder: Path) -> dict | None:
     return evals[-1] if evals else None
 
 
-def sweep_scores(out: Path, s: Settings) -> list[tuple[str, float, int, dict]]:
-    """(variant, beta, seed, validation scores) of every finished sweep run."""
+def sweep_scores(out: Path, s: Settings) -> list[tuple[str, float, float, int, dict]]:
+    """(variant, lr, beta, seed, validation scores) of every finished sweep run."""
     found = []
-    for name, beta, seed in sweep_jobs(s):
-        path = run_dir(out, name, beta, seed) / "eval.json"
+    for name, lr, beta, seed in sweep_jobs(s):
+        path = run_dir(out, name, lr, beta, seed) / "eval.json"
         if path.is_file():
-            found.append((name, beta, seed, json.loads(path.read_text())["val"]))
+            found.append((name, lr, beta, seed, json.loads(path.read_text())["val"]))
     return found
 
 
-def write_figures(out: Path, s: Settings, runs: dict[str, list[Path]]) -> None:
+def drift_summary(base: dict, runs: dict[str, list[Path]]) -> dict[str, dict]:
+    """Per variant: the rise of the denoising error over the base's, per seed and its mean, and
+    c_t_final per seed and its mean (None where the variant has no C_t)."""
+    found = {}
+    for name, dirs in runs.items():
+        if not dirs:
+            continue
+        evals = [json.loads((d / "eval.json").read_text()) for d in dirs]
+        rises = [e["denoising_error"] - base["denoising_error"] for e in evals]
+        c_t = [e["c_t_final"] for e in evals]
+        found[name] = {"drift": float(np.mean(rises)), "drift_by_seed": rises,
+                       "c_t_final": None if c_t[0] is None else float(np.mean(c_t)),
+                       "c_t_final_by_seed": None if c_t[0] is None else c_t}
+    return found
+
+
+def samples_archive(out: Path, s: Settings, runs: dict[str, list[Path]], path: Path) -> Path:
+    """The test-prompt images of the base and of every finished final run as one compressed array
+    file: images uint8 [M, P, N, 32, 32, 3], with the prompt text and each model's variant and seed."""
+    models = [("base", -1, "base")]
+    for name, dirs in runs.items():
+        for folder in dirs:
+            e = json.loads((folder / "eval.json").read_text())
+            models.append((name, e["seed"], model_name(name, e["lr"], e["beta"], e["seed"])))
+    images = np.stack([np.stack([np.stack([
+        np.asarray(Image.open(out / "eval" / "test" / "images" / m / f"{i:05d}_{j:02d}.png").convert("RGB"))
+        for j in range(s.images_per_prompt)]) for i in range(s.test_prompts)]) for _, _, m in models])
+    prompts = json.loads((out / "prompts.json").read_text())["test"]
+    np.savez_compressed(path, images=images.astype(np.uint8), prompts=np.asarray(prompts),
+                        variant=np.asarray([v for v, _, _ in models]),
+                        seed=np.asarray([k for _, k, _ in models], dtype=np.int64),
+                        sampler_seed=np.asarray([[1000 * i + j for j in range(s.images_per_prompt)]
+                                                 for i in range(s.test_prompts)], dtype=np.int64))
+    return path
+
+
+def write_figures(out: Path, s: Settings, runs: dict[str, list[Path]], results: dict) -> None:
     folder = out / "figures"
     folder.mkdir(exist_ok=True)
-    methods = [n for n in ("uniform", "uniform_ct", "dde", "dde_calibrated", "dde_debias", "dde_single",
-                           "dde_single_calibrated") if runs.get(n)]
-    report.credit_heatmaps({n: runs[n] for n in (*methods, "dde_t200-700", *s.long_variants) if runs.get(n)},
-                           folder / "credit_heatmaps.png")
-    report.misranked_by_t({n: runs[n] for n in runs}, folder / "misranked_by_t.png")
-    report.credit_figure({n: runs[n] for n in methods}, folder / "credit_methods.png")
-    report.correction_figure({n: runs[n] for n in methods if n.startswith("dde")},
+    present = {n: runs[n] for n in runs if runs.get(n)}
+    report.credit_heatmaps(present, folder / "credit_heatmaps.png")
+    report.misranked_by_t(present, folder / "misranked_by_t.png")
+    report.credit_figure(present, folder / "credit_methods.png")
+    report.correction_figure({n: d for n, d in present.items() if variant(n).has_correction},
                              folder / "correction_cumulative_methods.png", cumulative=True)
-    models = [("base", "base")] + [
-        (name, f"{name}-b{beta_of(name, chosen_betas(out, s), s):g}-s{dirs[0].name.removeprefix('seed')}")
-        for name, dirs in runs.items() if dirs]
+    report.gain_vs_drift(results, s.labeller, folder / "gain_vs_drift.png")
+    chosen = chosen_settings(out, s)
+    models = [("base", "base")] + [(name, model_name(name, *tuned(name, chosen), s.seeds[0]))
+                                   for name, dirs in present.items() if dirs[0].name == f"seed{s.seeds[0]}"]
     report.samples_grid(out / "eval" / "test", models, min(6, s.test_prompts), folder / "samples.png")
 
 
 def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
     base = json.loads((out / "eval" / "base.json").read_text())
     runs = final_runs(out, s)
-    chosen = chosen_betas(out, s)
+    chosen = chosen_settings(out, s)
     results = report.summarize_v2(base, runs, ANNOTATOR_NAMES, CONTRASTS, load_scores, "test")
+    results["base_denoising_error"] = base["denoising_error"]
+    for name, entry in drift_summary(base, runs).items():
+        results["variants"][name].update(entry)
     results["held_out"] = {name: report.held_out_summary([held_out_eval(d) for d in dirs])
                            for name, dirs in runs.items() if dirs}
     epoch_steps = max(1, math.ceil(training_pairs(out) / s.batch))
     results["training_ranking"] = {name: report.training_ranking(
         [r for d in dirs for r in plot_run.read_records(d)["step"][-epoch_steps:]], epoch_steps * len(dirs))
         for name, dirs in runs.items() if dirs}
-    results["chosen_beta"] = chosen
-    results["betas"] = {name: beta_of(name, chosen, s) for name in (*s.variants, *s.long_variants)}
+    results["chosen"] = chosen
+    results["settings_of"] = {name: dict(zip(("lr", "beta"), tuned(name, chosen)))
+                              for name in s.variants if tuned(name, chosen)}
     results["sweep"] = report.sweep_rows(sweep_scores(out, s), ANNOTATOR_NAMES)
+    results["pairs"] = {k: json.loads((out / k / "stats.json").read_text()) for k in ("pairs", "eval_pairs")}
     results["settings"] = asdict(s)
     report.write_json(out / "results.json", results)
-    text = report.markdown_v2(results, (*s.variants, *s.long_variants), ANNOTATOR_NAMES, s.labeller)
+    text = report.markdown_v3(results, s.variants, ANNOTATOR_NAMES, s.labeller)
     (out / "results.md").write_text(text, encoding="utf-8")
     if figures:
-        write_figures(out, s, runs)
+        write_figures(out, s, runs, results)
+        if any(runs.values()):
+            samples_archive(out, s, runs, out / "samples.npz")
     return results
 
 
@@ -509,9 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts_stage(out, s)
         stages = (("base pretraining and export", lambda: base_stage(out, s, prompts)),
                   ("base evaluation", lambda: base_eval_stage(out, s, prompts)),
-                  ("pairs", lambda: labelled_pairs(out, s, "pairs", world.prompts(
-                      s.seed + 5, s.pair_prompts, exclude=set(prompts["val"]) | set(prompts["test"]) | set(
-                          prompts["eval_pairs"])), seed=10_000_000)),
+                  ("pairs", lambda: labelled_pairs(out, s, "pairs", prompts["pairs"], seed=10_000_000)),
                   ("held-out pairs", lambda: labelled_pairs(out, s, "eval_pairs", prompts["eval_pairs"],
                                                             seed=20_000_000)))
         for stage, work in stages:

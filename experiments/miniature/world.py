@@ -35,9 +35,10 @@ class WorldObject:
 Scene = tuple[WorldObject, ...]  # sorted by position, positions distinct
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """1-3 objects in distinct quadrants with random colour, shape, size and jitter."""
-    count = int(rng.integers(1, 4))
+def sample_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
+    """1-3 objects (or exactly `count`) in distinct quadrants with random colour, shape, size and
+    jitter."""
+    count = int(rng.integers(1, 4)) if count is None else count
     positions = sorted(int(p) for p in rng.choice(4, size=count, replace=False))
     return tuple(
         WorldObject(
@@ -100,12 +101,14 @@ def corrupt(scene: Scene, rng: np.random.Generator) -> Scene:
     return tuple(sorted(objects, key=lambda o: o.position))
 
 
-def prompts(seed: int, count: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """`count` distinct captions of random scenes, none of them in `exclude` (held-out prompts)."""
+def prompts(seed: int, count: int, exclude: set[str] | frozenset[str] = frozenset(),
+            objects: int | None = None) -> list[str]:
+    """`count` distinct captions of random scenes (of exactly `objects` objects when given), none of
+    them in `exclude` (held-out prompts)."""
     rng = np.random.default_rng(seed)
     found: dict[str, None] = {}
     while len(found) < count:
-        text = caption(sample_scene(rng))
+        text = caption(sample_scene(rng, objects))
         if text not in exclude:
             found[text] = None
     return list(found)

@@ -216,22 +216,56 @@ def ema(values: np.ndarray, weight: float = EMA_WEIGHT) -> np.ndarray:
     return out
 
 
-def plot_t_bins(steps: list[dict], path: Path) -> Path:
-    """Where the credit goes over training (docs/method.md 7.4): heat maps, step x bin of t, of the
-    mean credit and of the fraction of pairs ranked the wrong way (Delta > 0)."""
+MIN_PAIRS_PER_CELL = 32  # t_bins.png pools steps into windows until an average cell holds this many pairs
+
+
+def t_bin_windows(steps: list[dict], min_pairs: int = MIN_PAIRS_PER_CELL) -> dict:
+    """The step records' t_bins pooled into windows of consecutive steps, so that a cell (window x
+    bin of t) holds on average at least `min_pairs` pairs: a step of 4 pairs spreads them over 10
+    bins, and one step's cell is mostly empty or one pair. Per window and bin: the pair count, and
+    the pair-weighted means of credit and misranked (None where the window's bin has no pairs, or
+    the value is undefined, e.g. misranked without a reference). Windows split at nothing else: the
+    last one may be shorter."""
+    rows = [r for r in steps if isinstance(r.get("t_bins"), dict)]
+    if not rows:
+        return {"window": 0, "first_step": [], "last_step": [], "pairs": [], "credit": [], "misranked": []}
+    pairs = np.asarray([r["t_bins"]["pairs"] for r in rows], dtype=np.float64)  # [steps, bins]
+    per_step = pairs.sum(axis=1).mean() / pairs.shape[1]  # pairs in an average cell of one step
+    window = max(1, int(np.ceil(min_pairs / per_step))) if per_step > 0 else len(rows)
+    out = {"window": window, "first_step": [], "last_step": [], "pairs": [], "credit": [], "misranked": []}
+    for a in range(0, len(rows), window):
+        chunk, n = rows[a:a + window], pairs[a:a + window]
+        out["first_step"].append(chunk[0]["step"])
+        out["last_step"].append(chunk[-1]["step"])
+        out["pairs"].append(n.sum(axis=0).astype(int).tolist())
+        for key in ("credit", "misranked"):
+            values = np.asarray([[np.nan if v is None else v for v in r["t_bins"][key]] for r in chunk])
+            weight = np.where(np.isnan(values), 0.0, n)
+            total = weight.sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(total > 0, np.nansum(values * weight, axis=0) / total, np.nan)
+            out[key].append([None if np.isnan(m) else float(m) for m in mean])
+    return out
+
+
+def plot_t_bins(steps: list[dict], path: Path, min_pairs: int = MIN_PAIRS_PER_CELL) -> Path:
+    """Where the credit goes over training (docs/method.md 7.4): heat maps, window of steps x bin
+    of t, of the mean credit and of the fraction of pairs ranked the wrong way (Delta > 0), pooled
+    by t_bin_windows so that every cell holds pairs; an empty cell is blank."""
     fig, (ax_credit, ax_mis) = plt.subplots(1, 2, figsize=(10, 3.5))
-    with_bins = [r for r in steps if isinstance(r.get("t_bins"), dict)]
-    if with_bins:
+    pooled = t_bin_windows(steps, min_pairs)
+    if pooled["window"]:
         def grid(key: str) -> np.ndarray:
-            return np.asarray([[np.nan if v is None else v for v in r["t_bins"][key]] for r in with_bins],
+            return np.asarray([[np.nan if v is None else v for v in row] for row in pooled[key]],
                               dtype=np.float64).T
-        extent = (with_bins[0]["step"] - 0.5, with_bins[-1]["step"] + 0.5, 0, 1000)
+        extent = (pooled["first_step"][0] - 0.5, pooled["last_step"][-1] + 0.5, 0, 1000)
+        label = f"optimizer step (windows of {pooled['window']})"
         for ax, key, title in ((ax_credit, "credit", "mean credit k_t sigmoid(-z)"),
                                (ax_mis, "misranked", "fraction misranked (Delta > 0)")):
             image = ax.imshow(grid(key), aspect="auto", origin="lower", extent=extent, interpolation="nearest",
                               cmap="viridis")
             fig.colorbar(image, ax=ax)
-            ax.set(xlabel="optimizer step", ylabel="t (10 bins)", title=title)
+            ax.set(xlabel=label, ylabel="t (10 bins)", title=title)
     else:
         ax_credit.set_title("no t_bins in the step records (older run)")
     return _save(fig, path)

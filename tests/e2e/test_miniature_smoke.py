@@ -1,4 +1,4 @@
-"""The miniature world v2: its annotators, its statistics, and `bash experiments/miniature/run.sh
+"""The miniature world v3: its annotators, its statistics, and `bash experiments/miniature/run.sh
 --smoke`, every stage at tiny sizes through the real pretraining, export, dde_train and evaluation
 path (docs/miniature.md). The full experiment is not part of the test command; this is.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import ROOT
 from miniature import report, world
 from miniature.annotator import ContentAnnotator, WorldAnnotator, content_score
-from miniature.run import CONTRASTS, SMOKE, chosen_betas, run_dir
+from miniature.run import CONTRASTS, SMOKE, VARIANTS, chosen_settings, grid, run_dir
 
 
 def _scenes(count: int, seed: int) -> list[world.Scene]:
@@ -103,48 +103,70 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
     result = _smoke(out, dde_train)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    # the sweep: every swept variant at every factor, and a chosen beta from among them
-    assert {(r["variant"], r["beta"]) for r in results["sweep"]} == {
-        (n, SMOKE.beta0 * f) for n in SMOKE.sweep for f in SMOKE.factors}
-    chosen = chosen_betas(out, SMOKE)
+    # the sweep: every variant at every (lr, beta) of the grid (lr only for sft), and the chosen
+    # setting is the best validation mean
+    assert {(r["variant"], r["lr"], r["beta"]) for r in results["sweep"]} == {
+        (n, lr, beta) for n in SMOKE.sweep for lr, beta in grid(SMOKE, n)}
+    assert {r["beta"] for r in results["sweep"] if r["variant"] == "sft"} == {SMOKE.betas[0]}
+    chosen = chosen_settings(out, SMOKE)
     assert set(chosen) == set(SMOKE.sweep)
     for name, entry in chosen.items():
         best = max(entry["val_means"], key=entry["val_means"].get)
-        assert float(best) == entry["beta"], name
-    # every variant at every seed, both annotators, intervals around their estimates
-    assert set(results["variants"]) == set(SMOKE.variants) | set(SMOKE.long_variants)
+        assert best == f"lr{entry['lr']:g}-beta{entry['beta']:g}", name
+        rows = [r for r in results["sweep"] if r["variant"] == name]
+        assert max(r["content"] for r in rows) == entry["val_means"][best]
+    # every variant at every seed at its own chosen setting, both annotators, intervals around their
+    # estimates, the named score with its interval, the drift and C_t
+    assert set(results["variants"]) == set(SMOKE.variants)
+    with_correction = {v.name for v in VARIANTS if v.has_correction}
     for name, entry in results["variants"].items():
-        for annotator in ("content", "world"):
-            e = entry[annotator]
-            assert e["seeds"] == (1 if name in SMOKE.long_variants else len(SMOKE.seeds)), name
+        for key in ("content", "world", "named"):
+            e = entry[key]
+            assert e["seeds"] == len(SMOKE.seeds), name
             values = [e["mean"], e["delta"], e["win_rate"], *e["delta_ci95"], *e["win_ci95"]]
-            assert all(math.isfinite(v) for v in values), (name, annotator, e)
+            assert all(math.isfinite(v) for v in values), (name, key, e)
             assert e["delta_ci95"][0] <= e["delta"] <= e["delta_ci95"][1]
+        assert results["settings_of"][name] == {"lr": chosen[name]["lr"], "beta": chosen[name]["beta"]}
+        assert (run_dir(out, name, chosen[name]["lr"], chosen[name]["beta"], SMOKE.seeds[-1]) / "eval.json").is_file()
+        assert len(entry["drift_by_seed"]) == len(SMOKE.seeds) and math.isfinite(entry["drift"])
+        if name in with_correction:
+            assert len(entry["c_t_final_by_seed"]) == len(SMOKE.seeds) and entry["c_t_final"] >= 0, name
+        else:
+            assert entry["c_t_final"] is None, name
         held = results["held_out"][name]
         assert len(held["misranked_by_t"]) == len(SMOKE.eval_t_bins) and 0 <= held["implicit_acc"] <= 1
         ranking = results["training_ranking"][name]
-        assert len(ranking["misranked_by_bin"]) == 10 and sum(ranking["pairs_by_bin"]) > 0
-    names = {*SMOKE.variants, *SMOKE.long_variants}
-    expected = {f"{a} - {b}" for a, b in CONTRASTS if a in names and b in names}
+        assert len(ranking["misranked_by_bin"]) == 10
+        if name == "sft":  # trains without a reference: nothing is ranked during training
+            assert ranking["misranked"] is None
+        else:
+            assert sum(ranking["pairs_by_bin"]) > 0 and 0 <= ranking["misranked"] <= 1
+    expected = {f"{a} - {b}" for a, b in CONTRASTS if a in SMOKE.variants and b in SMOKE.variants}
     assert set(results["contrasts"]) == expected and expected
-    # a variant that borrows its beta (uniform_ct from uniform) ran at the chosen one (the smoke
-    # sweep leaves beta0 out, so falling back to beta0 would show)
-    assert results["betas"]["uniform_ct"] == chosen["uniform"]["beta"]
-    assert (run_dir(out, "uniform_ct", chosen["uniform"]["beta"], SMOKE.seeds[-1]) / "eval.json").is_file()
-    # the regime probe trains 4x the standard length, evaluated at every standard length
-    standard = json.loads((run_dir(out, "uniform", chosen["uniform"]["beta"], 0) / "eval.json").read_text())["steps"]
-    long = run_dir(out, "uniform_long", chosen["uniform"]["beta"], 0)
-    assert json.loads((long / "eval.json").read_text())["steps"] == 4 * standard
-    records = [json.loads(line) for line in (long / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    assert [e["step"] for e in evals] == [0, standard, 2 * standard, 3 * standard, 4 * standard]
+    # the pairs: the best and the worst of K samples, so the mean gap is at least the tie margin
+    assert results["pairs"]["pairs"]["prompts"] == SMOKE.pair_prompts
+    # the four prompt sets are disjoint
+    prompts = json.loads((out / "prompts.json").read_text())
+    sets = [set(prompts[k]) for k in ("val", "test", "pairs", "eval_pairs")]
+    assert sum(map(len, sets)) == len(set().union(*sets))
+    # the samples archive: the base and every seed of every variant, images of the test prompts
+    archive = np.load(out / "samples.npz")
+    assert archive["images"].dtype == np.uint8
+    assert archive["images"].shape == (1 + len(SMOKE.variants) * len(SMOKE.seeds), SMOKE.test_prompts,
+                                       SMOKE.images_per_prompt, 32, 32, 3)
+    assert list(archive["prompts"]) == prompts["test"]
+    assert sorted(zip(archive["variant"].tolist(), archive["seed"].tolist())) == sorted(
+        [("base", -1)] + [(n, k) for n in SMOKE.variants for k in SMOKE.seeds])
+    base_image = np.asarray(Image.open(out / "eval" / "test" / "images" / "base" / "00000_00.png").convert("RGB"))
+    assert (archive["images"][list(archive["variant"]).index("base"), 0, 0] == base_image).all()
     # the named-quadrant figures, the base's too
     assert 0 <= results["base"]["test"]["named"] <= 1
     table = (out / "results.md").read_text()
     for name in SMOKE.variants:
         assert f"| {name} |" in table
     assert "| dde - uniform |" in table and "misranked" in table
-    for figure in ("credit_heatmaps.png", "misranked_by_t.png", "credit_methods.png", "samples.png"):
+    for figure in ("credit_heatmaps.png", "misranked_by_t.png", "credit_methods.png", "samples.png",
+                   "gain_vs_drift.png"):
         assert Image.open(out / "figures" / figure).size[0] > 0
     timings = json.loads((out / "timings.json").read_text())
     assert {"base pretraining and export", "pairs", "preference runs (wall)"} <= set(timings)

@@ -142,3 +142,42 @@ def test_binned_mean_matches_a_direct_loop() -> None:
 def test_binned_mean_puts_t_equal_to_T_into_the_last_bin() -> None:
     _, means = plot_run.binned_mean(np.array([1000.0]), np.array([4.0]), num_timesteps=1000, bins=10)
     assert means[-1] == 4.0 and np.isnan(means[:-1]).all()
+
+
+def test_t_bins_windows_pool_steps_until_cells_hold_pairs(run_dir):
+    """t_bins.png pools the step records into windows: at 4 pairs a step over 10 bins a one-step
+    cell holds 0.4 pairs on average. The windows cover every step once; each cell's pair count is
+    the sum of its steps'; its credit is the pair-weighted mean of theirs (recomputed here from the
+    step records); an average cell holds at least the minimum."""
+    steps = read_metrics(run_dir, "step")
+    pooled = plot_run.t_bin_windows(steps, min_pairs=2)
+    per_cell = BATCH / 10
+    assert pooled["window"] == int(np.ceil(2 / per_cell)) == 5
+    assert pooled["first_step"] == [steps[0]["step"], steps[5]["step"]]
+    assert pooled["last_step"] == [steps[4]["step"], steps[-1]["step"]]
+    first = steps[:5]
+    pairs = np.asarray([r["t_bins"]["pairs"] for r in first])
+    assert pooled["pairs"][0] == pairs.sum(axis=0).tolist()
+    assert sum(pooled["pairs"][0]) == 5 * BATCH
+    for b in range(10):
+        weighted = [(r["t_bins"]["credit"][b], r["t_bins"]["pairs"][b]) for r in first if r["t_bins"]["pairs"][b]]
+        if weighted:
+            want = sum(c * n for c, n in weighted) / sum(n for _, n in weighted)
+            assert pooled["credit"][0][b] == pytest.approx(want, rel=1e-12)
+        else:
+            assert pooled["credit"][0][b] is None
+
+
+def test_t_bins_windows_by_hand():
+    def record(step, pairs, credit, misranked):
+        return {"kind": "step", "step": step, "t_bins": {"pairs": pairs, "credit": credit, "misranked": misranked}}
+
+    steps = [record(1, [2, 0], [0.5, None], [1.0, None]), record(2, [1, 1], [0.2, 0.9], [0.0, None]),
+             record(3, [0, 2], [None, 0.4], [None, 0.5])]
+    pooled = plot_run.t_bin_windows(steps, min_pairs=2)  # 2 pairs a step over 2 bins: 1 a cell -> windows of 2
+    assert pooled["window"] == 2 and pooled["first_step"] == [1, 3] and pooled["last_step"] == [2, 3]
+    assert pooled["pairs"] == [[3, 1], [0, 2]]
+    assert pooled["credit"][0] == pytest.approx([(2 * 0.5 + 0.2) / 3, 0.9])
+    assert pooled["misranked"][0] == [pytest.approx(2 / 3), None]
+    assert pooled["credit"][1] == [None, pytest.approx(0.4)]
+    assert plot_run.t_bin_windows([{"kind": "step", "step": 1}])["window"] == 0
