@@ -103,8 +103,8 @@ void data_fields(Visitor& v) {
 }
 
 inline const std::vector<std::string>& method_names() {
-  static const std::vector<std::string> names = {"sft",      "uniform", "discounted", "dde_single",
-                                                 "dde_step", "dde",     "uniform_ct"};
+  static const std::vector<std::string> names = {"sft", "uniform",    "discounted", "dde_single",
+                                                 "dde_step", "dde", "uniform_ct", "mapo"};
   return names;
 }
 
@@ -129,6 +129,10 @@ void method_fields(Visitor& v) {
     "of c_t over the sampleable t (docs/method.md §7.1).");
   f("ema_debias", &MethodConfig::ema_debias, any(),
     "C_t from E[k] / (1 - mu^n[k]) (docs/method.md §7.2).");
+  f("mapo_beta", &MethodConfig::mapo_beta, above(0),
+    "mapo: b, the weight of the margin term (MaPO's default; docs/method.md §8.1).");
+  f("mapo_snr", &MethodConfig::mapo_snr, above(0),
+    "mapo: s, scales the errors inside f(x) = x / (e^x - 1) (MaPO's default).");
 }
 
 template <typename Visitor>

@@ -12,7 +12,7 @@ namespace dde::objective {
 
 namespace {
 
-constexpr std::array<std::pair<Method, const char*>, 7> kMethodNames = {{
+constexpr std::array<std::pair<Method, const char*>, 8> kMethodNames = {{
     {Method::kSft, "sft"},
     {Method::kUniform, "uniform"},
     {Method::kDiscounted, "discounted"},
@@ -20,6 +20,7 @@ constexpr std::array<std::pair<Method, const char*>, 7> kMethodNames = {{
     {Method::kDdeStep, "dde_step"},
     {Method::kDde, "dde"},
     {Method::kUniformCt, "uniform_ct"},
+    {Method::kMapo, "mapo"},
 }};
 
 // softplus(x) = log(1 + e^x) switches to x above the threshold; at 40 the dropped term e^-40 is
@@ -68,6 +69,23 @@ void check_params(const MethodParams& params, const std::string& where) {
                  std::to_string(params.correction_scale), ""});
   }
 }
+
+void check_mapo_params(const MethodParams& params, const std::string& where) {
+  const std::pair<const char*, double> values[] = {{"mapo_beta", params.mapo_beta},
+                                                   {"mapo_snr", params.mapo_snr}};
+  for (const auto& [name, value] : values) {
+    if (!(value > 0.0) || !std::isfinite(value)) {
+      throw Error({"bad method parameter", where + ": " + name, "finite > 0", std::to_string(value),
+                   "MaPO's defaults: mapo_beta 0.1, mapo_snr 0.5"});
+    }
+  }
+}
+
+// Below this |x|, f(x) = x / expm1(x) is taken from its series 1 - x/2 + x^2/12 (the next term,
+// x^4/720, is under 2e-19 there); above kMapoFMax, f is 0 to float64 (700 e^-700 ~ 1e-301) and
+// x is clamped so that neither f nor its gradient overflows.
+constexpr double kMapoSeriesBelow = 1e-4;
+constexpr double kMapoFMax = 700.0;
 
 torch::Tensor delta_unchecked(const PairErrors& e) {
   const auto f64 = [](const torch::Tensor& x) { return x.to(torch::kFloat64); };
@@ -119,7 +137,7 @@ const char* method_name(Method method) {
   return "unknown";
 }
 
-bool uses_reference(Method method) { return method != Method::kSft; }
+bool uses_reference(Method method) { return method != Method::kSft && method != Method::kMapo; }
 
 bool uses_correction(Method method) { return method == Method::kDdeStep || method == Method::kDde; }
 
@@ -142,6 +160,36 @@ torch::Tensor delta(const PairErrors& errors) {
 MethodOutput sft(const PairErrors& errors) {
   check_errors(errors, /*need_reference=*/false, "objective::sft");
   return {torch::Tensor(), errors.policy_w.to(torch::kFloat64)};
+}
+
+torch::Tensor mapo_f(const torch::Tensor& x) {
+  const auto x64 = x.to(torch::kFloat64);
+  const auto small = x64.abs() < kMapoSeriesBelow;
+  const auto safe = torch::where(small, torch::ones_like(x64), x64.clamp_max(kMapoFMax));
+  const auto series = 1.0 - x64 / 2.0 + x64 * x64 / 12.0;
+  return torch::where(small, series, safe / torch::expm1(safe));
+}
+
+MethodOutput mapo(const PairErrors& errors, const MethodParams& params, int64_t num_timesteps) {
+  const std::string where = "objective::mapo";
+  check_mapo_params(params, where);
+  const int64_t batch = check_errors(errors, /*need_reference=*/false, where);
+  detail::check_vector(errors.policy_l, where + ": errors.policy_l", batch);
+  if (errors.policy_l.device() != errors.policy_w.device()) {
+    throw Error({"tensors on different devices", where + ": errors.policy_l",
+                 errors.policy_w.device().str() + " (as errors.policy_w)",
+                 errors.policy_l.device().str(), "compute both errors on one device"});
+  }
+  if (num_timesteps < 1) {
+    throw Error({"bad schedule length", where + ": num_timesteps", ">= 1",
+                 std::to_string(num_timesteps), "pass the noise schedule's T"});
+  }
+  const auto e_w = errors.policy_w.to(torch::kFloat64);
+  const auto e_l = errors.policy_l.to(torch::kFloat64);
+  const double s = params.mapo_snr;
+  auto z = static_cast<double>(num_timesteps) * (mapo_f(s * e_w) - mapo_f(s * e_l));
+  auto loss = e_w + params.mapo_beta * neg_log_sigmoid(z);
+  return {std::move(z), std::move(loss)};
 }
 
 MethodOutput uniform(const PairErrors& errors, const MethodParams& params) {
@@ -187,8 +235,10 @@ MethodOutput compute_method(Method method, const PairErrors& errors, const torch
       return dde_step(errors, gather_table(schedule, schedule.stepwise, t, device), C_t, params);
     case Method::kDde:
       return dde(errors, gather_table(schedule, schedule.single_shot, t, device), C_t, params);
+    case Method::kMapo:
+      return mapo(errors, params, schedule.num_timesteps);
   }
-  throw Error({"unknown method", where, "one of the seven methods", "an invalid enum value", ""});
+  throw Error({"unknown method", where, "one of the eight methods", "an invalid enum value", ""});
 }
 
 torch::Tensor transition_estimate(const PairErrors& errors, const torch::Tensor& t,

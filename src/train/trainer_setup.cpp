@@ -162,6 +162,8 @@ void Trainer::Impl::configure_method() {
               method_params.beta, cfg.method.t_lo, t_hi);
   }
   method_params.correction_scale = cfg.method.correction_scale;
+  method_params.mapo_beta = cfg.method.mapo_beta;
+  method_params.mapo_snr = cfg.method.mapo_snr;
 }
 
 void Trainer::Impl::load_models() {

@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 DPO_METHODS = ("uniform", "discounted", "dde_single", "dde_step", "dde")
-ALL_METHODS = ("sft",) + DPO_METHODS
+REFERENCE_FREE = ("sft", "mapo")  # no reference model: no Delta, no correction
+ALL_METHODS = ("sft",) + DPO_METHODS + ("mapo",)
 
 
 def schedule(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> dict[str, np.ndarray]:
@@ -25,8 +26,20 @@ def schedule(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
     }
 
 
+def mapo_f(x: float) -> float:
+    """Section 8.1: x / (e^x - 1), 1 at 0."""
+    return 1.0 if x == 0.0 else x / math.expm1(x)
+
+
+def mapo_z(rec: dict, snr: float = 0.5, T: int = 1000) -> float:
+    """Section 8.1: T * margin, margin = f(s e_w) - f(s e_l) (the argument of log sigmoid)."""
+    return T * (mapo_f(snr * rec["mse_policy_w"]) - mapo_f(snr * rec["mse_policy_l"]))
+
+
 def pair_z(method: str, rec: dict, tables: dict[str, np.ndarray], beta: float = 5000.0, s: float = 1.0) -> float:
     """Section 3: z of one per-pair record (keys mse_policy_w, ..., t, correction)."""
+    if method == "mapo":
+        return mapo_z(rec)
     delta = (rec["mse_policy_w"] - rec["mse_ref_w"]) - (rec["mse_policy_l"] - rec["mse_ref_l"])
     t = rec["t"]
     if method in ("uniform", "discounted"):
@@ -47,6 +60,8 @@ def softplus(x: float) -> float:
 def pair_loss(method: str, rec: dict, tables: dict[str, np.ndarray], beta: float = 5000.0) -> float:
     if method == "sft":
         return rec["mse_policy_w"]
+    if method == "mapo":  # section 8.1, MaPO's defaults b = 0.1, s = 0.5
+        return rec["mse_policy_w"] + 0.1 * softplus(-mapo_z(rec))
     return softplus(-pair_z(method, rec, tables, beta))
 
 

@@ -16,7 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import read_metrics, run_train, tiny_overrides
-from dde_reference import ALL_METHODS, DPO_METHODS, correction_of, pair_loss, pair_z, replay_correction, schedule
+from dde_reference import (ALL_METHODS, DPO_METHODS, REFERENCE_FREE, correction_of, pair_loss, pair_z, replay_correction,
+                           schedule)
 
 TABLES = schedule()
 STEPS = 3
@@ -61,6 +62,9 @@ def test_every_method_trains_and_logs_what_the_method_note_says(dde_train, fixtu
         assert rec["loss"] == pytest.approx(want_loss, rel=1e-5, abs=1e-12)
         if method == "sft":
             assert rec["z"] is None and rec["mse_ref_w"] is None
+        elif method == "mapo":  # no reference pass: nothing of it is recorded
+            assert rec["mse_ref_w"] is None and rec["mse_ref_l"] is None and rec["correction"] == 0.0
+            assert rec["z"] == pytest.approx(pair_z(method, rec, TABLES), rel=1e-9, abs=1e-9)
         else:
             assert rec["z"] == pytest.approx(pair_z(method, rec, TABLES), rel=1e-5, abs=1e-9)
     # Step loss = mean of the pair losses of the step.
@@ -75,7 +79,7 @@ def test_every_method_trains_and_logs_what_the_method_note_says(dde_train, fixtu
     saved = json.loads((ckpt / "correction_ema.json").read_text())
     assert saved["step"] == STEPS
     E = np.asarray(saved["E"])
-    if method == "sft":
+    if method in REFERENCE_FREE:
         assert not E.any()
     else:
         np.testing.assert_allclose(E, replay_correction(pairs, TABLES, 1000, 0.9), rtol=1e-9, atol=1e-300)

@@ -65,6 +65,8 @@ struct MethodConfig {
   int64_t t_hi = -1;
   std::string temperature = "paper";
   bool ema_debias = false;
+  double mapo_beta = 0.1;  // mapo (docs/method.md §8.1): b, the margin term's weight
+  double mapo_snr = 0.5;   // mapo: s, scales the errors inside f
 };
 
 struct OptimConfig {

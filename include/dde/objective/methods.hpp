@@ -1,4 +1,5 @@
-// The training objectives of docs/method.md §3 and the control uniform_ct of §7.3: one small pure
+// The training objectives of docs/method.md §3, the control uniform_ct of §7.3 and the
+// reference-free baseline mapo of §8.1: one small pure
 // function per row of the method table. Inputs are per-pair errors e[model, side] ([B] each, any
 // float dtype, any device); everything is computed in float64 and autograd flows back to the
 // inputs. Losses are per pair; the trainer takes the mean.
@@ -14,19 +15,20 @@
 namespace dde::objective {
 
 // kUniformCt (§7.3): uniform's z with t drawn from p(t) ∝ c_t, a control for where the credit goes.
-enum class Method { kSft, kUniform, kDiscounted, kDdeSingle, kDdeStep, kDde, kUniformCt };
+// kMapo (§8.1): margin-aware preference optimization, reference-free.
+enum class Method { kSft, kUniform, kDiscounted, kDdeSingle, kDdeStep, kDde, kUniformCt, kMapo };
 
-// "sft", "uniform", "discounted", "dde_single", "dde_step", "dde", "uniform_ct"; anything else
-// throws dde::Error.
+// "sft", "uniform", "discounted", "dde_single", "dde_step", "dde", "uniform_ct", "mapo"; anything
+// else throws dde::Error.
 Method parse_method(const std::string& name);
 const char* method_name(Method method);
-bool uses_reference(Method method);   // every method but sft
+bool uses_reference(Method method);   // every method but sft and mapo
 bool uses_correction(Method method);  // dde_step and dde read C_t
 // discounted: kDiscounted, uniform_ct: kProportionalToCt, else kUniform.
 TimestepDistribution method_distribution(Method method);
 
 // e = mean over latent elements of (eps - eps_model)^2, one number per image, each [B].
-// ref_w / ref_l may be undefined for sft.
+// ref_w / ref_l may be undefined for sft and mapo (policy_l too for sft).
 struct PairErrors {
   torch::Tensor policy_w, policy_l, ref_w, ref_l;
 };
@@ -34,15 +36,25 @@ struct PairErrors {
 struct MethodParams {
   double beta = 5000.0;           // DPO temperature (Diffusion-DPO default)
   double correction_scale = 1.0;  // s, multiplies C_t in dde_step and dde
+  double mapo_beta = 0.1;         // b, weight of mapo's margin term (method.mapo_beta)
+  double mapo_snr = 0.5;          // s, scales the errors inside mapo's f (method.mapo_snr)
 };
 
 struct MethodOutput {
   torch::Tensor z;     // [B] float64, the argument of the sigmoid; undefined for sft
-  torch::Tensor loss;  // [B] float64, softplus(-z) = -log sigmoid(z); e[policy,w] for sft
+  torch::Tensor loss;  // [B] float64, softplus(-z) = -log sigmoid(z); e[policy,w] for sft,
+                       // e[policy,w] + b softplus(-z) for mapo
 };
 
 // loss = e[policy,w]: plain denoising loss on winners, no reference model.
 MethodOutput sft(const PairErrors& errors);
+// f(x) = x / (exp(x) - 1), f(0) = 1, elementwise in float64 (autograd flows; the series
+// 1 - x/2 + x^2/12 near 0, where the quotient is 0/0; f = 0 to float64 above x = 700).
+torch::Tensor mapo_f(const torch::Tensor& x);
+// MaPO (§8.1), no reference: z = T (f(s e[policy,w]) - f(s e[policy,l])) with T = num_timesteps,
+// loss = e[policy,w] + b softplus(-z) = e[policy,w] - b log sigmoid(z). b, s: params.mapo_beta,
+// params.mapo_snr.
+MethodOutput mapo(const PairErrors& errors, const MethodParams& params, int64_t num_timesteps);
 // Diffusion-DPO: z = -0.5 beta Delta. Also discounted and uniform_ct (only their sampling differs).
 MethodOutput uniform(const PairErrors& errors, const MethodParams& params);
 // z = -0.5 beta c_t Delta. c_t: [B].
@@ -71,7 +83,8 @@ torch::Tensor transition_estimate(const PairErrors& errors, const torch::Tensor&
 
 // Credit weight k_t sigmoid(-z) (section 5): dL/d e[policy,w] = 0.5 beta k_t sigmoid(-z), with k_t
 // = 1 (uniform, discounted, uniform_ct), c_t (dde_single, dde), lambda_t (dde_step). For sft, where
-// dL/d e[policy,w] = 1, the weight is 1. [B] float64, detached.
+// dL/d e[policy,w] = 1, the weight is 1; for mapo, sigmoid(-z), the weight of its margin term.
+// [B] float64, detached.
 torch::Tensor credit_weight(Method method, const MethodOutput& output, const torch::Tensor& t,
                             const NoiseSchedule& schedule);
 

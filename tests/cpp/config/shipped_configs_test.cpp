@@ -27,8 +27,8 @@ TEST(ShippedConfigs, EveryOneLoadsAndValidates) {
   std::sort(names.begin(), names.end());
   const std::vector<std::string> expected = {
       "sd15_dde.yaml",        "sd15_dde_single.yaml", "sd15_dde_step.yaml", "sd15_dde_window.yaml",
-      "sd15_discounted.yaml", "sd15_sft.yaml",        "sd15_uniform.yaml",  "sdxl_dde.yaml",
-      "tiny_dde.yaml",        "tiny_sdxl_dde.yaml"};
+      "sd15_discounted.yaml", "sd15_mapo.yaml",       "sd15_sft.yaml",      "sd15_uniform.yaml",
+      "sdxl_dde.yaml",        "tiny_dde.yaml",        "tiny_sdxl_dde.yaml"};
   for (const auto& name : expected) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name << " missing";
   }
@@ -86,6 +86,7 @@ TEST(ShippedConfigs, Sd15VariantsDifferOnlyInTheirMethod) {
                   {"sd15_dde_single.yaml", "dde_single"},
                   {"sd15_dde_step.yaml", "dde_step"},
                   {"sd15_sft.yaml", "sft"},
+                  {"sd15_mapo.yaml", "mapo"},
                   {"sd15_dde_window.yaml", "dde"}};
   for (const auto& v : variants) {
     SCOPED_TRACE(v.file);
@@ -94,6 +95,10 @@ TEST(ShippedConfigs, Sd15VariantsDifferOnlyInTheirMethod) {
     if (std::string(v.file) == "sd15_dde_window.yaml") {
       EXPECT_EQ(c.method.t_lo, 200);
       EXPECT_EQ(c.method.t_hi, 700);
+    }
+    if (std::string(v.file) == "sd15_mapo.yaml") {  // MaPO's defaults, written out
+      EXPECT_EQ(c.method.mapo_beta, 0.1);
+      EXPECT_EQ(c.method.mapo_snr, 0.5);
     }
     c.run.output_dir = paper.run.output_dir;
     c.method = paper.method;

@@ -17,7 +17,7 @@ namespace w = worked;
 
 const std::vector<Method> kAllMethods = {Method::kSft,       Method::kUniform, Method::kDiscounted,
                                          Method::kDdeSingle, Method::kDdeStep, Method::kDde,
-                                         Method::kUniformCt};
+                                         Method::kUniformCt, Method::kMapo};
 const std::vector<Method> kDpoMethods = {Method::kUniform, Method::kDiscounted, Method::kDdeSingle,
                                          Method::kDdeStep, Method::kDde,        Method::kUniformCt};
 
@@ -44,6 +44,10 @@ TEST(Methods, NamesRoundTrip) {
 
 TEST(Methods, Properties) {
   EXPECT_FALSE(uses_reference(Method::kSft));
+  EXPECT_FALSE(uses_reference(Method::kMapo));
+  EXPECT_FALSE(uses_correction(Method::kMapo));
+  EXPECT_EQ(method_distribution(Method::kMapo), TimestepDistribution::kUniform);
+  EXPECT_EQ(parse_method("mapo"), Method::kMapo);
   for (const Method m : kDpoMethods) {
     EXPECT_TRUE(uses_reference(m)) << method_name(m);
   }
@@ -141,6 +145,62 @@ TEST(Methods, SftLossIsThePolicyErrorOnWinners) {
   EXPECT_TRUE(torch::allclose(
       credit_weight(Method::kSft, via, torch::tensor({1, 2, 3}, torch::kInt64), schedule()),
       torch::ones({3}, torch::kFloat64)));
+}
+
+// docs/method.md §8.1's worked value: e_w = 0.10, e_l = 0.12, s = 0.5, b = 0.1, T = 1000.
+TEST(Methods, MapoWorkedValue) {
+  EXPECT_NEAR(item(mapo_f(f64(0.05))), 0.9752083, 5e-8);
+  EXPECT_NEAR(item(mapo_f(f64(0.06))), 0.9703000, 5e-8);
+  const PairErrors e{f64(0.10), f64(0.12), {}, {}};
+  const MethodParams params{};  // mapo_beta 0.1, mapo_snr 0.5: MaPO's defaults
+  const auto out = mapo(e, params, 1000);
+  EXPECT_NEAR(item(out.z), 1000 * 4.908343e-3, 1000 * 5e-10);
+  EXPECT_NEAR(item(out.loss), 0.1007358, 5e-8);
+  EXPECT_EQ(out.loss.scalar_type(), torch::kFloat64);
+  // Through the dispatcher (T from the schedule), in float32 inputs; no reference needed.
+  const PairErrors e32{f32(0.10), f32(0.12), {}, {}};
+  const auto via = compute_method(Method::kMapo, e32, torch::tensor({7}, torch::kInt64), {},
+                                  params, schedule());
+  EXPECT_NEAR(item(via.loss), 0.1007358, 1e-6);
+  EXPECT_NEAR(item(credit_weight(Method::kMapo, via, torch::tensor({7}, torch::kInt64), schedule())),
+              1.0 / (1.0 + std::exp(item(via.z))), 1e-12);
+  // b and s are the config's: doubling b doubles the margin term.
+  MethodParams twice = params;
+  twice.mapo_beta = 0.2;
+  EXPECT_NEAR(item(mapo(e, twice, 1000).loss) - 0.10, 2 * (0.1007358 - 0.10), 1e-7);
+}
+
+TEST(Methods, MapoFIsSmoothAtZeroAndFiniteFarOut) {
+  // f(0) = 1 with gradient -1/2 (the 0/0 of x / expm1(x) never reaches autograd).
+  const auto x = torch::tensor({0.0, 1e-5, 1e-3, 1.0, 30.0, 800.0}, torch::kFloat64).requires_grad_();
+  const auto y = mapo_f(x);
+  y.sum().backward();
+  const auto want = torch::tensor({1.0, 1.0 - 5e-6, 1e-3 / std::expm1(1e-3), 1.0 / std::expm1(1.0),
+                                   30.0 / std::expm1(30.0), 0.0},
+                                  torch::kFloat64);
+  EXPECT_TRUE(torch::allclose(y.detach(), want, 1e-12, 1e-300)) << y;
+  EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>()) << x.grad();
+  EXPECT_NEAR(x.grad()[0].item<double>(), -0.5, 1e-12);
+  EXPECT_NEAR(x.grad()[1].item<double>(), -0.5 + 1e-5 / 6.0, 1e-10);
+  // A winner with the smaller error has the positive margin; equal errors give z = 0.
+  const PairErrors better{f64(0.1), f64(0.2), {}, {}};
+  EXPECT_GT(item(mapo(better, MethodParams{}, 1000).z), 0.0);
+  const PairErrors tie{f64(0.1), f64(0.1), {}, {}};
+  EXPECT_EQ(item(mapo(tie, MethodParams{}, 1000).z), 0.0);
+  EXPECT_NEAR(item(mapo(tie, MethodParams{}, 1000).loss), 0.1 + 0.1 * std::log(2.0), 1e-15);
+}
+
+TEST(Methods, MapoRejectsBadArguments) {
+  const PairErrors e{f64(0.1), f64(0.2), {}, {}};
+  MethodParams bad{};
+  bad.mapo_beta = 0.0;
+  expect_error_mentions([&] { mapo(e, bad, 1000); }, {"mapo_beta", "finite > 0"});
+  bad = MethodParams{};
+  bad.mapo_snr = std::nan("");
+  expect_error_mentions([&] { mapo(e, bad, 1000); }, {"mapo_snr", "finite > 0"});
+  const PairErrors no_loser{f64(0.1), {}, {}, {}};
+  expect_error_mentions([&] { mapo(no_loser, MethodParams{}, 1000); }, {"errors.policy_l"});
+  expect_error_mentions([&] { mapo(e, MethodParams{}, 0); }, {"num_timesteps"});
 }
 
 TEST(Methods, LossIsLog2WhenPolicyEqualsReference) {
