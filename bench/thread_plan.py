@@ -38,8 +38,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import vs_diffusion_dpo as vs  # noqa: E402
 
 SCENARIOS = {"128": {"resolution": 128, "image_scale": 1}, "decode": {"resolution": 128, "image_scale": 16}}
-# (name, data.workers, run.threads or None for the default plan)
-DDE_VARIANTS = [("default", 2, None), ("w2-t1", 2, 1), ("w2-t2", 2, 2), ("w1-t1", 1, 1), ("w1-t2", 1, 2)]
+# (name, data.workers, run.threads or None for the default plan, extra environment)
+DDE_VARIANTS = [("default", 2, None, {}), ("w2-t1", 2, 1, {}), ("w2-t2", 2, 2, {}), ("w1-t1", 1, 1, {}),
+                ("w1-t2", 1, 2, {}),
+                # the default plan with OpenMP's idle threads sleeping instead of spinning (libgomp)
+                ("default-passive", 2, None, {"OMP_WAIT_POLICY": "PASSIVE"})]
 
 
 def upscaled_parquet(source: Path, out: Path, scale: int) -> Path:
@@ -104,18 +107,21 @@ def run_scenario(cli: argparse.Namespace, name: str) -> dict:
     resolution = SCENARIOS[name]["resolution"]
     paths = scenario_paths(cli.work, name, cli.rows)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    runs: dict[str, list[dict]] = {v[0]: [] for v in DDE_VARIANTS} | {"python": []}
+    chosen = [v for v in DDE_VARIANTS if not cli.variant or v[0] in cli.variant]
+    runs: dict[str, list[dict]] = {v[0]: [] for v in chosen} | ({} if cli.no_python else {"python": []})
     for k in range(cli.rounds):
-        for variant, workers, threads in DDE_VARIANTS:
+        for variant, workers, threads, extra in chosen:
             args = bench_args(cli, resolution, workers)
             sets = (f"run.threads={threads}",) if threads else ()
             tag = f"{name}-{variant}-{k}"
-            r = vs.run_dde(paths, args, tag, env, sets)
+            r = vs.run_dde(paths, args, tag, env | extra, sets)
             r["data_wait_frac"] = wait_fraction(r, cli.work, tag, cli.warmup)
             runs[variant].append(r)
             print(f"bench: {name} round {k}: dde {variant}: "
                   f"{args.global_batch * len(r['step_seconds'][cli.warmup:]) / sum(r['step_seconds'][cli.warmup:]):.3f} "
                   f"pairs/s, wait {r['data_wait_frac']:.3f}", flush=True)
+        if cli.no_python:
+            continue
         args = bench_args(cli, resolution, 2)
         runs["python"].append(vs.run_python(paths, args, f"{name}-python-{k}", env))
         print(f"bench: {name} round {k}: python: "
@@ -127,7 +133,8 @@ def run_scenario(cli: argparse.Namespace, name: str) -> dict:
         if variant != "python":
             s["data_wait_frac"] = statistics.median(r["data_wait_frac"] for r in rs)
         summary[variant] = s
-    default, python = summary["default"]["pairs_per_s"], summary["python"]["pairs_per_s"]
+    default = summary["default"]["pairs_per_s"] if "default" in summary else float("nan")
+    python = summary["python"]["pairs_per_s"] if "python" in summary else float("nan")
     for s in summary.values():
         s["over_default"] = s["pairs_per_s"] / default
         s["over_python"] = s["pairs_per_s"] / python
@@ -155,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--variant", action="append", choices=[v[0] for v in DDE_VARIANTS],
+                        help="only these dde variants (repeatable; default: all)")
+    parser.add_argument("--no-python", action="store_true", help="leave the Python loop out")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_thread_plan")
     parser.add_argument("--build", type=Path, default=Path(os.environ.get("DDE_BUILD_DIR", ROOT / "build")))
     parser.add_argument("--out", type=Path)
