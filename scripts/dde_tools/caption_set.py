@@ -7,8 +7,9 @@ marks, very long lines, empty and whitespace-only lines, numbers, contractions, 
 tokens typed inside a caption, mojibake, and characters newer than Python's Unicode database.
 Each caption has a kind (the group it was drawn from); no caption holds a '\\n'.
 
-CLI: python -m dde_tools.caption_set --out FILE [--seed N] [--kinds]
-writes one caption per line, UTF-8, '\\n' line ends (--kinds: "KIND\\tCAPTION" lines instead).
+CLI: python -m dde_tools.caption_set --out FILE [--seed N] [--kinds] [--every-code-point]
+writes one caption per line, UTF-8, '\\n' line ends (--kinds: "KIND\\tCAPTION" lines instead;
+--every-code-point: the lines of every_code_point() instead of the caption set).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+
+import regex
 
 from dde_tools.fixtures import ADJECTIVES, NOUNS, PLACES, STYLES, make_captions
 
@@ -379,6 +382,22 @@ def make_caption_set(seed: int = 0) -> list[Caption]:
     return captions
 
 
+def every_code_point() -> list[Caption]:
+    """One line per code point that Python's `regex` module knows (private use excepted) and per
+    997th other one, in five contexts: between letters, doubled, after a digit, after an
+    apostrophe, last. Not part of the caption set (174k lines): docs/tokenizer.md's check of the
+    split pattern over all of Unicode."""
+    assigned = regex.compile(r"\p{Assigned}")
+    lines = []
+    for cp in range(0x110000):
+        c = chr(cp)
+        if 0xD800 <= cp <= 0xDFFF or cp == 0x0A:
+            continue
+        if (assigned.match(c) and unicodedata.category(c) != "Co") or cp % 997 == 0:
+            lines.append(Caption("code_point", f"a{c}b {c}{c} 1{c}! '{c}s x{c}"))
+    return lines
+
+
 def write_caption_set(path: Path, captions: list[Caption], kinds: bool = False) -> None:
     lines = (f"{c.kind}\t{c.text}" if kinds else c.text for c in captions)
     path.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
@@ -395,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the UTF-8 file to write, one caption per line")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", action="store_true", help='write "KIND<TAB>CAPTION" lines')
+    parser.add_argument("--every-code-point", action="store_true",
+                        help="write every_code_point()'s lines instead of the caption set")
     args = parser.parse_args(argv)
-    captions = make_caption_set(args.seed)
+    captions = every_code_point() if args.every_code_point else make_caption_set(args.seed)
     write_caption_set(args.out, captions, args.kinds)
     print(f"caption_set: {len(captions)} captions -> {args.out}")
     return 0

@@ -149,9 +149,11 @@ TEST(ClipTokenizerFixtures, ThreadsShareOneTokenizer) {
   const ClipTokenizer tokenizer = fixture_tokenizer("sdxl/tokenizer_2");
   const std::vector<std::string> captions = {"a cat", "wow!!", "&amp; caf\xC3\xA9", ""};
   std::vector<Ids> serial;
+  serial.reserve(captions.size());
   for (const auto& caption : captions) serial.push_back(tokenizer.encode(caption));
   std::vector<std::vector<Ids>> results(4);
   std::vector<std::thread> threads;
+  threads.reserve(results.size());
   for (auto& result : results) {
     threads.emplace_back([&tokenizer, &captions, &result] {
       for (int repeat = 0; repeat < 50; ++repeat) {
