@@ -118,7 +118,8 @@ def test_tokens_equal_clip_tokenizer_tokenize(dde_tokenize, tokenizer_dirs):
         proc = run_tokenize(dde_tokenize, folder, "".join(t + "\n" for t in texts).encode(), "--tokens")
         assert proc.returncode == 0, proc.stderr.decode()
         tokenizer = CLIPTokenizer.from_pretrained(folder)
-        assert [json.loads(line) for line in proc.stdout.decode().splitlines()] == [tokenizer.tokenize(t) for t in texts]
+        ours = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+        assert ours == [tokenizer.tokenize(t) for t in texts]
 
 
 def test_a_line_that_is_not_utf8_is_named(dde_tokenize, tokenizer_dirs):
