@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Configures and builds dde (CUDA-enabled LibTorch from .venv) into build/: every target, or
-# those named (bash scripts/build.sh dde_train). Uses ccache when it is installed.
+# Configures and builds dde (CUDA-enabled LibTorch from .venv) into build/: every target
+# (dde_train, dde_encode_cache, dde_tokenize, the test binaries and probes), or those named
+# (bash scripts/build.sh dde_train; bash scripts/build.sh dde_tokenize builds only the torch-free
+# tokenizer). Uses ccache when it is installed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="/usr/local/cuda/bin:$PATH"

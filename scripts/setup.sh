@@ -9,7 +9,7 @@ cd "$root"
 
 debian_packages=(build-essential cmake libyaml-cpp-dev libspdlog-dev libcli11-dev
                  nlohmann-json3-dev libstb-dev libgtest-dev libgloo-dev
-                 libturbojpeg0-dev libssl-dev libclang-rt-14-dev)
+                 libturbojpeg0-dev libssl-dev libclang-rt-14-dev libicu-dev)
 missing=()
 for p in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

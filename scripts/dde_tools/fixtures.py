@@ -51,14 +51,13 @@ from diffusers import (
 from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from dde_tools import hostile_rows as hostile
+from dde_tools.clip_vocab import EOS, save_clip_tokenizer
 from dde_tools.common import ToolError, check_output, run_main
 
 FIXTURE_VERSION = 3
 STAMP_FILE = "dde_fixture.json"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIPTokenizer's pre-tokenizer pattern without the special tokens.
 CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 RESOLUTION = 64  # pixels; 8x8 latents
@@ -130,23 +129,9 @@ def _learn_merges(captions: list[str], num_merges: int) -> list[tuple[str, str]]
 def make_tokenizer(
     out_dir: Path, captions: list[str], pad_token: str = EOS, num_merges: int = 400
 ) -> CLIPTokenizer:
-    """Write a CLIP-format byte-level BPE tokenizer learned on `captions` into `out_dir`.
-
-    Vocabulary order as in CLIP: the 256 byte characters (id 0 is "!"), the same with
-    "</w>", one token per merge, then <|startoftext|> and <|endoftext|>.
-    """
-    merges = _learn_merges(captions, num_merges)
-    byte_chars = list(bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
-    if len(set(tokens)) != len(tokens):
-        raise ValueError("learned merges produced a duplicate vocabulary entry")
-    with tempfile.TemporaryDirectory() as raw:
-        vocab_file, merges_file = Path(raw, "vocab.json"), Path(raw, "merges.txt")
-        vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
-    tokenizer.save_pretrained(out_dir)
-    return CLIPTokenizer.from_pretrained(out_dir)
+    """Write a CLIP-format byte-level BPE tokenizer learned on `captions` into `out_dir`
+    (CLIP's vocabulary order: clip_vocab.save_clip_tokenizer)."""
+    return save_clip_tokenizer(out_dir, _learn_merges(captions, num_merges), pad_token)
 
 
 def _scheduler() -> DDIMScheduler:

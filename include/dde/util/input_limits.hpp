@@ -39,4 +39,9 @@ inline constexpr int64_t kMaxSafetensorsHeaderBytes = 100'000'000;
 // ~100 KB at a global batch of 2048).
 inline constexpr int64_t kMaxMetricsLineBytes = 64 * kMiB;
 
+// --- A CLIP tokenizer folder (vocab.json ~1.6 MB, merges.txt ~0.5 MB) and one caption
+// (dde_tokenize's input lines; Pick-a-Pic's longest are a few KB).
+inline constexpr int64_t kMaxTokenizerFileBytes = 64 * kMiB;
+inline constexpr int64_t kMaxCaptionBytes = kMiB;
+
 }  // namespace dde::util
