@@ -82,8 +82,8 @@ void check_mapo_params(const MethodParams& params, const std::string& where) {
 }
 
 // Below this |x|, f(x) = x / expm1(x) is taken from its series 1 - x/2 + x^2/12 (the next term,
-// x^4/720, is under 2e-19 there); above kMapoFMax, f is 0 to float64 (700 e^-700 ~ 1e-301) and
-// x is clamped so that neither f nor its gradient overflows.
+// x^4/720, is under 2e-19 there); above kMapoFMax, x is clamped (f(700) = 7e-302, and 0 gradient
+// beyond) so that neither f nor its gradient overflows.
 constexpr double kMapoSeriesBelow = 1e-4;
 constexpr double kMapoFMax = 700.0;
 

@@ -178,6 +178,9 @@ void Trainer::Impl::load_models() {
     reference_options.dtype = frozen;
     reference_options.fp32_output_head = cfg.train.fp32_output_head;
     reference = std::make_unique<models::UNet>(reference_manifest, device, reference_options);
+    log::info("reference UNet: loaded ({}, frozen)", c10::toString(frozen));
+  } else {
+    log::info("reference UNet: none (method {} trains without one)", objective::method_name(method));
   }
   // A latent cache replaces the frozen encoders; the held-out evaluator still encodes images.
   if (cfg.data.cache.empty() || !cfg.data.eval_index.empty()) {

@@ -115,22 +115,31 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
         assert best == f"lr{entry['lr']:g}-beta{entry['beta']:g}", name
         rows = [r for r in results["sweep"] if r["variant"] == name]
         assert max(r["content"] for r in rows) == entry["val_means"][best]
-    # every variant at every seed at its own chosen setting, both annotators, intervals around their
-    # estimates, the named score with its interval, the drift and C_t
+    # every variant at its setting (its own sweep's, or borrowed from the variant it ablates), at
+    # every seed for SMOKE.every_seed and the first seed for the others; both annotators, intervals
+    # around their estimates, the named score with its interval, the drift and C_t
     assert set(results["variants"]) == set(SMOKE.variants)
     with_correction = {v.name for v in VARIANTS if v.has_correction}
+    borrowed = {v.name: v.tuned_from for v in VARIANTS}
+    # some variants are not swept: they run at the setting of the variant they borrow from
+    assert set(SMOKE.sweep) < set(SMOKE.variants) and borrowed["uniform_ct"] == "uniform"
     for name, entry in results["variants"].items():
         for key in ("content", "world", "named"):
             e = entry[key]
-            assert e["seeds"] == len(SMOKE.seeds), name
+            assert e["seeds"] == (len(SMOKE.seeds) if name in SMOKE.every_seed else 1), name
             values = [e["mean"], e["delta"], e["win_rate"], *e["delta_ci95"], *e["win_ci95"]]
             assert all(math.isfinite(v) for v in values), (name, key, e)
             assert e["delta_ci95"][0] <= e["delta"] <= e["delta_ci95"][1]
-        assert results["settings_of"][name] == {"lr": chosen[name]["lr"], "beta": chosen[name]["beta"]}
-        assert (run_dir(out, name, chosen[name]["lr"], chosen[name]["beta"], SMOKE.seeds[-1]) / "eval.json").is_file()
-        assert len(entry["drift_by_seed"]) == len(SMOKE.seeds) and math.isfinite(entry["drift"])
+        source = chosen[name if name in SMOKE.sweep else borrowed[name]]
+        assert results["settings_of"][name] == {"lr": source["lr"], "beta": source["beta"]}, name
+        seeds = SMOKE.seeds if name in SMOKE.every_seed else SMOKE.seeds[:1]
+        assert (run_dir(out, name, source["lr"], source["beta"], seeds[-1]) / "eval.json").is_file()
+        assert len(entry["drift_by_seed"]) == len(seeds) and math.isfinite(entry["drift"])
+        for key, source_key in (("delta_content", "content"), ("delta_named", "named")):
+            e = entry[source_key]
+            assert entry[key] == {"mean": e["delta"], "lo": e["delta_ci95"][0], "hi": e["delta_ci95"][1]}
         if name in with_correction:
-            assert len(entry["c_t_final_by_seed"]) == len(SMOKE.seeds) and entry["c_t_final"] >= 0, name
+            assert len(entry["c_t_final_by_seed"]) == len(seeds) and entry["c_t_final"] >= 0, name
         else:
             assert entry["c_t_final"] is None, name
         held = results["held_out"][name]
@@ -152,11 +161,10 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
     # the samples archive: the base and every seed of every variant, images of the test prompts
     archive = np.load(out / "samples.npz")
     assert archive["images"].dtype == np.uint8
-    assert archive["images"].shape == (1 + len(SMOKE.variants) * len(SMOKE.seeds), SMOKE.test_prompts,
-                                       SMOKE.images_per_prompt, 32, 32, 3)
+    runs_made = [(n, k) for n in SMOKE.variants for k in (SMOKE.seeds if n in SMOKE.every_seed else SMOKE.seeds[:1])]
+    assert archive["images"].shape == (1 + len(runs_made), SMOKE.test_prompts, SMOKE.images_per_prompt, 32, 32, 3)
     assert list(archive["prompts"]) == prompts["test"]
-    assert sorted(zip(archive["variant"].tolist(), archive["seed"].tolist())) == sorted(
-        [("base", -1)] + [(n, k) for n in SMOKE.variants for k in SMOKE.seeds])
+    assert sorted(zip(archive["variant"].tolist(), archive["seed"].tolist())) == sorted([("base", -1)] + runs_made)
     base_image = np.asarray(Image.open(out / "eval" / "test" / "images" / "base" / "00000_00.png").convert("RGB"))
     assert (archive["images"][list(archive["variant"]).index("base"), 0, 0] == base_image).all()
     # the named-quadrant figures, the base's too

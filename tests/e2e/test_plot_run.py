@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, read_metrics, run_train, tiny_overrides
+from conftest import ROOT, read_metrics, read_records, run_train, tiny_overrides
 from dde_tools import plot_run
 
 STEPS = 6
@@ -149,7 +149,7 @@ def test_t_bins_windows_pool_steps_until_cells_hold_pairs(run_dir):
     cell holds 0.4 pairs on average. The windows cover every step once; each cell's pair count is
     the sum of its steps'; its credit is the pair-weighted mean of theirs (recomputed here from the
     step records); an average cell holds at least the minimum."""
-    steps = read_metrics(run_dir, "step")
+    steps = read_records(run_dir, "step")
     pooled = plot_run.t_bin_windows(steps, min_pairs=2)
     per_cell = BATCH / 10
     assert pooled["window"] == int(np.ceil(2 / per_cell)) == 5

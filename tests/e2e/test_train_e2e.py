@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import read_metrics, run_train, tiny_overrides
-from dde_reference import (ALL_METHODS, DPO_METHODS, REFERENCE_FREE, correction_of, pair_loss, pair_z, replay_correction,
-                           schedule)
+from dde_reference import (ALL_METHODS, DPO_METHODS, REFERENCE_FREE, correction_of, mapo_f, pair_loss, pair_z,
+                           replay_correction, schedule)
 
 TABLES = schedule()
 STEPS = 3
@@ -179,3 +179,34 @@ def test_missing_manifest_is_a_clear_error(dde_train, fixtures, tmp_path):
     r = run_train(dde_train, "tiny_dde.yaml", sets)
     assert r.returncode == 1
     assert "nope.json" in r.stderr and "export_models" in r.stderr
+
+
+def test_mapo_loads_no_reference_and_is_evaluated_against_the_initial_weights(dde_train, fixtures, tmp_path):
+    """mapo (docs/method.md §8.1) holds one UNet: no reference is loaded (uniform loads one). The
+    configured b and s reach every per-pair z and loss (checked against the note), and the held-out
+    evaluation measures Delta against the initial weights, as for sft: 0 at step 0, moving after
+    training."""
+    out = tmp_path / "mapo"
+    sets = tiny_overrides(fixtures, "sd15", out, held_out=True) + [
+        "method.name=mapo", "method.mapo_beta=0.25", "method.mapo_snr=2.0", "train.max_steps=3",
+        "logging.per_sample=true", "eval.every=3"]
+    result = run_train(dde_train, "tiny_dde.yaml", sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference UNet: none (method mapo trains without one)" in result.stderr
+    steps, pairs = read_metrics(out)
+    assert all(s["mse_ref"] is None for s in steps)
+    for rec in pairs:  # the configured b and s reach the loss
+        z = 1000 * (mapo_f(2.0 * rec["mse_policy_w"]) - mapo_f(2.0 * rec["mse_policy_l"]))
+        assert rec["z"] == pytest.approx(z, rel=1e-9, abs=1e-9)
+        want = rec["mse_policy_w"] + 0.25 * (max(-z, 0.0) + math.log1p(math.exp(-abs(z))))
+        assert rec["loss"] == pytest.approx(want, rel=1e-9)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [0, 3]
+    assert evals[0]["delta"] == 0.0 and evals[0]["implicit_acc"] == 0.0
+    assert evals[1]["delta"] != 0.0
+
+    uniform = tmp_path / "uniform"
+    result = run_train(dde_train, "tiny_dde.yaml", tiny_overrides(fixtures, "sd15", uniform) + [
+        "method.name=uniform", "train.max_steps=1"])
+    assert result.returncode == 0 and "reference UNet: loaded" in result.stderr

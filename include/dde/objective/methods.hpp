@@ -49,7 +49,7 @@ struct MethodOutput {
 // loss = e[policy,w]: plain denoising loss on winners, no reference model.
 MethodOutput sft(const PairErrors& errors);
 // f(x) = x / (exp(x) - 1), f(0) = 1, elementwise in float64 (autograd flows; the series
-// 1 - x/2 + x^2/12 near 0, where the quotient is 0/0; f = 0 to float64 above x = 700).
+// 1 - x/2 + x^2/12 near 0, where the quotient is 0/0; x clamped at 700, f(700) = 7e-302).
 torch::Tensor mapo_f(const torch::Tensor& x);
 // MaPO (§8.1), no reference: z = T (f(s e[policy,w]) - f(s e[policy,l])) with T = num_timesteps,
 // loss = e[policy,w] + b softplus(-z) = e[policy,w] - b log sigmoid(z). b, s: params.mapo_beta,
