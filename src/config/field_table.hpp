@@ -103,8 +103,8 @@ void data_fields(Visitor& v) {
 }
 
 inline const std::vector<std::string>& method_names() {
-  static const std::vector<std::string> names = {"sft", "uniform",    "discounted", "dde_single",
-                                                 "dde_step", "dde", "uniform_ct", "mapo"};
+  static const std::vector<std::string> names = {"sft",      "uniform", "discounted", "dde_single",
+                                                 "dde_step", "dde",     "uniform_ct", "mapo"};
   return names;
 }
 

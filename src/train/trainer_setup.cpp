@@ -180,7 +180,8 @@ void Trainer::Impl::load_models() {
     reference = std::make_unique<models::UNet>(reference_manifest, device, reference_options);
     log::info("reference UNet: loaded ({}, frozen)", c10::toString(frozen));
   } else {
-    log::info("reference UNet: none (method {} trains without one)", objective::method_name(method));
+    log::info("reference UNet: none (method {} trains without one)",
+              objective::method_name(method));
   }
   // A latent cache replaces the frozen encoders; the held-out evaluator still encodes images.
   if (cfg.data.cache.empty() || !cfg.data.eval_index.empty()) {

@@ -159,11 +159,12 @@ TEST(Methods, MapoWorkedValue) {
   EXPECT_EQ(out.loss.scalar_type(), torch::kFloat64);
   // Through the dispatcher (T from the schedule), in float32 inputs; no reference needed.
   const PairErrors e32{f32(0.10), f32(0.12), {}, {}};
-  const auto via = compute_method(Method::kMapo, e32, torch::tensor({7}, torch::kInt64), {},
-                                  params, schedule());
+  const auto via =
+      compute_method(Method::kMapo, e32, torch::tensor({7}, torch::kInt64), {}, params, schedule());
   EXPECT_NEAR(item(via.loss), 0.1007358, 1e-6);
-  EXPECT_NEAR(item(credit_weight(Method::kMapo, via, torch::tensor({7}, torch::kInt64), schedule())),
-              1.0 / (1.0 + std::exp(item(via.z))), 1e-12);
+  EXPECT_NEAR(
+      item(credit_weight(Method::kMapo, via, torch::tensor({7}, torch::kInt64), schedule())),
+      1.0 / (1.0 + std::exp(item(via.z))), 1e-12);
   // b and s are the config's: doubling b doubles the margin term.
   MethodParams twice = params;
   twice.mapo_beta = 0.2;
@@ -172,14 +173,15 @@ TEST(Methods, MapoWorkedValue) {
 
 TEST(Methods, MapoFIsSmoothAtZeroAndFiniteFarOut) {
   // f(0) = 1 with gradient -1/2 (the 0/0 of x / expm1(x) never reaches autograd).
-  const auto x = torch::tensor({0.0, 1e-5, 1e-3, 1.0, 30.0, 800.0}, torch::kFloat64).requires_grad_();
+  const auto x =
+      torch::tensor({0.0, 1e-5, 1e-3, 1.0, 30.0, 800.0}, torch::kFloat64).requires_grad_();
   const auto y = mapo_f(x);
   y.sum().backward();
   // Beyond 700, x is clamped: f(800) is f(700) = 7e-302, 0 for any loss in float64.
-  const auto want = torch::tensor({1.0, 1e-5 / std::expm1(1e-5), 1e-3 / std::expm1(1e-3),
-                                   1.0 / std::expm1(1.0), 30.0 / std::expm1(30.0),
-                                   700.0 / std::expm1(700.0)},
-                                  torch::kFloat64);
+  const auto want =
+      torch::tensor({1.0, 1e-5 / std::expm1(1e-5), 1e-3 / std::expm1(1e-3), 1.0 / std::expm1(1.0),
+                     30.0 / std::expm1(30.0), 700.0 / std::expm1(700.0)},
+                    torch::kFloat64);
   EXPECT_TRUE(torch::allclose(y.detach(), want, 1e-12, 1e-300)) << y;
   EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>()) << x.grad();
   EXPECT_NEAR(x.grad()[0].item<double>(), -0.5, 1e-12);
