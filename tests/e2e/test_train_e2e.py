@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import read_metrics, run_train, tiny_overrides
+from conftest import read_metrics, read_records, run_train, tiny_overrides
 from dde_reference import (ALL_METHODS, DPO_METHODS, REFERENCE_FREE, correction_of, mapo_f, pair_loss, pair_z,
                            replay_correction, schedule)
 
@@ -200,8 +200,7 @@ def test_mapo_loads_no_reference_and_is_evaluated_against_the_initial_weights(dd
         assert rec["z"] == pytest.approx(z, rel=1e-9, abs=1e-9)
         want = rec["mse_policy_w"] + 0.25 * (max(-z, 0.0) + math.log1p(math.exp(-abs(z))))
         assert rec["loss"] == pytest.approx(want, rel=1e-9)
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "eval"]
+    evals = read_records(out, "eval")
     assert [e["step"] for e in evals] == [0, 3]
     assert evals[0]["delta"] == 0.0 and evals[0]["implicit_acc"] == 0.0
     assert evals[1]["delta"] != 0.0
