@@ -16,9 +16,11 @@ skipped when its output is already there, so an interrupted run continues where 
  5. pairs: K base samples per prompt, the best and the worst by the content annotator
     (dde_tools.relabel: higher wins, a difference under the margin is a tie), parquet -> shards;
     a held-out pair set the same way on other prompts (dde_train's eval);
- 6. the sweep: each variant at every (lr, beta) of one grid (lr only where beta has no effect),
-    first seed, scored on the validation prompts; the best content mean is that variant's setting;
- 7. the final runs: every variant at its setting and every seed (the sweep's runs are reused);
+ 6. the sweep: each swept variant (Settings.sweep) at every (lr, beta) of one grid (lr only where
+    beta has no effect), first seed, scored on the validation prompts; the best content mean is its
+    setting; a variant not swept borrows the setting of the one it ablates (Variant.tuned_from);
+ 7. the final runs: every variant at its setting, at every seed for Settings.every_seed and the
+    first seed for the others (the sweep's runs are reused);
  8. report: results.json, results.md, figures/, samples.npz (rewritten after every run, so a
     partial run still yields its tables).
 Every stage's wall time is added to timings.json.
