@@ -23,6 +23,7 @@ from pathlib import Path
 
 import regex
 
+from dde_tools.common import ToolError, run_main
 from dde_tools.fixtures import ADJECTIVES, NOUNS, PLACES, STYLES, make_captions
 
 MIN_CAPTIONS = 5000
@@ -420,10 +421,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-code-point", action="store_true",
                         help="write every_code_point()'s lines instead of the caption set")
     args = parser.parse_args(argv)
-    captions = every_code_point() if args.every_code_point else make_caption_set(args.seed)
-    write_caption_set(args.out, captions, args.kinds)
-    print(f"caption_set: {len(captions)} captions -> {args.out}")
-    return 0
+
+    def body() -> int:
+        if args.out.is_dir():
+            raise ToolError(args.out, "--out is a folder", "a file to write, one caption per line", "a folder",
+                            "Pass a file name (e.g. captions.txt).")
+        captions = every_code_point() if args.every_code_point else make_caption_set(args.seed)
+        write_caption_set(args.out, captions, args.kinds)
+        print(f"caption_set: {len(captions)} captions -> {args.out}")
+        return 0
+
+    return run_main("caption_set", body)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from dde_tools.common import ToolError, run_main
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's vocabulary: 256 byte characters, the same with "</w>", 48,894 merges, BOS and EOS.
 CLIP_VOCAB_SIZE = 49408
@@ -77,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the tokenizer folder to write")
     parser.add_argument("--pad-token", default=EOS, help=f'{EOS} (SD1.5, the default) or "!" (SDXL\'s tokenizer_2)')
     args = parser.parse_args(argv)
-    build_full_tokenizer(args.out, args.pad_token)
-    return 0
+
+    def body() -> int:
+        if args.out.exists() and not args.out.is_dir():
+            raise ToolError(args.out, "--out exists and is not a folder", "a tokenizer folder to write", "a file",
+                            "Pass a folder name (it is created).")
+        build_full_tokenizer(args.out, args.pad_token)
+        return 0
+
+    return run_main("clip_vocab", body)
 
 
 if __name__ == "__main__":

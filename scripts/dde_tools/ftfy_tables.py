@@ -24,6 +24,8 @@ import ftfy
 import ftfy.bad_codecs  # noqa: F401  (registers the sloppy-* codecs)
 from ftfy import chardata
 
+from dde_tools.common import ToolError, run_main
+
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "src" / "text" / "ftfy_tables.cpp"
 
 
@@ -114,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the C++ file to write (or check)")
     parser.add_argument("--check", action="store_true", help="exit 1 if --out differs from the generated text")
     args = parser.parse_args(argv)
+    return run_main("ftfy_tables", lambda: _write_or_check(args))
+
+
+def _write_or_check(args: argparse.Namespace) -> int:
+    if args.out.is_dir():
+        raise ToolError(args.out, "--out is a folder", "the C++ file to write or check", "a folder",
+                        f"Pass a file (default {DEFAULT_OUT}).")
     text = generate()
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""

@@ -397,7 +397,7 @@ def test_file_too_large_is_named(fixture_dir, run_dir, tmp_path, with_pipeline) 
 # Every entry point: one bad input as a user runs it
 
 ENTRY_POINTS = {"export_diffusers", "export_pickapic", "evaluate", "relabel", "plot_run", "fixtures",
-                "annotator_fixtures", "readme_tables"}
+                "annotator_fixtures", "readme_tables", "caption_set", "clip_vocab", "ftfy_tables"}
 NOT_MINE = {"export_models"}  # tested by test_export_models.py
 
 
@@ -436,6 +436,9 @@ def _cases(fixture_dir: Path, run_dir: Path, tmp: Path, annotator_flags: dict) -
         "fixtures": (["--out", str(a_file)], "--out exists and is not a folder"),
         "annotator_fixtures": (["--out", str(other_run)], "--out holds a dde run (metrics.jsonl)"),
         "readme_tables": (["--run", f"0={run_dir}", "--readme", str(a_file)], "no single quickstart block"),
+        "caption_set": (["--out", str(other_run)], "--out is a folder"),
+        "clip_vocab": (["--out", str(a_file)], "--out exists and is not a folder"),
+        "ftfy_tables": (["--out", str(other_run)], "--out is a folder"),
     }
 
 
