@@ -152,6 +152,19 @@ def activations(family: str, size: int, batch: int = 1) -> dict:
             "checkpointed_mb": round((sum(boundary.values()) + max(per_block.values())) / MiB, 1)}
 
 
+def timed_train(sets: list[str], run: Path, env: dict) -> tuple[subprocess.CompletedProcess, float | None, list[dict]]:
+    """dde_train on the tiny config with `sets`, under /usr/bin/time -v: the process, its peak RSS
+    in MiB (None if time printed none) and the step records of run/metrics.jsonl."""
+    cmd = ["/usr/bin/time", "-v", str(REPO / "build" / "dde_train"), "--config", str(REPO / "configs" / "tiny_dde.yaml")]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"kind":"step"' in line.replace(" ", "")] if (run / "metrics.jsonl").exists() else []
+    return proc, round(int(peak.group(1)) / 1024, 1) if peak else None, steps
+
+
 def train(export: Path, shards: Path, out: Path, steps: int, optim: str, frozen_dtypes: list[str],
           checkpointing_modes: list[bool]) -> list[dict]:
     """dde_train steps at micro-batch 1 with checkpointing on/off x the frozen dtypes. The
@@ -169,17 +182,11 @@ def train(export: Path, shards: Path, out: Path, steps: int, optim: str, frozen_
                     "checkpoint.every=1000", "data.workers=1", "optim.warmup_steps=0", "method.name=dde",
                     "data.eval_index=",  # no held-out evaluation: it would run full-size forwards
                     f"optim.name={optim}"]
-            cmd = ["/usr/bin/time", "-v", str(REPO / "build" / "dde_train"), "--config", str(REPO / "configs" / "tiny_dde.yaml")]
-            for s in sets:
-                cmd += ["--set", s]
             start = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-            steps_log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-                         if '"kind":"step"' in line.replace(" ", "")] if (run / "metrics.jsonl").exists() else []
+            proc, peak_mb, steps_log = timed_train(sets, run, env)
             row = {"gradient_checkpointing": checkpointing, "frozen_dtype": frozen, "optim": optim,
                    "returncode": proc.returncode,
-                   "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
+                   "peak_rss_mb": peak_mb,
                    "seconds": round(time.time() - start, 1),
                    "steps": [{k: s.get(k) for k in ("step", "loss", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb", "pairs_per_s")}
                              for s in steps_log]}
@@ -193,6 +200,58 @@ def train(export: Path, shards: Path, out: Path, steps: int, optim: str, frozen_
                 print(proc.stderr[-3000:])
             rows.append(row)
     return rows
+
+
+# One GPU (issue 27): the full fine-tune against LoRA and mapo, each a row of `full_size.py one_gpu`.
+ONE_GPU_ROWS = {
+    "full fine-tune (dde)": ["method.name=dde"],
+    "LoRA rank 8 (dde)": ["method.name=dde", "model.lora={rank: 8}"],
+    "mapo (full, no reference)": ["method.name=mapo"],
+    "mapo + LoRA rank 8": ["method.name=mapo", "model.lora={rank: 8}"],
+}
+
+
+def one_gpu(export: Path, shards: Path, out: Path, steps: int, rows: list[str]) -> list[dict]:
+    """dde_train at micro-batch 1, fp32 frozen models, AdamW, gradient checkpointing on, for each
+    row of ONE_GPU_ROWS, side by side in one invocation: peak RSS (/usr/bin/time), parameters
+    trained (the optimizer's tensors in the checkpoint), optimizer-state bytes (its
+    training_state.safetensors, less the correction array) and pairs/s of the last step."""
+    from safetensors import safe_open
+
+    results = []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(os.cpu_count()))
+    for name in rows:
+        run = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        shutil.rmtree(run, ignore_errors=True)
+        sets = [f"model.manifest={export / 'manifest.json'}", f"data.index={shards / 'index.json'}",
+                f"run.output_dir={run}", f"train.max_steps={steps}", "train.global_batch=1", "train.micro_batch=1",
+                "train.gradient_checkpointing=true", "model.frozen_dtype=fp32", f"checkpoint.every={steps}",
+                "data.workers=1", "optim.warmup_steps=0", "optim.name=adamw", "data.eval_index=",
+                *ONE_GPU_ROWS[name]]
+        start = time.time()
+        proc, peak_mb, records = timed_train(sets, run, env)
+        state = run / "checkpoints" / f"step-{steps:08d}" / "training_state.safetensors"
+        optimizer_bytes, tensors = 0, set()
+        if state.exists():
+            with safe_open(str(state), "pt") as f:
+                for key in f.keys():
+                    if key.startswith("correction."):
+                        continue
+                    shape = f.get_slice(key).get_shape()
+                    optimizer_bytes += 4 * int(torch.tensor(shape).prod().item()) if shape else 4
+                    tensors.add(key.rsplit(".", 1)[0])
+        trained = re.search(r"(\d+) parameters trained", (run / "train.log").read_text()) if (run / "train.log").exists() else None
+        row = {"row": name, "returncode": proc.returncode,
+               "peak_rss_mb": peak_mb,
+               "parameters_trained": int(trained.group(1)) if trained else None,
+               "optimizer_state_mb": round(optimizer_bytes / MiB, 1),
+               "pairs_per_s": records[-1].get("pairs_per_s") if records else None,
+               "seconds": round(time.time() - start, 1)}
+        print(json.dumps(row), flush=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:])
+        results.append(row)
+    return results
 
 
 def count_params(family: str) -> dict[str, float]:
@@ -275,6 +334,12 @@ def main() -> int:
                    help="adafactor (default) keeps the run under ~12 GB of RAM; adamw needs ~19 GB")
     t.add_argument("--frozen", nargs="+", choices=["fp32", "bf16"], default=["bf16", "fp32"])
     t.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
+    g = sub.add_parser("one_gpu", help="full fine-tune, LoRA rank 8, mapo, mapo + LoRA: memory and speed")
+    g.add_argument("--export", type=Path, required=True)
+    g.add_argument("--shards", type=Path, default=REPO / "fixtures" / "shards" / "sd15")
+    g.add_argument("--out", type=Path, default=Path("/tmp/dde_full_size_one_gpu"))
+    g.add_argument("--steps", type=int, default=2)
+    g.add_argument("--rows", nargs="+", choices=list(ONE_GPU_ROWS), default=list(ONE_GPU_ROWS))
     sub.add_parser("fit")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -295,6 +360,13 @@ def main() -> int:
         earlier = json.loads(RESULTS.read_text()).get(key, []) if RESULTS.exists() else []
         done = {(r["gradient_checkpointing"], r["frozen_dtype"]) for r in rows}
         record(key, [r for r in earlier if (r["gradient_checkpointing"], r["frozen_dtype"]) not in done] + rows)
+    elif args.cmd == "one_gpu":
+        rows = one_gpu(args.export, args.shards, args.out, args.steps, args.rows)
+        record("one_gpu_sd15_256", rows)
+        print("| run | peak RSS | parameters trained | optimizer state | pairs/s |\n| --- | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['row']} | {r['peak_rss_mb']} MiB | {r['parameters_trained']} | "
+                  f"{r['optimizer_state_mb']} MiB | {r['pairs_per_s']} |")
     else:
         rows = fit(json.loads(RESULTS.read_text()))
         keys = ["family", "px", "optimizer", "frozen_dtype", "gradient_checkpointing", "static_gb",

@@ -175,22 +175,39 @@ EOF
 }
 
 # LD_LIBRARY_PATH: the bundle's lib/, torch's lib/ and the NVIDIA wheels' lib/ folders beside it,
-# and lib-extra/ (unpacked) only if this machine lacks one of its libraries (libcrypto, libssl, libz).
+# and lib-extra/ (unpacked) only if this machine lacks one of its libraries (libcrypto, libssl, libz,
+# ICU's).
 find_libraries() {
   local torch_path
   torch_path="$("$DDE_GC_PY" -c 'import glob, os, torch
 t = os.path.dirname(torch.__file__)
 print(":".join([t + "/lib"] + sorted(glob.glob(os.path.dirname(t) + "/nvidia/*/lib"))))')" || return 1
   local path="$bundle/lib:$torch_path" missing
-  missing="$(env -i LD_LIBRARY_PATH="$path" ldd "$bundle"/bin/* 2>&1 | awk '/not found/ { print $1 }' | sort -u)"
-  local extra="" lib
-  for lib in $missing; do
-    [ -f "$bundle/lib-extra/$lib.xz" ] || continue
-    echo "this machine lacks $lib: the bundle's joins LD_LIBRARY_PATH"
-    mkdir -p "$work/lib-extra"
-    "$DDE_GC_PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-      "$bundle/lib-extra/$lib.xz" "$work/lib-extra/$lib" || return 1
-    extra=1
+  local extra="" lib round
+  # A dry run takes ICU from the bundle as a machine without ICU 72 would (this one has it).
+  if ((dry_run)); then
+    for lib in "$bundle"/lib-extra/libicu*.xz; do
+      [ -f "$lib" ] || continue
+      mkdir -p "$work/lib-extra"
+      "$DDE_GC_PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$lib" "$work/lib-extra/$(basename "$lib" .xz)" || return 1
+      extra=1
+    done
+  fi
+  # A library unpacked can need another one (ICU's uc needs its data): ldd again, a few rounds.
+  for round in 1 2 3; do
+    missing="$(env -i LD_LIBRARY_PATH="$path${extra:+:$work/lib-extra}" ldd "$bundle"/bin/* 2>&1 |
+      awk '/not found/ { print $1 }' | sort -u)"
+    local found=""
+    for lib in $missing; do
+      [ -f "$bundle/lib-extra/$lib.xz" ] && [ ! -f "$work/lib-extra/$lib" ] || continue
+      echo "this machine lacks $lib: the bundle's joins LD_LIBRARY_PATH"
+      mkdir -p "$work/lib-extra"
+      "$DDE_GC_PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$bundle/lib-extra/$lib.xz" "$work/lib-extra/$lib" || return 1
+      extra=1 found=1
+    done
+    [ -n "$found" ] || break
   done
   [ -n "$extra" ] && path="$path:$work/lib-extra"
   echo "LD_LIBRARY_PATH=$path"

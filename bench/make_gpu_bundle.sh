@@ -6,7 +6,7 @@
 #   lib/        the shared libraries they need besides glibc, libstdc++, libgcc_s, torch's and
 #               NVIDIA's (those come from the GPU machine and its torch wheel): yaml-cpp, spdlog,
 #               fmt, stb, libjpeg-turbo, ... (and libdde_fake_device.so), found with ldd
-#   lib-extra/  libraries a python3 image has (libcrypto, libssl, libz), xz-compressed: unpacked
+#   lib-extra/  libraries a python3 image has (libcrypto, libssl, libz) and ICU, xz-compressed: unpacked
 #               and used there only when the machine lacks them, so that they never shadow what
 #               its Python loads
 #   wheels/     the pinned Python packages the GPU image lacks or holds at other versions
@@ -78,7 +78,9 @@ fi
 # Shared libraries: everything ldd resolves that is not glibc's, GCC's runtime, torch's, NVIDIA's
 # or the driver's. The binaries' RUNPATH (this machine's torch) is kept: absent there, harmless.
 system_re='^(linux-vdso\.so|ld-linux-x86-64\.so|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libutil\.so|libresolv\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libnvidia-)'
-extra_re='^(libcrypto\.so|libssl\.so|libz\.so)'
+# ICU (the caption tokenizer's Unicode) too: 31 MB of data that xz makes 8, and a GPU image may
+# hold another ICU version (another soname) beside which the bundle's is used.
+extra_re='^(libcrypto\.so|libssl\.so|libz\.so|libicu(uc|i18n|data)\.so)'
 declare -A seen=()
 for f in "$out"/bin/* "$out"/lib/libdde_fake_device.so; do
   [ -e "$f" ] || continue

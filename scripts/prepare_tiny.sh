@@ -6,6 +6,7 @@
 #   fixtures/export/{sd15,sdxl}          TorchScript components + manifest.json
 #   fixtures/shards/{sd15,sdxl}          tar shards + index.json, token ids per text encoder
 #   fixtures/shards/{sd15,sdxl}_eval     the held-out shards (config data.eval_index)
+#   fixtures/shards/captions             the training rows as captions only (no token ids)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -42,4 +43,10 @@ for family in "${families[@]}"; do
     fi
   done
 done
+# The training rows once more without --tokenizer: captions only, one export for every family
+# (dde_train tokenizes them; tests compare them with the shards above).
+source="$out/source/pickapic" shards="$out/shards/captions"
+if [ ! -f "$shards/index.json" ] || [ "$source/dde_fixture.json" -nt "$shards/index.json" ]; then
+  "$py" -m dde_tools.export_pickapic --parquet "$source"/*.parquet --out "$shards" --pairs-per-shard 16
+fi
 echo "prepare_tiny: fixtures ready in $out"

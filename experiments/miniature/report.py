@@ -171,12 +171,13 @@ def training_ranking(step_records: Sequence[dict], last: int) -> dict | None:
             "misranked": float(counts.sum() / total.sum()) if total.sum() else None}
 
 
-def sweep_rows(scores_by_job: Sequence[tuple[str, float, float, int, dict]],
+def sweep_rows(scores_by_job: Sequence[tuple[str, float, float, float, int, dict]],
                annotators: Sequence[str]) -> list[dict]:
-    """One row per finished sweep run (variant, lr, beta, seed, its validation scores): the means."""
-    return [{"variant": name, "lr": lr, "beta": beta, "seed": seed,
+    """One row per scored sweep checkpoint (variant, lr, beta, epochs, seed, its validation
+    scores): the means."""
+    return [{"variant": name, "lr": lr, "beta": beta, "epochs": epochs, "seed": seed,
              **{a: float(np.mean(val[a])) for a in annotators}, "named": float(np.mean(val["named"]))}
-            for name, lr, beta, seed, val in scores_by_job]
+            for name, lr, beta, epochs, seed, val in scores_by_job]
 
 
 def interval(entry: dict) -> dict:
@@ -199,13 +200,14 @@ def _base_lines(results: dict, annotators: Sequence[str]) -> list[str]:
 
 def _sweep_lines(results: dict, annotators: Sequence[str], labeller: str) -> list[str]:
     lines = [f"## Sweep (first seed, validation prompts; the best {labeller} mean is chosen)", "",
-             "| variant | lr | beta | " + " | ".join(annotators) + " | named | chosen |",
-             "| --- | ---: | ---: | " + " | ".join("---:" for _ in annotators) + " | ---: | --- |"]
+             "| variant | lr | beta | epochs | " + " | ".join(annotators) + " | named | chosen |",
+             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in annotators) + " | ---: | --- |"]
     chosen = results["chosen"]
     for row in results["sweep"]:
         pick = chosen.get(row["variant"], {})
-        mark = "yes" if (pick.get("lr"), pick.get("beta")) == (row["lr"], row["beta"]) else ""
-        lines.append(f"| {row['variant']} | {row['lr']:g} | {row['beta']:g} | "
+        same = (pick.get("lr"), pick.get("beta"), pick.get("epochs")) == (row["lr"], row["beta"], row["epochs"])
+        mark = "yes" if same else ""
+        lines.append(f"| {row['variant']} | {row['lr']:g} | {row['beta']:g} | {row['epochs']:g} | "
                      + " | ".join(f"{row[a]:.3f}" for a in annotators) + f" | {row['named']:.3f} | {mark} |")
     return lines + [""]
 
@@ -215,16 +217,17 @@ def _variant_lines(results: dict, names: Sequence[str], annotators: Sequence[str
     lines = [f"## Every variant at its setting ({split} prompts; Δ vs the base with 95 % CI over seeds and "
              "prompts; drift: rise of the denoising error on held-out images over the base's "
              f"{results['base_denoising_error']:.5f})", "",
-             "| variant | lr | beta | seeds | " + " | ".join(f"{a} | Δ {a}" for a in annotators)
+             "| variant | lr | beta | epochs | seeds | " + " | ".join(f"{a} | Δ {a}" for a in annotators)
              + f" | named | Δ named | win rate vs base ({annotators[0]}) | drift | c_t_final | held-out acc |",
-             "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---" for _ in annotators)
+             "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---" for _ in annotators)
              + " | ---: | --- | --- | ---: | ---: | ---: |",
-             "| base | | | | " + " | ".join(f"{base[split][a]:.3f} |" for a in annotators)
+             "| base | | | | | " + " | ".join(f"{base[split][a]:.3f} |" for a in annotators)
              + f" | {base[split]['named']:.3f} | | | | | |"]
     for name in [n for n in names if n in results["variants"]]:
         v, acc, setting = results["variants"][name], held.get(name), results["settings_of"][name]
         c_t = "-" if v.get("c_t_final") is None else f"{v['c_t_final']:.2e}"
-        lines.append(f"| {name} | {setting['lr']:g} | {setting['beta']:g} | {v[annotators[0]]['seeds']} | "
+        lines.append(f"| {name} | {setting['lr']:g} | {setting['beta']:g} | {setting['epochs']:g} | "
+                     f"{v[annotators[0]]['seeds']} | "
                      + " | ".join(f"{v[a]['mean']:.3f} | {_ci(v[a])}" for a in annotators)
                      + f" | {v['named']['mean']:.3f} | {_ci(v['named'])}"
                      + f" | {_ci(v[annotators[0]], 'win_rate', 'win_ci95', '.3f')} | {v['drift']:+.5f} | {c_t} | "

@@ -17,10 +17,14 @@ skipped when its output is already there, so an interrupted run continues where 
     (dde_tools.relabel: higher wins, a difference under the margin is a tie), parquet -> shards;
     a held-out pair set the same way on other prompts (dde_train's eval);
  6. the sweep: each swept variant (Settings.sweep) at every (lr, beta) of one grid (lr only where
-    beta has no effect), first seed, scored on the validation prompts; the best content mean is its
-    setting; a variant not swept borrows the setting of the one it ablates (Variant.tuned_from);
+    beta has no effect), first seed, trained for the longest of Settings.epochs and scored on the
+    validation prompts at each of them (its checkpoints: the lr is constant after warm-up, so the
+    checkpoint after E epochs is the run of E epochs); the best content mean over (lr, beta,
+    epochs) is its setting; a variant not swept borrows the setting of the one it ablates
+    (Variant.tuned_from);
  7. the final runs: every variant at its setting, at every seed for Settings.every_seed and the
-    first seed for the others (the sweep's runs are reused);
+    first seed for the others (a sweep run is reused where its length is the one chosen); the
+    every-seed variants run first;
  8. report: results.json, results.md, figures/, samples.npz (rewritten after every run, so a
     partial run still yields its tables).
 Every stage's wall time is added to timings.json.
@@ -114,9 +118,14 @@ class Settings:
     sample_steps: int = 20  # DDIM
     guidance: float = 3.0
     tie_margin: float = 0.02  # annotator units
-    epochs: float = 6.0  # passes over the training pairs in every preference run
+    # Training lengths (passes over the training pairs) of the grid: a sweep run trains for the
+    # longest and is scored at each. v3.0 trained 6 epochs and left 0.36 of the training pairs
+    # misranked (docs/miniature.md).
+    epochs: tuple[float, ...] = (4.0, 8.0, 12.0)
     batch: int = 32  # pairs per preference step
-    lrs: tuple[float, ...] = (5e-5, 1e-4)  # the grid every swept variant is tuned on (2e-4 wrecked: docs)
+    # the grid every swept variant is tuned on; v3.0's validation scores fell from 5e-5 to 1e-4 for
+    # every swept method (2e-4 wrecked the base), so v3.1 spends the grid on training length instead
+    lrs: tuple[float, ...] = (5e-5,)
     betas: tuple[float, ...] = (500.0, 5000.0)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     sweep: tuple[str, ...] = ("uniform", "sft", "dde")  # each in its own grid; the others borrow
@@ -131,7 +140,7 @@ class Settings:
 FULL = Settings()
 SMOKE = replace(FULL, val_prompts=4, test_prompts=6, images_per_prompt=1, vae_images=256, vae_steps=20,
                 recon_images=32, base_rows=128, base=pretrain.PretrainSettings(steps=4, batch=16), pair_prompts=40,
-                eval_pair_prompts=8, pair_samples=3, sample_steps=3, epochs=0.5, batch=8, lrs=(1e-4,),
+                eval_pair_prompts=8, pair_samples=3, sample_steps=3, epochs=(0.25, 0.5), batch=8, lrs=(1e-4,),
                 betas=(250.0, 2000.0), seeds=(0, 1), eval_t_bins=(100, 500, 900), drift_images=16,
                 drift_t=(100, 900))
 
@@ -361,31 +370,36 @@ def training_pairs(out: Path) -> int:
 
 # --- stages 6-7: the preference runs ------------------------------------------------------------
 
-Job = tuple[str, float, float, int]  # (variant, lr, beta, seed)
+Job = tuple[str, float, float, float, int]  # (variant, lr, beta, epochs, seed)
 
 
-def run_dir(out: Path, name: str, lr: float, beta: float, seed: int) -> Path:
-    return out / "runs" / name / f"lr{lr:g}-beta{beta:g}" / f"seed{seed}"
+def run_dir(out: Path, s: Settings, name: str, lr: float, beta: float, epochs: float, seed: int) -> Path:
+    """A run of `epochs` passes; runs of the longest length (the sweep's) sit one level up."""
+    folder = out / "runs" / name / f"lr{lr:g}-beta{beta:g}"
+    return folder / (f"seed{seed}" if epochs == max(s.epochs) else f"e{epochs:g}/seed{seed}")
 
 
-def model_name(name: str, lr: float, beta: float, seed: int) -> str:
+def model_name(name: str, lr: float, beta: float, epochs: float, seed: int) -> str:
     """The sampler's name of a run's pipeline (its images: eval/<split>/images/<model_name>/)."""
-    return f"{name}-lr{lr:g}-b{beta:g}-s{seed}"
+    return f"{name}-lr{lr:g}-b{beta:g}-e{epochs:g}-s{seed}"
 
 
-def steps_for(out: Path, s: Settings) -> int:
-    """Optimizer steps of a run: Settings.epochs over the pairs."""
-    return max(1, math.ceil(s.epochs * training_pairs(out) / s.batch))
+def steps_for(out: Path, s: Settings, epochs: float) -> int:
+    """Optimizer steps of a run of `epochs` passes over the pairs."""
+    return max(1, math.ceil(epochs * training_pairs(out) / s.batch))
 
 
-def train(binary: Path, run: Path, sets: list[str], steps: int) -> Path:
-    """Run dde_train unless `run` already holds its final checkpoint; return that checkpoint."""
+def train(binary: Path, run: Path, sets: list[str], steps: int, every: int) -> Path:
+    """Run dde_train for `steps` with a checkpoint (and a held-out evaluation) every `every` steps,
+    all kept, unless `run` already holds its final checkpoint; return that checkpoint."""
     checkpoint = run / "checkpoints" / f"step-{steps:08d}"
     if (checkpoint / "COMPLETE").is_file():
         return checkpoint
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    command = [str(binary), "--config", str(HERE / "preference.yaml"), "--set", f"run.output_dir={run}"]
+    command = [str(binary), "--config", str(HERE / "preference.yaml"), "--set", f"run.output_dir={run}",
+               "--set", f"train.max_steps={steps}", "--set", f"checkpoint.every={every}",
+               "--set", f"checkpoint.keep={math.ceil(steps / every)}", "--set", f"eval.every={every}"]
     for value in sets:
         command += ["--set", value]
     with open(run / "stdout.log", "w") as stdout:
@@ -396,36 +410,68 @@ def train(binary: Path, run: Path, sets: list[str], steps: int) -> Path:
     return checkpoint
 
 
+def train_run(out: Path, s: Settings, binary: Path, job: Job, every: int) -> Path:
+    """Train one variant at one (lr, beta) and seed from the base for `epochs` passes."""
+    name, lr, beta, epochs, seed = job
+    return train(binary, run_dir(out, s, *job), [
+        f"model.manifest={out / 'base' / 'export' / 'manifest.json'}",
+        f"data.index={out / 'pairs' / 'shards' / 'index.json'}", f"run.seed={seed}", f"method.beta={beta:g}",
+        f"train.global_batch={s.batch}", f"train.micro_batch={s.batch}", f"optim.lr={lr:g}",
+        f"data.eval_index={out / 'eval_pairs' / 'shards' / 'index.json'}",
+        "eval.t_bins=[" + ", ".join(str(t) for t in s.eval_t_bins) + "]", *variant(name).sets],
+        steps_for(out, s, epochs), every)
+
+
+def sweep_one(out: Path, s: Settings, binary: Path, name: str, lr: float, beta: float, prompts: dict,
+              eval_lock: threading.Lock, timings: Timings) -> None:
+    """A sweep run: the longest training, its checkpoint after each of Settings.epochs scored on
+    the validation prompts (val-e<epochs>.json in the run folder)."""
+    job = (name, lr, beta, max(s.epochs), s.seeds[0])
+    folder = run_dir(out, s, *job)
+    stops = {e: steps_for(out, s, e) for e in s.epochs}
+    if all((folder / f"val-e{e:g}.json").is_file() for e in stops):
+        return
+    start = time.perf_counter()
+    train_run(out, s, binary, job, math.gcd(*stops.values()))
+    trained = time.perf_counter() - start
+    for epochs, steps in stops.items():
+        path = folder / f"val-e{epochs:g}.json"
+        if path.is_file():
+            continue
+        with eval_lock:  # one in-process sampler at a time: two heavy processes at most
+            pipeline_dir = export_diffusers.export(folder / "checkpoints" / f"step-{steps:08d}", folder / "pipeline",
+                                                   out / "base" / "pipeline")
+            scores = evaluate_pipeline(pipeline_dir, model_name(name, lr, beta, epochs, job[-1]), prompts, out, s,
+                                       ("val",))
+            shutil.rmtree(pipeline_dir)
+        report.write_json(path, scores | {"name": name, "lr": lr, "beta": beta, "epochs": epochs, "steps": steps})
+    timings.add("preference runs (process seconds)", time.perf_counter() - start)
+    log(f"sweep {name} lr {lr:g} beta {beta:g}: trained in {trained:.0f} s, total {time.perf_counter() - start:.0f} s")
+
+
 def run_one(out: Path, s: Settings, binary: Path, job: Job, prompts: dict, eval_lock: threading.Lock,
             timings: Timings) -> Path:
-    """Train one variant at one (lr, beta) and seed from the base, export it, sample and score the
-    test prompts (and the validation prompts for a sweep run), and measure its denoising error."""
-    name, lr, beta, seed = job
-    splits = SPLITS if job in sweep_jobs(s) else ("test",)
-    folder = run_dir(out, name, lr, beta, seed)
+    """A final run: train one variant at its (lr, beta, epochs) and seed (or reuse the sweep's run),
+    export it, sample and score the test prompts, and measure its denoising error."""
+    name, lr, beta, epochs, seed = job
+    folder = run_dir(out, s, *job)
     result = folder / "eval.json"
     if result.is_file():
         return result
     start = time.perf_counter()
-    steps = steps_for(out, s)
-    eval_sets = [f"data.eval_index={out / 'eval_pairs' / 'shards' / 'index.json'}", f"eval.every={steps}",
-                 "eval.t_bins=[" + ", ".join(str(t) for t in s.eval_t_bins) + "]"]
-    checkpoint = train(binary, folder, [
-        f"model.manifest={out / 'base' / 'export' / 'manifest.json'}",
-        f"data.index={out / 'pairs' / 'shards' / 'index.json'}", f"run.seed={seed}", f"method.beta={beta:g}",
-        f"train.max_steps={steps}", f"checkpoint.every={steps}", f"train.global_batch={s.batch}",
-        f"train.micro_batch={s.batch}", f"optim.lr={lr:g}", *eval_sets, *variant(name).sets], steps)
+    steps = steps_for(out, s, epochs)
+    checkpoint = train_run(out, s, binary, job, steps)
     trained = time.perf_counter() - start
     with eval_lock:  # one in-process sampler at a time: two heavy processes at most
         pipeline_dir = export_diffusers.export(checkpoint, folder / "pipeline", out / "base" / "pipeline")
-        scores = evaluate_pipeline(pipeline_dir, model_name(name, lr, beta, seed), prompts, out, s, splits)
+        scores = evaluate_pipeline(pipeline_dir, model_name(*job), prompts, out, s, ("test",))
         scores["denoising_error"] = denoising_error(pipeline_dir, drift_probe(out, s))
         shutil.rmtree(pipeline_dir)
-    report.write_json(result, scores | {"name": name, "lr": lr, "beta": beta, "seed": seed, "steps": steps,
-                                        "c_t_final": c_t_final(folder, variant(name)),
+    report.write_json(result, scores | {"name": name, "lr": lr, "beta": beta, "epochs": epochs, "seed": seed,
+                                        "steps": steps, "c_t_final": c_t_final(folder, variant(name)),
                                         "train_seconds": trained, "seconds": time.perf_counter() - start})
     timings.add("preference runs (process seconds)", time.perf_counter() - start)
-    log(f"{name} lr {lr:g} beta {beta:g} seed {seed}: trained in {trained:.0f} s, "
+    log(f"{name} lr {lr:g} beta {beta:g} epochs {epochs:g} seed {seed}: trained in {trained:.0f} s, "
         f"total {time.perf_counter() - start:.0f} s")
     return result
 
@@ -446,53 +492,62 @@ def grid(s: Settings, name: str) -> list[tuple[float, float]]:
 
 
 def sweep_jobs(s: Settings) -> list[Job]:
-    return [(name, lr, beta, s.seeds[0]) for name in s.sweep for lr, beta in grid(s, name)]
+    """Every (variant, lr, beta, epochs, first seed) scored on the validation prompts."""
+    return [(name, lr, beta, epochs, s.seeds[0]) for name in s.sweep for lr, beta in grid(s, name)
+            for epochs in s.epochs]
+
+
+def setting_key(lr: float, beta: float, epochs: float) -> str:
+    return f"lr{lr:g}-beta{beta:g}-e{epochs:g}"
 
 
 def chosen_settings(out: Path, s: Settings) -> dict[str, dict]:
-    """Swept variant -> {lr, beta, val_means}: the best validation mean of the labeller."""
+    """Swept variant -> {lr, beta, epochs, val_means}: the best validation mean of the labeller."""
     chosen = {}
     for name in s.sweep:
         means = {}
-        for _, lr, beta, seed in [j for j in sweep_jobs(s) if j[0] == name]:
-            path = run_dir(out, name, lr, beta, seed) / "eval.json"
+        for _, lr, beta, epochs, seed in [j for j in sweep_jobs(s) if j[0] == name]:
+            path = run_dir(out, s, name, lr, beta, max(s.epochs), seed) / f"val-e{epochs:g}.json"
             if path.is_file():
-                means[(lr, beta)] = float(np.mean(json.loads(path.read_text())["val"][s.labeller]))
-        if len(means) == len(grid(s, name)):
-            lr, beta = max(means, key=means.get)
-            chosen[name] = {"lr": lr, "beta": beta,
-                            "val_means": {f"lr{a:g}-beta{b:g}": m for (a, b), m in means.items()}}
+                means[(lr, beta, epochs)] = float(np.mean(json.loads(path.read_text())["val"][s.labeller]))
+        if len(means) == len(grid(s, name)) * len(s.epochs):
+            lr, beta, epochs = max(means, key=means.get)
+            chosen[name] = {"lr": lr, "beta": beta, "epochs": epochs,
+                            "val_means": {setting_key(*k): m for k, m in means.items()}}
     return chosen
 
 
-def tuned(name: str, chosen: dict[str, dict]) -> tuple[float, float] | None:
-    """(lr, beta) of a variant once its sweep is complete: its own when it was swept, else that of
-    the variant it borrows from (Variant.tuned_from)."""
+def tuned(name: str, chosen: dict[str, dict]) -> tuple[float, float, float] | None:
+    """(lr, beta, epochs) of a variant once its sweep is complete: its own when it was swept, else
+    that of the variant it borrows from (Variant.tuned_from)."""
     source = chosen.get(name) or chosen.get(variant(name).tuned_from)
-    return (source["lr"], source["beta"]) if source else None
+    return (source["lr"], source["beta"], source["epochs"]) if source else None
 
 
 def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Timings) -> None:
     """The sweep, then every variant at its setting and every seed; the report after every run."""
     lock, table_lock = threading.Lock(), threading.Lock()
 
-    def job(name: str, lr: float, beta: float, seed: int) -> None:
-        if (run_dir(out, name, lr, beta, seed) / "eval.json").is_file():
+    def final(job: Job) -> None:
+        if (run_dir(out, s, *job) / "eval.json").is_file():
             return  # done by an earlier invocation: its tables were written then
-        run_one(out, s, binary, (name, lr, beta, seed), prompts, lock, timings)
+        run_one(out, s, binary, job, prompts, lock, timings)
         with table_lock:
             write_report(out, s, figures=False)
 
+    sweeps = [(name, lr, beta) for name in s.sweep for lr, beta in grid(s, name)]
     with ThreadPoolExecutor(max_workers=s.parallel) as pool:
-        for future in [pool.submit(job, *j) for j in sweep_jobs(s)]:
+        for future in [pool.submit(sweep_one, out, s, binary, *j, prompts, lock, timings) for j in sweeps]:
             future.result()
     chosen = chosen_settings(out, s)
     report.write_json(out / "chosen_settings.json", chosen)
-    log("chosen: " + ", ".join(f"{n} lr {c['lr']:g} beta {c['beta']:g}" for n, c in chosen.items()))
-    finals = [(name, *tuned(name, chosen), seed) for seed in s.seeds for name in s.variants
-              if seed == s.seeds[0] or name in s.every_seed]
+    log("chosen: " + ", ".join(f"{n} lr {c['lr']:g} beta {c['beta']:g} epochs {c['epochs']:g}"
+                               for n, c in chosen.items()))
+    # the variants every seed is run for first (the positive control and dde), then the others
+    finals = [(name, *tuned(name, chosen), seed) for seed in s.seeds for name in s.every_seed]
+    finals += [(name, *tuned(name, chosen), s.seeds[0]) for name in s.variants if name not in s.every_seed]
     with ThreadPoolExecutor(max_workers=s.parallel) as pool:
-        for future in [pool.submit(job, *j) for j in finals]:
+        for future in [pool.submit(final, j) for j in finals]:
             future.result()
 
 
@@ -506,8 +561,8 @@ def final_runs(out: Path, s: Settings) -> dict[str, list[Path]]:
         setting = tuned(name, chosen)
         seeds = s.seeds if name in s.every_seed else s.seeds[:1]
         found[name] = [] if setting is None else [
-            run_dir(out, name, *setting, seed) for seed in seeds
-            if (run_dir(out, name, *setting, seed) / "eval.json").is_file()]
+            run_dir(out, s, name, *setting, seed) for seed in seeds
+            if (run_dir(out, s, name, *setting, seed) / "eval.json").is_file()]
     return found
 
 
@@ -521,13 +576,13 @@ def held_out_eval(folder: Path) -> dict | None:
     return evals[-1] if evals else None
 
 
-def sweep_scores(out: Path, s: Settings) -> list[tuple[str, float, float, int, dict]]:
-    """(variant, lr, beta, seed, validation scores) of every finished sweep run."""
+def sweep_scores(out: Path, s: Settings) -> list[tuple[str, float, float, float, int, dict]]:
+    """(variant, lr, beta, epochs, seed, validation scores) of every scored sweep checkpoint."""
     found = []
-    for name, lr, beta, seed in sweep_jobs(s):
-        path = run_dir(out, name, lr, beta, seed) / "eval.json"
+    for name, lr, beta, epochs, seed in sweep_jobs(s):
+        path = run_dir(out, s, name, lr, beta, max(s.epochs), seed) / f"val-e{epochs:g}.json"
         if path.is_file():
-            found.append((name, lr, beta, seed, json.loads(path.read_text())["val"]))
+            found.append((name, lr, beta, epochs, seed, json.loads(path.read_text())["val"]))
     return found
 
 
@@ -554,7 +609,7 @@ def samples_archive(out: Path, s: Settings, runs: dict[str, list[Path]], path: P
     for name, dirs in runs.items():
         for folder in dirs:
             e = json.loads((folder / "eval.json").read_text())
-            models.append((name, e["seed"], model_name(name, e["lr"], e["beta"], e["seed"])))
+            models.append((name, e["seed"], model_name(name, e["lr"], e["beta"], e["epochs"], e["seed"])))
     images = np.stack([np.stack([np.stack([
         np.asarray(Image.open(out / "eval" / "test" / "images" / m / f"{i:05d}_{j:02d}.png").convert("RGB"))
         for j in range(s.images_per_prompt)]) for i in range(s.test_prompts)]) for _, _, m in models])
@@ -596,12 +651,12 @@ def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
         results["variants"][name]["delta_named"] = report.interval(results["variants"][name]["named"])
     results["held_out"] = {name: report.held_out_summary([held_out_eval(d) for d in dirs])
                            for name, dirs in runs.items() if dirs}
-    epoch_steps = max(1, math.ceil(training_pairs(out) / s.batch))
+    epoch_steps = steps_for(out, s, 1.0)
     results["training_ranking"] = {name: report.training_ranking(
         [r for d in dirs for r in plot_run.read_records(d)["step"][-epoch_steps:]], epoch_steps * len(dirs))
         for name, dirs in runs.items() if dirs}
     results["chosen"] = chosen
-    results["settings_of"] = {name: dict(zip(("lr", "beta"), tuned(name, chosen)))
+    results["settings_of"] = {name: dict(zip(("lr", "beta", "epochs"), tuned(name, chosen)))
                               for name in s.variants if tuned(name, chosen)}
     results["sweep"] = report.sweep_rows(sweep_scores(out, s), ANNOTATOR_NAMES)
     results["pairs"] = {k: json.loads((out / k / "stats.json").read_text()) for k in ("pairs", "eval_pairs")}
@@ -653,8 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             log(f"prepared in {time.perf_counter() - start:.0f} s")
             return 0
-        log(f"preference runs: sweep {len(sweep_jobs(s))}, then {len(s.variants)} variants x {len(s.seeds)} seeds, "
-            f"{steps_for(out, s)} steps each")
+        log(f"preference runs: sweep {len(sweep_jobs(s))} settings, then {len(s.variants)} variants x "
+            f"{len(s.seeds)} seeds, {', '.join(str(steps_for(out, s, e)) for e in s.epochs)} steps")
         t0 = time.perf_counter()
         runs_stage(out, s, args.bin, prompts, timings)
         timings.add("preference runs (wall)", time.perf_counter() - t0)

@@ -633,8 +633,11 @@ def export_unet(pipeline: Path, family: str, resolution: int, downsample: int, o
     The diffusers outputs are computed before tracing and the model is freed before the reload,
     so only one copy of the weights is held at a time (SDXL at full size needs that).
     """
+    # low_cpu_mem_usage=False: torch's own load (its list of shape mismatches), whether or not
+    # accelerate is installed (peft needs it; with it diffusers would take another path).
     unet = _load_checked("UNet", pipeline / "unet", lambda: UNet2DConditionModel.from_pretrained(
-        pipeline, subfolder="unet", torch_dtype=torch.float32, output_loading_info=True)).eval()
+        pipeline, subfolder="unet", torch_dtype=torch.float32, output_loading_info=True,
+        low_cpu_mem_usage=False)).eval()
     remove_dropout(unet)
     size = resolution // downsample
     checks = {
@@ -676,7 +679,8 @@ def _text_component(pipeline: Path, name: str, tokenizer_name: str, family: str)
 
 def _vae_components(pipeline: Path, resolution: int, downsample: int) -> list[Component]:
     vae = _load_checked("VAE", pipeline / "vae", lambda: AutoencoderKL.from_pretrained(
-        pipeline, subfolder="vae", torch_dtype=torch.float32, output_loading_info=True))
+        pipeline, subfolder="vae", torch_dtype=torch.float32, output_loading_info=True,
+        low_cpu_mem_usage=False))
     size = resolution // downsample
 
     def encode(image: Tensor) -> tuple[Tensor, Tensor]:

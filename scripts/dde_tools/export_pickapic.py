@@ -4,6 +4,11 @@ CLI: python -m dde_tools.export_pickapic --parquet F [F ...] --out DIR [--tokeni
      [--keep-ties] [--pairs-per-shard N] [--batch-size N]
      [--shuffle-seed S | --no-shuffle] [--shuffle-memory-mb M]
 
+Without --tokenizer the shards carry captions only (index.json "tokenizers": []): one export
+serves every model family, and dde_train tokenizes the captions in C++ with the model's tokenizer
+folders. With --tokenizer DIR (repeated, in the text encoders' order) every pair also stores that
+tokenizer's ids, and dde_train uses them.
+
 Reads with ParquetFile.iter_batches; rows the trainer could not use are rejected and counted
 by reason (pickapic_rows). Kept pairs are shuffled over the whole export in bounded memory
 (pickapic_shuffle.BucketScatter) unless --no-shuffle. Everything is written into
@@ -251,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parquet", type=Path, nargs="+", required=True, help="Pick-a-Pic parquet files")
     parser.add_argument("--out", type=Path, required=True, help="output folder for shards and index.json")
     parser.add_argument("--tokenizer", type=Path, action="append", default=[],
-                        help="CLIP tokenizer folder; repeat for several (input_ids in this order)")
+                        help="CLIP tokenizer folder; repeat for several (input_ids in this order); none: captions only, "
+                             "tokenized by dde_train")
     parser.add_argument("--keep-ties", action="store_true", help="keep pairs labelled 0.5/0.5")
     parser.add_argument("--pairs-per-shard", type=int, default=1000, help="pairs per tar shard (default 1000)")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per parquet record batch (default 256)")

@@ -19,6 +19,9 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr const char* kCorrectionKey = "correction.E";
+constexpr const char* kLoraDir = "lora";
+constexpr const char* kLoraJson = "lora.json";
+constexpr const char* kLoraWeights = "adapter_model.safetensors";
 constexpr const char* kCorrectionCountsKey = "correction.n";
 
 std::string rank_file(const std::string& dir, int64_t rank) {
@@ -44,10 +47,16 @@ const std::vector<std::string> kPositionKeys = {
 
 void write_shared_state(const std::string& dir, const SharedState& s) {
   const fs::path d(dir);
-  fs::create_directories(d / "unet");
-  write_file_atomic((d / "unet" / "config.json").string(), s.unet_config_json);
-  save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(), s.unet,
-                   {{"format", "pt"}});
+  if (s.lora_json.empty()) {
+    fs::create_directories(d / "unet");
+    write_file_atomic((d / "unet" / "config.json").string(), s.unet_config_json);
+    save_safetensors((d / "unet" / "diffusion_pytorch_model.safetensors").string(), s.unet,
+                     {{"format", "pt"}});
+  } else {
+    fs::create_directories(d / kLoraDir);
+    write_file_atomic((d / kLoraDir / kLoraJson).string(), s.lora_json);
+    save_safetensors((d / kLoraDir / kLoraWeights).string(), s.unet, {{"format", "pt"}});
+  }
   NamedTensors training_state = s.optimizer;
   training_state.emplace_back(kCorrectionKey, s.correction);
   if (s.correction_counts.defined()) {
@@ -121,13 +130,22 @@ SharedState read_shared_state(const std::string& dir) {
   }
   require_finite(s.optimizer, training_state_path(dir));
   require_finite({{kCorrectionKey, s.correction}}, training_state_path(dir));
-  s.unet_config_json = util::read_text_file((fs::path(unet_dir(dir)) / "config.json").string(),
-                                            util::kMaxCheckpointJsonBytes, "checkpoint JSON");
-  s.unet =
-      load_safetensors((fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string())
-          .tensors;
-  require_finite(s.unet,
-                 (fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string());
+  const fs::path lora = fs::path(dir) / kLoraDir;
+  std::error_code ec;
+  if (fs::exists(lora / kLoraJson, ec)) {  // a LoRA checkpoint: adapters, no unet/
+    s.lora_json = util::read_text_file((lora / kLoraJson).string(), util::kMaxCheckpointJsonBytes,
+                                       "checkpoint JSON");
+    s.unet = load_safetensors((lora / kLoraWeights).string()).tensors;
+    require_finite(s.unet, (lora / kLoraWeights).string());
+  } else {
+    s.unet_config_json = util::read_text_file((fs::path(unet_dir(dir)) / "config.json").string(),
+                                              util::kMaxCheckpointJsonBytes, "checkpoint JSON");
+    s.unet =
+        load_safetensors((fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string())
+            .tensors;
+    require_finite(s.unet,
+                   (fs::path(unet_dir(dir)) / "diffusion_pytorch_model.safetensors").string());
+  }
   s.config_yaml = util::read_text_file((fs::path(dir) / "config.yaml").string(),
                                        util::kMaxConfigFileBytes, "checkpoint config");
   return s;

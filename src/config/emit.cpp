@@ -33,6 +33,21 @@ void write_value(YAML::Emitter& out, const T& value) {
       out << item;
     }
     out << YAML::EndSeq;
+  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    out << YAML::Flow << YAML::BeginSeq;
+    for (const std::string& item : value) out << YAML::DoubleQuoted << item;
+    out << YAML::EndSeq;
+  } else if constexpr (std::is_same_v<T, PromptList>) {
+    // a count as a number, a file as a quoted string, captions as a list of quoted strings
+    if (!value.typed()) {
+      out << value.count;
+    } else if (!value.file.empty()) {
+      out << YAML::DoubleQuoted << value.file;
+    } else {
+      out << YAML::Flow << YAML::BeginSeq;
+      for (const std::string& item : value.texts) out << YAML::DoubleQuoted << item;
+      out << YAML::EndSeq;
+    }
   } else {
     out << value;
   }
@@ -92,6 +107,8 @@ std::string yaml_text(bool v) { return yaml_text_of(v); }
 std::string yaml_text(int64_t v) { return yaml_text_of(v); }
 std::string yaml_text(uint64_t v) { return yaml_text_of(v); }
 std::string yaml_text(const std::vector<int64_t>& v) { return yaml_text_of(v); }
+std::string yaml_text(const PromptList& v) { return yaml_text_of(v); }
+std::string yaml_text(const std::vector<std::string>& v) { return yaml_text_of(v); }
 
 }  // namespace detail
 

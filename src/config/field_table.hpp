@@ -68,6 +68,19 @@ void model_fields(Visitor& v) {
     "Weights of the reference UNet, VAE and text encoders (bf16 ones run under bf16 autocast).");
 }
 
+// A subsection: the YAML map model: {lora: {...}}, the paths model.lora.<key>.
+template <typename Visitor>
+void lora_fields(Visitor& v) {
+  const auto f = section_of(v, "model.lora", &TrainConfig::lora);
+  f("rank", &LoraConfig::rank, at_most(at_least(0), 1024),
+    "Adapter rank r; 0 = no adapters: the whole UNet trains (diffusers' DPO script: 8).");
+  f("alpha", &LoraConfig::alpha, at_least(0),
+    "The adapters' scale is alpha / rank; 0 = rank (scale 1, as diffusers' DPO script).");
+  f("targets", &LoraConfig::targets, non_empty_list(any()),
+    "Linear layers that get adapters, by the end of their diffusers module name (peft's "
+    "target_modules): the attention projections by default.");
+}
+
 template <typename Visitor>
 void data_fields(Visitor& v) {
   const auto f = section_of(v, "data", &TrainConfig::data);
@@ -224,7 +237,10 @@ void sample_fields(Visitor& v) {
   f("every", &SampleConfig::every, at_least(0),
     "Optimizer steps between grids; 0 = no validation images.");
   f("prompts", &SampleConfig::prompts, at_most(at_least(1), 64),
-    "Captions sampled (one image each, four to a row).");
+    "The captions sampled (one image each, four to a row): a count (the first N distinct "
+    "captions of the shards), a list of captions ([\"a red cube\", \"\"]; \"\" is the "
+    "unconditional image), or the path of a UTF-8 file with one caption per line (blank lines "
+    "skipped). Typed captions are tokenized in C++ for every text encoder (docs/tokenizer.md).");
   f("seed", &SampleConfig::seed, any(), "Image i starts from torch.randn with the seed seed + i.");
   f("steps", &SampleConfig::steps, at_most(at_least(1), 1000),
     "DDIM steps (diffusers' leading spacing, offset 1).");
@@ -253,6 +269,7 @@ template <typename Visitor>
 void for_each_field(Visitor&& v) {
   run_fields(v);
   model_fields(v);
+  lora_fields(v);
   data_fields(v);
   method_fields(v);
   optim_fields(v);
@@ -269,6 +286,12 @@ inline const char* section_doc(const std::string& section) {
   static const std::vector<std::pair<std::string, const char*>> docs = {
       {"run", "Where the run writes, its seed, device and threads."},
       {"model", "The exported models (python -m dde_tools.export_models)."},
+      {"model.lora",
+       "LoRA (docs/method.md §8.2): with rank > 0 the trainer adds adapters W + (alpha / rank) "
+       "B A to the targeted linear layers of the UNet and trains only A and B (B starts at 0, so "
+       "the policy is the base at step 0). The reference is the same weights with the adapters "
+       "off: one UNet in memory. Checkpoints hold the adapters and the base's identity; "
+       "export_diffusers --lora writes a diffusers LoRA folder."},
       {"data", "The preference pairs (tar shards) and how they are decoded."},
       {"method", "The objective and its constants (docs/method.md)."},
       {"optim", "Optimizer and learning-rate schedule."},
@@ -281,8 +304,9 @@ inline const char* section_doc(const std::string& section) {
        "(seed, pair, t)."},
       {"eval.sample",
        "Validation images (src/train/validation_images.cpp): at step 0, every `every` steps and "
-       "at the last step, rank 0 samples the first `prompts` distinct captions of "
-       "data.eval_index (else data.index) with the policy: DDIM with `steps` steps and "
+       "at the last step, rank 0 samples `prompts` (typed captions, a file of them, or the first "
+       "N distinct captions of data.eval_index, else data.index) with the policy: DDIM with "
+       "`steps` steps and "
        "classifier-free guidance `guidance` against the empty caption, image i from the noise of "
        "seed + i. One PNG grid per evaluation in run.output_dir/samples/ (and TensorBoard's "
        "images with logging.tensorboard)."},
@@ -310,6 +334,18 @@ std::string value_text(const T& v) {
       items.push_back(std::to_string(item));
     }
     return "[" + join(items) + "]";
+  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    std::vector<std::string> items;
+    items.reserve(v.size());
+    for (const std::string& item : v) items.push_back("'" + item + "'");
+    return "[" + join(items) + "]";
+  } else if constexpr (std::is_same_v<T, PromptList>) {
+    if (!v.typed()) return std::to_string(v.count);
+    if (!v.file.empty()) return "'" + v.file + "'";
+    std::vector<std::string> items;
+    items.reserve(v.texts.size());
+    for (const std::string& item : v.texts) items.push_back("'" + item + "'");
+    return "[" + join(items) + "]";
   } else {
     return std::to_string(v);
   }
@@ -328,6 +364,10 @@ const char* type_text() {
     return "a number";
   } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
     return "a list of integers, e.g. [100, 500]";
+  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    return "a list of strings, e.g. [\"to_q\", \"to_v\"]";
+  } else if constexpr (std::is_same_v<T, PromptList>) {
+    return "a count, a list of captions or a file path";
   } else {
     return "a boolean (true or false)";
   }
@@ -365,5 +405,7 @@ std::string yaml_text(bool v);
 std::string yaml_text(int64_t v);
 std::string yaml_text(uint64_t v);
 std::string yaml_text(const std::vector<int64_t>& v);
+std::string yaml_text(const PromptList& v);
+std::string yaml_text(const std::vector<std::string>& v);
 
 }  // namespace dde::config::detail

@@ -269,6 +269,58 @@ class TreeReader {
     }
   }
 
+  // A YAML sequence of strings (["to_q", "to_v"] or one "- to_q" line per element).
+  void read_value(const std::string& path, const Entry& entry,
+                  const std::vector<std::string>& default_value,
+                  std::vector<std::string>& out) const {
+    const YAML::Node& node = entry.value;
+    bool ok = node.IsSequence();
+    out.clear();
+    for (size_t i = 0; ok && i < node.size(); ++i) {
+      ok = node[i].IsScalar();
+      if (ok) out.push_back(node[i].Scalar());
+    }
+    if (!ok) {
+      throw Error({"wrong type for config key", origin(path, entry.mark),
+                   type_text<std::vector<std::string>>(), node_text(node),
+                   "write e.g. " + path + ": " + yaml_text(default_value)});
+    }
+  }
+
+  // eval.sample.prompts: a plain integer is a count; a list of scalars the captions; any other
+  // scalar (a quoted "8" too) the path of a file of captions.
+  void read_value(const std::string& path, const Entry& entry, const PromptList&,
+                  PromptList& out) const {
+    const YAML::Node& node = entry.value;
+    out = PromptList{};
+    bool ok = false;
+    if (node.IsScalar()) {
+      int64_t count = 0;
+      if (node.Tag() != "!" && parse_scalar(node.Scalar(), count)) {
+        out.count = count;
+        ok = true;
+      } else {
+        out.count = 0;
+        out.file = node.Scalar();
+        ok = !out.file.empty();
+      }
+    } else if (node.IsSequence()) {
+      out.count = 0;
+      ok = node.size() > 0;
+      for (size_t i = 0; ok && i < node.size(); ++i) {
+        ok = node[i].IsScalar();
+        if (ok) out.texts.push_back(node[i].Scalar());
+      }
+    }
+    if (!ok) {
+      throw Error({"wrong type for config key", origin(path, entry.mark), type_text<PromptList>(),
+                   node_text(node),
+                   "write e.g. " + path + ": 8, or " + path +
+                       ": [\"a red cube\", \"\"] (\"\" is the unconditional image), or " + path +
+                       ": prompts.txt"});
+    }
+  }
+
   std::string source_;
   std::vector<std::pair<std::string, std::string>> overrides_;  // (dotted path, "--set" text)
 };

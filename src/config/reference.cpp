@@ -67,6 +67,12 @@ std::string allowed_text(const Rule& rule, int64_t) {
 std::string allowed_text(const Rule& rule, double) { return range_text(rule); }
 std::string allowed_text(const Rule&, bool) { return "any"; }
 std::string allowed_text(const Rule&, uint64_t) { return "any"; }
+std::string allowed_text(const Rule& rule, const std::vector<std::string>&) {
+  return rule.required ? "non-empty" : "any";
+}
+std::string allowed_text(const Rule& rule, const PromptList&) {
+  return "a count " + range_text(rule) + ", as many captions, or a file of as many";
+}
 std::string allowed_text(const Rule& rule, const std::vector<int64_t>&) {
   return (rule.required ? "non-empty, every element " : "every element ") + range_text(rule);
 }

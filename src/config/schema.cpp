@@ -67,6 +67,11 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) {
 
 bool operator!=(const TrainConfig& a, const TrainConfig& b) { return !(a == b); }
 
+bool operator==(const PromptList& a, const PromptList& b) {
+  return a.count == b.count && a.texts == b.texts && a.file == b.file;
+}
+bool operator!=(const PromptList& a, const PromptList& b) { return !(a == b); }
+
 std::vector<ConfigChange> config_changes(const TrainConfig& before, const TrainConfig& after) {
   std::vector<ConfigChange> changes;
   detail::for_each_field([&](const detail::Field& field, auto sp, auto mp) {

@@ -80,6 +80,48 @@ void check_value(const std::string& path, const std::vector<int64_t>& value,
   }
 }
 
+// Names: non-empty where required, each a dotted name (letters, digits, '_', '.').
+void check_value(const std::string& path, const std::vector<std::string>& value,
+                 const std::vector<std::string>& default_value, const Rule& rule,
+                 const Locate& locate) {
+  const std::string hint_default = "the default is " + value_text(default_value);
+  if (rule.required && value.empty()) {
+    throw Error({"empty config list", locate(path), "at least one name", "[]", hint_default});
+  }
+  for (const std::string& item : value) {
+    const bool name = !item.empty() && item.front() != '.' && item.back() != '.' &&
+                      item.find("..") == std::string::npos &&
+                      item.find_first_not_of(
+                          "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                          "0123456789_.") == std::string::npos;
+    if (!name) {
+      throw Error({"bad name in config list", locate(path),
+                   "dotted module names such as to_q or to_out.0", "'" + item + "'", hint_default});
+    }
+  }
+}
+
+// A count within the rule, or 1 to rule.max typed captions (a file's are counted when read).
+void check_value(const std::string& path, const PromptList& value, const PromptList&,
+                 const Rule& rule, const Locate& locate) {
+  const std::string hint =
+      "write e.g. " + path + ": 8, or " + path + ": [\"a red cube\", \"a cat\"], or a file path";
+  const bool both = !value.texts.empty() && !value.file.empty();
+  if (both || (value.typed() && value.count != 0)) {
+    throw Error({"eval.sample.prompts needs exactly one form", locate(path),
+                 "a count, a list of captions or a file path", value_text(value), hint});
+  }
+  if (!value.typed() && !rule.admits(static_cast<double>(value.count))) {
+    throw Error({"config value out of range", locate(path), range_text(rule), value_text(value),
+                 "the default is 4"});
+  }
+  if (!value.texts.empty() && !rule.admits(static_cast<double>(value.texts.size()))) {
+    throw Error({"too many captions", locate(path), "a list of length " + range_text(rule),
+                 std::to_string(value.texts.size()) + " captions",
+                 "keep the ones to watch (one image each)"});
+  }
+}
+
 // Booleans and seeds: every value is allowed.
 void check_value(const std::string&, bool, bool, const Rule&, const Locate&) {}
 void check_value(const std::string&, uint64_t, uint64_t, const Rule&, const Locate&) {}
@@ -116,6 +158,9 @@ std::string input_file_origin(const std::string& key) {
     return "export the pipeline first: python -m dde_tools.export_models --pipeline DIR --out DIR";
   }
   if (key == "data.cache") return "encode it first: build/dde_encode_cache --config ... --out DIR";
+  if (key == "eval.sample.prompts") {
+    return "write the captions one per line, or give them as a list: [\"a red cube\", \"a cat\"]";
+  }
   return "export the pairs first: python -m dde_tools.export_pickapic --parquet ... --out DIR";
 }
 }  // namespace
@@ -145,6 +190,13 @@ void validate_impl(const TrainConfig& c, const Locate& locate) {
                  "data.random_crop: true, data.cache: " + c.data.cache,
                  "set data.random_crop: false, or train from the images (data.cache: \"\")"});
   }
+  if (c.lora.rank > 0 && !c.model.reference_manifest.empty()) {
+    throw Error({"LoRA with a separate reference model", locate("model.reference_manifest"),
+                 "model.reference_manifest: \"\" with model.lora.rank > 0 (the reference is the "
+                 "base with its adapters off)",
+                 "model.reference_manifest: " + c.model.reference_manifest,
+                 "drop model.reference_manifest, or train the whole UNet (model.lora.rank: 0)"});
+  }
   if (c.train.global_batch % c.train.micro_batch != 0) {
     throw Error({"global batch not divisible by the micro-batch", locate("train.global_batch"),
                  "a multiple of train.micro_batch = " + std::to_string(c.train.micro_batch),
@@ -162,7 +214,8 @@ void check_input_files(const TrainConfig& config) {
       {"model.reference_manifest", &config.model.reference_manifest},
       {"data.index", &config.data.index},
       {"data.eval_index", &config.data.eval_index},
-      {"data.cache", &config.data.cache}};
+      {"data.cache", &config.data.cache},
+      {"eval.sample.prompts", &config.sample.prompts.file}};
   for (const auto& [key, path] : inputs) {
     if (path->empty()) continue;
     std::error_code ec;

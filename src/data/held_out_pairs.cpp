@@ -54,6 +54,7 @@ torch::Tensor rows_of(const std::vector<std::array<int64_t, 2>>& rows) {
 struct HeldOutPairs::Impl {
   HeldOutOptions options;
   ShardIndex index;
+  std::unique_ptr<CaptionTokenizer> caption_tokenizer;  // caption-only shards
   int64_t total = 0;
   size_t shard = 0;                         // the shard being read
   std::unique_ptr<ShardPairReader> reader;  // on index.shards[shard]
@@ -78,6 +79,10 @@ HeldOutPairs::Impl::Impl(HeldOutOptions opts) : options(std::move(opts)) {
                  "held-out evaluation"});
   }
   index = ShardIndex::load(options.index_path);
+  if (index.tokenizers.empty() && !options.caption_tokenizers.empty()) {  // caption-only
+    caption_tokenizer = std::make_unique<CaptionTokenizer>(options.caption_tokenizers);
+    index.tokenizers = caption_tokenizer->infos();
+  }
   const auto& expected = options.expected_vocab_sha256;
   bool same = expected.size() == index.tokenizers.size();
   for (size_t t = 0; same && t < expected.size(); ++t) {
@@ -176,7 +181,9 @@ std::optional<PairRecord> HeldOutPairs::Impl::next_record() {
       ++ties_in_shard;
       continue;
     }
-    check_record(*record);
+    // A caption-only pair gets its ids (and this check) in next(), where a bad caption is
+    // left out and counted.
+    if (!caption_tokenizer || !record->input_ids.empty()) check_record(*record);
     return record;
   }
   return std::nullopt;
@@ -210,6 +217,12 @@ std::optional<PairBatch> HeldOutPairs::next(int64_t max_pairs) {
     };
     PreparedImage w, l;
     try {
+      if (d.caption_tokenizer && record->input_ids.empty()) {
+        tokenize_record_caption(*d.caption_tokenizer, record->caption,
+                                fmt::format("{}: key {}", d.reader->path(), record->key),
+                                record->input_ids);
+        d.check_record(*record);
+      }
       d.check_tokens(*record);
       w = load(winner_index);
       l = load(1 - winner_index);

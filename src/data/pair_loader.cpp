@@ -62,6 +62,7 @@ void check_loader_options(const PairLoaderOptions& o) {
 PairLoader::Impl::Impl(PairLoaderOptions opts) : options(std::move(opts)) {
   check_loader_options(options);
   index = ShardIndex::load(options.index_path);
+  adopt_caption_tokenizer();
   check_tokenizers();
   check_empty_prompt_ids();
   check_vocab_sizes();
@@ -85,6 +86,24 @@ PairLoader::Impl::Impl(PairLoaderOptions opts) : options(std::move(opts)) {
   log::info("data: {} shards, {} pairs per epoch ({} ties {}), rank {}/{} reads {} per epoch",
             index.shards.size(), epoch_pairs, options.keep_ties ? index.total_ties() : epoch_ties,
             options.keep_ties ? "kept" : "dropped", options.rank, options.world_size, share);
+}
+
+// Shards exported without ids: the model's tokenizers stand in for the ones index.json would
+// name, and the decode workers tokenize every caption (docs/formats.md section 2).
+void PairLoader::Impl::adopt_caption_tokenizer() {
+  if (!index.tokenizers.empty()) return;
+  if (options.caption_tokenizers.empty()) {
+    throw Error({"the shards hold captions without token ids, and no tokenizer is given",
+                 options.index_path + ": tokenizers", "the model's tokenizers", "none",
+                 "export the model with python -m dde_tools.export_models (it copies its "
+                 "tokenizer folders), or the shards with --tokenizer"});
+  }
+  caption_tokenizer = std::make_unique<CaptionTokenizer>(options.caption_tokenizers);
+  index.tokenizers = caption_tokenizer->infos();
+  log::info(
+      "data: {} holds captions only: the decode workers tokenize them with the model's {} "
+      "tokenizer(s)",
+      options.index_path, index.tokenizers.size());
 }
 
 // The shards' tokenizers against the model manifest's (expected_vocab_sha256).

@@ -93,16 +93,18 @@ int64_t PairLoader::Impl::vocab_limit(size_t tokenizer) const {
 
 // The pair's token ids against the tokenizers of index.json (and the text encoders'
 // vocabularies): a bad list skips the pair instead of failing inside the text encoder.
-void PairLoader::Impl::check_record(const PairRecord& record, const ShardInfo& shard) const {
+void PairLoader::Impl::check_record(const PairRecord& record,
+                                    const std::vector<std::vector<int64_t>>& input_ids,
+                                    const ShardInfo& shard) const {
   const std::string where = fmt::format("{}: key {}", shard.path, escape_preview(record.key, 100));
-  if (record.input_ids.size() != index.tokenizers.size()) {
+  if (input_ids.size() != index.tokenizers.size()) {
     throw BadPairError("bad_input_ids",
                        {"pair has the wrong number of input_ids lists", where,
                         fmt::format("{} (tokenizers in {})", index.tokenizers.size(), index.path),
-                        std::to_string(record.input_ids.size()), kReexportHint});
+                        std::to_string(input_ids.size()), kReexportHint});
   }
-  for (size_t t = 0; t < record.input_ids.size(); ++t) {
-    const std::vector<int64_t>& ids = record.input_ids[t];
+  for (size_t t = 0; t < input_ids.size(); ++t) {
+    const std::vector<int64_t>& ids = input_ids[t];
     if (static_cast<int64_t>(ids.size()) != index.tokenizers[t].max_length) {
       throw BadPairError(
           "bad_input_ids",
@@ -151,7 +153,16 @@ PairLoader::Impl::PairSample PairLoader::Impl::prepare(const PairTask& task,
   if (record.problem) {
     throw *record.problem;
   }
-  check_record(record, shard);
+  // Ids from the shard when it has them; from the caption for caption-only shards.
+  std::vector<std::vector<int64_t>> tokenized;
+  if (caption_tokenizer && record.input_ids.empty()) {
+    tokenize_record_caption(*caption_tokenizer, record.caption,
+                            fmt::format("{}: key {}", shard.path, escape_preview(record.key, 100)),
+                            tokenized);
+  }
+  const std::vector<std::vector<int64_t>>& input_ids =
+      caption_tokenizer && record.input_ids.empty() ? tokenized : record.input_ids;
+  check_record(record, input_ids, shard);
   const PairChoices c = draw_choices(task);
 
   // label_0 == 1: image 0 wins; label_0 == 0: image 1 wins; a kept tie keeps the shard order.
@@ -180,7 +191,7 @@ PairLoader::Impl::PairSample PairLoader::Impl::prepare(const PairTask& task,
   if (c.caption_dropped) {
     sample.input_ids = &options.empty_prompt_ids;
   } else {
-    sample.record_ids = record.input_ids;
+    sample.record_ids = input_ids;
     sample.caption = record.caption;
   }
   return sample;

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <initializer_list>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -127,6 +128,8 @@ struct PairLoader::Impl {
 
   PairLoaderOptions options;
   ShardIndex index;
+  // Caption-only shards: the model's tokenizers, whose infos index.tokenizers then holds.
+  std::unique_ptr<CaptionTokenizer> caption_tokenizer;
   // With options.cache_index: the cache, a reader per shard, and the embedding of "".
   std::optional<LatentCacheIndex> cache;
   std::vector<LatentCacheShard> cache_shards;
@@ -158,6 +161,7 @@ struct PairLoader::Impl {
 
   // Start-up and threads (pair_loader.cpp).
   explicit Impl(PairLoaderOptions opts);
+  void adopt_caption_tokenizer();
   void check_tokenizers() const;
   void check_empty_prompt_ids() const;
   void check_vocab_sizes() const;
@@ -173,7 +177,8 @@ struct PairLoader::Impl {
   // Decoding (pair_loader_decode.cpp).
   void run_worker();
   int64_t vocab_limit(size_t tokenizer) const;
-  void check_record(const PairRecord& record, const ShardInfo& shard) const;
+  void check_record(const PairRecord& record, const std::vector<std::vector<int64_t>>& ids,
+                    const ShardInfo& shard) const;
   PairChoices draw_choices(const PairTask& task) const;
   PairSample prepare(const PairTask& task, ShardFile& file) const;
   [[noreturn]] void fail_cached_bad_pair(const PairTask& task, ShardFile& file,

@@ -53,6 +53,17 @@ std::string file_sha256(const std::string& path) {
   return hex;
 }
 
+std::string sha256_hex(const std::string& bytes) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (EVP_Digest(bytes.data(), bytes.size(), digest, &length, EVP_sha256(), nullptr) != 1) {
+    throw Error({"cannot compute sha256", "sha256_hex", "", "OpenSSL EVP failed", ""});
+  }
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
 ShardCheckReport check_shards(const ShardIndex& index, bool verify_sha256, int64_t offset,
                               int64_t stride) {
   ShardCheckReport report;

@@ -50,8 +50,9 @@ c10::Device first_device(at::TensorList inputs) {
 class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
  public:
   // Runs with grad mode off (Function::apply does that).
+  // `prepare`: the address of a BlockPrepare that outlives backward, or 0.
   static variable_list forward(AutogradContext* ctx, const c10::IValue& module,
-                               at::TensorList inputs, at::TensorList params) {
+                               at::TensorList inputs, at::TensorList params, int64_t prepare) {
     const RngState rng = RngState::capture(first_device(inputs));
     ctx->saved_data["rng_cpu"] = rng.cpu;
     if (rng.cuda_device) {
@@ -67,11 +68,17 @@ class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     for (const torch::Tensor& x : inputs) needs_grad.push_back(x.requires_grad());
     ctx->saved_data["needs_grad"] = needs_grad;
     ctx->saved_data["module"] = module;
-    ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
+    // The tensors that get gradients, held by reference (leaves: no version check applies).
+    ctx->saved_data["params"] = c10::List<at::Tensor>(params.vec());
+    ctx->saved_data["prepare"] = prepare;
     ctx->save_for_backward(inputs.vec());
 
     torch::jit::Module block(module.toObject());
-    std::vector<torch::Tensor> outputs = forward_tensors(block, inputs.vec());
+    std::vector<torch::Tensor> outputs;
+    {
+      const PrepareScope prepared(prepare_at(prepare));
+      outputs = forward_tensors(block, inputs.vec());
+    }
     // Each output must be its own tensor: diffusers' down blocks return h both as the block
     // output and as its last skip, and a custom Function cannot return one tensor twice.
     for (size_t i = 0; i < outputs.size(); ++i) {
@@ -94,11 +101,11 @@ class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     }
     torch::jit::Module block(ctx->saved_data["module"].toObject());
     std::vector<torch::Tensor> params;
-    for (const torch::Tensor& p : block.parameters(/*recurse=*/true)) {
-      if (p.requires_grad()) params.push_back(p);
+    for (const at::Tensor& p : ctx->saved_data["params"].toTensorList()) params.push_back(p);
+    for (const torch::Tensor& p : params) {
+      TORCH_CHECK(p.requires_grad(),
+                  "checkpointed block: a parameter stopped requiring grad before backward");
     }
-    TORCH_CHECK(static_cast<int64_t>(params.size()) == ctx->saved_data["num_params"].toInt(),
-                "checkpointed block: trainable parameters changed between forward and backward");
 
     std::vector<torch::Tensor> outputs = recompute(ctx, block, inputs);
 
@@ -122,16 +129,23 @@ class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     } else {
       grads.resize(wrt.size());
     }
-    // One gradient per forward argument: none for the module, then the inputs, then params.
+    // One gradient per forward argument: none for the module, then the inputs, then params,
+    // then none for `prepare`.
     variable_list result{torch::Tensor()};
     size_t k = 0;
     for (const torch::Tensor& x : inputs)
       result.push_back(x.requires_grad() ? grads[k++] : torch::Tensor());
     for (size_t p = 0; p < params.size(); ++p) result.push_back(grads[k++]);
+    result.push_back(torch::Tensor());
     return result;
   }
 
  private:
+  // The BlockPrepare whose address forward() saved (0: none).
+  static const BlockPrepare* prepare_at(int64_t address) {
+    return reinterpret_cast<const BlockPrepare*>(address);  // NOLINT(performance-no-int-to-ptr)
+  }
+
   // Re-runs the block with grad on, under the RNG and autocast state of the forward.
   static std::vector<torch::Tensor> recompute(AutogradContext* ctx, torch::jit::Module& block,
                                               const std::vector<torch::Tensor>& inputs) {
@@ -163,6 +177,7 @@ class CheckpointedBlock : public torch::autograd::Function<CheckpointedBlock> {
     std::vector<torch::Tensor> outputs;
     {
       torch::AutoGradMode grad_on(true);
+      const PrepareScope prepared(prepare_at(ctx->saved_data["prepare"].toInt()));
       outputs = forward_tensors(block, inputs);
     }
 
@@ -190,9 +205,11 @@ std::vector<torch::Tensor> forward_tensors(torch::jit::Module& module,
 
 std::vector<torch::Tensor> forward_checkpointed(torch::jit::Module& module,
                                                 const std::vector<torch::Tensor>& inputs,
-                                                const std::vector<torch::Tensor>& params) {
+                                                const std::vector<torch::Tensor>& params,
+                                                const BlockPrepare* prepare) {
   return CheckpointedBlock::apply(c10::IValue(module._ivalue()), at::TensorList(inputs),
-                                  at::TensorList(params));
+                                  at::TensorList(params),
+                                  static_cast<int64_t>(reinterpret_cast<intptr_t>(prepare)));
 }
 
 }  // namespace dde::models::detail

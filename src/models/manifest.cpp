@@ -268,6 +268,12 @@ TextEncoderInfo read_text_encoder(const Reader& r, const json& e, const std::str
            std::to_string(info.max_length) + " token ids", empty.dump());
   }
   info.empty_prompt_ids = empty.get<std::vector<int64_t>>();
+  // The tokenizer folder the export copied next to the manifest; exports before it have none
+  // (typed prompts and caption-only shards then ask for a re-export).
+  const auto tokenizer = e.find("tokenizer");
+  if (tokenizer != e.end() && !tokenizer->is_null()) {
+    info.tokenizer_dir = (dir / r.string_at(e, "tokenizer", f + ".tokenizer")).string();
+  }
   return info;
 }
 

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "cache_output.hpp"
+#include "dde/data/caption_tokenizer.hpp"
 #include "dde/data/data_error.hpp"
 #include "dde/data/image_tensor.hpp"
 #include "dde/data/pair_record.hpp"
@@ -18,6 +19,7 @@
 #include "dde/dist/device.hpp"
 #include "dde/dist/environment.hpp"
 #include "dde/models/diffusion_models.hpp"
+#include "dde/pairs/caption_tokenizers.hpp"
 #include "dde/pairs/pair_path.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -36,6 +38,8 @@ struct EncodeContext {
   data::CacheShape shape;
   torch::ScalarType dtype = torch::kFloat32;
   int64_t batch = 4;  // pairs per encoder call (4 images each)
+  // Caption-only shards: the model's tokenizers give each pair its ids; else null.
+  const data::CaptionTokenizer* captions = nullptr;
 };
 
 // The file's identity: its size, and its sha256 as the manifest recorded it at export, or as
@@ -91,13 +95,17 @@ struct PreparedPair {
   std::string bad_reason, bad_message;
 };
 
-// Runs on the decode threads: no torch op that could itself go parallel beyond a copy.
-PreparedPair prepare_pair(const data::PairRecord& r, const std::string& shard_path,
+// Runs on the decode threads: no torch op that could itself go parallel beyond a copy. A pair
+// of caption-only shards gets its ids here.
+PreparedPair prepare_pair(data::PairRecord& r, const std::string& shard_path,
                           const EncodeContext& c) {
   PreparedPair p;
   const std::string where = fmt::format("{}: key {}", shard_path, data::escape_preview(r.key, 100));
   try {
     if (r.problem) throw *r.problem;
+    if (c.captions != nullptr && r.input_ids.empty()) {
+      data::tokenize_record_caption(*c.captions, r.caption, where, r.input_ids);
+    }
     check_ids(r, *c.index, where);
     p.geometry = torch::empty({2, 4}, torch::kInt64);
     auto g = p.geometry.accessor<int64_t, 2>();
@@ -152,7 +160,7 @@ std::vector<data::CachedPair> encode_batch(const std::vector<const data::PairRec
 }
 
 // A batch of records: decoded on torch's intra-op threads, encoded, written; bad pairs counted.
-void encode_records(const std::vector<data::PairRecord>& records, const std::string& shard_path,
+void encode_records(std::vector<data::PairRecord>& records, const std::string& shard_path,
                     const EncodeContext& c, data::LatentCacheShardWriter& writer,
                     CacheEncodeReport& report) {
   std::vector<PreparedPair> prepared(records.size());
@@ -341,8 +349,15 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
   const int64_t resolution = resolve_resolution(cfg.data.resolution, manifest);
   if (cfg.data.random_crop)
     log::warn("cache: data.random_crop ignored, the cache holds center crops");
-  const data::ShardIndex index = data::ShardIndex::load(cfg.data.index);
+  data::ShardIndex index = data::ShardIndex::load(cfg.data.index);
   data::check_shards(index, cfg.data.verify);
+  std::unique_ptr<data::CaptionTokenizer> captions;
+  if (index.tokenizers.empty()) {  // caption-only shards: tokenized here, as the loader would
+    captions = std::make_unique<data::CaptionTokenizer>(caption_tokenizer_specs(manifest));
+    index.tokenizers = captions->infos();
+    log::info("cache: {} holds captions only: tokenized with the model's tokenizers",
+              cfg.data.index);
+  }
   EncoderProcess p = start_process(cfg);
   CacheOutput output(options.out_dir, *p.comm, p.device);  // locked from here on
   const torch::ScalarType frozen = frozen_dtype(cfg.model.frozen_dtype);
@@ -358,7 +373,8 @@ CacheEncodeReport encode_latent_cache(const config::TrainConfig& cfg,
                        empty.text.size(1), empty.text.size(2),
                        empty.pooled.defined() ? empty.pooled.size(1) : 0},
       dtype,
-      options.batch};
+      options.batch,
+      captions.get()};
 
   const fs::path staging = output.begin_staging();
   const bool rank0 = p.comm->rank() == 0;

@@ -9,6 +9,7 @@
 
 #include "dde/data/held_out_pairs.hpp"
 #include "dde/data/image_tensor.hpp"
+#include "dde/pairs/caption_tokenizers.hpp"
 #include "dde/pairs/pair_path.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/train/test_seam.hpp"
@@ -128,6 +129,7 @@ Evaluator::Impl::Impl(EvaluatorContext context)
   for (const models::TextEncoderInfo& e : ctx.manifest->text_encoders) {
     options.expected_vocab_sha256.push_back(e.vocab_sha256);
   }
+  options.caption_tokenizers = pairs::caption_tokenizer_specs(*ctx.manifest);
   reader = std::make_unique<data::HeldOutPairs>(options);
   total_pairs = reader->total_pairs();
   std::string t_list;
@@ -161,9 +163,11 @@ bool Evaluator::Impl::encode_all() {
   // none), the initial model loaded just for this.
   std::unique_ptr<models::UNet> initial;
   models::UNet* reference = ctx.reference;
-  if (reference == nullptr) {
-    initial =
-        std::make_unique<models::UNet>(*ctx.reference_manifest, ctx.device, models::UNetOptions{});
+  if (reference == nullptr) {  // LoRA: the policy's base, no second copy
+    initial = ctx.policy->has_adapters()
+                  ? ctx.policy->base_view()
+                  : std::make_unique<models::UNet>(*ctx.reference_manifest, ctx.device,
+                                                   models::UNetOptions{});
     reference = initial.get();
   }
   for (EncodedPairs& pairs : encoded) {

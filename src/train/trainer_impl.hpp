@@ -100,6 +100,7 @@ struct Trainer::Impl {
   std::string last_checkpoint;
   int64_t checkpointed_step = -1;  // the step last_checkpoint holds (-1: none yet)
   std::map<std::string, int64_t> bad_pairs_by_reason;  // rank 0: seen by this process
+  std::string base_unet_sha256;  // LoRA: the base's identity, once computed (base_identity())
 
   // ---- the builder (trainer_setup.cpp)
   Impl(config::TrainConfig config, StartOptions start);
@@ -147,7 +148,11 @@ struct Trainer::Impl {
 
   // ---- state (trainer_state.cpp)
   std::string save_checkpoint(const data::PairLoaderState& position);
-  checkpoint::SharedState shared_state() const;
+  checkpoint::SharedState shared_state();
+  // LoRA (model.lora.rank > 0): the base's identity, lora/lora.json, and the resume check.
+  const std::string& base_identity();
+  std::string lora_json();
+  void check_lora_resume(const std::string& dir, const checkpoint::SharedState& saved);
   void restore(const std::string& dir);
   // Returns this rank's state as read (its data position), so it is read once.
   checkpoint::RankState load_weights_and_state(const std::string& dir,

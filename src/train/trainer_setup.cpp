@@ -1,10 +1,13 @@
 #include <fmt/format.h>
 
+#include <chrono>
 #include <filesystem>
+#include <string>
 #include <utility>
 
 #include "dde/dist/device.hpp"
 #include "dde/pairs/cache_encoder.hpp"
+#include "dde/pairs/caption_tokenizers.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/file_write.hpp"
 #include "dde/util/log.hpp"
@@ -78,6 +81,7 @@ data::PairLoaderOptions loader_options(const config::TrainConfig& cfg,
     lo.empty_prompt_ids.push_back(e.empty_prompt_ids);
     lo.expected_vocab_sha256.push_back(e.vocab_sha256);
   }
+  lo.caption_tokenizers = pairs::caption_tokenizer_specs(manifest);
   if (!cfg.data.cache.empty()) {
     lo.cache_index = cfg.data.cache;
     lo.cache_expected = pairs::cache_expectation(cfg, manifest, resolution);
@@ -171,9 +175,34 @@ void Trainer::Impl::load_models() {
   policy_options.trainable = true;
   policy_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   policy_options.fp32_output_head = cfg.train.fp32_output_head;
+  policy_options.lora = {cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.run.seed};
   policy = std::make_unique<models::UNet>(manifest, device, policy_options);
+  int64_t trained = 0;
+  for (const torch::Tensor& p : policy->parameters()) trained += p.numel();
+  if (!policy->has_adapters()) {
+    log::info("policy UNet: the whole UNet, {} parameters trained", trained);
+  } else {
+    std::string targets;
+    for (const std::string& t : cfg.lora.targets) targets += (targets.empty() ? "" : ", ") + t;
+    const double alpha = cfg.lora.alpha > 0 ? cfg.lora.alpha : static_cast<double>(cfg.lora.rank);
+    log::info(
+        "LoRA: rank {}, alpha {} (scale {:.6g}) on {} linear layers ({}): {} parameters "
+        "trained",
+        cfg.lora.rank, alpha, alpha / static_cast<double>(cfg.lora.rank),
+        policy->adapted_modules().size(), targets, trained);
+    const auto start = std::chrono::steady_clock::now();
+    const std::string& base = base_identity();
+    log::info("LoRA: base UNet sha256 {} ({:.1f} s; checkpoints record it, a resume checks it)",
+              base,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
   const torch::ScalarType frozen = pairs::frozen_dtype(cfg.model.frozen_dtype);
-  if (objective::uses_reference(method)) {
+  if (objective::uses_reference(method) && policy->has_adapters()) {
+    reference = policy->base_view();
+    log::info(
+        "reference UNet: the policy's base weights with the adapters off (LoRA: one UNet "
+        "in memory)");
+  } else if (objective::uses_reference(method)) {
     models::UNetOptions reference_options;
     reference_options.dtype = frozen;
     reference_options.fp32_output_head = cfg.train.fp32_output_head;

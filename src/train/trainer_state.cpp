@@ -3,8 +3,10 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 
+#include "dde/data/shard_index.hpp"
 #include "dde/train/stop_signal.hpp"
 #include "dde/util/error.hpp"
 #include "dde/util/log.hpp"
@@ -16,7 +18,89 @@
 namespace dde::train {
 namespace {
 namespace fs = std::filesystem;
+using nlohmann::json;
+
+// lora.json's fields that must match for a resume (the adapters' shapes and what they adapt).
+json lora_identity(const json& lora) {
+  return {{"rank", lora.at("rank")},
+          {"alpha", lora.at("alpha")},
+          {"targets", lora.at("targets")},
+          {"base", lora.at("base").at("unet_sha256")}};
+}
+
+json parse_lora_json(const std::string& text, const std::string& path) {
+  try {
+    json j = json::parse(text);
+    lora_identity(j);  // every field present
+    return j;
+  } catch (const json::exception& e) {
+    throw Error({"damaged LoRA checkpoint file", path,
+                 "the lora.json dde_train writes (format dde-lora, rank, alpha, targets, base)",
+                 e.what(), "resume from an earlier checkpoint"});
+  }
+}
 }  // namespace
+
+// The base UNet's identity: the sha256 over its unit files' sha256, in manifest order; hashed
+// once per process (a few seconds for SDXL's 10 GB).
+const std::string& Trainer::Impl::base_identity() {
+  if (base_unet_sha256.empty()) {
+    std::string joined;
+    for (const models::UNetBlockInfo& b : manifest.unet_blocks) {
+      joined += b.name + " " + data::file_sha256(b.file) + "\n";
+    }
+    base_unet_sha256 = data::sha256_hex(joined);
+  }
+  return base_unet_sha256;
+}
+
+std::string Trainer::Impl::lora_json() {
+  const double alpha = cfg.lora.alpha > 0 ? cfg.lora.alpha : static_cast<double>(cfg.lora.rank);
+  json unet_config;
+  try {
+    unet_config = json::parse(manifest.unet_config_json);
+  } catch (const json::exception&) {
+    unet_config = manifest.unet_config_json;  // kept verbatim
+  }
+  const json doc = {{"format", "dde-lora"},
+                    {"version", 1},
+                    {"rank", cfg.lora.rank},
+                    {"alpha", alpha},
+                    {"targets", cfg.lora.targets},
+                    {"modules", policy->adapted_modules()},
+                    {"base", {{"manifest", manifest.path}, {"unet_sha256", base_identity()}}},
+                    {"unet_config", unet_config}};
+  return doc.dump(2) + "\n";
+}
+
+// A LoRA checkpoint resumes only as the same LoRA on the same base; a full one only without.
+void Trainer::Impl::check_lora_resume(const std::string& dir,
+                                      const checkpoint::SharedState& saved) {
+  const std::string path = (fs::path(dir) / "lora" / "lora.json").string();
+  const bool now = policy->has_adapters();
+  if (saved.lora_json.empty() != !now) {
+    throw Error({now ? "resuming LoRA training from a full checkpoint"
+                     : "resuming full training from a LoRA checkpoint",
+                 dir, now ? "lora/ (model.lora.rank > 0)" : "unet/ (model.lora.rank: 0)",
+                 now ? "unet/" : "lora/",
+                 "resume with the checkpoint's model.lora, or start a new run directory"});
+  }
+  if (!now) return;
+  const json before = lora_identity(parse_lora_json(saved.lora_json, path));
+  const json after = lora_identity(json::parse(lora_json()));
+  if (before.at("base") != after.at("base")) {
+    throw Error({"resuming LoRA adapters on another base model", path + ": base.unet_sha256",
+                 "the base they were trained on: " + before.at("base").get<std::string>() + " (" +
+                     parse_lora_json(saved.lora_json, path).at("base").value("manifest", "?") + ")",
+                 "this run's model.manifest: " + after.at("base").get<std::string>() + " (" +
+                     manifest.path + ")",
+                 "resume with the manifest of the base they were trained on, or start a new run"});
+  }
+  if (before != after) {
+    throw Error({"resuming LoRA adapters of another shape", path, before.dump(), after.dump(),
+                 "resume with the checkpoint's model.lora (rank, alpha, targets)"});
+  }
+}
 
 torch::Tensor global_norm(const std::vector<torch::Tensor>& tensors) {
   std::vector<torch::Tensor> floating;
@@ -57,7 +141,7 @@ std::string Trainer::Impl::save_checkpoint(const data::PairLoaderState& position
   return last_checkpoint;
 }
 
-checkpoint::SharedState Trainer::Impl::shared_state() const {
+checkpoint::SharedState Trainer::Impl::shared_state() {
   checkpoint::SharedState s;
   s.step = step;
   s.skipped_steps = skipped_steps;
@@ -73,6 +157,7 @@ checkpoint::SharedState Trainer::Impl::shared_state() const {
   s.correction_updates = ema.updates();
   s.unet_config_json = manifest.unet_config_json;
   s.unet = policy->named_parameters();
+  if (policy->has_adapters()) s.lora_json = lora_json();
   s.config_yaml = config::to_yaml(cfg);
   return s;
 }
@@ -81,6 +166,7 @@ void Trainer::Impl::restore(const std::string& dir) {
   const checkpoint::SharedState saved = checkpoint::read_shared_state(dir);
   checkpoint::check_resumable(dir, saved,
                               {objective::method_name(method), cfg.optim.name, comm->world_size()});
+  check_lora_resume(dir, saved);
   for (const config::ConfigChange& c :
        checkpoint::check_resume_config(dir, saved.config_yaml, cfg)) {
     log::warn("resume: {} changed since the checkpoint: {} -> {}", c.key, c.before, c.after);

@@ -11,11 +11,16 @@
 #include <string>
 #include <utility>
 
+#include "dde/data/caption_tokenizer.hpp"
 #include "dde/data/pair_record.hpp"
 #include "dde/data/shard_index.hpp"
+#include "dde/pairs/caption_tokenizers.hpp"
 #include "dde/pairs/pair_path.hpp"
+#include "dde/text/utf8.hpp"
 #include "dde/util/error.hpp"
+#include "dde/util/file_read.hpp"
 #include "dde/util/file_write.hpp"
+#include "dde/util/input_limits.hpp"
 #include "dde/util/log.hpp"
 
 namespace dde::train {
@@ -66,16 +71,18 @@ models::Conditioning rows(const models::Conditioning& c, int64_t start, int64_t 
 }
 
 void write_prompts_json(const std::string& path, const std::vector<SamplePrompt>& prompts,
-                        const config::SampleConfig& options) {
+                        const config::SampleConfig& options, const std::string& source) {
   nlohmann::json cells = nlohmann::json::array();
   for (size_t i = 0; i < prompts.size(); ++i) {
     cells.push_back({{"cell", i},
                      {"row", static_cast<int64_t>(i) / kPerRow},
                      {"column", static_cast<int64_t>(i) % kPerRow},
                      {"caption", prompts[i].caption},
+                     {"input_ids", prompts[i].input_ids},
                      {"seed", options.seed + i}});
   }
-  const nlohmann::json doc = {{"steps", options.steps},
+  const nlohmann::json doc = {{"prompts_from", source},
+                              {"steps", options.steps},
                               {"guidance", options.guidance},
                               {"scheduler", "DDIM, leading spacing, steps_offset 1, eta 0"},
                               {"cells", cells}};
@@ -88,6 +95,10 @@ void write_prompts_json(const std::string& path, const std::vector<SamplePrompt>
 std::vector<SamplePrompt> read_sample_prompts(const std::string& index_path, int64_t count,
                                               const models::Manifest& manifest) {
   const data::ShardIndex index = data::ShardIndex::load(index_path);
+  std::unique_ptr<data::CaptionTokenizer> captions;  // caption-only shards
+  if (index.tokenizers.empty()) {
+    captions = std::make_unique<data::CaptionTokenizer>(pairs::caption_tokenizer_specs(manifest));
+  }
   std::vector<SamplePrompt> prompts;
   std::set<std::string> seen;
   for (const data::ShardInfo& shard : index.shards) {
@@ -95,6 +106,10 @@ std::vector<SamplePrompt> read_sample_prompts(const std::string& index_path, int
     while (static_cast<int64_t>(prompts.size()) < count) {
       std::optional<data::PairRecord> record = reader.next();
       if (!record) break;
+      if (captions && !record->problem && record->input_ids.empty() &&
+          !text::find_invalid_utf8(record->caption)) {
+        record->input_ids = captions->encode(record->caption);
+      }
       if (!ids_fit(*record, manifest) || !seen.insert(record->caption).second) continue;
       prompts.push_back({record->caption, record->input_ids});
     }
@@ -104,13 +119,65 @@ std::vector<SamplePrompt> read_sample_prompts(const std::string& index_path, int
     throw Error({"no prompt for the validation images", index_path,
                  "pairs with a caption and token ids for the model's " +
                      std::to_string(manifest.text_encoders.size()) + " text encoder(s)",
-                 "none", "export the shards with one --tokenizer per text encoder"});
+                 "none", "type the captions: eval.sample.prompts: [\"a red cube\", \"a cat\"]"});
   }
   if (static_cast<int64_t>(prompts.size()) < count) {
     log::warn("eval.sample.prompts = {}: the shards of {} hold {} distinct captions; using them",
               count, index_path, prompts.size());
   }
   return prompts;
+}
+
+std::vector<std::string> typed_captions(const config::PromptList& prompts) {
+  if (prompts.file.empty()) return prompts.texts;
+  const std::string text =
+      util::read_text_file(prompts.file, util::kMaxConfigFileBytes, "eval.sample.prompts file",
+                           "keep the captions to watch: at most 64");
+  std::vector<std::string> out;
+  size_t line_start = 0;
+  int64_t line = 0;
+  while (line_start < text.size()) {
+    size_t end = text.find('\n', line_start);
+    if (end == std::string::npos) end = text.size();
+    std::string caption = text.substr(line_start, end - line_start);
+    line_start = end + 1;
+    ++line;
+    if (!caption.empty() && caption.back() == '\r') caption.pop_back();   // CRLF files
+    if (caption.find_first_not_of(" \t") == std::string::npos) continue;  // blank lines
+    if (out.size() == 64) {
+      throw Error({"too many captions in the eval.sample.prompts file",
+                   fmt::format("{}:{}", prompts.file, line), "at most 64 (one image each)", "more",
+                   "keep the captions to watch"});
+    }
+    out.push_back(std::move(caption));
+  }
+  if (out.empty()) {
+    throw Error({"no caption in the eval.sample.prompts file", prompts.file, "one caption per line",
+                 "only blank lines",
+                 "write the captions one per line, or give a count (eval.sample.prompts: 8)"});
+  }
+  return out;
+}
+
+std::vector<SamplePrompt> tokenize_typed_prompts(const config::PromptList& prompts,
+                                                 const models::Manifest& manifest) {
+  const std::vector<std::string> texts = typed_captions(prompts);
+  const data::CaptionTokenizer tokenizer(pairs::caption_tokenizer_specs(manifest));
+  std::vector<SamplePrompt> out;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    try {
+      out.push_back({texts[i], tokenizer.encode(texts[i])});
+    } catch (const text::InvalidUtf8Error& e) {
+      throw Error({"a validation caption is not UTF-8",
+                   prompts.file.empty() ? fmt::format("eval.sample.prompts[{}]", i)
+                                        : fmt::format("{}: caption {}", prompts.file, i + 1),
+                   "UTF-8 text",
+                   fmt::format("bytes {} at byte {}", text::hex_bytes(texts[i], e.byte_offset()),
+                               e.byte_offset()),
+                   "save the file as UTF-8"});
+    }
+  }
+  return out;
 }
 
 ValidationImages::ValidationImages(const config::TrainConfig& config,
@@ -127,9 +194,13 @@ ValidationImages::ValidationImages(const config::TrainConfig& config,
                                                         manifest.beta_start, manifest.beta_end)),
       decoder_(manifest, device, pairs::frozen_dtype(config.model.frozen_dtype)) {
   objective::ddim_timesteps(schedule_.num_timesteps, options_.steps);  // checks the step count
-  const std::string& source =
-      config.data.eval_index.empty() ? config.data.index : config.data.eval_index;
-  prompts_ = read_sample_prompts(source, options_.prompts, manifest);
+  std::string source = config.data.eval_index.empty() ? config.data.index : config.data.eval_index;
+  if (options_.prompts.typed()) {
+    prompts_ = tokenize_typed_prompts(options_.prompts, manifest);
+    source = options_.prompts.file.empty() ? "eval.sample.prompts" : options_.prompts.file;
+  } else {
+    prompts_ = read_sample_prompts(source, options_.prompts.count, manifest);
+  }
   std::unique_ptr<models::TextConditioner> own;
   if (text == nullptr) {  // a latent cache without held-out pairs: encode once, then release
     own = std::make_unique<models::TextConditioner>(manifest, device,
@@ -141,7 +212,7 @@ ValidationImages::ValidationImages(const config::TrainConfig& config,
   }
   std::error_code ec;
   fs::create_directories(dir_, ec);
-  write_prompts_json((fs::path(dir_) / "prompts.json").string(), prompts_, options_);
+  write_prompts_json((fs::path(dir_) / "prompts.json").string(), prompts_, options_, source);
   log::info("validation images: {} prompts from {}, DDIM {} steps, guidance {}, every {} steps",
             prompts_.size(), source, options_.steps, options_.guidance, options_.every);
 }

@@ -70,8 +70,10 @@ def test_trainer_errors_equal_a_diffusers_recomputation(dde_train, fixtures, tmp
 
 
 @torch.no_grad()
-def recompute_errors(dump: dict, pipeline, out, family: str, dtype: torch.dtype) -> dict:
-    """The four per-pair errors of the dumped micro-batch, recomputed with diffusers in `dtype`."""
+def recompute_errors(dump: dict, pipeline, out, family: str, dtype: torch.dtype, policy=None) -> dict:
+    """The four per-pair errors of the dumped micro-batch, recomputed with diffusers in `dtype`;
+    the policy is the checkpoint of step 1's UNet, or policy(dtype) (a LoRA loaded into the base:
+    tests/e2e/test_lora.py)."""
     cast = lambda x: x.to(dtype)  # noqa: E731
     B = dump["t"].shape[0]
     vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae").to(dtype)
@@ -88,7 +90,8 @@ def recompute_errors(dump: dict, pipeline, out, family: str, dtype: torch.dtype)
         time_ids = cast(torch.cat([dump["time_ids_w"], dump["time_ids_l"]]))
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([pooled, pooled]), "time_ids": time_ids}
     text = torch.cat([text, text])
-    policy = UNet2DConditionModel.from_pretrained(out / "checkpoints" / "step-00000001" / "unet").to(dtype)
+    policy = (policy(dtype) if policy is not None else
+              UNet2DConditionModel.from_pretrained(out / "checkpoints" / "step-00000001" / "unet").to(dtype))
     reference = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").to(dtype)
     errors = {}
     for name, unet in (("policy", policy), ("ref", reference)):

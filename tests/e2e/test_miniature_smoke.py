@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import ROOT
 from miniature import report, world
 from miniature.annotator import ContentAnnotator, WorldAnnotator, content_score
-from miniature.run import CONTRASTS, SMOKE, VARIANTS, chosen_settings, grid, run_dir
+from miniature.run import CONTRASTS, SMOKE, VARIANTS, chosen_settings, grid, run_dir, setting_key, steps_for
 
 
 def _scenes(count: int, seed: int) -> list[world.Scene]:
@@ -103,18 +103,28 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
     result = _smoke(out, dde_train)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    # the sweep: every variant at every (lr, beta) of the grid (lr only for sft), and the chosen
-    # setting is the best validation mean
-    assert {(r["variant"], r["lr"], r["beta"]) for r in results["sweep"]} == {
-        (n, lr, beta) for n in SMOKE.sweep for lr, beta in grid(SMOKE, n)}
+    # the sweep: every variant at every (lr, beta, epochs) of the grid (lr only for sft), and the
+    # chosen setting is the best validation mean
+    assert len(SMOKE.epochs) > 1
+    assert {(r["variant"], r["lr"], r["beta"], r["epochs"]) for r in results["sweep"]} == {
+        (n, lr, beta, e) for n in SMOKE.sweep for lr, beta in grid(SMOKE, n) for e in SMOKE.epochs}
     assert {r["beta"] for r in results["sweep"] if r["variant"] == "sft"} == {SMOKE.betas[0]}
     chosen = chosen_settings(out, SMOKE)
     assert set(chosen) == set(SMOKE.sweep)
     for name, entry in chosen.items():
         best = max(entry["val_means"], key=entry["val_means"].get)
-        assert best == f"lr{entry['lr']:g}-beta{entry['beta']:g}", name
+        assert best == setting_key(entry["lr"], entry["beta"], entry["epochs"]), name
         rows = [r for r in results["sweep"] if r["variant"] == name]
         assert max(r["content"] for r in rows) == entry["val_means"][best]
+    # one sweep run per (variant, lr, beta), scored at each length from its own checkpoints: the
+    # shorter lengths' checkpoints are the runs of that length (constant lr), kept for the scoring
+    for name in SMOKE.sweep:
+        for lr, beta in grid(SMOKE, name):
+            folder = run_dir(out, SMOKE, name, lr, beta, max(SMOKE.epochs), SMOKE.seeds[0])
+            for e in SMOKE.epochs:
+                assert (folder / f"val-e{e:g}.json").is_file()
+                step = steps_for(out, SMOKE, e)
+                assert (folder / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file(), (name, e)
     # every variant at its setting (its own sweep's, or borrowed from the variant it ablates), at
     # every seed for SMOKE.every_seed and the first seed for the others; both annotators, intervals
     # around their estimates, the named score with its interval, the drift and C_t
@@ -131,9 +141,11 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
             assert all(math.isfinite(v) for v in values), (name, key, e)
             assert e["delta_ci95"][0] <= e["delta"] <= e["delta_ci95"][1]
         source = chosen[name if name in SMOKE.sweep else borrowed[name]]
-        assert results["settings_of"][name] == {"lr": source["lr"], "beta": source["beta"]}, name
+        setting = {"lr": source["lr"], "beta": source["beta"], "epochs": source["epochs"]}
+        assert results["settings_of"][name] == setting, name
         seeds = SMOKE.seeds if name in SMOKE.every_seed else SMOKE.seeds[:1]
-        assert (run_dir(out, name, source["lr"], source["beta"], seeds[-1]) / "eval.json").is_file()
+        final = json.loads((run_dir(out, SMOKE, name, *setting.values(), seeds[-1]) / "eval.json").read_text())
+        assert final["steps"] == steps_for(out, SMOKE, setting["epochs"]) and "test" in final
         assert len(entry["drift_by_seed"]) == len(seeds) and math.isfinite(entry["drift"])
         for key, source_key in (("delta_content", "content"), ("delta_named", "named")):
             e = entry[source_key]

@@ -163,6 +163,24 @@ def test_train_evaluate_skip_a_bad_pair_and_resume(bad_shards, method, tmp_path)
     assert all(s["loss"] == s["loss"] for s in read_records(out, "step"))  # not NaN
 
 
+@pytest.mark.parametrize("method", ["dde", "mapo"])
+def test_lora_trains_evaluates_and_resumes_on_the_device(bad_shards, method, tmp_path):
+    """LoRA (model.lora): the adapters are made on the device, the patched weights formed there,
+    the base view runs the base; the same numbers as on the CPU, and a resume."""
+    family, shards = bad_shards
+    out = tmp_path / "run"
+    sets = (f"data.index={shards / 'index.json'}", "model.lora={rank: 4, alpha: 8}",
+            "train.gradient_checkpointing=true")
+    args = train_args(family, method, out, *sets, "train.max_steps=2")
+    check(run(args), f"{family} {method} LoRA")
+    check(run(on_the_cpu(args, out, tmp_path / "cpu")), f"{family} {method} LoRA on the CPU")
+    assert_same_numbers(out, tmp_path / "cpu")
+    assert (out / "checkpoints" / "step-00000002" / "lora" / "adapter_model.safetensors").is_file()
+    check(run(train_args(family, method, out, *sets, "train.max_steps=3") + ["--resume"]),
+          f"{family} {method} LoRA --resume")
+    assert [s["step"] for s in read_records(out, "step")] == [1, 2, 3]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 // The layout of one checkpoint directory (docs/formats.md, section 3): which file holds what,
 // written from and read into plain structs, so the trainer only fills and applies them.
-//   rank 0:     unet/ (diffusers config.json + weights), training_state.safetensors (correction.E
+//   rank 0:     unet/ (diffusers config.json + weights; with LoRA lora/ instead: lora.json and
+//               adapter_model.safetensors), training_state.safetensors (correction.E
 //               and the whole optimizer state unless sharded), trainer_state.json,
 //               correction_ema.json, config.yaml
 //   every rank: rank-NNNNN.json (data position), optimizer-rank-NNNNN.safetensors (when sharded)
@@ -35,7 +36,10 @@ struct SharedState {
   double correction_momentum = 0.0;
   int64_t correction_updates = 0;
   std::string unet_config_json;
-  NamedTensors unet;  // diffusers names
+  NamedTensors unet;  // diffusers names: the UNet's weights, or with LoRA its adapters
+  // LoRA: lora/lora.json (rank, alpha, targets, the base's identity); "" for a full UNet. The
+  // adapters are then written to lora/adapter_model.safetensors instead of unet/.
+  std::string lora_json;
   std::string config_yaml;
 };
 

@@ -37,6 +37,15 @@ struct ModelConfig {
   std::string frozen_dtype = "fp32";
 };
 
+// model.lora: low-rank adapters on the UNet's linear layers (docs/method.md §8.2). rank 0 = off
+// (the whole UNet is trained against a frozen copy). With rank > 0 only the adapters train, and
+// the reference is the same UNet with its adapters off: one copy of the weights.
+struct LoraConfig {
+  int64_t rank = 0;
+  double alpha = 0.0;  // the adapters' scale is alpha / rank; 0 = rank (scale 1)
+  std::vector<std::string> targets = {"to_q", "to_k", "to_v", "to_out.0"};
+};
+
 struct DataConfig {
   std::string index;
   int64_t resolution = 0;
@@ -115,9 +124,20 @@ struct EvalConfig {
   int64_t max_bad_pairs = 10;
 };
 
+// eval.sample.prompts, in one of three forms: a count (8), the captions themselves
+// (["a red cube", "a cat"]) or the path of a UTF-8 text file with one caption per line.
+struct PromptList {
+  int64_t count = 4;               // > 0: the first `count` distinct captions of the shards
+  std::vector<std::string> texts;  // typed captions in grid order ("" is the unconditional one)
+  std::string file;                // one caption per line, blank lines skipped
+  bool typed() const { return !texts.empty() || !file.empty(); }
+};
+bool operator==(const PromptList& a, const PromptList& b);
+bool operator!=(const PromptList& a, const PromptList& b);
+
 struct SampleConfig {
   int64_t every = 0;
-  int64_t prompts = 4;
+  PromptList prompts;
   uint64_t seed = 0;
   int64_t steps = 20;
   double guidance = 5.0;
@@ -134,6 +154,7 @@ struct DistConfig {
 struct TrainConfig {
   RunConfig run;
   ModelConfig model;
+  LoraConfig lora;  // the YAML section model.lora
   DataConfig data;
   MethodConfig method;
   OptimConfig optim;

@@ -20,6 +20,8 @@ struct HeldOutOptions {
   int64_t resolution = 512;
   int64_t rank = 0, world_size = 1;
   std::vector<std::string> expected_vocab_sha256;  // per tokenizer, checked against index.json
+  // The model's tokenizers, for held-out shards exported without ids (as PairLoaderOptions).
+  std::vector<CaptionTokenizerSpec> caption_tokenizers;
   // Pairs that fail the training set's checks (an image that does not decode, token ids outside
   // index.json's vocabulary) are left out and counted; more than this many (this rank's) is an
   // error (config eval.max_bad_pairs).

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "dde/data/caption_tokenizer.hpp"
 #include "dde/data/latent_cache.hpp"
 
 namespace dde::data {
@@ -52,6 +53,10 @@ struct PairLoaderOptions {
   std::vector<std::vector<int64_t>>
       empty_prompt_ids;  // per tokenizer: ids used when the caption is dropped
   std::vector<std::string> expected_vocab_sha256;  // per tokenizer, checked against index.json
+  // The model's tokenizers (one per text encoder), for shards exported without ids (an
+  // index.json without tokenizers): the decode workers then tokenize each caption. Shards with
+  // ids never read them.
+  std::vector<CaptionTokenizerSpec> caption_tokenizers;
   // Per tokenizer: token ids must lie in [0, vocab_sizes[t]) (e.g. the text encoder's
   // embedding rows); empty or 0 = only index.json's vocab_size, if it records one.
   std::vector<int64_t> vocab_sizes;

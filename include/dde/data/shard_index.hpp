@@ -56,5 +56,7 @@ ShardCheckReport check_shards(const ShardIndex& index, bool verify_sha256, int64
 
 // sha256 of a whole file, lowercase hex.
 std::string file_sha256(const std::string& path);
+// sha256 of `bytes`, lowercase hex.
+std::string sha256_hex(const std::string& bytes);
 
 }  // namespace dde::data

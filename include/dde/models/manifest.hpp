@@ -22,6 +22,7 @@ struct TextEncoderInfo {
   int64_t max_length = 0;
   std::string vocab_sha256;
   std::vector<int64_t> empty_prompt_ids;  // ids of "" (caption dropout)
+  std::string tokenizer_dir;  // absolute path of its CLIP tokenizer folder; "" in old exports
 };
 
 // One separately traced unit of the UNet (scripts/dde_tools/unet_blocks.py), in execution

@@ -36,6 +36,15 @@ struct SamplePrompt {
 std::vector<SamplePrompt> read_sample_prompts(const std::string& index_path, int64_t count,
                                               const models::Manifest& manifest);
 
+// The captions of eval.sample.prompts in its list or file form: the list, or the file's lines
+// (a trailing \r dropped, blank lines skipped; at most 64, 1 MiB). Throws dde::Error.
+std::vector<std::string> typed_captions(const config::PromptList& prompts);
+
+// Typed captions tokenized in C++ for every text encoder of the manifest (its tokenizer folders,
+// data::CaptionTokenizer). A caption that is not UTF-8 is a dde::Error naming it.
+std::vector<SamplePrompt> tokenize_typed_prompts(const config::PromptList& prompts,
+                                                 const models::Manifest& manifest);
+
 // The UNet call of the trainer (its autocast and precision): x [B, C, h, w], t [B] -> eps.
 using NoisePredictor = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t,
                                                    const models::Conditioning& cond)>;

@@ -423,7 +423,7 @@ TEST_F(ConfigFile, SampleIsASubsectionOfEval) {
   EXPECT_EQ(c.eval.every, 5);
   EXPECT_EQ(c.sample.every, 10);
   EXPECT_DOUBLE_EQ(c.sample.guidance, 7.5);
-  EXPECT_EQ(c.sample.prompts, 4);  // a default
+  EXPECT_EQ(c.sample.prompts.count, 4);  // a default
   // The emitted YAML nests it again and reads back equal.
   const std::string yaml = to_yaml(c);
   EXPECT_NE(yaml.find("eval:\n  every: 5\n"), std::string::npos) << yaml;
@@ -432,7 +432,7 @@ TEST_F(ConfigFile, SampleIsASubsectionOfEval) {
   // --set reaches into it, one key or a map.
   EXPECT_EQ(load_config(path, {"eval.sample.steps=30"}).sample.steps, 30);
   const auto both = load_config(path, {"eval.sample={prompts: 2, seed: 3}"});
-  EXPECT_EQ(both.sample.prompts, 2);
+  EXPECT_EQ(both.sample.prompts.count, 2);
   EXPECT_EQ(both.sample.seed, 3U);
   EXPECT_EQ(both.sample.every, 10);  // merged key by key
   // Its errors name the dotted path and where it is.
@@ -453,6 +453,109 @@ TEST_F(ConfigFile, SampleIsASubsectionOfEval) {
   const auto changes = config_changes(c, changed);
   ASSERT_EQ(changes.size(), 1U);
   EXPECT_EQ(changes[0].key, "eval.sample.seed");
+}
+
+// eval.sample.prompts: a count, typed captions or a file of them; each form reads back from
+// to_yaml, and the wrong shapes are errors that show the three forms.
+TEST_F(ConfigFile, SamplePromptsAreACountCaptionsOrAFile) {
+  const auto with = [&](const std::string& value) {
+    return from_text(std::string(kMinimal) + "eval:\n  sample:\n    prompts: " + value + "\n");
+  };
+  const PromptList count = with("8").sample.prompts;
+  EXPECT_EQ(count.count, 8);
+  EXPECT_FALSE(count.typed());
+  const auto typed = with(R"(["a \"red\" cube", "", "日本の猫 🐈", "8"])");
+  const PromptList& texts = typed.sample.prompts;
+  EXPECT_TRUE(texts.typed());
+  EXPECT_EQ(texts.count, 0);
+  EXPECT_EQ(texts.texts, (std::vector<std::string>{"a \"red\" cube", "", "日本の猫 🐈", "8"}));
+  EXPECT_EQ(from_text(to_yaml(typed)), typed) << to_yaml(typed);
+  const auto file = with("captions/watch.txt");
+  EXPECT_EQ(file.sample.prompts.file, "captions/watch.txt");
+  EXPECT_EQ(file.sample.prompts.count, 0);
+  EXPECT_EQ(from_text(to_yaml(file)), file) << to_yaml(file);
+  EXPECT_EQ(with("\"8\"").sample.prompts.file, "8");  // quoted: a file name, not a count
+  EXPECT_EQ(from_text(to_yaml(with("\"8\""))), with("\"8\""));
+  // --set takes every form
+  const std::string path = write(kMinimal);
+  EXPECT_EQ(load_config(path, {R"(eval.sample.prompts=["x", "y"])"}).sample.prompts.texts,
+            (std::vector<std::string>{"x", "y"}));
+  EXPECT_EQ(load_config(path, {"eval.sample.prompts=p.txt"}).sample.prompts.file, "p.txt");
+  // the resume diff names the key with both values
+  const auto changes = config_changes(with("4"), typed);
+  ASSERT_EQ(changes.size(), 1U);
+  EXPECT_EQ(changes[0].key, "eval.sample.prompts");
+  EXPECT_EQ(changes[0].before, "4");
+  EXPECT_EQ(changes[0].after, R"(['a "red" cube', '', '日本の猫 🐈', '8'])");
+  // wrong shapes and sizes
+  for (const std::string bad : {"[]", "{a: 1}", "\"\"", "[[1]]", "[{a: 1}]"}) {
+    error_of([&] { with(bad); },
+             {"wrong type for config key", "eval.sample.prompts",
+              "a count, a list of captions or a file path", "is the unconditional image"});
+  }
+  error_of([&] { with("0"); }, {"config value out of range", "eval.sample.prompts", "[1, 64]"});
+  error_of([&] { with("65"); }, {"config value out of range", "eval.sample.prompts", "[1, 64]"});
+  std::string many = "[";
+  for (int i = 0; i < 65; ++i) many += (i ? ", " : "") + std::string("\"c\"");
+  error_of([&] { with(many + "]"); },
+           {"too many captions", "eval.sample.prompts", "[1, 64]", "65 captions"});
+  EXPECT_EQ(with(many.substr(0, many.size() - 5) + "]").sample.prompts.texts.size(), 64U);
+  // A file that is not there is found before the run starts, named by its key.
+  auto missing = from_text(kMinimal);
+  missing.model.manifest = write("{}", "manifest.json");  // the other inputs are there
+  missing.data.index = write("{}", "index.json");
+  missing.sample.prompts = PromptList{0, {}, (dir_ / "nope.txt").string()};
+  error_of([&] { check_input_files(missing); }, {"input file not found", "eval.sample.prompts = ",
+                                                 "nope.txt", "write the captions one per line"});
+}
+
+// model.lora: a subsection of model with a list of names; off by default, every value checked.
+TEST(ConfigLora, IsASubsectionOfModelWithTargetNames) {
+  const TrainConfig defaults = from_text(kMinimal);
+  EXPECT_EQ(defaults.lora.rank, 0);
+  EXPECT_EQ(defaults.lora.alpha, 0.0);
+  EXPECT_EQ(defaults.lora.targets, (std::vector<std::string>{"to_q", "to_k", "to_v", "to_out.0"}));
+  const std::string whole =
+      "run:\n  output_dir: runs/x\nmodel:\n  manifest: m/manifest.json\n  lora:\n    rank: 8\n"
+      "    alpha: 16\n    targets: [to_q, \"to_out.0\", ff.net.2]\ndata:\n  index: d/index.json\n";
+  const TrainConfig c = from_text(whole);
+  EXPECT_EQ(c.lora.rank, 8);
+  EXPECT_EQ(c.lora.alpha, 16.0);
+  EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"to_q", "to_out.0", "ff.net.2"}));
+  const std::string yaml = to_yaml(c);
+  EXPECT_NE(yaml.find("  lora:\n    rank: 8\n"), std::string::npos) << yaml;
+  EXPECT_EQ(from_text(yaml), c);
+  const auto changes = config_changes(defaults, c);
+  ASSERT_EQ(changes.size(), 3U);
+  EXPECT_EQ(changes[2].key, "model.lora.targets");
+  EXPECT_EQ(changes[2].after, "['to_q', 'to_out.0', 'ff.net.2']");
+  const auto with = [&](const std::string& lora) {
+    return from_text("run:\n  output_dir: r\nmodel:\n  manifest: m.json\n  lora: " + lora +
+                     "\ndata:\n  index: i.json\n");
+  };
+  error_of([&] { with("{rank: -1}"); },
+           {"config value out of range", "model.lora.rank", "[0, 1024]"});
+  error_of([&] { with("{rank: 2000}"); }, {"config value out of range", "model.lora.rank"});
+  error_of([&] { with("{alpha: -1}"); }, {"config value out of range", "model.lora.alpha"});
+  error_of([&] { with("{targets: []}"); }, {"empty config list", "model.lora.targets"});
+  error_of([&] { with("{targets: to_q}"); },
+           {"wrong type for config key", "model.lora.targets", "a list of strings"});
+  error_of([&] { with("{targets: [[to_q]]}"); },
+           {"wrong type for config key", "model.lora.targets"});
+  for (const std::string bad : {"\"\"", "\"to q\"", "\".to_q\"", "\"to_q.\"", "\"a..b\""}) {
+    error_of([&] { with("{targets: [" + bad + "]}"); },
+             {"bad name in config list", "model.lora.targets", "to_out.0"});
+  }
+  error_of([&] { with("{rnak: 8}"); }, {"unknown config key", "did you mean 'model.lora.rank'?"});
+  // the reference is the base with its adapters off: a second reference model is a contradiction
+  error_of(
+      [&] {
+        from_text(
+            "run:\n  output_dir: r\nmodel:\n  manifest: m.json\n  reference_manifest: o.json\n"
+            "  lora: {rank: 8}\ndata:\n  index: i.json\n");
+      },
+      {"LoRA with a separate reference model", "model.reference_manifest",
+       "drop model.reference_manifest"});
 }
 
 TEST(ConfigBatch, AccumulationSteps) {

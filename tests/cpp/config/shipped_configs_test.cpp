@@ -26,9 +26,10 @@ TEST(ShippedConfigs, EveryOneLoadsAndValidates) {
   }
   std::sort(names.begin(), names.end());
   const std::vector<std::string> expected = {
-      "sd15_dde.yaml",        "sd15_dde_single.yaml", "sd15_dde_step.yaml", "sd15_dde_window.yaml",
-      "sd15_discounted.yaml", "sd15_mapo.yaml",       "sd15_sft.yaml",      "sd15_uniform.yaml",
-      "sdxl_dde.yaml",        "tiny_dde.yaml",        "tiny_sdxl_dde.yaml"};
+      "sd15_dde.yaml",        "sd15_dde_lora.yaml",   "sd15_dde_single.yaml", "sd15_dde_step.yaml",
+      "sd15_dde_window.yaml", "sd15_discounted.yaml", "sd15_mapo.yaml",       "sd15_sft.yaml",
+      "sd15_uniform.yaml",    "sdxl_dde.yaml",        "sdxl_dde_lora.yaml",   "tiny_dde.yaml",
+      "tiny_sdxl_dde.yaml"};
   for (const auto& name : expected) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name << " missing";
   }
@@ -118,6 +119,24 @@ TEST(ShippedConfigs, SdxlDde) {
   EXPECT_EQ(c.optim.name, "adafactor");  // the reference's SDXL launcher
   EXPECT_EQ(c.optim.grad_clip, 0.0);     // which does not clip with Adafactor
   EXPECT_EQ(c.train.global_batch, 2048);
+}
+
+// One GPU: LoRA at diffusers' DPO example's values, bf16 autocast and gradient checkpointing.
+TEST(ShippedConfigs, LoraConfigsFitOneGpu) {
+  for (const std::string family : {"sd15", "sdxl"}) {
+    SCOPED_TRACE(family);
+    const auto c = load(family + "_dde_lora.yaml");
+    EXPECT_EQ(c.model.manifest, "exports/" + family + "/manifest.json");
+    EXPECT_EQ(c.lora.rank, 8);
+    EXPECT_EQ(c.lora.alpha, 8.0);
+    EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"to_q", "to_k", "to_v", "to_out.0"}));
+    EXPECT_EQ(c.model.reference_manifest, "");
+    EXPECT_EQ(c.method.name, "dde");
+    EXPECT_EQ(c.train.precision, "bf16");
+    EXPECT_TRUE(c.train.gradient_checkpointing);
+    EXPECT_EQ(accumulation_steps(c, 1), family == "sd15" ? 4 : 16);  // one rank
+    EXPECT_EQ(c.data.resolution, family == "sd15" ? 0 : 1024);
+  }
 }
 
 TEST(ShippedConfigs, TinyConfigs) {
