@@ -12,11 +12,11 @@ if [ "${DDE_SKIP_TIDY:-0}" = 1 ]; then exit 0; fi
 tidy_dir="$root/build-tidy"
 # clang-tidy's cost is LibTorch's headers, parsed and matched once per translation unit (~35 s):
 # it reads the unity batches of a unity build (DDE_UNITY), so the headers are paid once per batch
-# of 16 sources instead of once per source. The batches include our .cpp files, so
+# of 64 sources instead of once per source. The batches include our .cpp files, so
 # bugprone-suspicious-include is off for them and replaced by the grep below.
 # Configured every time (seconds when cached): the batches follow the sources as they are now.
-cmake -S "$root" -B "$tidy_dir" -DDDE_PCH=OFF -DDDE_UNITY=ON -DDDE_UNITY_BATCH=16 >/dev/null 2>&1 ||
-  cmake -S "$root" -B "$tidy_dir" -DDDE_PCH=OFF -DDDE_UNITY=ON -DDDE_UNITY_BATCH=16 >/dev/null
+cmake -S "$root" -B "$tidy_dir" -DDDE_PCH=OFF -DDDE_UNITY=ON -DDDE_UNITY_BATCH=64 >/dev/null 2>&1 ||
+  cmake -S "$root" -B "$tidy_dir" -DDDE_PCH=OFF -DDDE_UNITY=ON -DDDE_UNITY_BATCH=64 >/dev/null
 if git grep -nE '#include ".*\.(cpp|cc|cxx)"' -- 'src/*' 'include/*' 'tests/cpp/*'; then
   echo "lint: a source file is #included (above)" >&2
   exit 1

@@ -313,5 +313,32 @@ TEST(DecodeImage, TruncatedOrCorruptDataIsAnErrorNotZeros) {
                   {"header-only.png"});
 }
 
+// A chunk's length field is checked against the bytes that follow before stb_image sees it: stb
+// grows its IDAT buffer to the claimed length first (a 308-byte file once allocated 2 GiB).
+TEST(DecodeImage, APngChunkClaimingMoreThanTheFileHoldsIsRefusedByItsClaim) {
+  const std::string png = encode_png(noise_image(16, 16));
+  const size_t idat = png.find("IDAT");
+  ASSERT_NE(idat, std::string::npos);
+  const size_t field = idat - 4;
+  const auto with_length = [&](uint32_t length) {
+    std::string out = png;
+    for (int i = 0; i < 4; ++i) out[field + i] = static_cast<char>((length >> (24 - 8 * i)) & 0xFF);
+    return out;
+  };
+  const uint32_t actual = (uint32_t{static_cast<unsigned char>(png[field])} << 24) |
+                          (uint32_t{static_cast<unsigned char>(png[field + 1])} << 16) |
+                          (uint32_t{static_cast<unsigned char>(png[field + 2])} << 8) |
+                          uint32_t{static_cast<unsigned char>(png[field + 3])};
+  EXPECT_EQ(decode_image(with_length(actual), "exact.png").rgb, decode_image(png, "png").rgb);
+  expect_bad_pair(
+      [&] { decode_image(with_length(0x7FFFFFF0u), "claims-2gib.png"); }, "undecodable_image",
+      {"claims-2gib.png", "runs past the end", "chunk 'IDAT'", "2147483632 bytes claimed"});
+  // The boundary: one data byte more than the file holds (after the chunk's CRC) is refused here.
+  const uint64_t rest = png.size() - field - 12;
+  expect_bad_pair(
+      [&] { decode_image(with_length(static_cast<uint32_t>(rest + 1)), "one-over.png"); },
+      "undecodable_image", {"one-over.png", "runs past the end"});
+}
+
 }  // namespace
 }  // namespace dde::data

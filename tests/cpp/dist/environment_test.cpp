@@ -5,18 +5,11 @@
 #include <map>
 
 #include "dde/util/error.hpp"
+#include "util/env_of.hpp"
 
 namespace {
 
 using dde::dist::detect_environment;
-
-dde::dist::EnvLookup env_of(std::map<std::string, std::string> vars) {
-  return [vars = std::move(vars)](const std::string& name) -> std::optional<std::string> {
-    const auto it = vars.find(name);
-    if (it == vars.end()) return std::nullopt;
-    return it->second;
-  };
-}
 
 TEST(DistEnvironment, NoLauncherIsOneProcess) {
   const auto env = detect_environment("auto", env_of({}));

@@ -8,17 +8,12 @@
 #include <map>
 #include <thread>
 
+#include "util/env_of.hpp"
+
 namespace {
 
 using dde::util::kDecodeWorkerNice;
 using dde::util::plan_threads;
-
-dde::util::EnvLookup env_of(std::map<std::string, std::string> vars) {
-  return [vars](const std::string& name) -> std::optional<std::string> {
-    const auto it = vars.find(name);
-    return it == vars.end() ? std::nullopt : std::optional<std::string>(it->second);
-  };
-}
 
 TEST(Threads, ComputeGetsEveryCpuAndTheDecodeWorkersYield) {
   const auto b = plan_threads(0, /*decode_workers=*/1, /*affinity_cpus=*/2, env_of({}));
