@@ -20,9 +20,11 @@
 #   sync   run.cuda_sync_debug=error inside the micro-batch loop, from the images (fp32, bf16) and
 #          from a latent cache (dde_encode_cache): a host sync there aborts the run
 #   full   one full-size SD1.5 step, bf16, train.gradient_checkpointing=true, micro-batch 4
+#   one_gpu  full fine-tune, LoRA rank 8, mapo, mapo + LoRA on the same pipeline: peak and pairs/s
 #   bench  bench/vs_diffusion_dpo.py --device cuda --size full --dde-cache (pairs/s, memory, MFU)
-# Budgets (s) on the GPU: setup 35, ctest 50, e2e 60, nccl 30, sync 40, full 100, bench 135; total
-# 450 (the background export has from the end of setup to the end of `full`, about 4.5 minutes).
+# Budgets (s) on the GPU: setup 35, ctest 50, e2e 60, nccl 30, sync 40, full 100, one_gpu 150,
+# bench 135; total 600 (the background export has from the end of setup to the end of `full`,
+# about 4.5 minutes).
 # $OUT (default runs/gpu_check) gets three files: summary.txt (one PASS/FAIL/TIMEOUT line per phase
 # with its seconds, then its checks, indented), logs.tar.gz (every log) and the benchmark's JSON.
 #
@@ -38,7 +40,7 @@ set -uo pipefail
 self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 here="$(dirname "$self")"
 
-all_phases=(setup ctest e2e nccl sync full bench)
+all_phases=(setup ctest e2e nccl sync full one_gpu bench)
 dry_run=0
 worker=""
 phases=()
@@ -47,7 +49,7 @@ while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --worker) worker="${2:-}"; shift ;;
-    setup | ctest | e2e | nccl | sync | full | bench) phases+=("$1") ;;
+    setup | ctest | e2e | nccl | sync | full | one_gpu | bench) phases+=("$1") ;;
     -h | --help) sed -n '2,36p' "$self"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (phases: ${all_phases[*]})" >&2; exit 2 ;;
   esac
@@ -95,10 +97,10 @@ size=full rows=128       # the full-size pipeline of `full` and `bench`
 if ((dry_run)); then
   device=cpu jobs=1 size=tiny
 fi
-declare -A budget=([setup]=35 [ctest]=50 [e2e]=60 [nccl]=30 [sync]=40 [full]=100 [bench]=135)
-total=450
+declare -A budget=([setup]=35 [ctest]=50 [e2e]=60 [nccl]=30 [sync]=40 [full]=100 [one_gpu]=150 [bench]=135)
+total=600
 if ((dry_run)); then  # a loaded 2-core CPU: generous, the dry run is not timed
-  budget=([setup]=120 [ctest]=300 [e2e]=900 [nccl]=300 [sync]=600 [full]=600 [bench]=900)
+  budget=([setup]=120 [ctest]=300 [e2e]=900 [nccl]=300 [sync]=600 [full]=600 [one_gpu]=900 [bench]=900)
   total=3600
 fi
 
@@ -442,6 +444,42 @@ phase_full() {
   check full_sd15_bf16_checkpointing full_step
 }
 
+# One GPU (issue 27): the full fine-tune against LoRA rank 8, mapo (no reference UNet) and mapo
+# with LoRA, on the full-size SD1.5 pipeline of `full`, side by side: bf16, checkpointing,
+# micro-batch 1, 3 steps each. Each row prints its last step record (mem_peak_mb: the CUDA
+# allocator's peak; pairs_per_s) and the parameters trained; the table of bench/README.md
+# ("One GPU") is the CPU's.
+one_gpu_rows() {
+  wait_prepared || return 1
+  local base name run rc=0 extra
+  base="$(bench_work)/$size"
+  for name in full_dde lora8_dde mapo lora8_mapo; do
+    case "$name" in
+      full_dde) extra=(--set method.name=dde) ;;
+      lora8_dde) extra=(--set method.name=dde --set "model.lora={rank: 8}") ;;
+      mapo) extra=(--set method.name=mapo) ;;
+      lora8_mapo) extra=(--set method.name=mapo --set "model.lora={rank: 8}") ;;
+    esac
+    run="$work/runs/one_gpu_$name"
+    rm -rf "$run"
+    "$bundle/bin/dde_train" --config configs/sd15_dde.yaml --set model.manifest="$base/export/manifest.json" \
+      --set data.index="$base/shards/index.json" --set run.output_dir="$run" --set run.device="$device" \
+      --set train.precision=bf16 --set train.gradient_checkpointing=true --set train.global_batch=1 \
+      --set train.micro_batch=1 --set train.max_steps=3 --set checkpoint.every=1000 \
+      --set optim.warmup_steps=0 --set data.eval_index= --set data.workers=2 --set logging.progress=false \
+      "${extra[@]}" || rc=1
+    keep_logs "$run" "one_gpu_$name"
+    echo "one_gpu $name: $(grep -o '[0-9]* parameters trained' "$run/train.log" | head -1);" \
+      "last step: $(grep '"kind": *"step"' "$run/metrics.jsonl" | tail -1)"
+    rm -rf "$run"  # a full fine-tune's checkpoint is ~10 GB
+  done
+  return "$rc"
+}
+
+phase_one_gpu() {
+  check one_gpu_full_lora_mapo one_gpu_rows
+}
+
 run_bench() {
   wait_prepared || return 1
   if ((dry_run)); then
@@ -544,7 +582,7 @@ for phase in "${all_phases[@]}"; do
     # shellcheck source=/dev/null
     . "$work/env.sh" 2>/dev/null
     export DDE_GC_PY LD_LIBRARY_PATH PYTHONPATH
-    if [ -n "${DDE_GC_PY:-}" ] && [[ " ${phases[*]} " == *" full "* || " ${phases[*]} " == *" bench "* ]]; then
+    if [ -n "${DDE_GC_PY:-}" ] && [[ " ${phases[*]} " == *" full "* || " ${phases[*]} " == *" one_gpu "* || " ${phases[*]} " == *" bench "* ]]; then
       start_prepare $((deadline - SECONDS))
     fi
   fi
