@@ -28,7 +28,7 @@ phase "C++ unit tests"
 echo "== device correctness without a GPU: the strict fake accelerator (scripts/fake_device_check.sh)"
 DDE_FAKE_CHECK_SKIP_SETUP=1 bash scripts/fake_device_check.sh
 phase "fake accelerator"
-echo "== fuzzing: file parsers and image decoder (libFuzzer, ~1.5 min; regressions replayed)"
+echo "== fuzzing: file parsers and image decoder (libFuzzer, ~1.5 min from scratch; regressions replayed)"
 bash scripts/fuzz.sh
 phase "fuzzing"
 echo "== Python and end-to-end tests (pytest)"
