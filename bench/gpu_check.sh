@@ -420,16 +420,24 @@ wait_prepared() {
   [ "$(cat "$dir/prepare.rc")" = 0 ]
 }
 
-full_step() {
-  wait_prepared || return 1
-  local base run="$work/runs/full_bf16"
+# train_full_size RUN [--set ...]: dde_train on the full-size SD1.5 pipeline of `full` (bf16,
+# checkpointing, no warm-up) into RUN, with the caller's settings.
+train_full_size() {
+  local base run="$1"
+  shift
   base="$(bench_work)/$size"
-  rm -rf "$run"
   "$bundle/bin/dde_train" --config configs/sd15_dde.yaml --set model.manifest="$base/export/manifest.json" \
     --set data.index="$base/shards/index.json" --set run.output_dir="$run" --set run.device="$device" \
-    --set train.precision=bf16 --set train.gradient_checkpointing=true --set train.global_batch=4 \
-    --set train.micro_batch=4 --set train.max_steps=1 --set checkpoint.every=1 --set optim.warmup_steps=0 \
-    --set data.shuffle_buffer=64 --set data.workers=4 --set logging.progress=false
+    --set train.precision=bf16 --set train.gradient_checkpointing=true --set optim.warmup_steps=0 \
+    --set logging.progress=false "$@"
+}
+
+full_step() {
+  wait_prepared || return 1
+  local run="$work/runs/full_bf16"
+  rm -rf "$run"
+  train_full_size "$run" --set train.global_batch=4 --set train.micro_batch=4 --set train.max_steps=1 \
+    --set checkpoint.every=1 --set data.shuffle_buffer=64 --set data.workers=4
   local rc=$?
   keep_logs "$run" full_bf16
   ((dry_run)) || nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
@@ -451,8 +459,7 @@ phase_full() {
 # ("One GPU") is the CPU's.
 one_gpu_rows() {
   wait_prepared || return 1
-  local base name run rc=0 extra
-  base="$(bench_work)/$size"
+  local name run rc=0 extra
   for name in full_dde lora8_dde mapo lora8_mapo; do
     case "$name" in
       full_dde) extra=(--set method.name=dde) ;;
@@ -462,12 +469,8 @@ one_gpu_rows() {
     esac
     run="$work/runs/one_gpu_$name"
     rm -rf "$run"
-    "$bundle/bin/dde_train" --config configs/sd15_dde.yaml --set model.manifest="$base/export/manifest.json" \
-      --set data.index="$base/shards/index.json" --set run.output_dir="$run" --set run.device="$device" \
-      --set train.precision=bf16 --set train.gradient_checkpointing=true --set train.global_batch=1 \
-      --set train.micro_batch=1 --set train.max_steps=3 --set checkpoint.every=1000 \
-      --set optim.warmup_steps=0 --set data.eval_index= --set data.workers=2 --set logging.progress=false \
-      "${extra[@]}" || rc=1
+    train_full_size "$run" --set train.global_batch=1 --set train.micro_batch=1 --set train.max_steps=3 \
+      --set checkpoint.every=1000 --set data.eval_index= --set data.workers=2 "${extra[@]}" || rc=1
     keep_logs "$run" "one_gpu_$name"
     echo "one_gpu $name: $(grep -o '[0-9]* parameters trained' "$run/train.log" | head -1);" \
       "last step: $(grep '"kind": *"step"' "$run/metrics.jsonl" | tail -1)"
