@@ -41,7 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -113,20 +112,22 @@ class Settings:
     base: pretrain.PretrainSettings = pretrain.PretrainSettings()
     pair_prompts: int = 768
     eval_pair_prompts: int = 96
-    pair_samples: int = 4  # K base samples per pair prompt: the best and the worst make the pair
+    pair_samples: int = 8  # K base samples per pair prompt: the best and the worst make the pair (v3.2; v3, v3.1: 4)
     labeller: str = "content"
     sample_steps: int = 20  # DDIM
     guidance: float = 3.0
     tie_margin: float = 0.02  # annotator units
     # Training lengths (passes over the training pairs) of the grid: a sweep run trains for the
     # longest and is scored at each. v3.0 trained 6 epochs and left 0.36 of the training pairs
-    # misranked (docs/miniature.md).
-    epochs: tuple[float, ...] = (4.0, 8.0, 12.0)
+    # misranked (docs/miniature.md); v3.1's sft and dde chose its longest, 12, on validation (sft
+    # still rising), so v3.2 adds 16.
+    epochs: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     batch: int = 32  # pairs per preference step
     # the grid every swept variant is tuned on; v3.0's validation scores fell from 5e-5 to 1e-4 for
-    # every swept method (2e-4 wrecked the base), so v3.1 spends the grid on training length instead
+    # every swept method (2e-4 wrecked the base), so v3.1 spends the grid on training length instead;
+    # v3.1's uniform and dde chose beta 500 over 5000 on validation, so v3.2 tries 250 and 500
     lrs: tuple[float, ...] = (5e-5,)
-    betas: tuple[float, ...] = (500.0, 5000.0)
+    betas: tuple[float, ...] = (250.0, 500.0)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     sweep: tuple[str, ...] = ("uniform", "sft", "dde")  # each in its own grid; the others borrow
     variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
@@ -525,30 +526,87 @@ def tuned(name: str, chosen: dict[str, dict]) -> tuple[float, float, float] | No
 
 
 def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Timings) -> None:
-    """The sweep, then every variant at its setting and every seed; the report after every run."""
-    lock, table_lock = threading.Lock(), threading.Lock()
+    """The sweep, then every variant at its setting and every seed; the report after every run.
 
-    def final(job: Job) -> None:
+    Jobs go to s.parallel workers in list order (sweeps, then the every-seed variants seed by seed,
+    then the others); a final run waits only for the sweep of the variant it takes its setting
+    from, so no worker idles while another variant's sweep finishes."""
+    lock, table_lock, ready = threading.Lock(), threading.Lock(), threading.Condition()
+    sweeps = [(name, lr, beta) for name in s.sweep for lr, beta in grid(s, name)]
+    pending: list[tuple[str, tuple]] = [("sweep", j) for j in sweeps]
+    pending += [("final", (name, seed)) for seed in s.seeds for name in s.every_seed]
+    pending += [("final", (name, s.seeds[0])) for name in s.variants if name not in s.every_seed]
+    failures: list[BaseException] = []
+
+    def runnable() -> tuple[str, tuple] | None:
+        chosen = chosen_settings(out, s)
+        for index, (kind, job) in enumerate(pending):
+            if kind == "sweep" or tuned(job[0], chosen) is not None:
+                return pending.pop(index)
+        return None
+
+    def final(name: str, seed: int) -> None:
+        chosen = chosen_settings(out, s)
+        with table_lock:
+            report.write_json(out / "chosen_settings.json", chosen)
+        job = (name, *tuned(name, chosen), seed)
         if (run_dir(out, s, *job) / "eval.json").is_file():
             return  # done by an earlier invocation: its tables were written then
+        reuse_sweep_checkpoint(out, s, job)
         run_one(out, s, binary, job, prompts, lock, timings)
         with table_lock:
             write_report(out, s, figures=False)
 
-    sweeps = [(name, lr, beta) for name in s.sweep for lr, beta in grid(s, name)]
-    with ThreadPoolExecutor(max_workers=s.parallel) as pool:
-        for future in [pool.submit(sweep_one, out, s, binary, *j, prompts, lock, timings) for j in sweeps]:
-            future.result()
+    def worker() -> None:
+        while True:
+            item = None
+            with ready:
+                while not failures and pending and (item := runnable()) is None:
+                    ready.wait(timeout=30)
+                if failures or not pending and item is None:
+                    return
+            try:
+                if item[0] == "sweep":
+                    sweep_one(out, s, binary, *item[1], prompts, lock, timings)
+                else:
+                    final(*item[1])
+            except BaseException as err:  # noqa: BLE001 - stop every worker, then raise it below
+                failures.append(err)
+            with ready:
+                ready.notify_all()
+
+    threads = [threading.Thread(target=worker, name=f"miniature-{i}") for i in range(s.parallel)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
     chosen = chosen_settings(out, s)
     report.write_json(out / "chosen_settings.json", chosen)
     log("chosen: " + ", ".join(f"{n} lr {c['lr']:g} beta {c['beta']:g} epochs {c['epochs']:g}"
                                for n, c in chosen.items()))
-    # the variants every seed is run for first (the positive control and dde), then the others
-    finals = [(name, *tuned(name, chosen), seed) for seed in s.seeds for name in s.every_seed]
-    finals += [(name, *tuned(name, chosen), s.seeds[0]) for name in s.variants if name not in s.every_seed]
-    with ThreadPoolExecutor(max_workers=s.parallel) as pool:
-        for future in [pool.submit(final, j) for j in finals]:
-            future.result()
+
+
+def reuse_sweep_checkpoint(out: Path, s: Settings, job: Job) -> None:
+    """A final run of the first seed, shorter than the sweep run of its (lr, beta): the sweep run's
+    checkpoint after that many steps is that run (same seed, data order and lr: the lr is constant
+    after warm-up), so its checkpoint and its records up to that step are copied, not retrained."""
+    name, lr, beta, epochs, seed = job
+    if name not in s.sweep or seed != s.seeds[0] or epochs == max(s.epochs):
+        return
+    steps = steps_for(out, s, epochs)
+    source = run_dir(out, s, name, lr, beta, max(s.epochs), seed)
+    checkpoint = source / "checkpoints" / f"step-{steps:08d}"
+    target = run_dir(out, s, *job)
+    if not (checkpoint / "COMPLETE").is_file() or (target / "checkpoints" / checkpoint.name / "COMPLETE").is_file():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
+    kept = [line for line in (source / "metrics.jsonl").read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= steps]
+    (target / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (target / "REUSED_FROM").write_text(f"{checkpoint}\n")
 
 
 # --- stage 8: report ----------------------------------------------------------------------------

@@ -125,6 +125,22 @@ def test_smoke_run_yields_every_table(dde_train: Path, fixtures: Path, tmp_path:
                 assert (folder / f"val-e{e:g}.json").is_file()
                 step = steps_for(out, SMOKE, e)
                 assert (folder / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file(), (name, e)
+    # a first-seed final run shorter than its sweep run is that run's checkpoint, copied, with the
+    # records up to its step (reuse_sweep_checkpoint), not a second training
+    for name, entry in chosen.items():
+        if entry["epochs"] == max(SMOKE.epochs):
+            continue
+        step = steps_for(out, SMOKE, entry["epochs"])
+        sweep = run_dir(out, SMOKE, name, entry["lr"], entry["beta"], max(SMOKE.epochs), SMOKE.seeds[0])
+        final = run_dir(out, SMOKE, name, entry["lr"], entry["beta"], entry["epochs"], SMOKE.seeds[0])
+        assert (final / "REUSED_FROM").is_file() and not (final / "stdout.log").exists(), name
+        source = sweep / "checkpoints" / f"step-{step:08d}"
+        copied = final / "checkpoints" / f"step-{step:08d}"
+        for path in source.rglob("*"):
+            if path.is_file():
+                assert path.read_bytes() == (copied / path.relative_to(source)).read_bytes(), path
+        steps = [json.loads(line).get("step", 0) for line in (final / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == step, name
     # every variant at its setting (its own sweep's, or borrowed from the variant it ablates), at
     # every seed for SMOKE.every_seed and the first seed for the others; both annotators, intervals
     # around their estimates, the named score with its interval, the drift and C_t
