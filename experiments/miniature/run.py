@@ -128,6 +128,9 @@ class Settings:
     # v3.1's uniform and dde chose beta 500 over 5000 on validation, so v3.2 tries 250 and 500
     lrs: tuple[float, ...] = (5e-5,)
     betas: tuple[float, ...] = (250.0, 500.0)
+    # a variant on which beta has no effect (sft) is tried at as many settings as the others: two
+    # lrs instead of two betas (v3.2; v3.1 gave it one setting where uniform and dde had two)
+    lrs_without_beta: tuple[float, ...] = (5e-5, 1e-4)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # each in its own grid; a variant not listed borrows the setting of the one it ablates. v3 and
     # v3.1 swept the first three only (time); v3.2 sweeps every variant (equal tuning effort)
@@ -144,6 +147,7 @@ FULL = Settings()
 SMOKE = replace(FULL, val_prompts=4, test_prompts=6, images_per_prompt=1, vae_images=256, vae_steps=20,
                 recon_images=32, base_rows=128, base=pretrain.PretrainSettings(steps=4, batch=16), pair_prompts=40,
                 eval_pair_prompts=8, pair_samples=3, sample_steps=3, epochs=(0.25, 0.5), batch=8, lrs=(1e-4,),
+                lrs_without_beta=(1e-4, 2e-4),
                 sweep=("uniform", "sft", "dde"),  # the others borrow: the smoke run checks that path too
                 betas=(250.0, 2000.0), seeds=(0, 1), eval_t_bins=(100, 500, 900), drift_images=16,
                 drift_t=(100, 900))
@@ -490,9 +494,11 @@ def c_t_final(folder: Path, v: Variant) -> float | None:
 
 
 def grid(s: Settings, name: str) -> list[tuple[float, float]]:
-    """The (lr, beta) a swept variant is tried at: the shared grid, lr only where beta does nothing."""
-    betas = s.betas if variant(name).uses_beta else s.betas[:1]
-    return [(lr, beta) for lr in s.lrs for beta in betas]
+    """The (lr, beta) a swept variant is tried at: the shared grid, or as many lrs where beta does
+    nothing (the first beta names its folder)."""
+    if not variant(name).uses_beta:
+        return [(lr, s.betas[0]) for lr in s.lrs_without_beta]
+    return [(lr, beta) for lr in s.lrs for beta in s.betas]
 
 
 def sweep_jobs(s: Settings) -> list[Job]:
