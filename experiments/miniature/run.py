@@ -553,7 +553,8 @@ def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Tim
     def runnable() -> tuple[str, tuple] | None:
         chosen = chosen_settings(out, s)
         for index, (kind, job) in enumerate(pending):
-            if kind == "sweep" or tuned(job[0], chosen) is not None:
+            # a swept variant waits for its own sweep, not only for the one it would borrow from
+            if kind == "sweep" or (job[0] in chosen if job[0] in s.sweep else tuned(job[0], chosen) is not None):
                 return pending.pop(index)
         return None
 
