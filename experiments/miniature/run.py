@@ -527,20 +527,22 @@ def chosen_settings(out: Path, s: Settings) -> dict[str, dict]:
     return chosen
 
 
-def tuned(name: str, chosen: dict[str, dict]) -> tuple[float, float, float] | None:
-    """(lr, beta, epochs) of a variant once its sweep is complete: its own when it was swept, else
-    that of the variant it borrows from (Variant.tuned_from)."""
-    source = chosen.get(name) or chosen.get(variant(name).tuned_from)
+def tuned(name: str, chosen: dict[str, dict], s: Settings) -> tuple[float, float, float] | None:
+    """(lr, beta, epochs) of a variant once the sweep it depends on is complete: its own when it is
+    swept (never a borrowed one while its own sweep runs), else that of the variant it borrows
+    from (Variant.tuned_from)."""
+    source = chosen.get(name if name in s.sweep else variant(name).tuned_from)
     return (source["lr"], source["beta"], source["epochs"]) if source else None
 
 
 def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Timings) -> None:
     """The sweep, then every variant at its setting and every seed; the report after every run.
 
-    Jobs go to s.parallel workers in list order (sweeps, then the every-seed variants seed by seed,
-    then the others); a final run waits only for the sweep of the variant it takes its setting
-    from, so no worker idles while another variant's sweep finishes."""
+    Jobs go to s.parallel workers in list order (the every-seed variants' sweeps, their finals seed
+    by seed, then the others' sweeps and finals); a final run waits only for the sweep its setting
+    comes from (`tuned`), so no worker idles while another variant's sweep finishes."""
     lock, table_lock, ready = threading.Lock(), threading.Lock(), threading.Condition()
+
     def sweeps(names: list[str]) -> list[tuple[str, tuple]]:
         return [("sweep", (name, lr, beta)) for name in names if name in s.sweep for lr, beta in grid(s, name)]
 
@@ -553,8 +555,7 @@ def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Tim
     def runnable() -> tuple[str, tuple] | None:
         chosen = chosen_settings(out, s)
         for index, (kind, job) in enumerate(pending):
-            # a swept variant waits for its own sweep, not only for the one it would borrow from
-            if kind == "sweep" or (job[0] in chosen if job[0] in s.sweep else tuned(job[0], chosen) is not None):
+            if kind == "sweep" or tuned(job[0], chosen, s) is not None:
                 return pending.pop(index)
         return None
 
@@ -562,7 +563,7 @@ def runs_stage(out: Path, s: Settings, binary: Path, prompts: dict, timings: Tim
         chosen = chosen_settings(out, s)
         with table_lock:
             report.write_json(out / "chosen_settings.json", chosen)
-        job = (name, *tuned(name, chosen), seed)
+        job = (name, *tuned(name, chosen, s), seed)
         if (run_dir(out, s, *job) / "eval.json").is_file():
             return  # done by an earlier invocation: its tables were written then
         reuse_sweep_checkpoint(out, s, job)
@@ -629,7 +630,7 @@ def final_runs(out: Path, s: Settings) -> dict[str, list[Path]]:
     """Variant -> finished run folders at its chosen setting, in seed order."""
     chosen, found = chosen_settings(out, s), {}
     for name in s.variants:
-        setting = tuned(name, chosen)
+        setting = tuned(name, chosen, s)
         seeds = s.seeds if name in s.every_seed else s.seeds[:1]
         found[name] = [] if setting is None else [
             run_dir(out, s, name, *setting, seed) for seed in seeds
@@ -704,7 +705,7 @@ def write_figures(out: Path, s: Settings, runs: dict[str, list[Path]], results: 
                              folder / "correction_cumulative_methods.png", cumulative=True)
     report.gain_vs_drift(results, s.labeller, folder / "gain_vs_drift.png")
     chosen = chosen_settings(out, s)
-    models = [("base", "base")] + [(name, model_name(name, *tuned(name, chosen), s.seeds[0]))
+    models = [("base", "base")] + [(name, model_name(name, *tuned(name, chosen, s), s.seeds[0]))
                                    for name, dirs in present.items() if dirs[0].name == f"seed{s.seeds[0]}"]
     report.samples_grid(out / "eval" / "test", models, min(6, s.test_prompts), folder / "samples.png")
 
@@ -727,8 +728,8 @@ def write_report(out: Path, s: Settings, figures: bool = True) -> dict:
         [r for d in dirs for r in plot_run.read_records(d)["step"][-epoch_steps:]], epoch_steps * len(dirs))
         for name, dirs in runs.items() if dirs}
     results["chosen"] = chosen
-    results["settings_of"] = {name: dict(zip(("lr", "beta", "epochs"), tuned(name, chosen)))
-                              for name in s.variants if tuned(name, chosen)}
+    results["settings_of"] = {name: dict(zip(("lr", "beta", "epochs"), tuned(name, chosen, s)))
+                              for name in s.variants if tuned(name, chosen, s)}
     results["sweep"] = report.sweep_rows(sweep_scores(out, s), ANNOTATOR_NAMES)
     results["pairs"] = {k: json.loads((out / k / "stats.json").read_text()) for k in ("pairs", "eval_pairs")}
     results["settings"] = asdict(s)
