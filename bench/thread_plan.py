@@ -1,10 +1,12 @@
 """dde_train's default thread plan against fixed splits of the CPUs, and against the Python loop.
 
-    .venv/bin/python bench/thread_plan.py [--rounds 2] [--steps 25] [--warmup 5]
+    .venv/bin/python bench/thread_plan.py [--rounds 2] [--steps 30] [--warmup 12]
         [--scenario NAME ...] [--work DIR] [--out FILE]
 
 The default plan (util/threads.hpp) gives LibTorch every CPU and runs the decode workers at nice
-+10; a fixed split sets run.threads (the workers then keep their priority). Each scenario trains the
++10; after its first steps the thread tuner (util/thread_tuner.hpp) may move CPUs to the workers,
+when their measured demand is worth it and a trial of the fewer threads is faster. A fixed split
+sets run.threads (the workers then keep their priority, nothing is tuned). Each scenario trains the
 bench's mid-size SD1.5-architecture pipeline (bench/vs_diffusion_dpo.py: 33.8 M-parameter UNet,
 method uniform, fp32, micro-batch 2, global batch 4) and runs, in one alternating order per round so
 that machine load hits every variant alike:
@@ -15,7 +17,8 @@ that machine load hits every variant alike:
 
 Scenarios: `128` trains at 128 px from the bench's own 64-128 px JPEGs (decoding is light);
 `decode` trains at 128 px from the same pictures upscaled to 1024-2048 px JPEGs (Pick-a-Pic's
-sizes: decoding and resizing are heavy). Reported: pairs/s over the steps after --warmup (median
+sizes: decoding and resizing are heavy); `decode32` from 2048-4096 px JPEGs (heavier still: the decode
+workers' demand passes the thread tuner's floor on this machine). Reported: pairs/s over the steps after --warmup (median
 over rounds), the mean data_wait_frac of dde_train, each variant over the default plan and over the
 Python loop. Not a test.
 """
@@ -37,7 +40,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import vs_diffusion_dpo as vs  # noqa: E402
 
-SCENARIOS = {"128": {"resolution": 128, "image_scale": 1}, "decode": {"resolution": 128, "image_scale": 16}}
+SCENARIOS = {"128": {"resolution": 128, "image_scale": 1}, "decode": {"resolution": 128, "image_scale": 16},
+             "decode32": {"resolution": 128, "image_scale": 32}}
 # (name, data.workers, run.threads or None for the default plan, extra environment)
 DDE_VARIANTS = [("default", 2, None, {}), ("w2-t1", 2, 1, {}), ("w2-t2", 2, 2, {}), ("w1-t1", 1, 1, {}),
                 ("w1-t2", 1, 2, {}),
@@ -97,10 +101,14 @@ def bench_args(cli: argparse.Namespace, resolution: int, workers: int) -> argpar
         workers=workers, threads=None, work=cli.work, build=cli.build, timeout=1800)
 
 
-def wait_fraction(run: dict, work: Path, tag: str, warmup: int) -> float:
+def step_figures(work: Path, tag: str, warmup: int) -> dict:
+    """Means over the timed steps of a dde_train run: the wait for data, the decode workers' CPU
+    use (cores), and the intra-op threads of its last step (the thread tuner's choice)."""
     steps = [json.loads(x) for x in (work / "runs" / tag / "metrics.jsonl").read_text().splitlines()]
-    waits = [s["data_wait_frac"] for s in steps if s.get("kind") == "step"][warmup:]
-    return statistics.fmean(waits) if waits else float("nan")
+    timed = [s for s in steps if s.get("kind") == "step"][warmup:]
+    mean = lambda key: statistics.fmean(s[key] for s in timed) if timed else float("nan")  # noqa: E731
+    return {"data_wait_frac": mean("data_wait_frac"), "decode_cpu": mean("decode_cpu"),
+            "intra_op_threads": timed[-1]["intra_op_threads"] if timed else None}
 
 
 def run_scenario(cli: argparse.Namespace, name: str) -> dict:
@@ -115,11 +123,12 @@ def run_scenario(cli: argparse.Namespace, name: str) -> dict:
             sets = (f"run.threads={threads}",) if threads else ()
             tag = f"{name}-{variant}-{k}"
             r = vs.run_dde(paths, args, tag, env | extra, sets)
-            r["data_wait_frac"] = wait_fraction(r, cli.work, tag, cli.warmup)
+            r |= step_figures(cli.work, tag, cli.warmup)
             runs[variant].append(r)
             print(f"bench: {name} round {k}: dde {variant}: "
                   f"{args.global_batch * len(r['step_seconds'][cli.warmup:]) / sum(r['step_seconds'][cli.warmup:]):.3f} "
-                  f"pairs/s, wait {r['data_wait_frac']:.3f}", flush=True)
+                  f"pairs/s, wait {r['data_wait_frac']:.3f}, decode {r['decode_cpu']:.3f} CPU, "
+                  f"{r['intra_op_threads']} intra-op threads", flush=True)
         if cli.no_python:
             continue
         args = bench_args(cli, resolution, 2)
@@ -131,7 +140,9 @@ def run_scenario(cli: argparse.Namespace, name: str) -> dict:
     for variant, rs in runs.items():
         s = vs.summarize(rs, bench_args(cli, resolution, 2))
         if variant != "python":
-            s["data_wait_frac"] = statistics.median(r["data_wait_frac"] for r in rs)
+            for key in ("data_wait_frac", "decode_cpu"):
+                s[key] = statistics.median(r[key] for r in rs)
+            s["intra_op_threads"] = [r["intra_op_threads"] for r in rs]
         summary[variant] = s
     default = summary["default"]["pairs_per_s"] if "default" in summary else float("nan")
     python = summary["python"]["pairs_per_s"] if "python" in summary else float("nan")
@@ -146,20 +157,25 @@ def table(result: dict) -> str:
     lines = []
     for name, sc in result["scenarios"].items():
         lines += [f"scenario {name}: {sc['resolution']} px, images x{sc['image_scale']}",
-                  "| variant | pairs/s | / default | / python | data_wait_frac | peak RSS MiB (tree) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| variant | pairs/s | / default | / python | data_wait_frac | decode CPU | intra-op threads "
+                  "| peak RSS MiB (tree) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for variant, s in sc["variants"].items():
-            wait = f"{s['data_wait_frac']:.3f}" if "data_wait_frac" in s else ""
+            own = "data_wait_frac" in s
+            figures = (f"{s['data_wait_frac']:.3f} | {s['decode_cpu']:.3f} | "
+                       f"{', '.join(str(t) for t in s['intra_op_threads'])}") if own else " | | "
             lines.append(f"| {variant} | {s['pairs_per_s']:.3f} | {s['over_default']:.2f}x | {s['over_python']:.2f}x | "
-                         f"{wait} | {s['peak_tree_rss_mib']:.0f} |")
+                         f"{figures} | {s['peak_tree_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    # the default plan's thread tuner decides after its 12th step (util/thread_tuner.hpp): timed
+    # steps come after it, as in a run of thousands of steps
+    parser.add_argument("--warmup", type=int, default=12)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--variant", action="append", choices=[v[0] for v in DDE_VARIANTS],

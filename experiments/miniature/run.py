@@ -128,9 +128,11 @@ class Settings:
     # v3.1's uniform and dde chose beta 500 over 5000 on validation, so v3.2 tries 250 and 500
     lrs: tuple[float, ...] = (5e-5,)
     betas: tuple[float, ...] = (250.0, 500.0)
-    # a variant on which beta has no effect (sft) is tried at as many settings as the others: two
-    # lrs instead of two betas (v3.2; v3.1 gave it one setting where uniform and dde had two)
-    lrs_without_beta: tuple[float, ...] = (5e-5, 1e-4)
+    # a variant on which beta has no effect (sft) is tried at lrs instead of betas (v3.2; v3.1 gave
+    # it one setting where uniform and dde had two). v3.2 chose 1e-4, the edge of (5e-5, 1e-4), on
+    # validation, so v3.3 extends sft's grid one step outward; the others' lr optimum was interior
+    # (v3.0: 5e-5 over 1e-4 and 2e-4). v3.3 chose 2e-4, again the edge (docs/miniature.md)
+    lrs_without_beta: tuple[float, ...] = (5e-5, 1e-4, 2e-4)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # each in its own grid; a variant not listed borrows the setting of the one it ablates. v3 and
     # v3.1 swept the first three only (time); v3.2 sweeps every variant (equal tuning effort)

@@ -114,7 +114,8 @@ std::string rank_state_json(const RankStateFile& s) {
       {"rank", s.rank},
       {"world_size", s.world_size},
       {"loader",
-       {{"epoch", s.epoch}, {"pairs_consumed", s.pairs_consumed}, {"bad_pairs", s.bad_pairs}}}};
+       {{"epoch", s.epoch}, {"pairs_consumed", s.pairs_consumed}, {"bad_pairs", s.bad_pairs}}},
+      {"intra_op_threads", s.intra_op_threads}};
   return rank_state.dump(2);
 }
 
@@ -127,6 +128,8 @@ RankStateFile parse_rank_state(const std::string& text, const std::string& path)
   s.pairs_consumed = count_at(loader, "pairs_consumed", path + ": loader");
   // Absent before the bad-pair budget existed.
   s.bad_pairs = loader.contains("bad_pairs") ? count_at(loader, "bad_pairs", path + ": loader") : 0;
+  // Absent before the thread tuner (util/thread_tuner.hpp).
+  s.intra_op_threads = rs.contains("intra_op_threads") ? count_at(rs, "intra_op_threads", path) : 0;
   return s;
 }
 

@@ -77,7 +77,8 @@ void write_shared_state(const std::string& dir, const SharedState& s) {
 }
 
 void write_rank_state(const std::string& dir, const RankState& s) {
-  const RankStateFile rank_state{s.rank, s.world_size, s.epoch, s.pairs_consumed, s.bad_pairs};
+  const RankStateFile rank_state{s.rank,           s.world_size, s.epoch,
+                                 s.pairs_consumed, s.bad_pairs,  s.intra_op_threads};
   write_file_atomic(rank_file(dir, s.rank), rank_state_json(rank_state));
   if (!s.optimizer_shard.empty()) {
     save_safetensors(optimizer_shard_path(dir, s.rank), s.optimizer_shard);
@@ -161,6 +162,7 @@ RankState read_rank_state(const std::string& dir, int64_t rank, const SharedStat
   s.epoch = rs.epoch;
   s.pairs_consumed = rs.pairs_consumed;
   s.bad_pairs = rs.bad_pairs;
+  s.intra_op_threads = rs.intra_op_threads;
   if (saved.optimizer_sharded) {
     s.optimizer_shard = load_safetensors(optimizer_shard_path(dir, rank)).tensors;
     require_finite(s.optimizer_shard, optimizer_shard_path(dir, rank));

@@ -2,6 +2,7 @@
 // choices from its own seeded RNG and reads its images (or its latent cache rows), so the
 // result does not depend on which worker ran it or when.
 #include <fmt/format.h>
+#include <time.h>
 
 #include <algorithm>
 #include <exception>
@@ -43,6 +44,15 @@ std::ifstream& ShardFile::open(const std::string& shard_path) {
 
 }  // namespace pair_loader_detail
 
+namespace {
+// The calling thread's CPU time (Linux: per thread), 0 where the clock is missing.
+double thread_cpu_seconds() {
+  timespec now{};
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now) != 0) return 0.0;
+  return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
+}
+}  // namespace
+
 void PairLoader::Impl::run_worker() {
   util::lower_this_thread_priority(options.worker_nice);  // best effort
   ShardFile file;
@@ -58,6 +68,7 @@ void PairLoader::Impl::run_worker() {
       tasks.pop_front();
     }
     PairSample sample;
+    const double cpu_before = thread_cpu_seconds();
     try {
       sample = prepare(task, file);
     } catch (const BadPairError& e) {
@@ -74,9 +85,11 @@ void PairLoader::Impl::run_worker() {
     sample.epoch = task.epoch;
     sample.local_index = task.local_index;
     sample.global_index = task.global_index;
+    const double cpu = thread_cpu_seconds() - cpu_before;
     {
       std::lock_guard<std::mutex> lock(mutex);
       done.emplace(task.position, std::move(sample));
+      worker_cpu_seconds += cpu;
     }
     consumer_cv.notify_all();
   }

@@ -154,6 +154,7 @@ struct PairLoader::Impl {
   // Consumer side (also guarded by mutex for the const accessors).
   PairLoaderState position;
   double wait_seconds = 0.0;
+  double worker_cpu_seconds = 0.0;  // the workers' CPU time in prepare() (util/thread_tuner.hpp)
   Counters counters;
   std::vector<BadPair> bad_pairs;  // skipped since the last take_bad_pairs()
   int64_t last_counted_epoch = -1;

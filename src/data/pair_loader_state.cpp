@@ -87,6 +87,11 @@ void PairLoader::load_state(const PairLoaderState& state) {
   d.start(from);
 }
 
+double PairLoader::worker_cpu_seconds() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->worker_cpu_seconds;
+}
+
 double PairLoader::wait_seconds() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   return impl_->wait_seconds;

@@ -84,6 +84,8 @@ json step_record(const StepFigures& figures, const StepContext& c) {
               {"mse_policy", figures.mse_policy_w_sum / pairs},
               {"pairs_per_s", pairs / c.seconds},
               {"data_wait_frac", c.seconds > 0 ? std::min(1.0, c.waited / c.seconds) : 0.0},
+              {"decode_cpu", c.seconds > 0 ? c.worker_cpu / c.seconds : 0.0},
+              {"intra_op_threads", c.intra_op_threads},
               {"skipped_steps", c.skipped_steps},
               {"mem_held_mb", c.memory.held_mb},
               {"mem_peak_mb", c.memory.peak_mb},

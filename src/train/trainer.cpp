@@ -1,5 +1,6 @@
 #include "dde/train/trainer.hpp"
 
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <chrono>
@@ -34,6 +35,7 @@ TrainOutcome Trainer::Impl::run() {
     StepWork work;
     work.start = Clock::now();
     work.wait_before = loader->wait_seconds();
+    work.worker_cpu_before = loader->worker_cpu_seconds();
     work.lr = scheduled_lr(cfg.optim.schedule, step, cfg.optim.lr, cfg.optim.warmup_steps,
                            cfg.train.max_steps, cfg.optim.min_lr_ratio);
     work.poisoned = test_seam.poisons_loss(step + 1);
@@ -49,6 +51,7 @@ TrainOutcome Trainer::Impl::run() {
     ++step;
     // ---- metrics (rank 0, global figures), progress; stops; checkpoint
     write_step_metrics(work, figures);
+    tune_threads(work);
     after_step(work, figures);
   }
   if (!periodic_work()) {
@@ -151,11 +154,22 @@ void Trainer::Impl::update(StepWork& work, const StepFigures& figures) {
       cfg.optim.max_nonfinite_in_row);
 }
 
+void Trainer::Impl::tune_threads(const StepWork& work) {
+  if (thread_tuner.decided()) return;
+  const double seconds = std::chrono::duration<double>(Clock::now() - work.start).count();
+  const int64_t threads =
+      thread_tuner.after_step(seconds, loader->worker_cpu_seconds() - work.worker_cpu_before);
+  if (thread_tuner.changed_last_step()) at::set_num_threads(static_cast<int>(threads));
+  if (thread_tuner.decided()) log::info("step {}: threads: {}", step, thread_tuner.summary());
+}
+
 void Trainer::Impl::write_step_metrics(const StepWork& work, const StepFigures& figures) {
   StepContext c;
   c.memory = memory.end_step();
   c.seconds = std::chrono::duration<double>(Clock::now() - work.start).count();
   c.waited = loader->wait_seconds() - work.wait_before;
+  c.worker_cpu = loader->worker_cpu_seconds() - work.worker_cpu_before;
+  c.intra_op_threads = at::get_num_threads();
   if (!is_main()) return;
   c.step = step;
   c.lr = work.lr;

@@ -36,6 +36,7 @@
 #include "dde/train/test_seam.hpp"
 #include "dde/train/trainer.hpp"
 #include "dde/train/validation_images.hpp"
+#include "dde/util/thread_tuner.hpp"
 
 namespace dde::train {
 
@@ -49,6 +50,7 @@ torch::Tensor global_norm(const std::vector<torch::Tensor>& tensors);
 struct StepWork {
   std::chrono::steady_clock::time_point start;
   double wait_before = 0;                   // the loader's wait time when the step began
+  double worker_cpu_before = 0;             // the decode workers' CPU time when it began
   double lr = 0;                            // this step's learning rate
   bool poisoned = false;                    // test seam: the loss is made NaN
   data::PairLoaderState position_at_start;  // what a stop saves
@@ -89,8 +91,9 @@ struct Trainer::Impl {
   int64_t first_step = 0;                           // the step run() started from
   int64_t resolution = 0;
   int64_t accumulation = 0;
-  int decode_worker_nice = 0;  // from the thread plan (util/threads.hpp)
-  int64_t step = 0;            // optimizer steps attempted so far (skipped ones included)
+  int decode_worker_nice = 0;                // from the thread plan (util/threads.hpp)
+  util::ThreadTuner thread_tuner{1, false};  // the default plan's adjustment (set up with it)
+  int64_t step = 0;  // optimizer steps attempted so far (skipped ones included)
   int64_t skipped_steps = 0;
   int64_t nonfinite_in_row = 0;
   std::string failure_cause;  // what failed last: "loss", "gradient", "weights after the update"
@@ -124,6 +127,8 @@ struct Trainer::Impl {
   // Guard -> clip -> optimizer (+ all-gather when sharded) -> correction, or the step skipped.
   void update(StepWork& work, const StepFigures& figures);
   void write_step_metrics(const StepWork& work, const StepFigures& figures);
+  // The thread tuner's measurement of the step, and its decision applied (at::set_num_threads).
+  void tune_threads(const StepWork& work);
   // Stops on too many failed steps or bad pairs; the periodic checkpoint of a passing step.
   void after_step(const StepWork& work, const StepFigures& figures);
   struct MicroResult {

@@ -123,6 +123,7 @@ Trainer::Impl::Impl(config::TrainConfig config, StartOptions start)
   log::set_rank(static_cast<int>(env.rank));
   const util::ThreadBudget threads = util::apply_thread_budget(cfg.run.threads, cfg.data.workers);
   decode_worker_nice = threads.worker_nice;
+  thread_tuner = util::ThreadTuner(threads.intra_op, threads.adaptive);
   comm = dist::Communicator::create(env, cfg.dist.backend, device,
                                     std::chrono::seconds(cfg.dist.timeout_s),
                                     cfg.dist.force_process_group);

@@ -1,3 +1,4 @@
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <cmath>
@@ -125,6 +126,7 @@ std::string Trainer::Impl::save_checkpoint(const data::PairLoaderState& position
   own.epoch = position.epoch;
   own.pairs_consumed = position.pairs_consumed;
   own.bad_pairs = position.bad_pairs;
+  own.intra_op_threads = thread_tuner.decision();
   if (optimizer->sharded()) own.optimizer_shard = optimizer->state();
   checkpoint::write_rank_state(d, own);
   if (is_main()) checkpoint::write_shared_state(d, shared_state());
@@ -180,6 +182,10 @@ void Trainer::Impl::restore(const std::string& dir) {
   position.pairs_consumed = own.pairs_consumed;
   position.bad_pairs = own.bad_pairs;
   loader->load_state(position);
+  thread_tuner.restore(own.intra_op_threads);
+  if (thread_tuner.changed_last_step())
+    at::set_num_threads(static_cast<int>(thread_tuner.threads()));
+  if (thread_tuner.decision() > 0) log::info("threads: {}", thread_tuner.summary());
   last_checkpoint = dir;
   checkpointed_step = step;
   log::info("resumed from {} at step {}", dir, step);

@@ -59,7 +59,9 @@ ThreadBudget plan_threads(int64_t requested, int64_t decode_workers, int64_t aff
     b.intra_op_from = "every CPU";
     if (decode_workers > 0) {
       b.worker_nice = kDecodeWorkerNice;
+      b.adaptive = b.cpus > 1;
       b.intra_op_from += "; decode workers at nice +" + std::to_string(kDecodeWorkerNice);
+      if (b.adaptive) b.intra_op_from += "; tuned after the first steps";
     }
   }
   return b;

@@ -25,7 +25,7 @@ from conftest import ROOT, read_metrics, read_records, run_train, tiny_overrides
 MANY_MICRO = ["train.global_batch=32", "train.micro_batch=1", "train.max_steps=3", "checkpoint.every=100",
               "optim.warmup_steps=0", "logging.per_sample=true", "logging.progress=false"]
 # measured, not computed
-TIMING = {"pairs_per_s", "data_wait_frac", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb"}
+TIMING = {"pairs_per_s", "data_wait_frac", "decode_cpu", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb"}
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import read_metrics, read_records, run_train, tiny_overrides
+from conftest import read_metrics, read_records, run_train, tiny_overrides, train_command
 from dde_reference import (ALL_METHODS, DPO_METHODS, REFERENCE_FREE, correction_of, mapo_f, pair_loss, pair_z,
                            replay_correction, schedule)
 
@@ -47,9 +50,10 @@ def test_every_method_trains_and_logs_what_the_method_note_says(dde_train, fixtu
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     for s in steps:
         for key in ("loss", "implicit_acc", "lr", "grad_norm", "mse_policy", "mse_ref", "pairs_per_s",
-                    "data_wait_frac", "skipped_steps"):
+                    "data_wait_frac", "decode_cpu", "intra_op_threads", "skipped_steps"):
             assert key in s, key
         assert 0.0 <= s["data_wait_frac"] <= 1.0
+        assert s["decode_cpu"] >= 0.0 and s["intra_op_threads"] >= 1
         assert s["skipped_steps"] == 0
         assert math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"])
     global_batch = 4  # configs/tiny_dde.yaml
@@ -132,7 +136,7 @@ def test_resume_is_bit_exact(dde_train, fixtures, tmp_path):
         assert np.array_equal(sa[name], sb[name]), name
 
     # measured, not computed
-    timing = {"pairs_per_s", "data_wait_frac", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb"}
+    timing = {"pairs_per_s", "data_wait_frac", "decode_cpu", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb"}
     steps_a, pairs_a = read_metrics(straight)
     steps_b, pairs_b = read_metrics(halves)
     # The forward's peak lies between what the step held and its own peak. On the CPU these are
@@ -143,6 +147,46 @@ def test_resume_is_bit_exact(dde_train, fixtures, tmp_path):
     assert [{k: v for k, v in s.items() if k not in timing} for s in steps_a] == \
            [{k: v for k, v in s.items() if k not in timing} for s in steps_b]
     assert pairs_a == pairs_b
+
+
+def test_the_default_thread_plan_records_its_choice_and_a_resume_keeps_it(dde_train, fixtures, tmp_path):
+    """Under the default plan (no run.threads, no OMP_NUM_THREADS) the thread tuner decides within the
+    first 12 steps (util/thread_tuner.hpp), logs it, and saves it in the rank's checkpoint state; a
+    resumed run uses the saved count from its first step (clamped to its CPUs), without measuring."""
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("one CPU: the default plan has nothing to tune")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK",
+                                                                 "LOCAL_WORLD_SIZE")}
+    out = tmp_path / "run"
+    sets = tiny_overrides(fixtures, "sd15", out) + ["method.name=uniform", "checkpoint.every=100",
+                                                     "logging.per_sample=false"]
+
+    def train(steps: int, resume: bool) -> subprocess.CompletedProcess:
+        r = subprocess.run(train_command(dde_train, "tiny_dde.yaml", sets + [f"train.max_steps={steps}"],
+                                         resume=resume), capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    r = train(13, resume=False)
+    assert f"{cpus} intra-op (every CPU; decode workers at nice +10; tuned after the first steps)" in r.stderr
+    decisions = re.findall(r"step (\d+): threads: (.*)", r.stderr)
+    assert len(decisions) == 1 and int(decisions[0][0]) in (7, 12), r.stderr[-3000:]  # no trial, or one
+    steps, _ = read_metrics(out)
+    rank_file = out / "checkpoints" / "step-00000013" / "rank-00000.json"
+    chosen = json.loads(rank_file.read_text())["intra_op_threads"]
+    assert 1 <= chosen <= cpus
+    assert steps[-1]["intra_op_threads"] == chosen  # step 13: after the decision
+    assert all(s["intra_op_threads"] == cpus for s in steps[:7])  # warm-up and the first probe
+
+    # the saved choice, planted as 1, is used from the first resumed step
+    state = json.loads(rank_file.read_text())
+    rank_file.write_text(json.dumps(state | {"intra_op_threads": 1}))
+    r = train(15, resume=True)
+    assert "threads: 1 intra-op threads, as the checkpoint's run chose" in r.stderr
+    assert not re.findall(r"step \d+: threads: ", r.stderr)  # nothing measured
+    steps, _ = read_metrics(out)
+    assert [s["intra_op_threads"] for s in steps if s["step"] > 13] == [1, 1]
 
 
 def test_nonfinite_steps_are_skipped_and_too_many_stop_with_a_checkpoint(dde_train, fixtures, tmp_path):

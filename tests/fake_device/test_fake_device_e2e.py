@@ -92,7 +92,7 @@ def on_the_cpu(args: list[str], out: Path, new_out: Path) -> list[str]:
 
 
 # Figures that depend on time or memory, not on the computation.
-NOT_NUMBERS = {"pairs_per_s", "data_wait_frac", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb", "seconds"}
+NOT_NUMBERS = {"pairs_per_s", "data_wait_frac", "decode_cpu", "mem_held_mb", "mem_peak_mb", "mem_forward_peak_mb", "seconds"}
 FLOORS = 10
 # Float32 rounding of a figure computed through another decomposition of a composite op: at most
 # 16 roundings (2^-20 relative) of it.

@@ -33,7 +33,8 @@ struct RankStateFile {
   int64_t world_size = 1;
   int64_t epoch = 0;
   int64_t pairs_consumed = 0;
-  int64_t bad_pairs = 0;  // absent in older checkpoints: 0
+  int64_t bad_pairs = 0;         // absent in older checkpoints: 0
+  int64_t intra_op_threads = 0;  // the thread tuner's decision; 0 (or absent): none yet
 };
 
 std::string trainer_state_json(const TrainerStateFile& state);

@@ -50,6 +50,7 @@ struct RankState {
   int64_t epoch = 0;
   int64_t pairs_consumed = 0;    // in this epoch, by this rank
   int64_t bad_pairs = 0;         // bad pairs this rank skipped since the start of the run
+  int64_t intra_op_threads = 0;  // the thread tuner's decision for this rank (0: none yet)
   NamedTensors optimizer_shard;  // empty unless the optimizer state is sharded
 };
 

@@ -125,6 +125,8 @@ class PairLoader {
   std::vector<BadPair> take_bad_pairs();
   // Total time next() spent blocked waiting for workers.
   double wait_seconds() const;
+  // Total CPU time the workers spent reading and decoding pairs (their demand, over wall time).
+  double worker_cpu_seconds() const;
 
   struct Counters {
     int64_t ties_skipped = 0;   // ties left out of each epoch next() has returned pairs from

@@ -64,6 +64,8 @@ struct StepContext {
   int64_t step = 0;  // steps done, this one included
   double lr = 0, grad_norm = 0;
   double seconds = 0, waited = 0;  // the step's wall time, and how much of it waited for data
+  double worker_cpu = 0;           // the decode workers' CPU seconds during the step
+  int64_t intra_op_threads = 1;    // LibTorch's intra-op threads during the step
   int64_t skipped_steps = 0, epoch = 0;
   StepMemory memory;
   bool has_z = false, has_reference = false;

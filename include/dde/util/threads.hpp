@@ -26,6 +26,9 @@ struct ThreadBudget {
   int64_t intra_op = 1;   // LibTorch's intra-op threads
   std::string intra_op_from;
   int worker_nice = 0;  // added to the decode workers' niceness (0: same priority as compute)
+  // The default plan with decode workers: the first steps may move CPUs from the intra-op pool to
+  // the workers (util/thread_tuner.hpp).
+  bool adaptive = false;
 };
 
 // cpus: the affinity mask's count (`affinity_cpus`), capped by SLURM_CPUS_PER_TASK; under torchrun

@@ -14,11 +14,12 @@ TEST(CheckpointJson, TrainerAndRankStateRoundTrip) {
   EXPECT_EQ(t2.optimizer_name, "adafactor");
   EXPECT_TRUE(t2.optimizer_sharded);
   EXPECT_EQ(t2.correction_momentum, 0.99);
-  const RankStateFile r{1, 2, 3, 40, 5};
+  const RankStateFile r{1, 2, 3, 40, 5, 7};
   const RankStateFile r2 = parse_rank_state(rank_state_json(r), "rank-00001.json");
   EXPECT_EQ(r2.epoch, 3);
   EXPECT_EQ(r2.pairs_consumed, 40);
   EXPECT_EQ(r2.bad_pairs, 5);
+  EXPECT_EQ(r2.intra_op_threads, 7);
 }
 
 TEST(CheckpointJson, OlderFilesTakeTheDocumentedDefaults) {
@@ -32,6 +33,7 @@ TEST(CheckpointJson, OlderFilesTakeTheDocumentedDefaults) {
   const RankStateFile r = parse_rank_state(
       R"({"rank": 0, "world_size": 1, "loader": {"epoch": 0, "pairs_consumed": 7}})", "rank.json");
   EXPECT_EQ(r.bad_pairs, 0);
+  EXPECT_EQ(r.intra_op_threads, 0);  // before the thread tuner: nothing decided
 }
 
 TEST(CheckpointJson, MalformedFilesAreErrorsNamingFileAndKey) {
@@ -42,6 +44,13 @@ TEST(CheckpointJson, MalformedFilesAreErrorsNamingFileAndKey) {
   expect_error_mentions(
       [] { parse_rank_state(R"({"world_size": 18446744073709551615})", "r.json"); },
       {"r.json: world_size", "an integer >= 0", "18446744073709551615"});
+  expect_error_mentions(
+      [] {
+        parse_rank_state(R"({"world_size": 1, "loader": {"epoch": 0, "pairs_consumed": 0},
+                             "intra_op_threads": -2})",
+                         "r.json");
+      },
+      {"r.json: intra_op_threads", "an integer >= 0", "-2"});
   expect_error_mentions([] { parse_trainer_state("[]", "t.json"); },
                         {"damaged checkpoint file", "t.json", "a JSON object", "array"});
 }

@@ -24,6 +24,13 @@ TEST(Threads, ComputeGetsEveryCpuAndTheDecodeWorkersYield) {
   EXPECT_EQ(plan_threads(0, 8, 4, env_of({})).intra_op, 4);
   // Without decode workers (the cache encoder) nothing is lowered.
   EXPECT_EQ(plan_threads(0, 0, 4, env_of({})).worker_nice, 0);
+  // The default plan with workers is tuned after the first steps (util/thread_tuner.hpp); a
+  // user's split, a single CPU or no workers are not.
+  EXPECT_TRUE(b.adaptive);
+  EXPECT_FALSE(plan_threads(0, 0, 4, env_of({})).adaptive);
+  EXPECT_FALSE(plan_threads(0, 2, 1, env_of({})).adaptive);
+  EXPECT_FALSE(plan_threads(2, 2, 4, env_of({})).adaptive);
+  EXPECT_FALSE(plan_threads(0, 2, 4, env_of({{"OMP_NUM_THREADS", "2"}})).adaptive);
 }
 
 TEST(Threads, SlurmCpusPerTaskCapsTheMask) {
