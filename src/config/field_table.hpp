@@ -51,8 +51,10 @@ void run_fields(Visitor& v) {
   f("threads", &RunConfig::threads, at_most(at_least(0), 4096),
     "LibTorch intra-op threads; 0 = every CPU this process is given (affinity, Slurm's "
     "--cpus-per-task), with the decode workers at a lower priority (nice +10), so that they use "
-    "what the compute leaves idle (util/threads.hpp). Set, it also keeps the workers' priority. "
-    "Logged at start-up.");
+    "what the compute leaves idle (util/threads.hpp); after the first steps, CPUs may move to "
+    "the workers where their measured use makes the steps faster (util/thread_tuner.hpp; the "
+    "choice is saved in the checkpoint). Set, it keeps the workers' priority and nothing is "
+    "tuned. Logged at start-up.");
   f("cuda_sync_debug", &RunConfig::cuda_sync_debug, one_of({"off", "warn", "error"}),
     "CUDA sync debug mode inside the micro-batch loop: a host sync there warns or throws "
     "(torch.cuda.set_sync_debug_mode). No effect on the CPU.");

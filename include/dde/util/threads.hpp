@@ -5,6 +5,8 @@
 // CPUs. A fixed split (CPUs - workers for the compute) left the decode workers idle on whole cores
 // while the UNet ran on one thread (bench/README.md, "The thread plan"). A user's run.threads or
 // OMP_NUM_THREADS wins, and then the workers keep the normal priority (the user chose the split).
+// Under the default plan the first steps of a run may move CPUs from the pool to the workers
+// (thread_tuner.hpp), where their measured use makes the steps faster.
 #pragma once
 
 #include <cstdint>
