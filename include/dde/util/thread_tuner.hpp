@@ -1,13 +1,13 @@
 // The default thread plan's one adjustment, from what the first steps of a run measure.
 //
 // The default plan (threads.hpp) gives LibTorch's intra-op pool every CPU and runs the decode
-// workers at a lower priority. Where decoding is heavy that loses: a running decode worker
+// workers at a lower priority. Where decoding is heavy that can lose: a running decode worker
 // preempts one OpenMP thread and the others spin at the next barrier (bench/README.md, "The
-// thread plan"). So after kWarmupSteps steps the tuner measures kProbeSteps steps at every CPU,
-// with the decode workers' CPU time over the same wall time (their demand, in cores). Where the
-// demand reaches kDemandFloor, it tries the same number of steps with ceil(demand) CPUs left to
-// the workers, and keeps the split whose mean step was shorter (the fewer threads only when
-// shorter by kMargin). Where the demand is below the floor nothing changes.
+// thread plan" and "The thread tuner"). So after kWarmupSteps steps the tuner measures kProbeSteps
+// steps at every CPU, with the decode workers' CPU time over the same wall time (their demand, in
+// cores). Where the demand reaches kDemandFloor, it tries the same number of steps with
+// ceil(demand) CPUs left to the workers, and keeps the split whose mean step was shorter (the fewer
+// threads only when shorter by kMargin). Where the demand is below the floor nothing changes.
 //
 // The decision is made once per run and saved in each rank's checkpoint state; a resumed run
 // uses it from its first step. It depends on timing, so two runs may decide differently: a CPU
