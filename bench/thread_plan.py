@@ -13,7 +13,9 @@ that machine load hits every variant alike:
 
 - dde_train at its defaults (data.workers 2, no run.threads);
 - dde_train at fixed splits: workers 1 or 2, run.threads 1 or 2;
-- the Python loop of Diffusion-DPO's step (2 DataLoader workers, torch's default threads).
+- the Python loop of Diffusion-DPO's step (2 DataLoader workers, torch's default threads);
+- with --baseline-build DIR, the default plan of that build's dde_train (an earlier commit, built
+  with scripts/build.sh into DIR), as the variant `default-baseline`.
 
 Scenarios: `128` trains at 128 px from the bench's own 64-128 px JPEGs (decoding is light);
 `decode` trains at 128 px from the same pictures upscaled to 1024-2048 px JPEGs (Pick-a-Pic's
@@ -94,11 +96,11 @@ def scenario_paths(work: Path, name: str, rows: int) -> dict:
     return {**paths, "parquet": parquet, "shards": shards}
 
 
-def bench_args(cli: argparse.Namespace, resolution: int, workers: int) -> argparse.Namespace:
+def bench_args(cli: argparse.Namespace, resolution: int, workers: int, build: Path | None = None) -> argparse.Namespace:
     return argparse.Namespace(
         device="cpu", size="mid", resolution=resolution, steps=cli.steps, warmup=cli.warmup,
         global_batch=4, dde_micro_batch=2, dde_precision="fp32", dde_set=[f"data.resolution={resolution}"],
-        workers=workers, threads=None, work=cli.work, build=cli.build, timeout=1800)
+        workers=workers, threads=None, work=cli.work, build=build or cli.build, timeout=1800)
 
 
 def step_figures(work: Path, tag: str, warmup: int) -> dict:
@@ -115,11 +117,13 @@ def run_scenario(cli: argparse.Namespace, name: str) -> dict:
     resolution = SCENARIOS[name]["resolution"]
     paths = scenario_paths(cli.work, name, cli.rows)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    chosen = [v for v in DDE_VARIANTS if not cli.variant or v[0] in cli.variant]
+    chosen = [v + (None,) for v in DDE_VARIANTS if not cli.variant or v[0] in cli.variant]
+    if cli.baseline_build:  # the default plan of another build (an earlier commit), in the same rounds
+        chosen.append(("default-baseline", 2, None, {}, cli.baseline_build))
     runs: dict[str, list[dict]] = {v[0]: [] for v in chosen} | ({} if cli.no_python else {"python": []})
     for k in range(cli.rounds):
-        for variant, workers, threads, extra in chosen:
-            args = bench_args(cli, resolution, workers)
+        for variant, workers, threads, extra, build in chosen:
+            args = bench_args(cli, resolution, workers, build)
             sets = (f"run.threads={threads}",) if threads else ()
             tag = f"{name}-{variant}-{k}"
             r = vs.run_dde(paths, args, tag, env | extra, sets)
@@ -181,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", choices=[v[0] for v in DDE_VARIANTS],
                         help="only these dde variants (repeatable; default: all)")
     parser.add_argument("--no-python", action="store_true", help="leave the Python loop out")
+    parser.add_argument("--baseline-build", type=Path,
+                        help="also run the default plan of this build folder's dde_train (variant default-baseline)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_thread_plan")
     parser.add_argument("--build", type=Path, default=Path(os.environ.get("DDE_BUILD_DIR", ROOT / "build")))
     parser.add_argument("--out", type=Path)
     cli = parser.parse_args(argv)
     if not (cli.build / "dde_train").is_file():
         raise SystemExit(f"bench: {cli.build}/dde_train not built: run scripts/build.sh first")
+    if cli.baseline_build and not (cli.baseline_build / "dde_train").is_file():
+        raise SystemExit(f"bench: {cli.baseline_build}/dde_train not built")
     load_before = os.getloadavg()
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": vs.git_revision(),

@@ -55,6 +55,7 @@ double thread_cpu_seconds() {
 
 void PairLoader::Impl::run_worker() {
   util::lower_this_thread_priority(options.worker_nice);  // best effort
+  util::serial_operators_in_this_thread();  // no OpenMP team of its own (util/threads.hpp)
   ShardFile file;
   for (;;) {
     PairTask task;

@@ -1,6 +1,7 @@
 #include "dde/util/threads.hpp"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -84,6 +85,21 @@ bool lower_this_thread_priority(int increment) {
   const int now = getpriority(PRIO_PROCESS, tid);
   if (errno != 0) return false;
   return setpriority(PRIO_PROCESS, tid, std::min(19, now + increment)) == 0;
+}
+
+bool serial_operators_in_this_thread() {
+  // ATen's first call in a thread sets that thread's OpenMP count to the intra-op count: run it
+  // first, so that the count set below stays.
+  (void)at::get_num_threads();
+  // The OpenMP runtime is LibTorch's own (torch/lib/libgomp.so.1), already loaded with it: looked
+  // up rather than linked, so that this build needs no OpenMP of its own and a LibTorch without
+  // OpenMP simply has nothing to limit.
+  using SetThreads = void (*)(int);
+  static const auto set_threads =
+      reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  if (set_threads == nullptr) return false;
+  set_threads(1);
+  return at::get_num_threads() == 1;
 }
 
 }  // namespace dde::util

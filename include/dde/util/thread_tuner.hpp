@@ -2,8 +2,9 @@
 //
 // The default plan (threads.hpp) gives LibTorch's intra-op pool every CPU and runs the decode
 // workers at a lower priority. Where decoding is heavy that can lose: a running decode worker
-// preempts one OpenMP thread and the others spin at the next barrier (bench/README.md, "The
-// thread plan" and "The thread tuner"). So after kWarmupSteps steps the tuner measures kProbeSteps
+// takes a core from one OpenMP thread and the team waits for it at the next barrier
+// (bench/README.md, "The thread plan", "The thread tuner" and "OpenMP teams in the decode
+// workers"). So after kWarmupSteps steps the tuner measures kProbeSteps
 // steps at every CPU, with the decode workers' CPU time over the same wall time (their demand, in
 // cores). Where the demand reaches kDemandFloor, it tries the same number of steps with
 // ceil(demand) CPUs left to the workers, and keeps the split whose mean step was shorter (the fewer

@@ -5,6 +5,8 @@
 // CPUs. A fixed split (CPUs - workers for the compute) left the decode workers idle on whole cores
 // while the UNet ran on one thread (bench/README.md, "The thread plan"). A user's run.threads or
 // OMP_NUM_THREADS wins, and then the workers keep the normal priority (the user chose the split).
+// Whatever the plan, the workers run their tensor operators serially
+// (serial_operators_in_this_thread).
 // Under the default plan the first steps of a run may move CPUs from the pool to the workers
 // (thread_tuner.hpp), where their measured use makes the steps faster.
 #pragma once
@@ -46,5 +48,16 @@ ThreadBudget apply_thread_budget(int64_t requested, int64_t decode_workers);
 // Raises the calling thread's niceness by `increment` (Linux: per thread). Returns false when the
 // system refused (the thread then keeps its priority; nothing else changes).
 bool lower_this_thread_priority(int increment);
+
+// Makes LibTorch's operators run serially in the calling thread: its OpenMP team size (a per-thread
+// setting) becomes 1, after ATen's per-thread initialisation, which would otherwise set it back to
+// the intra-op count. The other threads' counts do not change. For helper threads (the decode
+// workers) whose tensor work is small: without it each one that runs an operator over more than
+// ATen's grain (32768 elements: one 128 px picture) starts its own OpenMP team of intra-op threads.
+// libgomp then counts more threads than CPUs and makes every team's idle threads sleep at once
+// instead of spinning, so each of the compute's parallel regions pays a futex wake-up
+// (bench/README.md, "OpenMP teams in the decode workers"). Returns false where LibTorch was built
+// without OpenMP (nothing to do) or the count did not take.
+bool serial_operators_in_this_thread();
 
 }  // namespace dde::util

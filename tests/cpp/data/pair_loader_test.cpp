@@ -1,5 +1,6 @@
 #include "dde/data/pair_loader.hpp"
 
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
@@ -12,6 +13,7 @@
 #include <thread>
 
 #include "data/shard_fixture.hpp"
+#include "util/process_threads.hpp"
 
 namespace dde::data {
 namespace {
@@ -427,6 +429,27 @@ TEST_F(PairLoaderTest, DestructorDoesNotHangMidEpoch) {
   finished.get();
 }
 
+// The decode workers run their operators serially: a worker that started an OpenMP team of its own
+// made libgomp count more threads than CPUs and put the compute's idle threads to sleep instead of
+// spinning (util/threads.hpp).
+TEST_F(PairLoaderTest, DecodeWorkersStartNoOpenMpTeams) {
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(2);  // as the default plan on two CPUs, whatever this machine has
+  const torch::Tensor warm = torch::ones({1 << 20}) * 2;  // this thread's own team exists now
+  PairLoaderOptions o = options(2);
+  o.resolution = 128;  // each picture is above ATen's grain (32768 elements)
+  o.workers = 2;
+  const int64_t before = process_threads();
+  int64_t during = 0;
+  {
+    PairLoader loader(o);
+    take(loader, 6);
+    during = process_threads();
+  }
+  at::set_num_threads(threads_before);
+  EXPECT_EQ(during, before + o.workers + 1);  // the workers and the sequencer, nothing else
+}
+
 // One shard of 8 pairs, three of them bad in different ways.
 std::vector<std::vector<FixturePair>> shards_with_bad_pairs() {
   FixturePair corrupt{1.0, true};
@@ -550,6 +573,10 @@ TEST_F(PairLoaderTest, IndexCountsAreCheckedAtStart) {
 TEST_F(PairLoaderTest, ThreadCreationFailureIsAnError) {
   // Address space for the loaded process plus ~64 MB: 200 worker stacks (8 MB each) do not
   // fit, so pthread_create fails with EAGAIN (RLIMIT_NPROC would not bind root).
+  // The child runs this test in a fresh process: a fork of this threaded one inherits LibTorch's
+  // thread pool marked as corrupted, and the workers that did start would race to replace it
+  // ("Invalid thread pool!").
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
   PairLoaderOptions o = options(1);
   o.workers = 200;
   const auto start_under_limit = [&] {

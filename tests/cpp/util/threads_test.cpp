@@ -1,14 +1,18 @@
 #include "dde/util/threads.hpp"
 
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <map>
 #include <thread>
 
 #include "util/env_of.hpp"
+#include "util/process_threads.hpp"
 
 namespace {
 
@@ -72,6 +76,45 @@ TEST(Threads, LoweringOneThreadLeavesTheOthersAlone) {
   worker.join();
   EXPECT_EQ(inside, std::min(19, before + kDecodeWorkerNice));
   EXPECT_EQ(thread_nice(), before);  // the calling (compute) thread keeps its priority
+}
+
+// A helper thread runs one operator over a tensor above ATen's grain, with or without
+// serial_operators_in_this_thread first. Returns the threads that operator started (its OpenMP
+// team) and the helper's intra-op count afterwards.
+std::pair<int64_t, int> threads_started_by_an_operator(bool serial, bool* serial_took) {
+  const torch::Tensor big = torch::ones({1 << 20});
+  int64_t started = -1;
+  int count = 0;
+  std::thread helper([&] {
+    if (serial) *serial_took = dde::util::serial_operators_in_this_thread();
+    const int64_t before = process_threads();
+    const torch::Tensor doubled = big * 2;
+    started = process_threads() - before;
+    count = at::get_num_threads();
+  });
+  helper.join();
+  return {started, count};
+}
+
+TEST(Threads, SerialOperatorsStartNoOpenMpTeamAndLeaveTheOtherThreadsAlone) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);  // as the default plan on two CPUs, whatever this machine has
+  bool took = false;
+  const auto [serial_started, serial_count] = threads_started_by_an_operator(true, &took);
+  const auto [plain_started, plain_count] = threads_started_by_an_operator(false, nullptr);
+  const int main_count = at::get_num_threads();
+  at::set_num_threads(before);
+  if (dlsym(RTLD_DEFAULT, "omp_set_num_threads") == nullptr) {
+    GTEST_SKIP() << "this LibTorch has no OpenMP runtime: nothing to limit";
+  }
+  EXPECT_TRUE(took);
+  // The control: without the call a helper thread starts a team of its own for the operator
+  // (this is what made libgomp put the compute's idle threads to sleep).
+  EXPECT_EQ(plain_count, 2);
+  EXPECT_EQ(plain_started, 1);
+  EXPECT_EQ(serial_count, 1);
+  EXPECT_EQ(serial_started, 0);
+  EXPECT_EQ(main_count, 2);  // the calling (compute) thread keeps its count
 }
 
 }  // namespace
