@@ -149,12 +149,18 @@ def rewrite_shards(index_path: Path, out: Path, change: Callable[[str, bytes], b
     return out / "index.json"
 
 
-def read_records(run_dir: Path, kind: str) -> list[dict]:
-    """The records of one kind ("step", "pair", "eval") of metrics.jsonl, in file order."""
-    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+def read_records(run_dir: Path, kind: str, live: bool = False) -> list[dict]:
+    """The records of one kind ("step", "pair", "eval") of metrics.jsonl, in file order. `live`: the
+    run is still writing, so a last line without its newline is a record half written (a long
+    record can reach the file in two writes) and is left for the next read; otherwise every line
+    must parse."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    if live:
+        text = text[: text.rfind("\n") + 1]
+    records = (json.loads(line) for line in text.splitlines())
     return [rec for rec in records if rec.get("kind") == kind]
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Step records and per-pair records."""
-    return read_records(run_dir, "step"), read_records(run_dir, "pair")
+def read_metrics(run_dir: Path, live: bool = False) -> tuple[list[dict], list[dict]]:
+    """Step records and per-pair records (`live`: see read_records)."""
+    return read_records(run_dir, "step", live), read_records(run_dir, "pair", live)

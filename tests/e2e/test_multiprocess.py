@@ -141,7 +141,7 @@ def wait_for_steps(run: Path, n: int, procs: list[subprocess.Popen], timeout: fl
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (run / "metrics.jsonl").is_file():
-            steps, _ = read_metrics(run)
+            steps, _ = read_metrics(run, live=True)
             if len(steps) >= n:
                 return
         if any(p.poll() is not None for p in procs):

@@ -171,7 +171,7 @@ def wait_for_step(run: Path, n: int, proc: subprocess.Popen, timeout: float = 30
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if (run / "metrics.jsonl").is_file() and len(read_metrics(run)[0]) >= n:
+            if (run / "metrics.jsonl").is_file() and len(read_metrics(run, live=True)[0]) >= n:
                 return
         except json.JSONDecodeError:  # a line being written
             pass
